@@ -1,0 +1,258 @@
+"""`MicrogridEnv`: the community microgrid as a Gymnasium environment (`Microgrid-v0`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs.codec import Codec
+from envs.dynamics import GridState, Solver, StepOutcome, observe, reset_state, step
+from envs.errors import ActionError
+from envs.forecast import NOISE_TABLE_SIZE
+from envs.grid import build_grid
+from envs.kpis import EpisodeKpis
+from envs.params import GridParams
+from envs.scenario import Scenario, load_scenario
+
+#: Step figures copied into `info` every step (floats), besides the episode KPIs at the end.
+STEP_INFO = (
+    "cost",
+    "import_kwh",
+    "export_kwh",
+    "import_kw",
+    "load_kwh",
+    "pv_kwh",
+    "pv_curtailed_kwh",
+    "charge_kwh",
+    "discharge_kwh",
+    "losses_kwh",
+    "voltage_violation_pu",
+    "voltage_violations",
+    "thermal_violation",
+    "thermal_violations",
+    "degradation_cost",
+    "fade_kwh",
+    "discomfort_cost",
+    "dr_curtailed_kwh",
+    "unserved_kwh",
+    "battery_limited_kw",
+    "community_price",
+    "penalty_cost",
+)
+
+
+def resolve_scenario(scenario: Scenario | str | Path | None) -> Scenario:
+    """Accept a Scenario, a YAML path or None (the default scenario)."""
+    if isinstance(scenario, Scenario):
+        return scenario
+    return load_scenario(scenario)
+
+
+def parse_reset_options(
+    params: GridParams, split: str, options: dict[str, Any] | None
+) -> tuple[int | None, np.ndarray | None]:
+    """Validate `reset(options=...)`: `day` (a day of this env's split) and `soc`."""
+    options = dict(options or {})
+    unknown = set(options) - {"day", "soc"}
+    if unknown:
+        raise ValueError(f"reset options: unknown keys {sorted(unknown)}; allowed: day, soc")
+    day = options.get("day")
+    allowed = params.days(split)
+    if day is not None:
+        if int(day) not in set(allowed.tolist()):
+            raise ValueError(
+                f"reset options: day {day} is not a {split} day of this scenario; "
+                f"allowed: {allowed.tolist()}"
+            )
+        day = int(day)
+    soc = options.get("soc")
+    soc_arr = None
+    if soc is not None:
+        bat = params.batteries
+        soc_arr = np.broadcast_to(np.asarray(soc, dtype=np.float64), (bat.n,)).copy()
+        if not np.all((soc_arr >= bat.soc_min) & (soc_arr <= bat.soc_max)):
+            raise ValueError(
+                f"reset options: soc {soc_arr.tolist()} must lie within [soc_min, soc_max] = "
+                f"[{bat.soc_min.tolist()}, {bat.soc_max.tolist()}]"
+            )
+    return day, soc_arr
+
+
+def outcome_info(o: StepOutcome, i: int) -> dict[str, Any]:
+    """Row `i` of a step outcome as the plain-float `info` dict."""
+    info: dict[str, Any] = {k: float(getattr(o, k)[i]) for k in STEP_INFO}
+    info["reward_terms"] = {
+        "energy_cost": -float(o.cost[i]),
+        "penalties": -float(o.penalty_cost[i]),
+    }
+    info["power_flow_converged"] = not bool(o.diverged[i])
+    if o.diverged[i]:
+        info["truncation_reason"] = "power_flow_diverged"
+    return info
+
+
+class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
+    """A low-voltage feeder with prosumers, PV, batteries and flexible loads, over real data.
+
+    ## Description
+
+    A simbench LV grid (default `1-LV-rural1--2-sw`: 15 buses, 13 prosumers, 5 home
+    batteries plus a community battery) with a year of real 15-minute load and PV profiles.
+    Each step the community operator sets battery set-points, PV curtailment, a
+    demand-response share per prosumer and a price signal; an exact AC power flow of the
+    feeder follows, and the community pays the upstream grid for what crosses the
+    transformer. Everything not controlled follows its simbench profile.
+
+    ## Action Space
+
+    `Box(-1, 1, (2 * n_prosumer + n_battery + 1,), float32)`; layout and meaning in
+    `envs.codec` (`env.codec.action_names()`):
+
+    | block | size | unit | meaning |
+    |---|---|---|---|
+    | battery | n_battery | fraction of rated kW | set-point, charging > 0 |
+    | pv_curtailment | n_prosumer | fraction | share of available PV curtailed, max(a, 0) |
+    | demand_response | n_prosumer | fraction | share of flexible load called, max(a, 0) |
+    | price_signal | 1 | log multiplier | community price x signal_range ** a |
+
+    Values outside [-1, 1] are clipped; `info["action_clipped"]` counts them. A NaN or
+    wrongly shaped action raises `ActionError`.
+
+    ## Observation Space
+
+    `Box(low, high, (obs_dim,), float32)`, every entry scaled and clipped to its bounds;
+    `env.codec.obs_names()` names each entry. H is the forecast horizon.
+
+    | block | size | unit | scaling | bounds |
+    |---|---|---|---|---|
+    | time_of_day | 2 | sin/cos | - | [-1, 1] |
+    | day_of_year | 2 | sin/cos | - | [-1, 1] |
+    | soc | n_battery | fraction | - | [0, 1] |
+    | state_of_health | n_battery | fraction | capacity / nominal | [0, 1] |
+    | load | n_prosumer | kW | / year peak | [0, 10] |
+    | pv | n_prosumer | kW | / year peak | [0, 10] |
+    | backlog | n_prosumer | kWh | / year peak load | [0, 50] |
+    | load_forecast | n_prosumer x H | kW | / year peak | [0, 10] |
+    | pv_forecast | n_prosumer x H | kW | / year peak | [0, 10] |
+    | background_net_forecast | H | kW | / peak net load | [-10, 10] |
+    | import_price_forecast | H | currency/kWh | / peak price | [0, 10] |
+    | feed_in_price | 1 | currency/kWh | / peak price | [0, 10] |
+    | community_price | 1 | currency/kWh | / peak price | [0, 50] |
+    | grid | 4 | pu, fraction | (v - 1) / 0.1; loading | [-10, 10] |
+
+    ## Rewards
+
+    `reward = -(w_cost * energy_cost + w_v * voltage_violation_pu + w_th * overload
+    + w_deg * degradation_cost + w_dr * discomfort)` where energy cost = import kWh x
+    time-of-use price - export kWh x feed-in price. Each term and the KPIs are in `info`.
+    A diverged power flow gives `-divergence_penalty` (bounded) and truncates.
+
+    ## Starting State
+
+    A day drawn from the env's split (`train`, `validation` or `test`; test days never
+    appear in training), batteries at `soc_initial`, the grid state of the slot before.
+    `reset(options={"day": d, "soc": x})` chooses the day (of this split) and initial SoC.
+
+    ## Episode End
+
+    Never terminates: the end of the episode's data (one day by default) is truncation, and
+    so is a diverged power flow (`info["truncation_reason"]`). The last step's info holds
+    `episode_kpis` (cost, import/export kWh, peak kW, violations, self-sufficiency, losses).
+
+    ## Arguments
+
+    `gymnasium.make("Microgrid-v0", scenario=None | path | Scenario, split="train")`.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": [], "render_fps": 4}  # noqa: RUF012 - gymnasium's convention
+
+    def __init__(
+        self,
+        scenario: Scenario | str | Path | None = None,
+        split: str = "train",
+        solver: Solver | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None:
+            raise ValueError(f"render_mode: {render_mode!r} is not supported; allowed: None")
+        self.scenario = resolve_scenario(scenario)
+        self.params = build_grid(self.scenario)
+        self.params.days(split)  # validates the split name
+        self.split = split
+        self.codec = Codec.from_params(self.params)
+        low, high = self.codec.bounds()
+        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (self.codec.act_dim,), dtype=np.float32)
+        self._solver = solver
+        self._state: GridState | None = None
+        self._kpis = EpisodeKpis(1)
+
+    def _step_kwargs(self) -> dict[str, Any]:
+        return {} if self._solver is None else {"solver": self._solver}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        day, soc = parse_reset_options(self.params, self.split, options)
+        days = self.params.days(self.split)
+        drawn_day = int(self.np_random.choice(days))
+        offset = int(self.np_random.integers(NOISE_TABLE_SIZE))
+        if day is None:
+            day = drawn_day
+        self._state = reset_state(
+            self.params,
+            np.array([day]),
+            None if soc is None else soc[None, :],
+            np.array([offset]),
+            **self._step_kwargs(),
+        )
+        self._kpis = EpisodeKpis(1)
+        obs = self.codec.encode(observe(self.params, self._state), 1)[0]
+        return obs, {"day": day, "split": self.split}
+
+    def step(
+        self, action: np.ndarray
+    ) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        if self._state is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.codec.act_dim,):
+            raise ActionError(
+                f"action: expected shape ({self.codec.act_dim},), got {a.shape}; "
+                f"layout: {', '.join(self.codec.action_names())}"
+            )
+        if not np.isfinite(a).all():
+            bad = np.flatnonzero(~np.isfinite(a)).tolist()
+            names = self.codec.action_names()
+            raise ActionError(f"action: non-finite values at {[names[i] for i in bad]}")
+        decoded = self.codec.decode_action(a[None, :])
+        self._state, out = step(self.params, self._state, decoded, **self._step_kwargs())
+        self._kpis.add(out)
+        obs = self.codec.encode(observe(self.params, self._state), 1)[0]
+        info = outcome_info(out, 0)
+        info["action_clipped"] = int(decoded.clipped[0])
+        info["action_clip_amount"] = float(decoded.clip_amount[0])
+        info["soc"] = self._state.soc[0].copy()
+        info["state_of_health"] = (
+            self._state.capacity_kwh[0] / np.maximum(self.params.batteries.capacity_kwh, 1e-12)
+        )
+        truncated = bool(out.truncated[0])
+        if truncated:
+            info["episode_kpis"] = self._kpis.row(0)
+        return obs, float(out.reward[0]), False, truncated, info
+
+    @property
+    def state(self) -> GridState:
+        """The current batched (B = 1) state, for tests and baselines that plan ahead."""
+        if self._state is None:
+            raise gym.error.ResetNeeded("call reset() first")
+        return self._state
