@@ -80,8 +80,10 @@ class Codec:
         object.__setattr__(self, "_low", self.bounds()[0].astype(np.float64))
         object.__setattr__(self, "_high", self.bounds()[1].astype(np.float64))
         object.__setattr__(self, "_power", np.asarray(self.battery_power_kw, dtype=np.float64))
-        sizes = [f.size for f in self.act_fields]
-        object.__setattr__(self, "_act_split", np.cumsum(sizes)[:-1])
+        bounds = np.concatenate([[0], np.cumsum([f.size for f in self.act_fields])])
+        object.__setattr__(
+            self, "_act_slices", [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        )
 
     # ---- observation -------------------------------------------------------------------
     @property
@@ -97,6 +99,13 @@ class Codec:
         low = np.concatenate([np.full(f.size, f.low, dtype=np.float32) for f in self.obs_fields])
         high = np.concatenate([np.full(f.size, f.high, dtype=np.float32) for f in self.obs_fields])
         return low, high
+
+    def scaling(self) -> np.ndarray:
+        """(4, dim) rows offset, 1/scale, low, high: what compiled encoders need."""
+        return np.ascontiguousarray(np.stack([self._offset, self._inv_scale, self._low, self._high]))
+
+    def field_sizes(self) -> list[tuple[str, int]]:
+        return [(f.name, f.size) for f in self.obs_fields]
 
     def obs_slice(self, name: str) -> slice:
         return self._slices[name]
@@ -120,6 +129,10 @@ class Codec:
         buf = np.empty((batch, self._obs_dim), dtype=np.float64)
         for f in self.obs_fields:
             buf[:, self._slices[f.name]] = raw[f.name]
+        return self.scale_raw(buf)
+
+    def scale_raw(self, buf: np.ndarray) -> np.ndarray:
+        """Scale and clip a raw (B, dim) float64 buffer in place; return it as float32."""
         buf -= self._offset
         buf *= self._inv_scale
         np.clip(buf, self._low, self._high, out=buf)
@@ -142,7 +155,7 @@ class Codec:
         a = np.asarray(action, dtype=np.float64)
         clipped = np.clip(a, -1.0, 1.0)
         diff = np.abs(a - clipped)
-        battery, pv, dr, price = np.split(clipped, self._act_split, axis=-1)
+        battery, pv, dr, price = (clipped[..., s] for s in self._act_slices)
         return DecodedAction(
             battery_kw=battery * self._power,
             pv_curtailment=np.maximum(pv, 0.0),

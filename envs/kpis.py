@@ -13,6 +13,8 @@ import numpy as np
 from envs.dynamics import StepOutcome
 from envs.params import FloatArray
 
+OUTCOME_FIELDS: tuple[str, ...] = tuple(StepOutcome.__dataclass_fields__)
+
 #: Step figures summed over the episode.
 SUMMED = (
     "reward",
@@ -41,30 +43,33 @@ class EpisodeKpis:
     """Running sums for a batch of episodes; `reset_rows` starts selected rows afresh."""
 
     batch: int
-    sums: dict[str, FloatArray] = field(default_factory=dict)
+    sums: FloatArray = field(default_factory=lambda: np.zeros(0))
+    """(batch, len(OUTCOME_FIELDS)): one column per step figure, summed."""
     peak_kw: FloatArray = field(default_factory=lambda: np.zeros(0))
     steps: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
-        self.sums = {k: np.zeros(self.batch) for k in SUMMED}
+        self.sums = np.zeros((self.batch, len(OUTCOME_FIELDS)))
         self.peak_kw = np.zeros(self.batch)
         self.steps = np.zeros(self.batch)
 
     def add(self, o: StepOutcome) -> None:
-        for k in SUMMED:
-            self.sums[k] += getattr(o, k)
-        self.peak_kw = np.maximum(self.peak_kw, o.import_kw)
+        self.add_matrix(outcome_matrix(o))
+
+    def add_matrix(self, m: FloatArray) -> None:
+        """Add a (batch, len(OUTCOME_FIELDS)) outcome matrix: one numpy call per step."""
+        self.sums += m
+        np.maximum(self.peak_kw, m[:, _IMPORT_KW], out=self.peak_kw)
         self.steps += 1
 
     def reset_rows(self, rows: np.ndarray) -> None:
-        for v in self.sums.values():
-            v[rows] = 0.0
+        self.sums[rows] = 0.0
         self.peak_kw[rows] = 0.0
         self.steps[rows] = 0.0
 
     def row(self, i: int) -> dict[str, float]:
         """The finished episode of row `i` as plain floats (what `info` carries)."""
-        out = {k: float(v[i]) for k, v in self.sums.items()}
+        out = {k: float(self.sums[i, _COL[k]]) for k in SUMMED}
         out["peak_kw"] = float(self.peak_kw[i])
         out["steps"] = float(self.steps[i])
         load = out["load_kwh"]
@@ -73,3 +78,12 @@ class EpisodeKpis:
         )
         out["violations"] = out["voltage_violations"] + out["thermal_violations"]
         return out
+
+
+_COL = {name: i for i, name in enumerate(OUTCOME_FIELDS)}
+_IMPORT_KW = _COL["import_kw"]
+
+
+def outcome_matrix(o: StepOutcome) -> FloatArray:
+    """A StepOutcome as a (batch, len(OUTCOME_FIELDS)) float matrix (the kernel's layout)."""
+    return np.stack([np.asarray(getattr(o, k), dtype=np.float64) for k in OUTCOME_FIELDS], axis=1)

@@ -9,14 +9,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.codec import Codec
-from envs.dynamics import GridState, Solver, StepOutcome, observe, reset_state, step
-from envs.errors import ActionError
-from envs.forecast import NOISE_TABLE_SIZE
-from envs.grid import build_grid
+from envs.dynamics import GridState, Solver, StepOutcome
+from envs.engine import Engine
 from envs.kpis import EpisodeKpis
-from envs.params import GridParams
-from envs.scenario import Scenario, load_scenario
+from envs.scenario import Scenario
 
 #: Step figures copied into `info` every step (floats), besides the episode KPIs at the end.
 STEP_INFO = (
@@ -43,43 +39,6 @@ STEP_INFO = (
     "community_price",
     "penalty_cost",
 )
-
-
-def resolve_scenario(scenario: Scenario | str | Path | None) -> Scenario:
-    """Accept a Scenario, a YAML path or None (the default scenario)."""
-    if isinstance(scenario, Scenario):
-        return scenario
-    return load_scenario(scenario)
-
-
-def parse_reset_options(
-    params: GridParams, split: str, options: dict[str, Any] | None
-) -> tuple[int | None, np.ndarray | None]:
-    """Validate `reset(options=...)`: `day` (a day of this env's split) and `soc`."""
-    options = dict(options or {})
-    unknown = set(options) - {"day", "soc"}
-    if unknown:
-        raise ValueError(f"reset options: unknown keys {sorted(unknown)}; allowed: day, soc")
-    day = options.get("day")
-    allowed = params.days(split)
-    if day is not None:
-        if int(day) not in set(allowed.tolist()):
-            raise ValueError(
-                f"reset options: day {day} is not a {split} day of this scenario; "
-                f"allowed: {allowed.tolist()}"
-            )
-        day = int(day)
-    soc = options.get("soc")
-    soc_arr = None
-    if soc is not None:
-        bat = params.batteries
-        soc_arr = np.broadcast_to(np.asarray(soc, dtype=np.float64), (bat.n,)).copy()
-        if not np.all((soc_arr >= bat.soc_min) & (soc_arr <= bat.soc_max)):
-            raise ValueError(
-                f"reset options: soc {soc_arr.tolist()} must lie within [soc_min, soc_max] = "
-                f"[{bat.soc_min.tolist()}, {bat.soc_max.tolist()}]"
-            )
-    return day, soc_arr
 
 
 def outcome_info(o: StepOutcome, i: int) -> dict[str, Any]:
@@ -183,61 +142,38 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> None:
         if render_mode is not None:
             raise ValueError(f"render_mode: {render_mode!r} is not supported; allowed: None")
-        self.scenario = resolve_scenario(scenario)
-        self.params = build_grid(self.scenario)
-        self.params.days(split)  # validates the split name
+        self.engine = Engine(scenario, split, solver)
+        self.scenario = self.engine.scenario
+        self.params = self.engine.params
+        self.codec = self.engine.codec
         self.split = split
-        self.codec = Codec.from_params(self.params)
         low, high = self.codec.bounds()
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (self.codec.act_dim,), dtype=np.float32)
-        self._solver = solver
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(1)
-
-    def _step_kwargs(self) -> dict[str, Any]:
-        return {} if self._solver is None else {"solver": self._solver}
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        day, soc = parse_reset_options(self.params, self.split, options)
-        days = self.params.days(self.split)
-        drawn_day = int(self.np_random.choice(days))
-        offset = int(self.np_random.integers(NOISE_TABLE_SIZE))
-        if day is None:
-            day = drawn_day
-        self._state = reset_state(
-            self.params,
-            np.array([day]),
-            None if soc is None else soc[None, :],
-            np.array([offset]),
-            **self._step_kwargs(),
+        day, soc = self.engine.parse_options(options)
+        day, offset = self.engine.draw_start(self.np_random, day)
+        self._state = self.engine.reset(
+            np.array([day]), None if soc is None else soc[None, :], np.array([offset])
         )
         self._kpis = EpisodeKpis(1)
-        obs = self.codec.encode(observe(self.params, self._state), 1)[0]
-        return obs, {"day": day, "split": self.split}
+        return self.engine.observe(self._state)[0], {"day": day, "split": self.split}
 
     def step(
         self, action: np.ndarray
     ) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         if self._state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (self.codec.act_dim,):
-            raise ActionError(
-                f"action: expected shape ({self.codec.act_dim},), got {a.shape}; "
-                f"layout: {', '.join(self.codec.action_names())}"
-            )
-        if not np.isfinite(a).all():
-            bad = np.flatnonzero(~np.isfinite(a)).tolist()
-            names = self.codec.action_names()
-            raise ActionError(f"action: non-finite values at {[names[i] for i in bad]}")
-        decoded = self.codec.decode_action(a[None, :])
-        self._state, out = step(self.params, self._state, decoded, **self._step_kwargs())
-        self._kpis.add(out)
-        obs = self.codec.encode(observe(self.params, self._state), 1)[0]
+        decoded = self.engine.decode(np.asarray(action)[None, :])
+        self._state, out, matrix = self.engine.step(self._state, decoded)
+        self._kpis.add_matrix(matrix)
+        obs = self.engine.observe(self._state)[0]
         info = outcome_info(out, 0)
         info["action_clipped"] = int(decoded.clipped[0])
         info["action_clip_amount"] = float(decoded.clip_amount[0])

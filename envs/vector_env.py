@@ -1,0 +1,144 @@
+"""`MicrogridVectorEnv`: N grids stepped as one batch (one kernel call, one power flow each).
+
+A native gymnasium `VectorEnv`, not N environments in a loop: the batch is a leading axis of
+the state and a step is a single pass of the compiled kernel. Sub-environment i, seeded with
+`seed + i` (gymnasium's vector convention), follows exactly the trajectory of a
+`MicrogridEnv` seeded with `seed + i`, including its automatic resets.
+
+Autoreset mode is SAME_STEP: when a grid's episode ends, the step returns the first
+observation of its next episode and puts the last one in `info["final_obs"]` (with
+`info["final_info"]`, masks `_final_obs` / `_final_info`), which is what SB3-style
+bootstrapping on truncation needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from envs.dynamics import GridState, Solver, merge
+from envs.engine import Engine
+from envs.kpis import EpisodeKpis
+from envs.microgrid_env import STEP_INFO
+from envs.scenario import Scenario
+
+
+class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
+    """A batch of `num_envs` microgrids of one scenario; see `MicrogridEnv` for the spaces."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}  # noqa: RUF012 - gymnasium's convention
+
+    def __init__(
+        self,
+        num_envs: int,
+        scenario: Scenario | str | Path | None = None,
+        split: str = "train",
+        solver: Solver | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.engine = Engine(scenario, split, solver)
+        self.num_envs = num_envs
+        self.scenario = self.engine.scenario
+        self.params = self.engine.params
+        self.codec = self.engine.codec
+        self.split = split
+        low, high = self.codec.bounds()
+        self.single_observation_space = spaces.Box(low, high, dtype=np.float32)
+        self.single_action_space = spaces.Box(-1.0, 1.0, (self.codec.act_dim,), dtype=np.float32)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        self._state: GridState | None = None
+        self._kpis = EpisodeKpis(num_envs)
+
+    def reset(
+        self,
+        *,
+        seed: int | list[int | None] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset every grid; `options` (`day`, `soc`) apply to all of them."""
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else seed
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"seed: expected {self.num_envs} seeds, got {len(seeds)}")
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        day, soc = self.engine.parse_options(options)
+        rows = np.arange(self.num_envs)
+        self._state = self._fresh(rows, day, soc)
+        self._kpis = EpisodeKpis(self.num_envs)
+        days = (self._state.slot // self.params.steps_per_day).copy()
+        return self.engine.observe(self._state), {"day": days, "_day": np.ones_like(rows, bool)}
+
+    def _fresh(self, rows: np.ndarray, day: int | None, soc: np.ndarray | None) -> GridState:
+        draws = [self.engine.draw_start(self._rngs[i], day) for i in rows]
+        days = np.array([d for d, _ in draws], dtype=np.int64)
+        offsets = np.array([o for _, o in draws], dtype=np.int64)
+        socs = None if soc is None else np.tile(soc, (rows.size, 1))
+        return self.engine.reset(days, socs, offsets)
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        decoded = self.engine.decode(actions)
+        self._state, out, matrix = self.engine.step(self._state, decoded)
+        self._kpis.add_matrix(matrix)
+        obs = self.engine.observe(self._state)
+        every = np.ones(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for key in STEP_INFO:
+            infos[key] = np.asarray(getattr(out, key), dtype=np.float64).copy()
+            infos[f"_{key}"] = every
+        infos["action_clipped"] = decoded.clipped
+        infos["_action_clipped"] = every
+        truncated = out.truncated.copy()
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        done_rows = np.flatnonzero(truncated)
+        if done_rows.size:
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            final_info = np.full(self.num_envs, None, dtype=object)
+            for i in done_rows:
+                final_obs[i] = obs[i].copy()
+                final_info[i] = {
+                    "episode_kpis": self._kpis.row(int(i)),
+                    "truncation_reason": (
+                        "power_flow_diverged" if out.diverged[i] else "end_of_episode"
+                    ),
+                }
+            mask = truncated.copy()
+            infos.update(
+                final_obs=final_obs, _final_obs=mask, final_info=final_info, _final_info=mask
+            )
+            fresh = self._fresh(done_rows, None, None)
+            full = _expand(fresh, done_rows, self._state)
+            done_mask = np.zeros(self.num_envs, dtype=bool)
+            done_mask[done_rows] = True
+            self._state = merge(done_mask, full, self._state)
+            self._kpis.reset_rows(done_rows)
+            obs[done_rows] = self.engine.observe(fresh)
+        return obs, out.reward.copy(), terminated, truncated, infos
+
+    @property
+    def state(self) -> GridState:
+        if self._state is None:
+            raise RuntimeError("call reset() first")
+        return self._state
+
+
+def _expand(fresh: GridState, rows: np.ndarray, like: GridState) -> GridState:
+    """Place the rows of `fresh` at `rows` of an array shaped like `like` (other rows: copies)."""
+    fields = {}
+    for name in GridState.__dataclass_fields__:
+        arr = getattr(like, name).copy()
+        arr[rows] = getattr(fresh, name)
+        fields[name] = arr
+    return GridState(**fields)

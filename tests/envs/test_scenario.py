@@ -1,0 +1,55 @@
+"""Scenario files: shipped ones validate; bad ones fail naming the field and allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from envs import ScenarioError, load_scenario
+from envs.scenario import Scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_scenarios_validate() -> None:
+    files = sorted((ROOT / "configs" / "scenarios").glob("*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        assert isinstance(load_scenario(f), Scenario)
+    assert load_scenario(ROOT / "configs/scenarios/rural1.yaml") == Scenario()
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("grid: 1-LV-nowhere--0-sw\n", r"grid: .*allowed: 1-LV-rural1--0-sw"),
+        ("battery:\n  soc_min: 0.9\n  soc_max: 0.2\n", r"battery: .*soc_min"),
+        ("battery:\n  efficiency_charge: 1.5\n", r"battery\.efficiency_charge: .*less than or equal to 1"),
+        ("forecast:\n  mode: psychic\n", r"forecast\.mode: .*'perfect', 'noisy' or 'persistence'"),
+        ("episode_steps: 0\n", r"episode_steps: .*greater than or equal to 1"),
+        ("time_step_minutes: 5\n", r"time_step_minutes: .*15"),
+        ("rewrad:\n  cost: 1\n", r"rewrad: Extra inputs are not permitted"),
+        ("tariff:\n  import_periods:\n    - {start_hour: 0, end_hour: 12, price_per_kwh: 0.3}\n",
+         r"tariff\.import_periods: .*cover hours 0-23"),
+        ("- just\n- a list\n", r"expected a mapping"),
+        ("grid: [unclosed\n", r"not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_scenario_files_name_the_field(tmp_path: Path, text: str, pattern: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario(f)
+
+
+def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="not found"):
+        load_scenario(tmp_path / "nope.yaml")
+
+
+def test_prosumer_buses_must_exist() -> None:
+    from envs.grid import build_grid
+
+    with pytest.raises(ScenarioError, match=r"prosumers\.buses: \[999\]"):
+        build_grid(Scenario(prosumers={"mode": "buses", "buses": [3, 999]}))

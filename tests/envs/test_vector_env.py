@@ -1,0 +1,66 @@
+"""The natively batched env equals N single envs; the SB3 adapter behaves as SB3 expects."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+
+from envs import MicrogridEnv
+from envs.sb3_vec_env import SB3VecEnv
+from envs.vector_env import MicrogridVectorEnv
+
+
+def test_batched_env_equals_n_single_envs_step_for_step() -> None:
+    n = 4
+    venv = MicrogridVectorEnv(n)
+    singles = [MicrogridEnv() for _ in range(n)]
+    obs, _ = venv.reset(seed=100)
+    expected = np.stack([e.reset(seed=100 + i)[0] for i, e in enumerate(singles)])
+    assert np.array_equal(obs, expected)
+    rng = np.random.default_rng(0)
+    resets = 0
+    for t in range(230):  # crosses two automatic resets
+        actions = rng.uniform(-1.2, 1.2, (n, venv.codec.act_dim)).astype(np.float32)
+        obs, reward, terminated, truncated, info = venv.step(actions)
+        assert not terminated.any()
+        for i, env in enumerate(singles):
+            o, r, _, tr, inf = env.step(actions[i])
+            assert r == reward[i] and tr == truncated[i], f"step {t}, env {i}"
+            assert info["cost"][i] == inf["cost"]
+            if tr:
+                resets += 1
+                assert np.array_equal(info["final_obs"][i], o)
+                assert info["final_info"][i]["episode_kpis"] == inf["episode_kpis"]
+                o, _ = env.reset()
+            assert np.array_equal(obs[i], o), f"observation differs at step {t}, env {i}"
+    assert resets == 2 * n
+
+
+def test_vector_env_declares_same_step_autoreset() -> None:
+    from gymnasium.vector import AutoresetMode
+
+    assert MicrogridVectorEnv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+
+
+def test_sb3_adapter_reports_truncation_and_terminal_observation() -> None:
+    env = SB3VecEnv(3, seed=0)
+    obs = env.reset()
+    assert obs.shape == (3, env.observation_space.shape[0])
+    for k in range(96):
+        obs, rewards, dones, infos = env.step(np.zeros((3, env.action_space.shape[0])))
+        assert dones.all() == (k == 95)
+    for info in infos:
+        assert info["TimeLimit.truncated"] is True
+        assert info["terminal_observation"].shape == env.observation_space.shape
+        assert not np.array_equal(info["terminal_observation"], obs[0])
+        assert info["episode"]["l"] == 96
+
+
+def test_ppo_learns_a_few_hundred_steps_on_the_adapter() -> None:
+    torch.set_num_threads(1)
+    env = SB3VecEnv(4, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=128, n_epochs=1, seed=0, verbose=0)
+    model.learn(256)
+    action, _ = model.predict(env.reset(), deterministic=True)
+    assert action.shape == (4, env.action_space.shape[0])
