@@ -102,7 +102,9 @@ class Codec:
 
     def scaling(self) -> np.ndarray:
         """(4, dim) rows offset, 1/scale, low, high: what compiled encoders need."""
-        return np.ascontiguousarray(np.stack([self._offset, self._inv_scale, self._low, self._high]))
+        return np.ascontiguousarray(
+            np.stack([self._offset, self._inv_scale, self._low, self._high])
+        )
 
     def field_sizes(self) -> list[tuple[str, int]]:
         return [(f.name, f.size) for f in self.obs_fields]

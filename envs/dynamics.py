@@ -124,9 +124,7 @@ def reset_state(
     grid = _grid_summary(pf)
     grid = np.where(pf.converged[:, None], grid, _nominal_grid(b))
     net_kw = np.where(pf.converged, pf.p_slack_mw * 1000.0, -inj.sum(axis=1))
-    price = seed_price(
-        p, prev % p.steps_per_day, net_kw, grid[:, 3], np.ones(b, dtype=np.float64)
-    )
+    price = seed_price(p, prev % p.steps_per_day, net_kw, grid[:, 3], np.ones(b, dtype=np.float64))
     return GridState(
         slot=slot,
         step=np.zeros(b, dtype=np.int64),

@@ -20,8 +20,8 @@ import numba
 import numpy as np
 
 from envs.dynamics import GridState, StepOutcome
-from envs.kpis import OUTCOME_FIELDS
 from envs.forecast import NOISE_TABLE_SIZE, lead_scale, noise_table
+from envs.kpis import OUTCOME_FIELDS
 from envs.params import FloatArray, GridParams
 from envs.powerflow import STEP_TOLERANCE_PU
 from envs.pricing import DEMAND_FACTOR_FLOOR
@@ -102,8 +102,8 @@ def step_kernel(
     b = s.slot.shape[0]
     out = np.empty((b, len(OUTCOME_FIELDS)), dtype=np.float64)
     _step_batch(
-        c.scalars, c.battery, c.zt_re, c.zt_im, c.w_re, c.w_im, c.y_re, c.y_im, c.y_out_ref, c.v_ref, c.i_scale, c.sizes,
-        c.v_lim, c.base_mva,
+        c.scalars, c.battery, c.zt_re, c.zt_im, c.w_re, c.w_im, c.y_re, c.y_im, c.y_out_ref,
+        c.v_ref, c.i_scale, c.sizes, c.v_lim, c.base_mva,
         p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
         p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
         p.prosumer_pq, p.battery_pq, p.import_price, p.tod_multiplier,
@@ -124,36 +124,13 @@ def outcome_from_matrix(out: FloatArray) -> StepOutcome:
 
 @numba.njit(cache=True, nogil=True)
 def _step_batch(
-    sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes, v_lim, base_mva,
-    load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof, bg_sto_prof,
+    sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes, v_lim,
+    base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof, bg_sto_prof,
     prosumer_pq, battery_pq, import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, community_price,
     battery_kw, curtail, dr, price_mult, out,
 ):  # type: ignore[no-untyped-def]  # fmt: skip
     b = slot.shape[0]
-    n_pq = w_re.shape[0]
-    m = y_re.shape[1]
-    scratch = np.empty((b, 2, n_pq), dtype=np.complex128)
-    outc = np.empty((b, m), dtype=np.complex128)
-    rs = np.empty((b, 8, max(n_pq, m)), dtype=np.float64)
-    for i in range(b):
-        _step_row(
-            i, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes, v_lim, base_mva,
-            load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof, bg_sto_prof,
-            prosumer_pq, battery_pq, import_price, tod,
-            slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, community_price,
-            battery_kw, curtail, dr, price_mult, out, scratch[i], outc[i], rs[i],
-        )  # fmt: skip
-
-
-@numba.njit(cache=True, nogil=True)
-def _step_row(
-    i, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes, v_lim, base_mva,
-    load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof, bg_sto_prof,
-    prosumer_pq, battery_pq, import_price, tod,
-    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, community_price,
-    battery_kw, curtail, dr, price_mult, out, scratch, outc, rs,
-):  # type: ignore[no-untyped-def]  # fmt: skip
     dt = sc[0]
     n_b = bat.shape[1]
     n_p = load_prof.shape[1]
@@ -165,236 +142,243 @@ def _step_row(
     base_kw = base_mva * 1000.0
     episode_steps = int(sc[16])
     spd = int(sc[17])
-    s_pq = scratch[0]
-    v = scratch[1]
-    t = slot[i]
-    # Demand response, PV and the prosumers' injections.
-    for j in range(n_pq):
-        s_pq[j] = bg_s[t, j]
-    served_sum = 0.0
-    pv_sum = 0.0
-    pv_cut = 0.0
-    curt_sum = 0.0
-    backlog_sum = 0.0
-    for k in range(n_p):
-        load = load_prof[t, k]
-        d = dr[i, k]
-        curtailed = d * sc[1] * load
-        deferred = d * sc[2] * load
-        rebound = (1.0 - d) * sc[3] * backlog[i, k] / dt
-        served = load - curtailed - deferred + rebound
-        backlog[i, k] = backlog[i, k] + (deferred - rebound) * dt
-        backlog_sum += backlog[i, k]
-        q_ratio = served / load if load > 0.0 else 1.0
-        pv = pv_prof[t, k] * (1.0 - curtail[i, k])
-        pv_cut += pv_prof[t, k] - pv
-        served_sum += served
-        pv_sum += pv
-        curt_sum += curtailed
-        s_pq[prosumer_pq[k]] += complex(pv - served, -kvar_prof[t, k] * q_ratio) / base_kw
-        last_load[i, k] = load
-        last_pv[i, k] = pv_prof[t, k]
-    # Batteries.
-    charge = 0.0
-    discharge = 0.0
-    fade_sum = 0.0
-    deg_cost = 0.0
-    limited = 0.0
-    for k in range(n_b):
-        c0 = cap[i, k]
-        cp = c0 if c0 > 1e-12 else 1e-12
-        eta_c = bat[2, k]
-        eta_d = bat[3, k]
-        max_ch = min(bat[1, k], (bat[5, k] - soc[i, k]) * cp / (eta_c * dt))
-        max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * eta_d / dt)
-        lo = -max_dis if max_dis > 0.0 else 0.0
-        hi = max_ch if max_ch > 0.0 else 0.0
-        sp = battery_kw[i, k]
-        pw = min(max(sp, lo), hi)
-        limited += abs(sp - pw)
-        cell = (pw * eta_c if pw > 0.0 else pw / eta_d) * dt
-        if c0 > 0.0:
-            new_soc = soc[i, k] + cell / cp
-            soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k])
-        nominal = bat[0, k]
-        fade = bat[6, k] * abs(cell) / max(2.0 * nominal, 1e-12) * nominal
-        cap[i, k] = max(c0 - fade, 0.0)
-        fade_sum += fade
-        deg_cost += fade * bat[7, k]
-        if pw > 0.0:
-            charge += pw
+    scratch_all = np.empty((b, 2, n_pq), dtype=np.complex128)
+    outc_all = np.empty((b, m), dtype=np.complex128)
+    rs_all = np.empty((b, 8, max(n_pq, m)), dtype=np.float64)
+    for i in range(b):
+        scratch = scratch_all[i]
+        outc = outc_all[i]
+        rs = rs_all[i]
+        s_pq = scratch[0]
+        v = scratch[1]
+        t = slot[i]
+        # Demand response, PV and the prosumers' injections.
+        for j in range(n_pq):
+            s_pq[j] = bg_s[t, j]
+        served_sum = 0.0
+        pv_sum = 0.0
+        pv_cut = 0.0
+        curt_sum = 0.0
+        backlog_sum = 0.0
+        for k in range(n_p):
+            load = load_prof[t, k]
+            d = dr[i, k]
+            curtailed = d * sc[1] * load
+            deferred = d * sc[2] * load
+            rebound = (1.0 - d) * sc[3] * backlog[i, k] / dt
+            served = load - curtailed - deferred + rebound
+            backlog[i, k] = backlog[i, k] + (deferred - rebound) * dt
+            backlog_sum += backlog[i, k]
+            q_ratio = served / load if load > 0.0 else 1.0
+            pv = pv_prof[t, k] * (1.0 - curtail[i, k])
+            pv_cut += pv_prof[t, k] - pv
+            served_sum += served
+            pv_sum += pv
+            curt_sum += curtailed
+            s_pq[prosumer_pq[k]] += complex(pv - served, -kvar_prof[t, k] * q_ratio) / base_kw
+            last_load[i, k] = load
+            last_pv[i, k] = pv_prof[t, k]
+        # Batteries.
+        charge = 0.0
+        discharge = 0.0
+        fade_sum = 0.0
+        deg_cost = 0.0
+        limited = 0.0
+        for k in range(n_b):
+            c0 = cap[i, k]
+            cp = c0 if c0 > 1e-12 else 1e-12
+            eta_c = bat[2, k]
+            eta_d = bat[3, k]
+            max_ch = min(bat[1, k], (bat[5, k] - soc[i, k]) * cp / (eta_c * dt))
+            max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * eta_d / dt)
+            lo = -max_dis if max_dis > 0.0 else 0.0
+            hi = max_ch if max_ch > 0.0 else 0.0
+            sp = battery_kw[i, k]
+            pw = min(max(sp, lo), hi)
+            limited += abs(sp - pw)
+            cell = (pw * eta_c if pw > 0.0 else pw / eta_d) * dt
+            if c0 > 0.0:
+                new_soc = soc[i, k] + cell / cp
+                soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k])
+            nominal = bat[0, k]
+            fade = bat[6, k] * abs(cell) / max(2.0 * nominal, 1e-12) * nominal
+            cap[i, k] = max(c0 - fade, 0.0)
+            fade_sum += fade
+            deg_cost += fade * bat[7, k]
+            if pw > 0.0:
+                charge += pw
+            else:
+                discharge -= pw
+            s_pq[battery_pq[k]] -= pw / base_kw
+        bg_sto = bg_sto_prof[t]
+        if bg_sto > 0.0:
+            charge += bg_sto
         else:
-            discharge -= pw
-        s_pq[battery_pq[k]] -= pw / base_kw
-    bg_sto = bg_sto_prof[t]
-    if bg_sto > 0.0:
-        charge += bg_sto
-    else:
-        discharge -= bg_sto
-    # Z-bus fixed point, warm-started from the last solution. Real and imaginary parts are kept
-    # apart and the mat-vec is written as axpy over contiguous rows so LLVM vectorises it.
-    sr = rs[0]
-    si = rs[1]
-    vr = rs[2]
-    vi = rs[3]
-    nr = rs[4]
-    ni = rs[5]
-    for j in range(n_pq):
-        sr[j] = s_pq[j].real
-        si[j] = s_pq[j].imag
-        vr[j] = v_pq[i, j].real
-        vi[j] = v_pq[i, j].imag
-    ok = False
-    tol2 = STEP_TOLERANCE_PU * STEP_TOLERANCE_PU
-    for _ in range(MAX_ITER):
+            discharge -= bg_sto
+        # Z-bus fixed point, warm-started from the last solution. Real and imaginary parts are kept
+        # apart and the mat-vec is written as axpy over contiguous rows so LLVM vectorises it.
+        sr = rs[0]
+        si = rs[1]
+        vr = rs[2]
+        vi = rs[3]
+        nr = rs[4]
+        ni = rs[5]
         for j in range(n_pq):
-            nr[j] = w_re[j]
-            ni[j] = w_im[j]
-        for q in range(n_pq):
-            d = vr[q] * vr[q] + vi[q] * vi[q]
-            a = (sr[q] * vr[q] + si[q] * vi[q]) / d  # conj(s / v)
-            b = (sr[q] * vi[q] - si[q] * vr[q]) / d
+            sr[j] = s_pq[j].real
+            si[j] = s_pq[j].imag
+            vr[j] = v_pq[i, j].real
+            vi[j] = v_pq[i, j].imag
+        ok = False
+        tol2 = STEP_TOLERANCE_PU * STEP_TOLERANCE_PU
+        for _ in range(MAX_ITER):
             for j in range(n_pq):
-                nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
-                ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
-        biggest = 0.0
+                nr[j] = w_re[j]
+                ni[j] = w_im[j]
+            for q in range(n_pq):
+                d = vr[q] * vr[q] + vi[q] * vi[q]
+                a = (sr[q] * vr[q] + si[q] * vi[q]) / d  # conj(s / v)
+                b = (sr[q] * vi[q] - si[q] * vr[q]) / d
+                for j in range(n_pq):
+                    nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
+                    ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
+            biggest = 0.0
+            for j in range(n_pq):
+                dr_ = nr[j] - vr[j]
+                di_ = ni[j] - vi[j]
+                biggest = max(biggest, dr_ * dr_ + di_ * di_)
+                vr[j] = nr[j]
+                vi[j] = ni[j]
+            if not math.isfinite(biggest):
+                break
+            if biggest < tol2:
+                ok = True
+                break
         for j in range(n_pq):
-            dr_ = nr[j] - vr[j]
-            di_ = ni[j] - vi[j]
-            biggest = max(biggest, dr_ * dr_ + di_ * di_)
-            vr[j] = nr[j]
-            vi[j] = ni[j]
-        if not math.isfinite(biggest):
-            break
-        if biggest < tol2:
-            ok = True
-            break
-    for j in range(n_pq):
-        v[j] = complex(vr[j], vi[j])
-    # Currents through every branch end and out of the slack.
-    if ok:
-        o_re = rs[6]
-        o_im = rs[7]
-        for col in range(m):
-            acc = 0.0j
-            for j in range(v_ref.shape[0]):
-                acc += v_ref[j] * y_out_ref[j, col]
-            o_re[col] = acc.real
-            o_im[col] = acc.imag
-        for j in range(n_pq):
-            a = vr[j]
-            b = vi[j]
+            v[j] = complex(vr[j], vi[j])
+        # Currents through every branch end and out of the slack.
+        if ok:
+            o_re = rs[6]
+            o_im = rs[7]
             for col in range(m):
-                o_re[col] += y_re[j, col] * a - y_im[j, col] * b
-                o_im[col] += y_re[j, col] * b + y_im[j, col] * a
-        for col in range(m):
-            outc[col] = complex(o_re[col], o_im[col])
-        s_ref = 0.0j
-        for j in range(v_ref.shape[0]):
-            s_ref += v_ref[j] * outc[n_br + j].conjugate()
-        p_slack = s_ref.real * base_mva
-        s_sum = 0.0
-        for j in range(n_pq):
-            s_sum += s_pq[j].real
-        losses_kw = (p_slack + s_sum * base_mva) * 1000.0
-        p_import = p_slack * 1000.0
-        line_max = 0.0
-        trafo_max = 0.0
-        th_viol = 0.0
-        th_count = 0.0
-        for k in range(n_line):
-            ld = max(abs(outc[k]) * i_scale[k], abs(outc[n_line + k]) * i_scale[n_line + k])
-            line_max = max(line_max, ld)
-            if ld > 1.0:
-                th_viol += ld - 1.0
-                th_count += 1.0
-        base = 2 * n_line
-        for k in range(n_trafo):
-            ld = max(
-                abs(outc[base + k]) * i_scale[base + k],
-                abs(outc[base + n_trafo + k]) * i_scale[base + n_trafo + k],
-            )
-            trafo_max = max(trafo_max, ld)
-            if ld > 1.0:
-                th_viol += ld - 1.0
-                th_count += 1.0
-        vmin = math.inf
-        vmax = -math.inf
-        v_viol = 0.0
-        v_count = 0.0
-        for j in range(n_pq):
-            vm = abs(v[j])
-            vmin = min(vmin, vm)
-            vmax = max(vmax, vm)
-            over = vm - v_lim[1, j]
-            under = v_lim[0, j] - vm
-            if over > 0.0:
-                v_viol += over
-                v_count += 1.0
-            elif under > 0.0:
-                v_viol += under
-                v_count += 1.0
-        grid[i, 0] = vmin
-        grid[i, 1] = vmax
-        grid[i, 2] = line_max
-        grid[i, 3] = trafo_max
-        for j in range(n_pq):
-            v_pq[i, j] = v[j]
-    else:
-        losses_kw = 0.0
-        p_import = served_sum + bg_load_prof[t] - pv_sum - bg_pv_prof[t]
-        p_import += charge - discharge
-        v_viol = 0.0
-        v_count = 0.0
-        th_viol = 0.0
-        th_count = 0.0
-        for j in range(n_pq):
-            v_pq[i, j] = complex(w_re[j], w_im[j])
-    sod = t % spd
-    imp = max(p_import, 0.0)
-    exp_ = max(-p_import, 0.0)
-    cost = imp * dt * import_price[sod] - exp_ * dt * sc[6]
-    new_step = step[i] + 1
-    truncated = new_step >= episode_steps or not ok
-    unserved = backlog_sum if truncated else 0.0
-    discomfort = curt_sum * dt * sc[4] + unserved * sc[5]
-    penalty = sc[11] * v_viol + sc[12] * th_viol + sc[13] * deg_cost + sc[14] * discomfort
-    reward = -(sc[10] * cost + penalty)
-    if not ok:
-        reward = -sc[15]
-        penalty = sc[15]
-    demand = max(p_import / sc[9], DEMAND_FACTOR_FLOOR)
-    stress = max(grid[i, 3] - sc[8], 0.0) / max(1.0 - sc[8], 1e-9)
-    price = sc[7] * (demand + stress) * tod[sod] * price_mult[i]
-    community_price[i] = price
-    slot[i] = t + 1
-    step[i] = new_step
-    o = out[i]
-    o[0] = reward
-    o[1] = 1.0 if truncated else 0.0
-    o[2] = 0.0 if ok else 1.0
-    o[3] = cost
-    o[4] = imp * dt
-    o[5] = exp_ * dt
-    o[6] = imp
-    o[7] = (served_sum + bg_load_prof[t]) * dt
-    o[8] = (pv_sum + bg_pv_prof[t]) * dt
-    o[9] = pv_cut * dt
-    o[10] = charge * dt
-    o[11] = discharge * dt
-    o[12] = losses_kw * dt
-    o[13] = v_viol
-    o[14] = v_count
-    o[15] = th_viol
-    o[16] = th_count
-    o[17] = deg_cost
-    o[18] = fade_sum
-    o[19] = discomfort
-    o[20] = curt_sum * dt
-    o[21] = unserved
-    o[22] = limited
-    o[23] = price
-    o[24] = penalty
+                acc = 0.0j
+                for j in range(v_ref.shape[0]):
+                    acc += v_ref[j] * y_out_ref[j, col]
+                o_re[col] = acc.real
+                o_im[col] = acc.imag
+            for j in range(n_pq):
+                a = vr[j]
+                b = vi[j]
+                for col in range(m):
+                    o_re[col] += y_re[j, col] * a - y_im[j, col] * b
+                    o_im[col] += y_re[j, col] * b + y_im[j, col] * a
+            for col in range(m):
+                outc[col] = complex(o_re[col], o_im[col])
+            s_ref = 0.0j
+            for j in range(v_ref.shape[0]):
+                s_ref += v_ref[j] * outc[n_br + j].conjugate()
+            p_slack = s_ref.real * base_mva
+            s_sum = 0.0
+            for j in range(n_pq):
+                s_sum += s_pq[j].real
+            losses_kw = (p_slack + s_sum * base_mva) * 1000.0
+            p_import = p_slack * 1000.0
+            line_max = 0.0
+            trafo_max = 0.0
+            th_viol = 0.0
+            th_count = 0.0
+            for k in range(n_line):
+                ld = max(abs(outc[k]) * i_scale[k], abs(outc[n_line + k]) * i_scale[n_line + k])
+                line_max = max(line_max, ld)
+                if ld > 1.0:
+                    th_viol += ld - 1.0
+                    th_count += 1.0
+            base = 2 * n_line
+            for k in range(n_trafo):
+                ld = max(
+                    abs(outc[base + k]) * i_scale[base + k],
+                    abs(outc[base + n_trafo + k]) * i_scale[base + n_trafo + k],
+                )
+                trafo_max = max(trafo_max, ld)
+                if ld > 1.0:
+                    th_viol += ld - 1.0
+                    th_count += 1.0
+            vmin = math.inf
+            vmax = -math.inf
+            v_viol = 0.0
+            v_count = 0.0
+            for j in range(n_pq):
+                vm = abs(v[j])
+                vmin = min(vmin, vm)
+                vmax = max(vmax, vm)
+                over = vm - v_lim[1, j]
+                under = v_lim[0, j] - vm
+                if over > 0.0:
+                    v_viol += over
+                    v_count += 1.0
+                elif under > 0.0:
+                    v_viol += under
+                    v_count += 1.0
+            grid[i, 0] = vmin
+            grid[i, 1] = vmax
+            grid[i, 2] = line_max
+            grid[i, 3] = trafo_max
+            for j in range(n_pq):
+                v_pq[i, j] = v[j]
+        else:
+            losses_kw = 0.0
+            p_import = served_sum + bg_load_prof[t] - pv_sum - bg_pv_prof[t]
+            p_import += charge - discharge
+            v_viol = 0.0
+            v_count = 0.0
+            th_viol = 0.0
+            th_count = 0.0
+            for j in range(n_pq):
+                v_pq[i, j] = complex(w_re[j], w_im[j])
+        sod = t % spd
+        imp = max(p_import, 0.0)
+        exp_ = max(-p_import, 0.0)
+        cost = imp * dt * import_price[sod] - exp_ * dt * sc[6]
+        new_step = step[i] + 1
+        truncated = new_step >= episode_steps or not ok
+        unserved = backlog_sum if truncated else 0.0
+        discomfort = curt_sum * dt * sc[4] + unserved * sc[5]
+        penalty = sc[11] * v_viol + sc[12] * th_viol + sc[13] * deg_cost + sc[14] * discomfort
+        reward = -(sc[10] * cost + penalty)
+        if not ok:
+            reward = -sc[15]
+            penalty = sc[15]
+        demand = max(p_import / sc[9], DEMAND_FACTOR_FLOOR)
+        stress = max(grid[i, 3] - sc[8], 0.0) / max(1.0 - sc[8], 1e-9)
+        price = sc[7] * (demand + stress) * tod[sod] * price_mult[i]
+        community_price[i] = price
+        slot[i] = t + 1
+        step[i] = new_step
+        o = out[i]
+        o[0] = reward
+        o[1] = 1.0 if truncated else 0.0
+        o[2] = 0.0 if ok else 1.0
+        o[3] = cost
+        o[4] = imp * dt
+        o[5] = exp_ * dt
+        o[6] = imp
+        o[7] = (served_sum + bg_load_prof[t]) * dt
+        o[8] = (pv_sum + bg_pv_prof[t]) * dt
+        o[9] = pv_cut * dt
+        o[10] = charge * dt
+        o[11] = discharge * dt
+        o[12] = losses_kw * dt
+        o[13] = v_viol
+        o[14] = v_count
+        o[15] = th_viol
+        o[16] = th_count
+        o[17] = deg_cost
+        o[18] = fade_sum
+        o[19] = discomfort
+        o[20] = curt_sum * dt
+        o[21] = unserved
+        o[22] = limited
+        o[23] = price
+        o[24] = penalty
 
 
 def observe_kernel(
@@ -452,69 +436,57 @@ def _observe_batch(
     noise_offset, starts, scaling, buf,
 ):  # type: ignore[no-untyped-def]  # fmt: skip
     b = slot.shape[0]
-    raw = np.empty((b, buf.shape[1]), dtype=np.float64)
-    for i in range(b):
-        _observe_row(
-            i, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof,
-            import_price, cap0, n_days, slot, step, soc, cap, backlog, grid, last_load,
-            last_pv, community_price, noise_offset, starts, raw[i],
-        )  # fmt: skip
-        row = raw[i]
-        for j in range(row.shape[0]):
-            x = (row[j] - scaling[0, j]) * scaling[1, j]
-            buf[i, j] = min(max(x, scaling[2, j]), scaling[3, j])
-
-
-@numba.njit(cache=True, nogil=True)
-def _observe_row(
-    i, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price, cap0,
-    n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
-    noise_offset, starts, row,
-):  # type: ignore[no-untyped-def]  # fmt: skip
+    row = np.empty(buf.shape[1], dtype=np.float64)  # one raw row, reused: stays in cache
     h = sizes[2]
     n_p = load_prof.shape[1]
     n_b = soc.shape[1]
     spd = int(sc[17])
     two_pi = 2.0 * math.pi
-    t = slot[i]
-    sod = t % spd
-    o = starts[0]
-    row[o] = math.sin(two_pi * sod / spd)
-    row[o + 1] = math.cos(two_pi * sod / spd)
-    o = starts[1]
-    yp = two_pi * (t // spd) / n_days
-    row[o] = math.sin(yp)
-    row[o + 1] = math.cos(yp)
-    for k in range(n_b):
-        row[starts[2] + k] = soc[i, k]
-        row[starts[3] + k] = cap[i, k] / cap0[k] if cap0[k] > 0.0 else 1.0
-    for k in range(n_p):
-        row[starts[4] + k] = last_load[i, k]
-        row[starts[5] + k] = last_pv[i, k]
-        row[starts[6] + k] = backlog[i, k]
-    # The noise table is padded by one step's worth, so positions need one modulo per row.
-    off = (noise_offset[i] + step[i] * stride) % NOISE_TABLE_SIZE
-    for k in range(n_p):
+    for i in range(b):
+        t = slot[i]
+        sod = t % spd
+        o = starts[0]
+        row[o] = math.sin(two_pi * sod / spd)
+        row[o + 1] = math.cos(two_pi * sod / spd)
+        o = starts[1]
+        yp = two_pi * (t // spd) / n_days
+        row[o] = math.sin(yp)
+        row[o + 1] = math.cos(yp)
+        for k in range(n_b):
+            row[starts[2] + k] = soc[i, k]
+            row[starts[3] + k] = cap[i, k] / cap0[k] if cap0[k] > 0.0 else 1.0
+        for k in range(n_p):
+            row[starts[4] + k] = last_load[i, k]
+            row[starts[5] + k] = last_pv[i, k]
+            row[starts[6] + k] = backlog[i, k]
+        # The noise table is padded by one step's worth, so positions need one modulo per row.
+        off = (noise_offset[i] + step[i] * stride) % NOISE_TABLE_SIZE
+        for k in range(n_p):
+            for q in range(h):
+                row[starts[7] + k * h + q] = _forecast_value(
+                    load_prof[t + q, k], last_load[i, k], mode, lead[q], noise[off + k * h + q]
+                )
+                row[starts[8] + k * h + q] = _forecast_value(
+                    pv_prof[t + q, k], last_pv[i, k], mode, lead[q], noise[off + (n_p + k) * h + q]
+                )
+        prev = t - 1 if t > 0 else 0
+        base = off + 2 * n_p * h
         for q in range(h):
-            row[starts[7] + k * h + q] = _forecast_value(
-                load_prof[t + q, k], last_load[i, k], mode, lead[q], noise[off + k * h + q]
+            bl = _forecast_value(
+                bg_prof[t + q, 0], bg_prof[prev, 0], mode, lead[q], noise[base + q]
             )
-            row[starts[8] + k * h + q] = _forecast_value(
-                pv_prof[t + q, k], last_pv[i, k], mode, lead[q], noise[off + (n_p + k) * h + q]
+            bp = _forecast_value(
+                bg_prof[t + q, 1], bg_prof[prev, 1], mode, lead[q], noise[base + h + q]
             )
-    prev = t - 1 if t > 0 else 0
-    base = off + 2 * n_p * h
-    for q in range(h):
-        bl = _forecast_value(bg_prof[t + q, 0], bg_prof[prev, 0], mode, lead[q], noise[base + q])
-        bp = _forecast_value(
-            bg_prof[t + q, 1], bg_prof[prev, 1], mode, lead[q], noise[base + h + q]
-        )
-        row[starts[9] + q] = bl - bp
-        row[starts[10] + q] = import_price[(sod + q) % spd]
-    row[starts[11]] = sc[6]
-    row[starts[12]] = community_price[i]
-    for k in range(4):
-        row[starts[13] + k] = grid[i, k]
+            row[starts[9] + q] = bl - bp
+            row[starts[10] + q] = import_price[(sod + q) % spd]
+        row[starts[11]] = sc[6]
+        row[starts[12]] = community_price[i]
+        for k in range(4):
+            row[starts[13] + k] = grid[i, k]
+        for j in range(row.shape[0]):
+            x = (row[j] - scaling[0, j]) * scaling[1, j]
+            buf[i, j] = min(max(x, scaling[2, j]), scaling[3, j])
 
 
 def field_starts(names_and_sizes: list[tuple[str, int]]) -> np.ndarray:

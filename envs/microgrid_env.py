@@ -178,8 +178,8 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         info["action_clipped"] = int(decoded.clipped[0])
         info["action_clip_amount"] = float(decoded.clip_amount[0])
         info["soc"] = self._state.soc[0].copy()
-        info["state_of_health"] = (
-            self._state.capacity_kwh[0] / np.maximum(self.params.batteries.capacity_kwh, 1e-12)
+        info["state_of_health"] = self._state.capacity_kwh[0] / np.maximum(
+            self.params.batteries.capacity_kwh, 1e-12
         )
         truncated = bool(out.truncated[0])
         if truncated:

@@ -30,7 +30,7 @@ BoolArray = NDArray[np.bool_]
 
 #: Largest voltage update (pu) at which the fixed point counts as reached; the remaining error
 #: is about the contraction ratio (~0.1 on LV feeders) times this.
-STEP_TOLERANCE_PU = 1e-10
+STEP_TOLERANCE_PU = 1e-8
 #: Power mismatch (pu) the Newton-Raphson fallback must reach; pandapower's default
 #: `tolerance_mva` is 1e-8 on a 1 MVA base.
 MISMATCH_TOLERANCE_PU = 1e-9

@@ -7,4 +7,5 @@ full `GridParams` a scenario needs (network, element-to-bus maps, a year of prof
 """
 
 from envs.grid.build import build_grid, load_net
+
 __all__ = ["build_grid", "load_net"]

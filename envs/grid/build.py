@@ -123,7 +123,9 @@ def _padded(a: np.ndarray, pad: int) -> np.ndarray:
     return np.concatenate([a, a[:pad]], axis=0)
 
 
-def _battery_arrays(cfgs: list[BatteryConfig], caps: list[float], powers: list[float]) -> BatteryParams:
+def _battery_arrays(
+    cfgs: list[BatteryConfig], caps: list[float], powers: list[float]
+) -> BatteryParams:
     def col(name: str) -> FloatArray:
         return np.array([getattr(c, name) for c in cfgs], dtype=np.float64)
 
@@ -181,7 +183,9 @@ def _assemble(scenario: Scenario, net: Any, network: Any, profiles: dict[str, An
     for b in buses:
         pos = pq_pos.get(int(ppc_bus_of(net, np.array([b]))[0]), -1)
         if pos < 0:
-            raise ScenarioError(f"prosumers: bus {b} is the slack or an isolated bus of {scenario.grid}")
+            raise ScenarioError(
+                f"prosumers: bus {b} is the slack or an isolated bus of {scenario.grid}"
+            )
         prosumer_pq.append(pos)
     owned_load = net.load.bus.isin(buses).to_numpy()
     owned_sgen = net.sgen.bus.isin(buses).to_numpy()

@@ -177,7 +177,9 @@ def test_env_reports_divergence_in_info(monkeypatch: pytest.MonkeyPatch) -> None
     # Make the next slot's background absurdly heavy through the compiled params the env uses.
     compiled = env.engine.compiled
     assert compiled is not None
-    heavy = dataclasses.replace(env.params, background_s_pu=np.full_like(env.params.background_s_pu, -5.0))
+    heavy = dataclasses.replace(
+        env.params, background_s_pu=np.full_like(env.params.background_s_pu, -5.0)
+    )
     env.engine.params = heavy
     obs, reward, terminated, truncated, info = env.step(np.zeros(env.action_space.shape))
     assert truncated and not terminated

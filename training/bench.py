@@ -1,0 +1,168 @@
+"""Benchmarks that print figures: the environment and the power flow against pandapower.
+
+Speed is measured, never asserted: this machine is shared and noisy, so every figure comes with
+a reference measured in the same run (the pandapower-stepped environment, `pandapower.runpp`)
+and the ratio between them.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import Progress
+
+from envs import MicrogridEnv, Scenario
+from envs.engine import resolve_scenario
+from envs.vector_env import MicrogridVectorEnv
+
+
+def _rate(fn: Callable[[], int], min_seconds: float) -> float:
+    """Calls per second of `fn` (which returns how many steps it took), run >= min_seconds."""
+    steps = 0
+    start = time.perf_counter()
+    while True:
+        steps += fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return steps / elapsed
+
+
+def bench_env(
+    scenario: Scenario | str | Path | None = None,
+    grid: str | None = None,
+    batch: int = 1024,
+    seconds: float = 3.0,
+    pandapower_steps: int = 40,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Single-env steps/s, batched env-steps/s and the pandapower-stepped env, one run."""
+    from envs.grid.reference import PandapowerSolver  # imports pandapower: only when asked
+
+    sc = resolve_scenario(scenario)
+    if grid is not None:
+        sc = sc.model_copy(update={"grid": grid, "name": grid})
+        sc = Scenario.model_validate(sc.model_dump())
+    task = progress.add_task("bench env", total=3) if progress else None
+
+    env = MicrogridEnv(sc)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (256, env.codec.act_dim)).astype(np.float32)
+    env.step(actions[0])  # compile outside the clock
+
+    def single() -> int:
+        for a in actions:
+            _, _, _, trunc, _ = env.step(a)
+            if trunc:
+                env.reset()
+        return len(actions)
+
+    single_rate = _rate(single, seconds)
+    if progress and task is not None:
+        progress.advance(task)
+
+    venv = MicrogridVectorEnv(batch, sc)
+    venv.reset(seed=0)
+    batch_actions = rng.uniform(-1, 1, (batch, env.codec.act_dim)).astype(np.float32)
+    venv.step(batch_actions)
+
+    def batched() -> int:
+        for _ in range(8):
+            venv.step(batch_actions)
+        return 8 * batch
+
+    batch_rate = _rate(batched, seconds)
+    if progress and task is not None:
+        progress.advance(task)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_env = MicrogridEnv(sc, solver=PandapowerSolver(sc.grid))
+        ref_env.reset(seed=0)
+        start = time.perf_counter()
+        for a in actions[:pandapower_steps]:
+            ref_env.step(a)
+        pp_rate = pandapower_steps / (time.perf_counter() - start)
+    if progress and task is not None:
+        progress.advance(task)
+    return {
+        "grid": sc.grid,
+        "buses": env.params.network.n_bus,
+        "prosumers": env.params.n_prosumer,
+        "batch": batch,
+        "single_steps_per_s": round(single_rate, 1),
+        "batch_env_steps_per_s": round(batch_rate, 1),
+        "pandapower_steps_per_s": round(pp_rate, 2),
+        "speedup_vs_pandapower": round(single_rate / pp_rate, 1),
+        "batch_speedup_vs_pandapower": round(batch_rate / pp_rate, 1),
+    }
+
+
+def bench_powerflow(
+    grid: str = "1-LV-rural1--2-sw",
+    samples: int = 200,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Accuracy and speed of `envs.powerflow.solve` against `pandapower.runpp`."""
+    from pandapower.pypower.idx_bus import PD, QD
+
+    from envs.grid.build import load_net, load_profiles
+    from envs.grid.network import compile_network, ppc_bus_of, run_reference
+    from envs.powerflow import solve
+
+    net = load_net(grid)
+    network = compile_network(net)
+    profiles = load_profiles(net)
+    load_p = profiles[("load", "p_mw")].to_numpy()
+    load_q = profiles[("load", "q_mvar")].to_numpy()
+    sgen_p = profiles[("sgen", "p_mw")].to_numpy()
+    rng = np.random.default_rng(seed)
+    task = progress.add_task(f"runpp x {samples}", total=samples) if progress else None
+    s_rows = []
+    refs = []
+    pp_time = 0.0
+    lookup = ppc_bus_of(net, net.bus.index.to_numpy())
+    for slot in rng.integers(0, load_p.shape[0], samples):
+        scale = rng.uniform(0.5, 1.5)
+        net.load["p_mw"] = load_p[slot] * scale
+        net.load["q_mvar"] = load_q[slot] * scale
+        net.sgen["p_mw"] = sgen_p[slot] * rng.uniform(0.5, 1.2)
+        start = time.perf_counter()
+        run_reference(net)
+        pp_time += time.perf_counter() - start
+        bus = np.real(net._ppc["bus"])
+        s_rows.append((-(bus[:, PD] + 1j * bus[:, QD]) / network.base_mva)[network.pq])
+        refs.append(
+            (net.res_bus.vm_pu.to_numpy().copy(), net.res_line.loading_percent.to_numpy() / 100)
+        )
+        if progress and task is not None:
+            progress.advance(task)
+    s = np.array(s_rows)
+    solve(network, s[:1])
+    start = time.perf_counter()
+    singles = [solve(network, s[i : i + 1]) for i in range(samples)]
+    single_time = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = solve(network, s)
+    batch_time = time.perf_counter() - start
+    dv = max(float(np.abs(np.abs(r.v[0, lookup]) - ref[0]).max()) for r, ref in zip(singles, refs))
+    dl = max(float(np.abs(batched.line_loading[i] - ref[1]).max()) for i, ref in enumerate(refs))
+    return {
+        "grid": grid,
+        "buses": network.n_bus,
+        "samples": samples,
+        "converged": int(batched.converged.sum()),
+        "max_abs_dv_pu": dv,
+        "max_line_loading_err": dl,
+        "pandapower_ms_per_flow": round(pp_time / samples * 1e3, 3),
+        "fast_ms_per_flow": round(single_time / samples * 1e3, 4),
+        "batched_ms_per_flow": round(batch_time / samples * 1e3, 5),
+        "speedup_vs_pandapower": round(pp_time / single_time, 1),
+        "batched_speedup_vs_pandapower": round(pp_time / batch_time, 1),
+    }
