@@ -13,6 +13,7 @@ Every action component lies in [-1, 1] (what SB3 expects of a Box):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,14 @@ class Codec:
     battery_power_kw: tuple[float, ...]
     signal_range: float
     _slices: dict[str, slice] = field(default_factory=dict, compare=False, repr=False)
+    # Derived in __post_init__ (frozen dataclass: set through object.__setattr__).
+    _obs_dim: int = field(init=False, compare=False, repr=False)
+    _offset: np.ndarray = field(init=False, compare=False, repr=False)
+    _inv_scale: np.ndarray = field(init=False, compare=False, repr=False)
+    _low: np.ndarray = field(init=False, compare=False, repr=False)
+    _high: np.ndarray = field(init=False, compare=False, repr=False)
+    _power: np.ndarray = field(init=False, compare=False, repr=False)
+    _act_slices: list[slice] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         start = 0
@@ -82,7 +91,7 @@ class Codec:
         object.__setattr__(self, "_power", np.asarray(self.battery_power_kw, dtype=np.float64))
         bounds = np.concatenate([[0], np.cumsum([f.size for f in self.act_fields])])
         object.__setattr__(
-            self, "_act_slices", [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+            self, "_act_slices", [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
         )
 
     # ---- observation -------------------------------------------------------------------

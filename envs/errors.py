@@ -17,7 +17,7 @@ class ScenarioError(MicrogridError, ValueError):
 
 
 class ActionError(MicrogridError, ValueError):
-    """An action cannot be interpreted (wrong shape, NaN); out-of-range values are clipped instead."""
+    """An action cannot be interpreted (wrong shape, NaN); out-of-range values are clipped."""
 
 
 class PowerFlowDiverged(MicrogridError, ArithmeticError):

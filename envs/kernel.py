@@ -15,6 +15,7 @@ truncates it with a bounded penalty.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -116,7 +117,7 @@ def step_kernel(
 
 def outcome_from_matrix(out: FloatArray) -> StepOutcome:
     """View the kernel's outcome matrix as a StepOutcome (columns, no copies)."""
-    cols = {name: out[:, i] for i, name in enumerate(OUTCOME_FIELDS)}
+    cols: dict[str, Any] = {name: out[:, i] for i, name in enumerate(OUTCOME_FIELDS)}
     cols["truncated"] = cols["truncated"] > 0.5
     cols["diverged"] = cols["diverged"] > 0.5
     return StepOutcome(**cols)
@@ -129,7 +130,7 @@ def _step_batch(
     prosumer_pq, battery_pq, import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, community_price,
     battery_kw, curtail, dr, price_mult, out,
-):  # type: ignore[no-untyped-def]  # fmt: skip
+):  # fmt: skip
     b = slot.shape[0]
     dt = sc[0]
     n_b = bat.shape[1]
@@ -421,7 +422,7 @@ OBS_ORDER = (
 
 
 @numba.njit(cache=True, nogil=True)
-def _forecast_value(truth, last, mode, scale, eps):  # type: ignore[no-untyped-def]
+def _forecast_value(truth, last, mode, scale, eps):
     if mode == 2:
         return last
     if mode == 0:
@@ -434,7 +435,7 @@ def _observe_batch(
     sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price, cap0,
     n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
     noise_offset, starts, scaling, buf,
-):  # type: ignore[no-untyped-def]  # fmt: skip
+):  # fmt: skip
     b = slot.shape[0]
     row = np.empty(buf.shape[1], dtype=np.float64)  # one raw row, reused: stays in cache
     h = sizes[2]

@@ -151,7 +151,10 @@ def bench_powerflow(
     start = time.perf_counter()
     batched = solve(network, s)
     batch_time = time.perf_counter() - start
-    dv = max(float(np.abs(np.abs(r.v[0, lookup]) - ref[0]).max()) for r, ref in zip(singles, refs))
+    dv = max(
+        float(np.abs(np.abs(r.v[0, lookup]) - ref[0]).max())
+        for r, ref in zip(singles, refs, strict=True)
+    )
     dl = max(float(np.abs(batched.line_loading[i] - ref[1]).max()) for i, ref in enumerate(refs))
     return {
         "grid": grid,

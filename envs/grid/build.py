@@ -36,7 +36,7 @@ def load_net(grid_code: str) -> Any:
             raise ScenarioError(f"grid: simbench could not build {grid_code!r}: {err}") from err
 
 
-def load_profiles(net: Any) -> dict[str, Any]:
+def load_profiles(net: Any) -> dict[Any, Any]:
     """Absolute (MW / MVAr) time series per element, one row per 15-minute slot of the year."""
     import simbench
 
@@ -154,7 +154,7 @@ def _split_days(scenario: Scenario, n_days: int) -> tuple[IntArray, IntArray, In
     return train, val, test
 
 
-def _assemble(scenario: Scenario, net: Any, network: Any, profiles: dict[str, Any]) -> GridParams:
+def _assemble(scenario: Scenario, net: Any, network: Any, profiles: dict[Any, Any]) -> GridParams:
     from envs.grid.network import ppc_bus_of
 
     pq_pos = {int(b): i for i, b in enumerate(network.pq)}

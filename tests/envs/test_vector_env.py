@@ -48,7 +48,7 @@ def test_sb3_adapter_reports_truncation_and_terminal_observation() -> None:
     obs = env.reset()
     assert obs.shape == (3, env.observation_space.shape[0])
     for k in range(96):
-        obs, rewards, dones, infos = env.step(np.zeros((3, env.action_space.shape[0])))
+        obs, _, dones, infos = env.step(np.zeros((3, env.action_space.shape[0])))
         assert dones.all() == (k == 95)
     for info in infos:
         assert info["TimeLimit.truncated"] is True
