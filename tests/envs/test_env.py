@@ -14,6 +14,7 @@ import envs  # noqa: F401 - registers Microgrid-v0
 from envs import ActionError, MicrogridEnv, Scenario
 from envs.dynamics import reset_state, step
 from envs.kernel import CompiledParams, step_kernel
+from envs.scenario import LV_GRID_CODES
 
 
 def _rollout(env: MicrogridEnv, seed: int, steps: int, action_seed: int = 0):
@@ -207,3 +208,14 @@ def test_other_grids_build_and_step() -> None:
         for _ in range(4):
             obs, r, _, _, _ = env.step(env.action_space.sample())
             assert np.isfinite(obs).all() and np.isfinite(r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", LV_GRID_CODES)
+def test_every_simbench_lv_grid_builds_and_steps(code: str) -> None:
+    env = MicrogridEnv(Scenario(grid=code, name=code))
+    env.reset(seed=0)
+    for _ in range(96):
+        obs, reward, _, _, info = env.step(env.action_space.sample())
+        assert np.isfinite(obs).all() and np.isfinite(reward)
+    assert info["episode_kpis"]["steps"] == 96
