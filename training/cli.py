@@ -50,6 +50,18 @@ def _table(title: str, data: dict[str, Any]) -> Table:
     return table
 
 
+def _controller_table(summary: dict[str, Any]) -> Table:
+    """Controllers as rows, the headline KPIs as columns."""
+    table = Table(title=f"{summary['grid']}, {summary['split']} days {summary['days']}: per day")
+    table.add_column("controller")
+    columns = ("cost", "fraction_of_optimum", "peak_kw", "violations", "self_sufficiency")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name, row in summary["controllers"].items():
+        table.add_row(name, *(f"{row[c]:,.3f}" for c in columns))
+    return table
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2)
@@ -103,31 +115,112 @@ def bench_powerflow_cmd(
 
 @app.command()
 def demo(
-    scenario: ScenarioOpt = None,
-    days: Annotated[int, typer.Option(min=1, help="Test days to average over.")] = 1,
+    timesteps: Annotated[int, typer.Option(min=0, help="PPO steps (0: baselines only).")] = 120_000,
+    n_days: Annotated[int, typer.Option(min=1, help="Test days to evaluate on.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the rule-based controller and doing-nothing over held-out test days; print KPIs."""
+    """A short PPO run on the default scenario, then the agent against every baseline."""
+    from training.config import EvalConfig, TrainConfig
+    from training.evaluate import evaluate as run_evaluation
+    from training.train import tracking_uri
+    from training.train import train as run_training
+
+    model = None
+    with _progress() as progress:
+        if timesteps > 0:
+            cfg = TrainConfig(
+                timesteps=timesteps,
+                n_envs=32,
+                hyperparameters={"n_steps": 96, "batch_size": 1024, "n_epochs": 5},
+                policy_kwargs={"net_arch": [128, 128]},
+                eval=EvalConfig(every_steps=max(timesteps // 3, 1), days=4),
+                registered_model="microgrid-demo",
+            )
+            result = run_training(cfg, progress=progress)
+            model = str(result.onnx_path)
+        summary = run_evaluation(model, None, "test", n_days, True, True, progress)
+    if as_json:
+        print(json.dumps(summary["controllers"]))
+        return
+    console.print(_controller_table(summary))
+    console.print(
+        f"Runs, plots and the registered model: .venv/bin/mlflow ui --backend-store-uri "
+        f"{tracking_uri()}  (then open http://127.0.0.1:5000)"
+    )
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training YAML, e.g. configs/train/ppo.yaml.")],
+    timesteps: Annotated[int | None, typer.Option(help="Override the config's timesteps.")] = None,
+    scenario: ScenarioOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Override the config's seed.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an SB3 agent, track it in MLflow, export ONNX, register it (alias `champion`)."""
     from envs import MicrogridError
-    from training.demo import KPI_KEYS, compare_on_test_days
+    from training.config import load_train_config
+    from training.train import tracking_uri
+    from training.train import train as run_training
 
     try:
+        cfg = load_train_config(
+            config,
+            timesteps=timesteps,
+            seed=seed,
+            scenario=str(scenario) if scenario else None,
+        )
         with _progress() as progress:
-            result = compare_on_test_days(scenario, days, progress=progress)
+            result = run_training(cfg, progress=progress)
     except MicrogridError as err:
         _fail(err)
+    summary = {
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "val_cost": result.val_cost,
+        "champion": result.champion,
+        "onnx": str(result.onnx_path),
+        "tracking_uri": tracking_uri(),
+    }
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(summary))
         return
-    table = Table(title=f"{result['grid']}: mean per test day, days {result['test_days']}")
-    table.add_column("KPI")
-    names = ("idle", "rule_based")
-    for name in names:
-        table.add_column(name, justify="right")
-    for k in (*KPI_KEYS, "savings_vs_idle"):
-        table.add_row(k, *(f"{result[name][k]:,.3f}" for name in names))
-    console.print(table)
-    console.print("Training against these baselines arrives with `microgrid train` (issue 5).")
+    console.print(_table("training run", summary))
+    console.print(f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str | None,
+        typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or an .onnx file."),
+    ] = None,
+    scenario: ScenarioOpt = None,
+    days: Annotated[str, typer.Option(help="Split to evaluate on: test or validation.")] = "test",
+    n_days: Annotated[int, typer.Option(min=1, help="How many days of the split.")] = 5,
+    mpc: Annotated[bool, typer.Option(help="Include the MPC baseline (~1.5 s per day).")] = True,
+    mlflow_log: Annotated[
+        bool, typer.Option("--mlflow/--no-mlflow", help="Log plots and KPIs.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """The agent and every baseline on held-out days: cost, peak, violations, share of optimum."""
+    from envs import MicrogridError
+    from training.evaluate import REPORTED
+    from training.evaluate import evaluate as run_evaluation
+
+    if days not in ("test", "validation"):
+        _fail(ValueError(f"--days must be 'test' or 'validation', got {days!r}"))
+    try:
+        with _progress() as progress:
+            result = run_evaluation(model, scenario, days, n_days, mpc, mlflow_log, progress)
+    except (MicrogridError, FileNotFoundError) as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(result["controllers"]))
+        return
+    console.print(_controller_table(result))
+    console.print(f"All KPIs: --json ({', '.join(REPORTED)}, total_cost, ...).")
 
 
 @scenario_app.command("check")
