@@ -223,6 +223,44 @@ def evaluate(
     console.print(f"All KPIs: --json ({', '.join(REPORTED)}, total_cost, ...).")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Base training YAML.")],
+    trials: Annotated[int, typer.Option(min=1, help="Trials this process runs.")] = 10,
+    timesteps: Annotated[int | None, typer.Option(help="Override timesteps per trial.")] = None,
+    study: Annotated[str, typer.Option(help="Study name (shared by every joining machine).")] = (
+        "microgrid"
+    ),
+    storage: Annotated[
+        str, typer.Option(help="Optuna storage URL; postgresql://... to share across machines.")
+    ] = "sqlite:///optuna.db",
+    as_json: JsonOpt = False,
+) -> None:
+    """Optuna search; run the same command on many machines against one database to scale out."""
+    from envs import MicrogridError
+    from training.config import load_train_config
+    from training.sweep import sweep as run_sweep
+
+    try:
+        base = load_train_config(config, timesteps=timesteps)
+        with _progress() as progress:
+            result = run_sweep(base, trials, study, storage, progress)
+    except MicrogridError as err:
+        _fail(err)
+    best = result.best_trial
+    summary = {
+        "study": study,
+        "trials": len(result.trials),
+        "best_val_cost": best.value,
+        "best_params": best.params,
+        "best_model_uri": best.user_attrs.get("model_uri"),
+    }
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        console.print(_table(f"sweep {study}", {k: str(v) for k, v in summary.items()}))
+
+
 @scenario_app.command("check")
 def scenario_check(path: Annotated[Path, typer.Argument(help="Scenario YAML file.")]) -> None:
     """Validate a scenario file and build its grid; errors name the field and allowed values."""

@@ -95,3 +95,21 @@ def test_evaluation_uses_only_test_days_and_the_optimum_is_best() -> None:
     assert rows["optimum"]["fraction_of_optimum"] == pytest.approx(1.0)
     for name, row in rows.items():
         assert rows["optimum"]["cost"] <= row["cost"] + 1e-6, name
+
+
+def test_sweep_runs_trials_into_a_shared_study(tracking: str, tmp_path: Path) -> None:
+    from training.sweep import sweep
+
+    base = TrainConfig(
+        timesteps=128,
+        n_envs=2,
+        hyperparameters={"n_steps": 64, "batch_size": 64, "n_epochs": 1},
+        eval={"every_steps": 10_000, "days": 1},
+        registered_model="smoke-sweep",
+        output_dir=str(tmp_path / "runs"),
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = len(sweep(base, trials=2, study_name="s", storage=storage).trials)
+    again = sweep(base, trials=1, study_name="s", storage=storage)  # a second "machine" joins
+    assert first == 2 and len(again.trials) == 3
+    assert all(t.user_attrs["model_uri"].startswith("models:/smoke-sweep/") for t in again.trials)
