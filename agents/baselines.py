@@ -26,7 +26,31 @@ class IdlePolicy:
         return a[0] if single else a
 
 
-class RuleBasedPolicy:
+class _NextSlotReader:
+    """What the rule-based baselines read from an observation: the next slot's forecasts."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        sizes = dict(codec.field_sizes())
+        self.n_prosumer = sizes["load"]
+        self.n_battery = sizes["soc"]
+        self.horizon = sizes["import_price_forecast"]
+        self.power = np.asarray(codec.battery_power_kw, dtype=np.float64)
+        self._price = codec.obs_slice("import_price_forecast").start
+
+    def next_slot(
+        self, obs: np.ndarray
+    ) -> tuple[np.ndarray, bool, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """(batched obs, was single, decoded fields, load (B, n), PV (B, n)) for lead +1."""
+        o, single = _batch(obs)
+        raw = self.codec.decode_observation(o)
+        b, n, h = o.shape[0], self.n_prosumer, self.horizon
+        load = raw["load_forecast"].reshape(b, n, h)[:, :, 0]
+        pv = raw["pv_forecast"].reshape(b, n, h)[:, :, 0]
+        return o, single, raw, load, pv
+
+
+class RuleBasedPolicy(_NextSlotReader):
     """Self-consumption first, then peak shaving: the rule a household installer would set.
 
     Each prosumer battery charges from its own forecast PV surplus and discharges into its own
@@ -38,21 +62,12 @@ class RuleBasedPolicy:
     name = "rule_based"
 
     def __init__(self, codec: Codec, peak_price_ratio: float = 0.99) -> None:
-        self.codec = codec
-        sizes = dict(codec.field_sizes())
-        self.n_prosumer = sizes["load"]
-        self.n_battery = sizes["soc"]
-        self.horizon = sizes["import_price_forecast"]
-        self.power = np.asarray(codec.battery_power_kw, dtype=np.float64)
+        super().__init__(codec)
         self.peak_price_ratio = peak_price_ratio
-        self._price = codec.obs_slice("import_price_forecast").start
 
     def predict(self, obs: np.ndarray) -> np.ndarray:
-        o, single = _batch(obs)
-        raw = self.codec.decode_observation(o)
-        b, n, h = o.shape[0], self.n_prosumer, self.horizon
-        load = raw["load_forecast"].reshape(b, n, h)[:, :, 0]
-        pv = raw["pv_forecast"].reshape(b, n, h)[:, :, 0]
+        o, single, raw, load, pv = self.next_slot(obs)
+        b, n = o.shape[0], self.n_prosumer
         surplus = pv - load
         kw = np.zeros((b, self.n_battery))
         kw[:, :n] = np.clip(surplus, -self.power[:n], self.power[:n])
@@ -66,7 +81,7 @@ class RuleBasedPolicy:
         return a[0] if single else a
 
 
-class PriceThresholdPolicy:
+class PriceThresholdPolicy(_NextSlotReader):
     """Tariff arbitrage: charge every battery in cheap slots, discharge in dear ones.
 
     Prices are read as the observation scales them, relative to the day's peak import price,
@@ -91,21 +106,13 @@ class PriceThresholdPolicy:
                 f"thresholds must satisfy 0 <= charge_below < discharge_above, "
                 f"got {charge_below} and {discharge_above}"
             )
-        self.codec = codec
-        sizes = dict(codec.field_sizes())
-        self.n_prosumer = sizes["load"]
-        self.horizon = sizes["import_price_forecast"]
-        self.power = np.asarray(codec.battery_power_kw, dtype=np.float64)
+        super().__init__(codec)
         self.charge_below = charge_below
         self.discharge_above = discharge_above
-        self._price = codec.obs_slice("import_price_forecast").start
 
     def predict(self, obs: np.ndarray) -> np.ndarray:
-        o, single = _batch(obs)
-        raw = self.codec.decode_observation(o)
-        b, n, h = o.shape[0], self.n_prosumer, self.horizon
-        load = raw["load_forecast"].reshape(b, n, h)[:, :, 0]
-        pv = raw["pv_forecast"].reshape(b, n, h)[:, :, 0]
+        o, single, raw, load, pv = self.next_slot(obs)
+        b, n = o.shape[0], self.n_prosumer
         net = load.sum(axis=1) - pv.sum(axis=1) + raw["background_net_forecast"][:, 0]
         price = o[:, self._price]
         total = max(float(self.power.sum()), 1e-9)

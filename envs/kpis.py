@@ -14,27 +14,15 @@ from envs.dynamics import StepOutcome
 from envs.params import FloatArray
 
 OUTCOME_FIELDS: tuple[str, ...] = tuple(StepOutcome.__dataclass_fields__)
-
-#: Step figures summed over the episode.
-SUMMED = (
-    "reward",
-    "cost",
-    "import_kwh",
-    "export_kwh",
-    "load_kwh",
-    "pv_kwh",
-    "pv_curtailed_kwh",
-    "charge_kwh",
-    "discharge_kwh",
-    "losses_kwh",
-    "voltage_violations",
-    "thermal_violations",
-    "degradation_cost",
-    "fade_kwh",
-    "discomfort_cost",
-    "dr_curtailed_kwh",
-    "unserved_kwh",
-    "penalty_cost",
+#: Step figures copied into every step's `info` (floats).
+STEP_INFO: tuple[str, ...] = tuple(
+    f for f in OUTCOME_FIELDS if f not in ("reward", "truncated", "diverged")
+)
+#: Step figures that add up over an episode (rates, prices and per-step magnitudes do not).
+SUMMED: tuple[str, ...] = tuple(
+    f
+    for f in OUTCOME_FIELDS
+    if f not in ("truncated", "diverged", "import_kw", "community_price", "battery_limited_kw")
 )
 
 

@@ -11,34 +11,8 @@ from gymnasium import spaces
 
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
-from envs.kpis import EpisodeKpis
+from envs.kpis import STEP_INFO, EpisodeKpis
 from envs.scenario import Scenario
-
-#: Step figures copied into `info` every step (floats), besides the episode KPIs at the end.
-STEP_INFO = (
-    "cost",
-    "import_kwh",
-    "export_kwh",
-    "import_kw",
-    "load_kwh",
-    "pv_kwh",
-    "pv_curtailed_kwh",
-    "charge_kwh",
-    "discharge_kwh",
-    "losses_kwh",
-    "voltage_violation_pu",
-    "voltage_violations",
-    "thermal_violation",
-    "thermal_violations",
-    "degradation_cost",
-    "fade_kwh",
-    "discomfort_cost",
-    "dr_curtailed_kwh",
-    "unserved_kwh",
-    "battery_limited_kw",
-    "community_price",
-    "penalty_cost",
-)
 
 
 def outcome_info(o: StepOutcome, i: int) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.dynamics import GridState, Solver, merge
 from envs.engine import Engine
-from envs.kpis import EpisodeKpis
-from envs.microgrid_env import STEP_INFO
+from envs.kpis import STEP_INFO, EpisodeKpis
 from envs.scenario import Scenario
 
 
