@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agents.baselines import IdlePolicy, PriceThresholdPolicy, RuleBasedPolicy
-    from agents.frozen import OnnxPolicy
+    from agents.frozen import OnnxPolicy, Sb3Policy
     from agents.lp import DispatchInputs, Plan, PlanInfeasible, TerminalLadder, solve_dispatch
     from agents.mpc import MPCPolicy
     from agents.optimum import PerfectForesightPolicy, solve_day
@@ -25,6 +25,7 @@ _WHERE = {
     "PriceThresholdPolicy": "agents.baselines",
     "RuleBasedPolicy": "agents.baselines",
     "OnnxPolicy": "agents.frozen",
+    "Sb3Policy": "agents.frozen",
     "DispatchInputs": "agents.lp",
     "Plan": "agents.lp",
     "PlanInfeasible": "agents.lp",
@@ -49,6 +50,7 @@ __all__ = [
     "Policy",
     "PriceThresholdPolicy",
     "RuleBasedPolicy",
+    "Sb3Policy",
     "Shield",
     "ShieldReport",
     "TerminalLadder",

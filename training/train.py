@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 from stable_baselines3 import PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
 from stable_baselines3.common.vec_env import VecNormalize
 
 from agents.frozen import OnnxPolicy
@@ -109,19 +109,27 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         validation = ValidationCallback(
             config.scenario, config.eval.every_steps, config.eval.days, norm
         )
-        callbacks = CallbackList(
-            [
-                EpisodeMetricsCallback(),
-                validation,
-                _ProgressCallback(progress, config.timesteps),
-            ]
-        )
+        run_dir = out_dir / run.info.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        hooks: list[BaseCallback] = [
+            EpisodeMetricsCallback(),
+            validation,
+            _ProgressCallback(progress, config.timesteps),
+        ]
+        if config.checkpoint_every_steps:
+            # SB3 counts calls (one per vector step), the config counts environment steps.
+            hooks.append(
+                CheckpointCallback(
+                    save_freq=max(config.checkpoint_every_steps // config.n_envs, 1),
+                    save_path=str(run_dir / "checkpoints"),
+                    save_vecnormalize=True,
+                )
+            )
+        callbacks = CallbackList(hooks)
         model.learn(total_timesteps=config.timesteps, callback=callbacks)
         final = validation.evaluate()
 
         # Artifacts: SB3 zip + normalisation statistics, and the frozen ONNX graph.
-        run_dir = out_dir / run.info.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
         model.save(run_dir / "model.zip")
         norm.save(str(run_dir / "vecnormalize.pkl"))
         onnx_bytes = export_onnx(model, norm)

@@ -34,6 +34,7 @@ def test_smoke_training_logs_run_registers_onnx_with_parity(tracking: str, tmp_p
         eval={"every_steps": 256, "days": 1},
         registered_model="smoke-ppo",
         output_dir=str(tmp_path / "runs"),
+        checkpoint_every_steps=256,
     )
     result = train(config)
     client = MlflowClient(tracking)
@@ -59,6 +60,13 @@ def test_smoke_training_logs_run_registers_onnx_with_parity(tracking: str, tmp_p
     env = MicrogridEnv()
     obs = np.stack([env.reset(seed=s)[0] for s in range(8)])
     np.testing.assert_allclose(policy.predict(obs), frozen_actions(model, norm, obs), atol=1e-5)
+    assert list((result.onnx_path.parent / "checkpoints").glob("*.zip"))
+    from agents import Sb3Policy
+
+    zipped = Sb3Policy(
+        result.onnx_path.parent / "model.zip", result.onnx_path.parent / "vecnormalize.pkl"
+    )
+    np.testing.assert_allclose(policy.predict(obs), zipped.predict(obs), atol=1e-5)
     # ...and equals SB3's own deterministic prediction on the normalised observation.
     sb3_action, _ = model.predict(norm.normalize_obs(obs), deterministic=True)
     np.testing.assert_allclose(policy.predict(obs), np.clip(sb3_action, -1, 1), atol=1e-5)
