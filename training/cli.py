@@ -132,7 +132,7 @@ def demo(
                 timesteps=timesteps,
                 n_envs=32,
                 hyperparameters={"n_steps": 96, "batch_size": 1024, "n_epochs": 5},
-                policy_kwargs={"net_arch": [128, 128]},
+                policy_kwargs={"net_arch": [128, 128], "log_std_init": -1.0},
                 eval=EvalConfig(every_steps=max(timesteps // 3, 1), days=4),
                 registered_model="microgrid-demo",
             )
