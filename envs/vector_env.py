@@ -95,7 +95,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         every = np.ones(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
         for key in STEP_INFO:
-            infos[key] = np.asarray(getattr(out, key), dtype=np.float64).copy()
+            infos[key] = getattr(out, key)  # columns of a fresh matrix: no copy needed
             infos[f"_{key}"] = every
         infos["action_clipped"] = decoded.clipped
         infos["_action_clipped"] = every
