@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -48,9 +49,17 @@ class ValidationCallback(BaseCallback):
     """
 
     def __init__(
-        self, scenario: Any, every_steps: int, days: int, norm: VecNormalize | None
+        self,
+        scenario: Any,
+        every_steps: int,
+        days: int,
+        norm: VecNormalize | None,
+        best_dir: Path | None = None,
     ) -> None:
         super().__init__()
+        self.best_dir = best_dir
+        self.best_cost = float("inf")
+        self.best_step = -1
         self.env = MicrogridEnv(scenario, split="validation")
         self.days = [int(d) for d in self.env.params.validation_days[:days]]
         self.every = every_steps
@@ -66,6 +75,15 @@ class ValidationCallback(BaseCallback):
     def evaluate(self) -> dict[str, float]:
         kpis = mean_kpis([run_day(self.env, self.predict, d) for d in self.days])
         self.history.append((self.num_timesteps, kpis))
+        if kpis["cost"] < self.best_cost:
+            # RL returns are noisy: keep the best policy seen, not merely the last one.
+            self.best_cost = kpis["cost"]
+            self.best_step = self.num_timesteps
+            if self.best_dir is not None:
+                self.best_dir.mkdir(parents=True, exist_ok=True)
+                self.model.save(self.best_dir / "model.zip")
+                if self.norm is not None:
+                    self.norm.save(str(self.best_dir / "vecnormalize.pkl"))
         mlflow.log_metrics(
             {f"val_{k}": v for k, v in kpis.items() if k in ("cost", "reward", "peak_kw",
                                                               "violations", "self_sufficiency")},

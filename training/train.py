@@ -106,11 +106,11 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
     with mlflow.start_run() as run:
         mlflow.log_dict(config.model_dump(), "config.json")
         mlflow.log_params(_flatten(config.model_dump()))
-        validation = ValidationCallback(
-            config.scenario, config.eval.every_steps, config.eval.days, norm
-        )
         run_dir = out_dir / run.info.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
+        validation = ValidationCallback(
+            config.scenario, config.eval.every_steps, config.eval.days, norm, run_dir / "best"
+        )
         hooks: list[BaseCallback] = [
             EpisodeMetricsCallback(),
             validation,
@@ -127,7 +127,15 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
             )
         callbacks = CallbackList(hooks)
         model.learn(total_timesteps=config.timesteps, callback=callbacks)
-        final = validation.evaluate()
+        validation.evaluate()
+        # Export the best policy seen on validation days (the last one if it is the best).
+        best = run_dir / "best"
+        model = algo.load(best / "model.zip", device="cpu")
+        if (best / "vecnormalize.pkl").is_file():
+            norm = VecNormalize.load(str(best / "vecnormalize.pkl"), venv)
+            norm.training = False
+        mlflow.log_metric("best_val_step", validation.best_step)
+        final = {"cost": validation.best_cost}
 
         # Artifacts: SB3 zip + normalisation statistics, and the frozen ONNX graph.
         model.save(run_dir / "model.zip")
