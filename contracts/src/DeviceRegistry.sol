@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
+import {IDeviceRegistry} from "./IDeviceRegistry.sol";
+import {SlotClock} from "./SlotClock.sol";
+
+/// @title DeviceRegistry
+/// @notice Registry of field devices and the only door through which metered energy enters the
+/// chain: readings are EIP-712 signed by the device key, bound to this chain and this contract,
+/// consumed once (per-device nonce and strictly increasing slots) and capped by rated capacity.
+contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, Nonces {
+    /// @notice Installers who may register and (de)activate devices.
+    bytes32 public constant REGISTRAR_ROLE = keccak256("REGISTRAR_ROLE");
+    /// @notice Maintenance staff who may raise alerts on any device.
+    bytes32 public constant MAINTENANCE_ROLE = keccak256("MAINTENANCE_ROLE");
+
+    /// @notice Typehash of the signed reading.
+    bytes32 public constant READING_TYPEHASH =
+        keccak256("Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)");
+
+    /// @notice Seconds after a slot's end during which readings for it are accepted.
+    uint64 public immutable readingWindow;
+    /// @notice Slots of silence after which anyone may flag a device as stale.
+    uint64 public immutable staleAfterSlots;
+
+    struct SlotTotal {
+        uint64 importWh;
+        uint64 exportWh;
+    }
+
+    struct Recorded {
+        int64 energyWh;
+        bool recorded;
+    }
+
+    mapping(address device => Device) private _devices;
+    mapping(address device => mapping(uint64 slot => Recorded)) private _readings;
+    mapping(uint64 slot => SlotTotal) private _slotTotals;
+
+    /// @param admin Receives DEFAULT_ADMIN_ROLE, REGISTRAR_ROLE and MAINTENANCE_ROLE.
+    /// @param genesis_ Start of slot 0 (shared by the whole suite).
+    /// @param readingWindow_ Seconds after a slot's end during which readings are accepted.
+    /// @param staleAfterSlots_ Silence (in slots) that makes a device stale.
+    constructor(address admin, uint64 genesis_, uint64 readingWindow_, uint64 staleAfterSlots_)
+        SlotClock(genesis_)
+        EIP712("DeviceRegistry", "1")
+    {
+        if (admin == address(0)) revert DeviceRegistryZeroAddress();
+        readingWindow = readingWindow_;
+        staleAfterSlots = staleAfterSlots_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(REGISTRAR_ROLE, admin);
+        _grantRole(MAINTENANCE_ROLE, admin);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function registerDevice(address device, address owner, DeviceType deviceType, uint32 capacityW)
+        external
+        onlyRole(REGISTRAR_ROLE)
+    {
+        if (device == address(0) || owner == address(0)) revert DeviceRegistryZeroAddress();
+        if (capacityW == 0) revert DeviceRegistryZeroCapacity();
+        if (_devices[device].owner != address(0)) revert DeviceRegistryAlreadyRegistered(device);
+        _devices[device] = Device({
+            owner: owner,
+            deviceType: deviceType,
+            active: true,
+            capacityW: capacityW,
+            lastSlot: currentSlot(),
+            lastSeen: uint64(block.timestamp),
+            readings: 0,
+            missedSlots: 0
+        });
+        emit DeviceRegistered(device, owner, deviceType, capacityW);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function deactivateDevice(address device) external {
+        Device storage d = _ownedOrRegistrar(device);
+        if (!d.active) revert DeviceRegistryInactiveDevice(device);
+        d.active = false;
+        emit DeviceDeactivated(device, msg.sender);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    /// @dev Only a registrar: an owner must not revive a device an installer took out of service.
+    function reactivateDevice(address device) external onlyRole(REGISTRAR_ROLE) {
+        Device storage d = _existing(device);
+        if (d.active) revert DeviceRegistryAlreadyActive(device);
+        d.active = true;
+        emit DeviceReactivated(device, msg.sender);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function submitReading(Reading calldata reading, bytes calldata signature) external {
+        Device storage d = _existing(reading.device);
+        if (!d.active) revert DeviceRegistryInactiveDevice(reading.device);
+        address recovered = ECDSA.recover(readingDigest(reading), signature);
+        if (recovered != reading.device) {
+            revert DeviceRegistryInvalidSignature(reading.device, recovered);
+        }
+        _useCheckedNonce(reading.device, reading.nonce);
+
+        uint64 nowSlot = currentSlot();
+        if (reading.slot >= nowSlot) revert DeviceRegistrySlotNotEnded(reading.slot, nowSlot);
+        uint64 closesAt = slotStart(reading.slot + 1) + readingWindow;
+        if (block.timestamp >= closesAt) revert DeviceRegistryReadingTooLate(reading.slot, closesAt);
+        // The first reading may be for the registration slot; later ones must move forward.
+        uint64 firstAllowed = d.readings == 0 ? d.lastSlot : d.lastSlot + 1;
+        if (reading.slot < firstAllowed) {
+            revert DeviceRegistrySlotNotAfterLast(reading.device, reading.slot, d.lastSlot);
+        }
+        uint64 cap = maxReadingWh(d.capacityW);
+        uint64 magnitude =
+            reading.energyWh < 0 ? uint64(-int64(reading.energyWh)) : uint64(reading.energyWh);
+        if (magnitude > cap) {
+            revert DeviceRegistryCapacityExceeded(reading.device, reading.energyWh, cap);
+        }
+
+        d.missedSlots += uint32(reading.slot - firstAllowed);
+        d.lastSlot = reading.slot;
+        d.lastSeen = uint64(block.timestamp);
+        d.readings += 1;
+        _readings[reading.device][reading.slot] = Recorded(reading.energyWh, true);
+        if (d.deviceType == DeviceType.Meter) {
+            SlotTotal storage total = _slotTotals[reading.slot];
+            if (reading.energyWh >= 0) total.importWh += magnitude;
+            else total.exportWh += magnitude;
+        }
+        emit ReadingRecorded(reading.device, reading.slot, reading.energyWh, reading.nonce);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function raiseAlert(address device, bytes32 reason) external onlyRole(MAINTENANCE_ROLE) {
+        _existing(device);
+        emit MaintenanceAlert(device, reason, msg.sender);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function flagStale(address device) external {
+        Device storage d = _existing(device);
+        if (!d.active) revert DeviceRegistryInactiveDevice(device);
+        if (block.timestamp < d.lastSeen + staleAfterSlots * SLOT_SECONDS) {
+            revert DeviceRegistryNotStale(device, d.lastSeen);
+        }
+        emit MaintenanceAlert(device, "stale", msg.sender);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function getDevice(address device) external view returns (Device memory) {
+        return _devices[device];
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function readingOf(address device, uint64 slot) external view returns (int64, bool) {
+        Recorded memory r = _readings[device][slot];
+        return (r.energyWh, r.recorded);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function slotTotals(uint64 slot) external view returns (uint64 importWh, uint64 exportWh) {
+        SlotTotal memory total = _slotTotals[slot];
+        return (total.importWh, total.exportWh);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function readingsFinal(uint64 slot) public view returns (bool) {
+        return block.timestamp >= slotStart(slot + 1) + readingWindow;
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function maxReadingWh(uint32 capacityW) public pure returns (uint64) {
+        return uint64(capacityW) * SLOT_SECONDS / 3600;
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    /// @dev The EIP-712 domain binds chain id and this contract's address: a signature made for
+    /// another chain or another registry recovers to a different key and is refused.
+    function readingDigest(Reading calldata reading) public view returns (bytes32) {
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    READING_TYPEHASH, reading.device, reading.slot, reading.energyWh, reading.nonce
+                )
+            )
+        );
+    }
+
+    function _existing(address device) private view returns (Device storage d) {
+        d = _devices[device];
+        if (d.owner == address(0)) revert DeviceRegistryUnknownDevice(device);
+    }
+
+    /// @dev The one access check for owner-or-registrar actions.
+    function _ownedOrRegistrar(address device) private view returns (Device storage d) {
+        d = _existing(device);
+        if (msg.sender != d.owner && !hasRole(REGISTRAR_ROLE, msg.sender)) {
+            revert DeviceRegistryNotOwnerOrRegistrar(device, msg.sender);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/// @title IDeviceRegistry
+/// @notice Registered field devices and their EIP-712 signed meter readings.
+interface IDeviceRegistry {
+    /// @notice Kinds of device the registry knows. Only meters feed the per-slot load totals.
+    enum DeviceType {
+        Meter,
+        Inverter,
+        Battery,
+        Appliance,
+        Sensor
+    }
+
+    /// @notice A registered device, keyed by the address of its signing key.
+    struct Device {
+        address owner;
+        DeviceType deviceType;
+        bool active;
+        uint32 capacityW;
+        uint64 lastSlot;
+        uint64 lastSeen;
+        uint32 readings;
+        uint32 missedSlots;
+    }
+
+    /// @notice One signed meter reading: net energy in `slot`, positive = imported/consumed,
+    /// negative = exported/produced, in Wh.
+    struct Reading {
+        address device;
+        uint64 slot;
+        int64 energyWh;
+        uint256 nonce;
+    }
+
+    /// @notice Signing key `device` is already registered.
+    error DeviceRegistryAlreadyRegistered(address device);
+    /// @notice No device is registered under `device`.
+    error DeviceRegistryUnknownDevice(address device);
+    /// @notice Device `device` is deactivated.
+    error DeviceRegistryInactiveDevice(address device);
+    /// @notice Device `device` is already active.
+    error DeviceRegistryAlreadyActive(address device);
+    /// @notice Rated capacity must be positive.
+    error DeviceRegistryZeroCapacity();
+    /// @notice Owner and signing key must be non-zero.
+    error DeviceRegistryZeroAddress();
+    /// @notice The signature does not recover to the reading's device key.
+    error DeviceRegistryInvalidSignature(address device, address recovered);
+    /// @notice |energyWh| exceeds rated capacity x slot length.
+    error DeviceRegistryCapacityExceeded(address device, int64 energyWh, uint64 maxWh);
+    /// @notice Slot `slot` has not ended yet at `currentSlot`.
+    error DeviceRegistrySlotNotEnded(uint64 slot, uint64 currentSlot);
+    /// @notice The reading window of `slot` closed at `closedAt`: its readings are final.
+    error DeviceRegistryReadingTooLate(uint64 slot, uint64 closedAt);
+    /// @notice Readings must move forward: `slot` is not after the device's last slot.
+    error DeviceRegistrySlotNotAfterLast(address device, uint64 slot, uint64 lastSlot);
+    /// @notice Caller is neither the device owner nor a registrar.
+    error DeviceRegistryNotOwnerOrRegistrar(address device, address caller);
+    /// @notice `device` reported within the stale threshold; no alert raised.
+    error DeviceRegistryNotStale(address device, uint64 lastSeen);
+
+    /// @notice A device was registered.
+    event DeviceRegistered(
+        address indexed device, address indexed owner, DeviceType deviceType, uint32 capacityW
+    );
+    /// @notice A device was deactivated; its readings are refused from now on.
+    event DeviceDeactivated(address indexed device, address indexed by);
+    /// @notice A deactivated device was put back into service.
+    event DeviceReactivated(address indexed device, address indexed by);
+    /// @notice A signed reading was accepted.
+    event ReadingRecorded(address indexed device, uint64 indexed slot, int64 energyWh, uint256 nonce);
+    /// @notice A maintenance alert for `device` (`reason` is a short code, e.g. "stale").
+    event MaintenanceAlert(address indexed device, bytes32 reason, address indexed raisedBy);
+
+    /// @notice Register a device under its signing key.
+    function registerDevice(address device, address owner, DeviceType deviceType, uint32 capacityW)
+        external;
+
+    /// @notice Stop accepting readings from `device`.
+    function deactivateDevice(address device) external;
+
+    /// @notice Accept readings from a deactivated `device` again.
+    function reactivateDevice(address device) external;
+
+    /// @notice Record an EIP-712 signed reading; anyone may relay it.
+    function submitReading(Reading calldata reading, bytes calldata signature) external;
+
+    /// @notice Raise a maintenance alert for `device` (maintenance role).
+    function raiseAlert(address device, bytes32 reason) external;
+
+    /// @notice Raise a "stale" alert for a device silent for more than the stale threshold.
+    function flagStale(address device) external;
+
+    /// @notice The device registered under `device`.
+    function getDevice(address device) external view returns (Device memory);
+
+    /// @notice Reading of `device` for `slot` (0 if none) and whether one was recorded.
+    function readingOf(address device, uint64 slot) external view returns (int64 energyWh, bool recorded);
+
+    /// @notice Total metered import and export (Wh) of all meters in `slot`.
+    function slotTotals(uint64 slot) external view returns (uint64 importWh, uint64 exportWh);
+
+    /// @notice Whether the reading window of `slot` has closed (its readings can no longer change).
+    function readingsFinal(uint64 slot) external view returns (bool);
+
+    /// @notice Maximum |Wh| a device of `capacityW` may report for one slot.
+    function maxReadingWh(uint32 capacityW) external pure returns (uint64);
+
+    /// @notice EIP-712 digest a device signs for `reading`.
+    function readingDigest(Reading calldata reading) external view returns (bytes32);
+}

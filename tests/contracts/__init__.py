@@ -1,0 +1,1 @@
+"""Tests of the contract suite, its Python client and the reference clearing."""

@@ -1,0 +1,305 @@
+"""DeviceRegistry: registration, signed readings (replay, cross-chain, cross-contract), upkeep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from contracts.client import DeviceType, role_id, sign_reading
+from tests.contracts.helpers import World, events
+
+CAPACITY_W = 4_000  # 1,000 Wh per 15-minute slot at most
+
+
+@pytest.fixture
+def meter(world: World, device_keys: list[bytes]) -> tuple[bytes, str, str]:
+    """A registered meter: (private key, device address, owner)."""
+    key = device_keys[0]
+    device = Account.from_key(key).address
+    owner = world.users[0]
+    world.suite.register_device(device, owner, DeviceType.METER, CAPACITY_W)
+    return key, device, owner
+
+
+def _after_slot(world: World, slot: int, seconds: int = 1) -> None:
+    world.chain.travel_to(world.suite.slot_start(slot + 1) + seconds)
+
+
+def _submit(world: World, key: bytes, slot: int, wh: int, **kw: Any) -> Any:
+    return world.suite.submit_reading(key, slot, wh, sender=world.stranger, **kw)
+
+
+def test_register_stores_the_device_and_emits(world: World, device_keys: list[bytes]) -> None:
+    device = Account.from_key(device_keys[1]).address
+    receipt = world.suite.register_device(device, world.users[1], DeviceType.BATTERY, 5_000)
+    registered = events(world.suite.registry, "DeviceRegistered", receipt)
+    assert registered[0]["device"] == device and registered[0]["capacityW"] == 5_000
+    record = world.suite.device(device)
+    assert record.owner == world.users[1] and record.device_type is DeviceType.BATTERY
+    assert record.active and record.readings == 0
+
+
+def test_register_needs_the_registrar_role(world: World, reverts: Any) -> None:
+    with reverts(
+        "AccessControlUnauthorizedAccount",
+        account=world.stranger,
+        neededRole=role_id("REGISTRAR_ROLE"),
+    ):
+        world.suite.register_device(
+            world.users[2], world.users[2], DeviceType.METER, 1, sender=world.stranger
+        )
+
+
+@pytest.mark.parametrize(
+    ("device", "owner", "capacity", "error"),
+    [
+        ("0x" + "00" * 20, "owner", 1_000, "DeviceRegistryZeroAddress"),
+        ("device", "0x" + "00" * 20, 1_000, "DeviceRegistryZeroAddress"),
+        ("device", "owner", 0, "DeviceRegistryZeroCapacity"),
+    ],
+)
+def test_register_rejects_bad_arguments(
+    world: World, reverts: Any, device: str, owner: str, capacity: int, error: str
+) -> None:
+    device = world.users[4] if device == "device" else device
+    owner = world.users[5] if owner == "owner" else owner
+    with reverts(error):
+        world.suite.register_device(device, owner, DeviceType.METER, capacity)
+
+
+def test_register_twice_is_refused(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    _, device, owner = meter
+    with reverts("DeviceRegistryAlreadyRegistered", device=device):
+        world.suite.register_device(device, owner, DeviceType.METER, CAPACITY_W)
+
+
+def test_signed_reading_is_recorded_and_totalled(
+    world: World, meter: tuple[bytes, str, str]
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    receipt = _submit(world, key, slot, 700)
+    assert events(world.suite.registry, "ReadingRecorded", receipt)[0]["energyWh"] == 700
+    assert world.chain.call(world.suite.registry, "readingOf", device, slot) == [700, True]
+    assert tuple(world.chain.call(world.suite.registry, "slotTotals", slot)) == (700, 0)
+    assert world.chain.call(world.suite.registry, "nonces", device) == 1
+    record = world.suite.device(device)
+    assert record.readings == 1 and record.last_slot == slot and record.missed_slots == 0
+
+
+def test_export_readings_count_as_export(world: World, meter: tuple[bytes, str, str]) -> None:
+    key, _, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    _submit(world, key, slot, -400)
+    assert tuple(world.chain.call(world.suite.registry, "slotTotals", slot)) == (0, 400)
+
+
+def test_replayed_reading_is_refused(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    reading, signature = sign_reading(
+        key,
+        chain_id=world.chain.w3.eth.chain_id,
+        registry=world.suite.registry.address,
+        slot=slot,
+        energy_wh=5,
+        nonce=0,
+    )
+    world.chain.transact(
+        world.suite.registry, "submitReading", reading, signature, sender=world.stranger
+    )
+    with reverts("InvalidAccountNonce", account=device, currentNonce=1):
+        world.chain.transact(
+            world.suite.registry, "submitReading", reading, signature, sender=world.stranger
+        )
+
+
+def test_a_later_slot_cannot_reuse_an_old_nonce(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, _, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    _submit(world, key, slot, 5)
+    _after_slot(world, slot + 1)
+    with reverts("InvalidAccountNonce"):
+        _submit(world, key, slot + 1, 5, nonce=0)
+
+
+@pytest.mark.parametrize("forgery", ["other_chain", "other_contract", "other_key"])
+def test_signatures_bound_to_another_domain_or_key_are_refused(
+    world: World,
+    meter: tuple[bytes, str, str],
+    device_keys: list[bytes],
+    reverts: Any,
+    forgery: str,
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    chain_id = world.chain.w3.eth.chain_id + (forgery == "other_chain")
+    registry = (
+        world.suite.trading.address if forgery == "other_contract" else world.suite.registry.address
+    )
+    signer = device_keys[5] if forgery == "other_key" else key
+    _, signature = sign_reading(
+        signer, chain_id=chain_id, registry=registry, slot=slot, energy_wh=5, nonce=0
+    )
+    with reverts("DeviceRegistryInvalidSignature", device=device) as err:
+        world.chain.transact(
+            world.suite.registry,
+            "submitReading",
+            (device, slot, 5, 0),
+            signature,
+            sender=world.stranger,
+        )
+    assert err.error is not None and err.error.args_by_name["recovered"] != device
+
+
+@pytest.mark.parametrize("wh", [1_001, -1_001])
+def test_capacity_cap_holds(
+    world: World, meter: tuple[bytes, str, str], reverts: Any, wh: int
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    assert world.chain.call(world.suite.registry, "maxReadingWh", CAPACITY_W) == 1_000
+    with reverts("DeviceRegistryCapacityExceeded", device=device, energyWh=wh, maxWh=1_000):
+        _submit(world, key, slot, wh)
+    _submit(world, key, slot, 1_000 if wh > 0 else -1_000)  # exactly the cap is fine
+
+
+def test_reading_for_a_running_slot_is_refused(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, _, _ = meter
+    slot = world.suite.current_slot()
+    with reverts("DeviceRegistrySlotNotEnded", slot=slot):
+        _submit(world, key, slot, 5)
+
+
+def test_reading_after_the_window_is_refused(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, _, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot, seconds=599)
+    assert not world.chain.call(world.suite.registry, "readingsFinal", slot)
+    world.chain.travel_to(world.suite.slot_start(slot + 1) + 600)
+    assert world.chain.call(world.suite.registry, "readingsFinal", slot)
+    with reverts("DeviceRegistryReadingTooLate", slot=slot):
+        _submit(world, key, slot, 5)
+
+
+def test_readings_must_move_forward_and_gaps_count_as_missed(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot + 3)
+    _submit(world, key, slot + 3, 5)
+    assert world.suite.device(device).missed_slots == 3
+    # A second, freshly signed reading for the same slot is refused (one reading per slot).
+    with reverts("DeviceRegistrySlotNotAfterLast", device=device, slot=slot + 3, lastSlot=slot + 3):
+        _submit(world, key, slot + 3, 6)
+    _after_slot(world, slot + 4)
+    _submit(world, key, slot + 4, 5)
+    assert world.suite.device(device).missed_slots == 3
+
+
+def test_inactive_and_unknown_devices_cannot_report(
+    world: World, meter: tuple[bytes, str, str], device_keys: list[bytes], reverts: Any
+) -> None:
+    key, device, owner = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    world.chain.transact(world.suite.registry, "deactivateDevice", device, sender=owner)
+    with reverts("DeviceRegistryInactiveDevice", device=device):
+        _submit(world, key, slot, 5)
+    unknown = device_keys[6]
+    with reverts("DeviceRegistryUnknownDevice", device=Account.from_key(unknown).address):
+        _submit(world, unknown, slot, 5, nonce=0)
+
+
+def test_deactivation_by_owner_registrar_but_not_strangers(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    _, device, owner = meter
+    registry = world.suite.registry
+    with reverts("DeviceRegistryNotOwnerOrRegistrar", device=device, caller=world.stranger):
+        world.chain.transact(registry, "deactivateDevice", device, sender=world.stranger)
+    world.chain.transact(registry, "deactivateDevice", device, sender=owner)
+    assert not world.suite.device(device).active
+    with reverts("DeviceRegistryInactiveDevice"):
+        world.chain.transact(registry, "deactivateDevice", device, sender=world.admin)
+    with reverts("AccessControlUnauthorizedAccount"):
+        world.chain.transact(registry, "reactivateDevice", device, sender=owner)
+    world.chain.transact(registry, "reactivateDevice", device, sender=world.admin)
+    assert world.suite.device(device).active
+    with reverts("DeviceRegistryAlreadyActive"):
+        world.chain.transact(registry, "reactivateDevice", device, sender=world.admin)
+    with reverts("DeviceRegistryUnknownDevice"):
+        world.chain.transact(registry, "reactivateDevice", world.stranger, sender=world.admin)
+
+
+def test_maintenance_alerts(world: World, meter: tuple[bytes, str, str], reverts: Any) -> None:
+    _, device, _ = meter
+    registry = world.suite.registry
+    receipt = world.chain.transact(
+        registry, "raiseAlert", device, b"inverter-fault".ljust(32, b"\0"), sender=world.admin
+    )
+    args = events(registry, "MaintenanceAlert", receipt)[0]
+    assert args["reason"].rstrip(b"\0") == b"inverter-fault" and args["raisedBy"] == world.admin
+    with reverts("AccessControlUnauthorizedAccount", neededRole=role_id("MAINTENANCE_ROLE")):
+        world.chain.transact(registry, "raiseAlert", device, bytes(32), sender=world.stranger)
+    with reverts("DeviceRegistryUnknownDevice"):
+        world.chain.transact(registry, "raiseAlert", world.stranger, bytes(32), sender=world.admin)
+
+
+def test_stale_devices_can_be_flagged_by_anyone(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    _, device, _ = meter
+    registry = world.suite.registry
+    with reverts("DeviceRegistryNotStale", device=device):
+        world.chain.transact(registry, "flagStale", device, sender=world.stranger)
+    world.chain.travel_to(world.suite.device(device).last_seen + 8 * 900)
+    receipt = world.chain.transact(registry, "flagStale", device, sender=world.stranger)
+    reason = events(registry, "MaintenanceAlert", receipt)[0]["reason"]
+    assert isinstance(reason, bytes) and reason.startswith(b"stale")
+
+
+def test_digest_matches_eip712_in_python(world: World, meter: tuple[bytes, str, str]) -> None:
+    _, device, _ = meter
+    reading = (device, 12, -34, 5)
+    on_chain = world.chain.call(world.suite.registry, "readingDigest", reading)
+    message = encode_typed_data(
+        {
+            "name": "DeviceRegistry",
+            "version": "1",
+            "chainId": world.chain.w3.eth.chain_id,
+            "verifyingContract": world.suite.registry.address,
+        },
+        {
+            "Reading": [
+                {"name": "device", "type": "address"},
+                {"name": "slot", "type": "uint64"},
+                {"name": "energyWh", "type": "int64"},
+                {"name": "nonce", "type": "uint256"},
+            ]
+        },
+        {"device": device, "slot": 12, "energyWh": -34, "nonce": 5},
+    )
+    from eth_utils import keccak
+
+    assert on_chain == keccak(b"\x19\x01" + message.header + message.body)
