@@ -20,7 +20,9 @@ bench_app = typer.Typer(
     help="Benchmarks that print figures (never pass/fail).", no_args_is_help=True
 )
 scenario_app = typer.Typer(help="Scenario files.", no_args_is_help=True)
+chain_app = typer.Typer(help="The contract suite: compile, deploy.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(chain_app, name="chain")
 app.add_typer(scenario_app, name="scenario")
 console = Console()
 
@@ -259,6 +261,53 @@ def sweep(
         print(json.dumps(summary))
     else:
         console.print(_table(f"sweep {study}", {k: str(v) for k, v in summary.items()}))
+
+
+@chain_app.command("compile")
+def chain_compile(
+    out: Annotated[
+        Path | None, typer.Option(help="Artifact directory (default contracts/build).")
+    ] = None,
+) -> None:
+    """Recompile contracts/src with the pinned solc-js (same as `make contracts`)."""
+    from contracts.compile import BUILD_DIR, compile_all
+    from contracts.errors import ChainError
+
+    try:
+        written = compile_all(out or BUILD_DIR)
+    except ChainError as err:
+        _fail(err)
+    console.print(_table("compiled artifacts", {k: str(v) for k, v in sorted(written.items())}))
+
+
+@chain_app.command("deploy")
+def chain_deploy(
+    rpc: Annotated[
+        str | None, typer.Option(help="JSON-RPC URL (e.g. anvil); default: in-process py-evm.")
+    ] = None,
+    manifest: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path(
+        "deployment.json"
+    ),
+    governance: Annotated[bool, typer.Option(help="Also deploy Governor + Timelock.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy the suite with its roles wired and write the manifest the bridge reads."""
+    from contracts.client import Chain, deploy_governance, deploy_suite, deployment_manifest
+    from contracts.errors import ChainError
+
+    try:
+        chain = Chain.rpc(rpc) if rpc else Chain.in_process()
+        suite = deploy_suite(chain)
+        gov = deploy_governance(suite) if governance else None
+        data = deployment_manifest(suite, gov)
+    except (ChainError, ConnectionError, OSError) as err:
+        _fail(err)
+    manifest.write_text(json.dumps(data, indent=2, sort_keys=True))
+    if as_json:
+        print(json.dumps(data))
+        return
+    console.print(_table(f"deployed to chain {data['chainId']}", dict(data["addresses"])))
+    console.print(f"manifest: {manifest}")
 
 
 @scenario_app.command("check")

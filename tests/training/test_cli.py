@@ -1,0 +1,65 @@
+"""The `microgrid` command: help everywhere, JSON for scripts, clear errors, real work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from training.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["bench"], ["bench", "env"], ["bench", "powerflow"], ["train"], ["evaluate"],
+     ["sweep"], ["demo"], ["chain"], ["chain", "deploy"], ["chain", "compile"],
+     ["scenario", "check"]],
+)  # fmt: skip
+def test_every_command_has_help(args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_bench_env_json_has_the_documented_keys() -> None:
+    result = runner.invoke(app, ["bench", "env", "--batch", "8", "--seconds", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("single_steps_per_s", "batch_env_steps_per_s", "pandapower_steps_per_s",
+                "speedup_vs_pandapower"):  # fmt: skip
+        assert data[key] > 0
+    assert data["speedup_vs_pandapower"] == pytest.approx(
+        data["single_steps_per_s"] / data["pandapower_steps_per_s"], rel=0.01
+    )
+
+
+def test_bench_powerflow_json_reports_accuracy() -> None:
+    result = runner.invoke(app, ["bench", "powerflow", "--samples", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["max_abs_dv_pu"] <= 1e-6
+    assert data["max_line_loading_err"] <= 1e-4
+    assert data["speedup_vs_pandapower"] > 1
+
+
+def test_chain_deploy_writes_a_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "deployment.json"
+    result = runner.invoke(app, ["chain", "deploy", "--manifest", str(manifest), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(manifest.read_text())
+    assert {"EnergyTrading", "GridBalance", "DeviceRegistry", "RewardSystem"} <= set(
+        data["addresses"]
+    )
+    assert isinstance(data["chainId"], int)
+
+
+def test_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("forecast:\n  mode: psychic\n")
+    result = runner.invoke(app, ["scenario", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "forecast.mode" in result.output
