@@ -110,52 +110,28 @@ def bench_powerflow(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Accuracy and speed of `envs.powerflow.solve` against `pandapower.runpp`."""
-    from pandapower.pypower.idx_bus import PD, QD
-
-    from envs.grid.build import load_net, load_profiles
-    from envs.grid.network import compile_network, ppc_bus_of, run_reference
+    from envs.grid.reference import reference_points
     from envs.powerflow import solve
 
-    net = load_net(grid)
-    network = compile_network(net)
-    profiles = load_profiles(net)
-    load_p = profiles[("load", "p_mw")].to_numpy()
-    load_q = profiles[("load", "q_mvar")].to_numpy()
-    sgen_p = profiles[("sgen", "p_mw")].to_numpy()
-    rng = np.random.default_rng(seed)
     task = progress.add_task(f"runpp x {samples}", total=samples) if progress else None
-    s_rows = []
-    refs = []
-    pp_time = 0.0
-    lookup = ppc_bus_of(net, net.bus.index.to_numpy())
-    for slot in rng.integers(0, load_p.shape[0], samples):
-        scale = rng.uniform(0.5, 1.5)
-        net.load["p_mw"] = load_p[slot] * scale
-        net.load["q_mvar"] = load_q[slot] * scale
-        net.sgen["p_mw"] = sgen_p[slot] * rng.uniform(0.5, 1.2)
-        start = time.perf_counter()
-        run_reference(net)
-        pp_time += time.perf_counter() - start
-        bus = np.real(net._ppc["bus"])
-        s_rows.append((-(bus[:, PD] + 1j * bus[:, QD]) / network.base_mva)[network.pq])
-        refs.append(
-            (net.res_bus.vm_pu.to_numpy().copy(), net.res_line.loading_percent.to_numpy() / 100)
-        )
-        if progress and task is not None:
+
+    def tick() -> None:
+        if progress is not None and task is not None:
             progress.advance(task)
-    s = np.array(s_rows)
-    solve(network, s[:1])
+
+    ref = reference_points(grid, samples, seed, tick)
+    network, s = ref.network, ref.s_pq
+    pp_time = ref.runpp_seconds
+    solve(network, s[:1])  # warm up outside the clock
     start = time.perf_counter()
     singles = [solve(network, s[i : i + 1]) for i in range(samples)]
     single_time = time.perf_counter() - start
     start = time.perf_counter()
     batched = solve(network, s)
     batch_time = time.perf_counter() - start
-    dv = max(
-        float(np.abs(np.abs(r.v[0, lookup]) - ref[0]).max())
-        for r, ref in zip(singles, refs, strict=True)
-    )
-    dl = max(float(np.abs(batched.line_loading[i] - ref[1]).max()) for i, ref in enumerate(refs))
+    v_single = np.concatenate([r.v for r in singles])[:, ref.bus_rows]
+    dv = float(np.abs(np.abs(v_single) - ref.vm_pu).max())
+    dl = float(np.abs(batched.line_loading - ref.line_loading).max())
     return {
         "grid": grid,
         "buses": network.n_bus,

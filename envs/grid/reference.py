@@ -9,13 +9,17 @@ runs `pandapower.runpp`. An environment built with `solver=PandapowerSolver(grid
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandapower as pp
+from pandapower.pypower.idx_bus import PD, QD
 
-from envs.grid.build import load_net
-from envs.grid.network import compile_network, run_reference
+from envs.grid.build import load_net, load_profiles
+from envs.grid.network import compile_network, ppc_bus_of, run_reference
 from envs.params import ComplexArray, NetworkParams
 from envs.powerflow import PowerFlowResult
 
@@ -83,3 +87,67 @@ class PandapowerSolver:
             vm_pq=np.abs(v[:, n.pq]),
             iterations=0,
         )
+
+
+@dataclass(frozen=True)
+class ReferencePoints:
+    """Random operating points of one grid, solved by `pandapower.runpp`: what the fast power
+    flow is checked against (tests) and timed against (`microgrid bench powerflow`)."""
+
+    network: NetworkParams
+    s_pq: ComplexArray
+    """(n, n_pq) injections as pandapower aggregated them (per unit, generation > 0)."""
+    bus_rows: np.ndarray
+    """Position of each pandapower bus (in `net.bus` order) among the solved buses."""
+    vm_pu: np.ndarray
+    va_degree: np.ndarray
+    line_loading: np.ndarray
+    trafo_loading: np.ndarray
+    p_slack_mw: np.ndarray
+    runpp_seconds: float
+    """Time spent inside `runpp` alone, for speed ratios."""
+
+
+def reference_points(
+    grid_code: str, n: int, seed: int, progress: Callable[[], None] | None = None
+) -> ReferencePoints:
+    """Real profile rows at random slots, with random load scaling, PV and storage set-points."""
+    net = load_net(grid_code)
+    network = compile_network(net)
+    profiles = load_profiles(net)
+    load_p = profiles[("load", "p_mw")].to_numpy()
+    load_q = profiles[("load", "q_mvar")].to_numpy()
+    sgen_p = profiles[("sgen", "p_mw")].to_numpy()
+    storage_sn = net.storage.sn_mva.fillna(0.0).to_numpy()
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[Any]] = {k: [] for k in ("s", "vm", "va", "line", "trafo", "slack")}
+    seconds = 0.0
+    for slot in rng.integers(0, load_p.shape[0], n):
+        scale = rng.uniform(0.5, 1.5)
+        net.load["p_mw"] = load_p[slot] * scale
+        net.load["q_mvar"] = load_q[slot] * scale
+        net.sgen["p_mw"] = sgen_p[slot] * rng.uniform(0.5, 1.2)
+        net.storage["p_mw"] = rng.uniform(-1, 1, storage_sn.size) * storage_sn
+        start = time.perf_counter()
+        run_reference(net)
+        seconds += time.perf_counter() - start
+        bus = np.real(net._ppc["bus"])
+        rows["s"].append((-(bus[:, PD] + 1j * bus[:, QD]) / network.base_mva)[network.pq])
+        rows["vm"].append(net.res_bus.vm_pu.to_numpy().copy())
+        rows["va"].append(net.res_bus.va_degree.to_numpy().copy())
+        rows["line"].append(net.res_line.loading_percent.to_numpy() / 100.0)
+        rows["trafo"].append(net.res_trafo.loading_percent.to_numpy() / 100.0)
+        rows["slack"].append(float(net.res_ext_grid.p_mw.sum()))
+        if progress is not None:
+            progress()
+    return ReferencePoints(
+        network=network,
+        s_pq=np.array(rows["s"]),
+        bus_rows=ppc_bus_of(net, net.bus.index.to_numpy()),
+        vm_pu=np.array(rows["vm"]),
+        va_degree=np.array(rows["va"]),
+        line_loading=np.array(rows["line"]),
+        trafo_loading=np.array(rows["trafo"]),
+        p_slack_mw=np.array(rows["slack"]),
+        runpp_seconds=seconds,
+    )
