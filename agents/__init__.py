@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from agents.mpc import MPCPolicy
     from agents.optimum import PerfectForesightPolicy, solve_day
     from agents.policy import Policy
+    from agents.roster import all_baselines
     from agents.shield import Shield, ShieldReport
 
 _WHERE = {
@@ -35,6 +36,7 @@ _WHERE = {
     "PerfectForesightPolicy": "agents.optimum",
     "solve_day": "agents.optimum",
     "Policy": "agents.policy",
+    "all_baselines": "agents.roster",
     "Shield": "agents.shield",
     "ShieldReport": "agents.shield",
 }
@@ -54,6 +56,7 @@ __all__ = [
     "Shield",
     "ShieldReport",
     "TerminalLadder",
+    "all_baselines",
     "solve_day",
     "solve_dispatch",
 ]

@@ -13,14 +13,7 @@ from typing import Any
 import mlflow
 from rich.progress import Progress
 
-from agents import (
-    IdlePolicy,
-    MPCPolicy,
-    PerfectForesightPolicy,
-    Policy,
-    PriceThresholdPolicy,
-    RuleBasedPolicy,
-)
+from agents import Policy, all_baselines
 from envs import MicrogridEnv, Scenario
 from training import plots
 from training.evaluation import EpisodeTrace, mean_kpis, run_day
@@ -52,14 +45,7 @@ def evaluate(
     """Mean KPIs per controller over the first `n_days` days of `split`."""
     env = MicrogridEnv(scenario, split=split)
     days = [int(d) for d in env.params.days(split)[:n_days]]
-    controllers: list[Policy] = [
-        IdlePolicy(env.codec),
-        RuleBasedPolicy(env.codec),
-        PriceThresholdPolicy(env.codec),
-    ]
-    if include_mpc:
-        controllers.append(MPCPolicy(env.params, env.codec))
-    controllers.append(PerfectForesightPolicy(env))
+    controllers: list[Policy] = all_baselines(env, include_mpc)
     if model is not None:
         from training.train import load_registered_onnx
 

@@ -11,14 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from agents import (
-    IdlePolicy,
-    MPCPolicy,
-    PerfectForesightPolicy,
-    Policy,
-    PriceThresholdPolicy,
-    RuleBasedPolicy,
-)
+from agents import Policy, all_baselines
 from envs import MicrogridEnv
 
 #: How many of the default scenario's test days the comparisons run on.
@@ -60,12 +53,4 @@ def days(test_env: MicrogridEnv) -> list[int]:
 @pytest.fixture(scope="session")
 def episodes(test_env: MicrogridEnv, days: list[int]) -> dict[str, list[Episode]]:
     """Every controller on the same test days with the same seed (same forecast noise)."""
-    codec = test_env.codec
-    policies: list[Policy] = [
-        IdlePolicy(codec),
-        RuleBasedPolicy(codec),
-        PriceThresholdPolicy(codec),
-        MPCPolicy(test_env.params, codec),
-        PerfectForesightPolicy(test_env),
-    ]
-    return {p.name: [run(test_env, p, d) for d in days] for p in policies}
+    return {p.name: [run(test_env, p, d) for d in days] for p in all_baselines(test_env)}

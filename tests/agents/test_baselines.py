@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents import (
-    IdlePolicy,
-    MPCPolicy,
-    PerfectForesightPolicy,
-    Policy,
-    PriceThresholdPolicy,
-    RuleBasedPolicy,
-)
+from agents import Policy, PriceThresholdPolicy, all_baselines
 from envs import MicrogridEnv
 from tests.agents.conftest import Episode
 
@@ -39,13 +32,7 @@ def test_thresholds_must_be_ordered(test_env: MicrogridEnv) -> None:
 def test_every_controller_satisfies_the_policy_protocol(
     test_env: MicrogridEnv, episodes: dict[str, list[Episode]]
 ) -> None:
-    codec = test_env.codec
-    controllers: list[Policy] = [
-        IdlePolicy(codec),
-        RuleBasedPolicy(codec),
-        PriceThresholdPolicy(codec),
-        MPCPolicy(test_env.params, codec),
-        PerfectForesightPolicy(test_env),
-    ]
+    controllers = all_baselines(test_env)
+    assert [c.name for c in controllers] == ["idle", "rule_based", "arbitrage", "mpc", "optimum"]
     assert all(isinstance(c, Policy) for c in controllers)
     assert sorted(c.name for c in controllers) == sorted(episodes)
