@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.client import Chain, deploy_suite
-from tests.contracts.helpers import Reverts, World
+from tests.contracts.helpers import Reverts, World, shared_deployment
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +49,10 @@ def world(world_module: World) -> Iterator[World]:
 def reverts() -> Reverts:
     """``with reverts("EnergyTradingGateClosed", slot=3):`` asserts a custom error by name."""
     return Reverts()
+
+
+@pytest.fixture(scope="module")
+def deployed_before_hypothesis() -> None:
+    """Deploy outside Hypothesis's run: py-evm raises the recursion limit on first use, which
+    Hypothesis would otherwise report as a change made during the test."""
+    shared_deployment()

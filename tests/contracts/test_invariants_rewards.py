@@ -18,11 +18,7 @@ from tests.contracts.helpers import CONTRACT_SETTINGS, shared_deployment
 users = st.integers(0, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _deployed_before_hypothesis() -> None:
-    """Deploy outside Hypothesis's run: py-evm raises the recursion limit on first use, which
-    Hypothesis would otherwise report as a change made during the test."""
-    shared_deployment()
+pytestmark = pytest.mark.usefixtures("deployed_before_hypothesis")
 
 
 class RewardMachine(RuleBasedStateMachine):
