@@ -313,16 +313,14 @@ def observe(p: GridParams, s: GridState) -> dict[str, np.ndarray]:
     }
 
 
-def merge(done: BoolArray, fresh: GridState, current: GridState) -> GridState:
-    """Row-wise select: `fresh` where `done`, else `current` (the vector env's autoreset)."""
+def with_rows(current: GridState, rows: IntArray, fresh: GridState) -> GridState:
+    """`current` with rows `rows` replaced by `fresh` (one row each): the vector env's autoreset.
 
-    def pick(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        mask = done.reshape((-1,) + (1,) * (x.ndim - 1))
-        return np.where(mask, x, y)
-
-    return GridState(
-        **{
-            name: pick(getattr(fresh, name), getattr(current, name))
-            for name in GridState.__dataclass_fields__
-        }
-    )
+    Arrays are copied, not written in place, so a state handed out earlier stays as it was.
+    """
+    fields = {}
+    for name in GridState.__dataclass_fields__:
+        arr = getattr(current, name).copy()
+        arr[rows] = getattr(fresh, name)
+        fields[name] = arr
+    return GridState(**fields)

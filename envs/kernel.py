@@ -143,13 +143,11 @@ def _step_batch(
     base_kw = base_mva * 1000.0
     episode_steps = int(sc[16])
     spd = int(sc[17])
-    scratch_all = np.empty((b, 2, n_pq), dtype=np.complex128)
-    outc_all = np.empty((b, m), dtype=np.complex128)
-    rs_all = np.empty((b, 8, max(n_pq, m)), dtype=np.float64)
+    # One row's scratch, reused: rows are independent and this stays in cache.
+    scratch = np.empty((2, n_pq), dtype=np.complex128)
+    outc = np.empty(m, dtype=np.complex128)
+    rs = np.empty((8, max(n_pq, m)), dtype=np.float64)
     for i in range(b):
-        scratch = scratch_all[i]
-        outc = outc_all[i]
-        rs = rs_all[i]
         s_pq = scratch[0]
         v = scratch[1]
         t = slot[i]

@@ -22,7 +22,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.dynamics import GridState, Solver, merge
+from envs.dynamics import GridState, Solver, with_rows
 from envs.engine import Engine
 from envs.kpis import STEP_INFO, EpisodeKpis
 from envs.scenario import Scenario
@@ -118,10 +118,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
                 final_obs=final_obs, _final_obs=mask, final_info=final_info, _final_info=mask
             )
             fresh = self._fresh(done_rows, None, None)
-            full = _expand(fresh, done_rows, self._state)
-            done_mask = np.zeros(self.num_envs, dtype=bool)
-            done_mask[done_rows] = True
-            self._state = merge(done_mask, full, self._state)
+            self._state = with_rows(self._state, done_rows, fresh)
             self._kpis.reset_rows(done_rows)
             obs[done_rows] = self.engine.observe(fresh)
         return obs, out.reward.copy(), terminated, truncated, infos
@@ -131,13 +128,3 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         if self._state is None:
             raise RuntimeError("call reset() first")
         return self._state
-
-
-def _expand(fresh: GridState, rows: np.ndarray, like: GridState) -> GridState:
-    """Place the rows of `fresh` at `rows` of an array shaped like `like` (other rows: copies)."""
-    fields = {}
-    for name in GridState.__dataclass_fields__:
-        arr = getattr(like, name).copy()
-        arr[rows] = getattr(fresh, name)
-        fields[name] = arr
-    return GridState(**fields)
