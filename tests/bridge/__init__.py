@@ -1,0 +1,1 @@
+"""Tests of the grid bridge (issue 6)."""
