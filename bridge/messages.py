@@ -159,6 +159,8 @@ class GridSensorMetrics(_Payload):
     v_max_pu: Annotated[float, Field(ge=0.0, le=2.0)]
     line_loading: Annotated[float, Field(ge=0.0, le=100.0)]
     trafo_loading: Annotated[float, Field(ge=0.0, le=100.0)]
+    trafo_net_kw: Signed | None = None
+    """Net power through the transformer, import > 0: minus the meters, the background load."""
 
 
 Metrics = Annotated[

@@ -1,0 +1,187 @@
+"""From accepted telemetry to the policy's observation, through the env's own codec.
+
+`SiteState` keeps the latest accepted metrics per device; `ObservationBuilder` turns them into
+the same raw fields `envs.dynamics.observe` produces and encodes them with `envs.codec`, so the
+policy sees live data exactly as it saw simulated data. Fields the devices cannot measure come
+from a `Forecast` the caller supplies (a forecast service, or persistence of the last slot, the
+env's `persistence` mode). A device with no fresh telemetry is reported by id: the decision
+step falls back to the rule-based controller and says which devices were missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bridge.messages import (
+    ApplianceMetrics,
+    BatteryMetrics,
+    GridSensorMetrics,
+    MeterMetrics,
+    PvMetrics,
+    Telemetry,
+)
+from bridge.site import SiteManifest
+from envs.codec import Codec
+
+Metrics = MeterMetrics | PvMetrics | BatteryMetrics | ApplianceMetrics | GridSensorMetrics
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Lead-step forecasts, (n_prosumer, horizon) kW and (horizon,) kW of background net load."""
+
+    load_kw: np.ndarray
+    pv_kw: np.ndarray
+    background_net_kw: np.ndarray
+
+
+@dataclass
+class SiteState:
+    """The latest accepted telemetry per device, with the slot it describes."""
+
+    latest: dict[str, Telemetry] = field(default_factory=dict)
+
+    def update(self, msg: Telemetry) -> None:
+        held = self.latest.get(msg.device)
+        if held is None or (msg.slot, msg.ts) >= (held.slot, held.ts):
+            self.latest[msg.device] = msg
+
+    def metrics(self, device: str, slot: int) -> Metrics | None:
+        """The device's metrics for `slot`, or None if it has not reported that slot."""
+        msg = self.latest.get(device)
+        return msg.metrics if msg is not None and msg.slot == slot else None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """An encoded observation and what went into it."""
+
+    obs: np.ndarray
+    """float32 (obs_dim,), codec-scaled and clipped."""
+    raw: dict[str, np.ndarray]
+    soc: np.ndarray
+    """Per battery (codec order): what the shield needs."""
+    capacity_kwh: np.ndarray
+    missing: tuple[str, ...]
+    """Devices with no telemetry for the slot (their last value or a safe default was used)."""
+
+
+class ObservationBuilder:
+    """Builds observations for one site; the codec and tariff come from the site manifest."""
+
+    def __init__(self, site: SiteManifest, codec: Codec | None = None) -> None:
+        self.site = site
+        self.codec = codec or site.make_codec()
+        self.n = len(site.prosumers)
+        self.h = site.horizon
+        self.batteries = site.battery_devices()
+        self.import_price = np.asarray(site.import_price, dtype=np.float64)
+        spec = site.batteries
+        self.nominal_kwh = np.asarray(spec.capacity_kwh, dtype=np.float64)
+        self.soc_default = np.asarray(spec.soc_initial, dtype=np.float64)
+        self._last: dict[str, Metrics] = {}
+
+    def slot_of_year(self, unix_s: int) -> int:
+        """The env's slot index t (day of year x steps per day + slot of the day), from UTC."""
+        d = datetime.datetime.fromtimestamp(unix_s, tz=datetime.UTC)
+        seconds = d.hour * 3600 + d.minute * 60 + d.second
+        slot_of_day = seconds * self.site.steps_per_day // 86_400
+        return (d.timetuple().tm_yday - 1) * self.site.steps_per_day + slot_of_day
+
+    def _get(self, state: SiteState, device: str, slot: int, missing: list[str]) -> Metrics | None:
+        m = state.metrics(device, slot)
+        if m is None:
+            missing.append(device)
+            return self._last.get(device)
+        self._last[device] = m
+        return m
+
+    def persistence(self, state: SiteState, slot: int) -> Forecast:
+        """Every lead repeats the last slot (the env's `persistence` forecast mode)."""
+        load = np.zeros(self.n)
+        pv = np.zeros(self.n)
+        net = 0.0
+        for i, p in enumerate(self.site.prosumers):
+            meter = state.metrics(p.meter, slot) or self._last.get(p.meter)
+            inverter = state.metrics(p.pv, slot) or self._last.get(p.pv)
+            if isinstance(meter, MeterMetrics):
+                load[i] = meter.load_kw
+                net += meter.net_kw
+            if isinstance(inverter, PvMetrics):
+                pv[i] = inverter.available_kw
+        sensor = state.metrics(self.site.grid_sensor, slot) or self._last.get(self.site.grid_sensor)
+        background = 0.0
+        if isinstance(sensor, GridSensorMetrics) and sensor.trafo_net_kw is not None:
+            background = sensor.trafo_net_kw - net
+        return Forecast(
+            load_kw=np.repeat(load[:, None], self.h, axis=1),
+            pv_kw=np.repeat(pv[:, None], self.h, axis=1),
+            background_net_kw=np.full(self.h, background),
+        )
+
+    def build(
+        self,
+        state: SiteState,
+        slot: int,
+        t: int,
+        community_price: float,
+        forecast: Forecast | None = None,
+    ) -> Observation:
+        """The observation for deciding slot `slot` + 1 from telemetry of `slot`.
+
+        `t` is the env's slot-of-year index of the slot being decided (`slot_of_year`).
+        """
+        missing: list[str] = []
+        n, h, site = self.n, self.h, self.site
+        soc = self.soc_default.copy()
+        cap = self.nominal_kwh.copy()
+        for k, device in enumerate(self.batteries):
+            m = self._get(state, device, slot, missing)
+            if isinstance(m, BatteryMetrics):
+                soc[k] = m.soc
+                cap[k] = m.soh * self.nominal_kwh[k]
+        load, pv, backlog = np.zeros(n), np.zeros(n), np.zeros(n)
+        for i, p in enumerate(site.prosumers):
+            meter = self._get(state, p.meter, slot, missing)
+            inverter = self._get(state, p.pv, slot, missing)
+            appliance = self._get(state, p.appliance, slot, missing)
+            if isinstance(meter, MeterMetrics):
+                load[i] = meter.load_kw
+            if isinstance(inverter, PvMetrics):
+                pv[i] = inverter.available_kw
+            if isinstance(appliance, ApplianceMetrics):
+                backlog[i] = appliance.backlog_kwh
+        sensor = self._get(state, site.grid_sensor, slot, missing)
+        grid = np.array([1.0, 1.0, 0.0, 0.0])
+        if isinstance(sensor, GridSensorMetrics):
+            grid = np.array(
+                [sensor.v_min_pu, sensor.v_max_pu, sensor.line_loading, sensor.trafo_loading]
+            )
+        fc = forecast or self.persistence(state, slot)
+        spd = site.steps_per_day
+        slot_of_day = t % spd
+        day_phase = 2.0 * np.pi * slot_of_day / spd
+        year_phase = 2.0 * np.pi * (t // spd) / max(site.n_days, 1)
+        lead = (slot_of_day + np.arange(h)) % spd
+        nominal = np.where(self.nominal_kwh > 0, self.nominal_kwh, 1.0)
+        raw = {
+            "time_of_day": np.array([[np.sin(day_phase), np.cos(day_phase)]]),
+            "day_of_year": np.array([[np.sin(year_phase), np.cos(year_phase)]]),
+            "soc": soc[None],
+            "state_of_health": np.where(self.nominal_kwh > 0, cap / nominal, 1.0)[None],
+            "load": load[None],
+            "pv": pv[None],
+            "backlog": backlog[None],
+            "load_forecast": np.asarray(fc.load_kw, dtype=np.float64).reshape(1, n * h),
+            "pv_forecast": np.asarray(fc.pv_kw, dtype=np.float64).reshape(1, n * h),
+            "background_net_forecast": np.asarray(fc.background_net_kw).reshape(1, h),
+            "import_price_forecast": self.import_price[lead][None],
+            "feed_in_price": np.array([[site.feed_in_price]]),
+            "community_price": np.array([[community_price]]),
+            "grid": grid[None],
+        }
+        obs = self.codec.encode(raw, 1)[0]
+        return Observation(obs, raw, soc, cap, tuple(missing))

@@ -1,0 +1,100 @@
+"""EIP-712 meter readings: the digest DeviceRegistry checks, recovery and signing, made fast.
+
+`contracts.client.sign_reading` builds the typed-data message through eth-account, which is right
+and slow (~1 ms). The bridge checks every reading and the simulator signs one per device per
+slot, so here the domain separator is hashed once, a digest is two keccaks and recovery goes
+straight to coincurve (~0.2 ms a check on this machine, 0.15 ms of it libsecp256k1 itself).
+The rules are the contract's own (OpenZeppelin ECDSA): v is 27/28 (or 0/1), s in the lower half
+of the curve order, r and s non-zero. A signature the chain would refuse is refused here too, so
+the bridge never relays one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import coincurve
+from eth_utils import keccak, to_checksum_address
+
+DOMAIN_TYPEHASH = keccak(
+    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+READING_TYPEHASH = keccak(text="Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)")
+#: secp256k1 group order; OpenZeppelin's ECDSA refuses s above half of it (malleability).
+_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def _word(value: int, *, signed: bool = False) -> bytes:
+    return value.to_bytes(32, "big", signed=signed)
+
+
+def _address_word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(address[2:])
+
+
+@dataclass(frozen=True)
+class ReadingDomain:
+    """The EIP-712 domain of one deployed DeviceRegistry: what binds a reading to it."""
+
+    chain_id: int
+    registry: str
+    separator: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sep = keccak(
+            DOMAIN_TYPEHASH
+            + keccak(text="DeviceRegistry")
+            + keccak(text="1")
+            + _word(self.chain_id)
+            + _address_word(self.registry)
+        )
+        object.__setattr__(self, "separator", sep)
+
+    def digest(self, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
+        """The hash DeviceRegistry.readingDigest returns for this reading."""
+        struct = keccak(
+            READING_TYPEHASH
+            + _address_word(device)
+            + _word(slot)
+            + _word(energy_wh, signed=True)
+            + _word(nonce)
+        )
+        return keccak(b"\x19\x01" + self.separator + struct)
+
+    def recover(self, device: str, slot: int, energy_wh: int, nonce: int, signature: bytes) -> str:
+        """The checksum address that signed this reading, or "" where the chain would refuse it."""
+        if len(signature) != 65:
+            return ""
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:64], "big")
+        v = signature[64]
+        v = v - 27 if v >= 27 else v
+        if v not in (0, 1) or not 0 < r < _N or not 0 < s <= _N // 2:
+            return ""
+        digest = self.digest(device, slot, energy_wh, nonce)
+        try:
+            public = coincurve.PublicKey.from_signature_and_message(
+                signature[:64] + bytes([v]), digest, hasher=None
+            )
+        except ValueError:  # not a point on the curve: no signer
+            return ""
+        return _address_of_public(public.format(compressed=False))
+
+    def sign(self, private_key: bytes, slot: int, energy_wh: int, nonce: int) -> bytes:
+        """Sign as the device does: 65 bytes r || s || v with v in {27, 28}."""
+        digest = self.digest(address_of(private_key), slot, energy_wh, nonce)
+        sig = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+        return sig[:64] + bytes([sig[64] + 27])
+
+
+@functools.lru_cache(maxsize=65_536)
+def _address_of_public(uncompressed: bytes) -> str:
+    """Cached: a site has a fixed set of device keys, and this keccak is a fifth of a check."""
+    return str(to_checksum_address(keccak(uncompressed[1:])[-20:]))
+
+
+@functools.lru_cache(maxsize=65_536)
+def address_of(private_key: bytes) -> str:
+    """The checksum address of a device key."""
+    return _address_of_public(coincurve.PrivateKey(private_key).public_key.format(compressed=False))

@@ -1,0 +1,311 @@
+"""Telemetry validation: every device message is accepted whole or refused with one counted reason.
+
+Plain functions over bytes and the clock value the shell passes in, so every rule is tested
+without a broker, and fuzzed. The checks run cheapest first and the signature (a public-key
+recovery) last; session state (last `seq`, last reading nonce) only moves once a message has
+passed every check, so a forged message cannot advance it and lock the real device out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bridge.errors import PayloadError
+from bridge.messages import (
+    Ack,
+    BatteryMetrics,
+    DeviceBirth,
+    DeviceDeath,
+    DeviceKind,
+    MeterMetrics,
+    PvMetrics,
+    Telemetry,
+    decode,
+)
+from bridge.signing import ReadingDomain
+from bridge.site import SiteDevice, SiteManifest
+
+#: Measured power may exceed a rating by this share (inverter tolerance, metering error).
+RATING_TOLERANCE = 0.05
+#: A signed reading may differ from net_kw x slot length by this much (Wh) or this share.
+ENERGY_TOLERANCE_WH = 50
+ENERGY_TOLERANCE_SHARE = 0.05
+
+
+class RejectReason(StrEnum):
+    """Why a device message was refused; one counter per reason (docs/iot.md, Validation)."""
+
+    MALFORMED = "malformed"
+    TOPIC_MISMATCH = "topic_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    WRONG_KIND = "wrong_kind"
+    BIRTH_MISMATCH = "birth_mismatch"
+    NO_SESSION = "no_session"
+    REPLAYED = "replayed"
+    STALE = "stale"
+    FUTURE = "future"
+    IMPLAUSIBLE = "implausible"
+    BAD_SIGNATURE = "bad_signature"
+    MISSING_READING = "missing_reading"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A refused message: the counted reason and a detail naming the field and expectation."""
+
+    reason: RejectReason
+    detail: str
+
+
+@dataclass
+class Session:
+    """What the bridge remembers of one device connection."""
+
+    bd_seq: int
+    last_seq: int = 0
+    alive: bool = True
+    missed: int = 0
+    """Gaps in `seq`: messages the device sent that never arrived."""
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    """Time rules, in seconds of the bridge's clock."""
+
+    max_age_s: float = 120.0
+    """Telemetry older than this is stale (the bridge acts on what is true now)."""
+    max_clock_skew_s: float = 5.0
+    """Telemetry stamped further ahead than this comes from a skewed device clock."""
+    slot_seconds: int = 900
+    genesis: int = 0
+
+
+class TelemetryValidator:
+    """Decides on every device-published message; counts each refusal by reason."""
+
+    def __init__(
+        self, site: SiteManifest, domain: ReadingDomain, limits: ValidationLimits | None = None
+    ) -> None:
+        self.site = site
+        self.domain = domain
+        self.limits = limits or ValidationLimits()
+        self.sessions: dict[str, Session] = {}
+        self.last_nonce: dict[str, int] = {}
+        """Per device, the highest reading nonce accepted (the chain's own replay guard, early)."""
+        self.rejected: Counter[RejectReason] = Counter()
+        self.accepted = 0
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _refuse(self, reason: RejectReason, detail: str) -> Rejected:
+        self.rejected[reason] += 1
+        return Rejected(reason, detail)
+
+    def _device(self, topic_device: str, payload_device: str) -> SiteDevice | Rejected:
+        if payload_device != topic_device:
+            return self._refuse(
+                RejectReason.TOPIC_MISMATCH,
+                f"device: expected the topic's id {topic_device!r}, got {payload_device!r}",
+            )
+        device = self.site.device(payload_device)
+        if device is None:
+            return self._refuse(
+                RejectReason.UNKNOWN_DEVICE,
+                f"device: expected an id from the site manifest, got {payload_device!r}",
+            )
+        return device
+
+    def _sequence(self, device: str, bd_seq: int, seq: int) -> Session | Rejected:
+        session = self.sessions.get(device)
+        if session is None or session.bd_seq != bd_seq or not session.alive:
+            held = None if session is None else session.bd_seq
+            return self._refuse(
+                RejectReason.NO_SESSION,
+                f"bd_seq: expected the session of the last DBIRTH ({held}), got {bd_seq}",
+            )
+        if seq <= session.last_seq:
+            return self._refuse(
+                RejectReason.REPLAYED,
+                f"seq: expected > {session.last_seq} in session {bd_seq}, got {seq}",
+            )
+        return session
+
+    def _clock(self, ts: int, now_ms: int) -> Rejected | None:
+        age_s = (now_ms - ts) / 1000.0
+        if age_s > self.limits.max_age_s:
+            return self._refuse(
+                RejectReason.STALE,
+                f"ts: expected at most {self.limits.max_age_s} s old, got {age_s:.1f} s",
+            )
+        if -age_s > self.limits.max_clock_skew_s:
+            return self._refuse(
+                RejectReason.FUTURE,
+                f"ts: expected at most {self.limits.max_clock_skew_s} s ahead, got {-age_s:.1f} s",
+            )
+        return None
+
+    def current_slot(self, now_ms: int) -> int:
+        return (now_ms // 1000 - self.limits.genesis) // self.limits.slot_seconds
+
+    # ---- births and deaths ----------------------------------------------------------------
+    def on_birth(self, topic_device: str, payload: bytes, now_ms: int) -> DeviceBirth | Rejected:
+        """A DBIRTH opens a session if the device is the one the manifest describes."""
+        try:
+            birth = decode(DeviceBirth, payload)
+        except PayloadError as exc:
+            return self._refuse(RejectReason.MALFORMED, str(exc))
+        device = self._device(topic_device, birth.device)
+        if isinstance(device, Rejected):
+            return device
+        for name, got, want in (
+            ("kind", birth.kind, device.kind),
+            ("address", birth.address.lower(), device.address.lower()),
+            ("ratings.capacity_w", birth.ratings.capacity_w, device.capacity_w),
+        ):
+            if got != want:
+                return self._refuse(
+                    RejectReason.BIRTH_MISMATCH, f"{name}: expected {want!r}, got {got!r}"
+                )
+        late = self._clock(birth.ts, now_ms)
+        if late is not None:
+            return late
+        held = self.sessions.get(birth.device)
+        if held is not None and held.alive and birth.bd_seq == held.bd_seq:
+            return self._refuse(
+                RejectReason.REPLAYED, f"bd_seq: expected a new session, got {birth.bd_seq} again"
+            )
+        self.sessions[birth.device] = Session(bd_seq=birth.bd_seq)
+        self.accepted += 1
+        return birth
+
+    def on_death(self, topic_device: str, payload: bytes) -> DeviceDeath | Rejected | None:
+        """A DDEATH ends the current session; one from an older session is ignored (None)."""
+        try:
+            death = decode(DeviceDeath, payload)
+        except PayloadError as exc:
+            return self._refuse(RejectReason.MALFORMED, str(exc))
+        device = self._device(topic_device, death.device)
+        if isinstance(device, Rejected):
+            return device
+        session = self.sessions.get(death.device)
+        if session is None or session.bd_seq != death.bd_seq:
+            return None
+        session.alive = False
+        return death
+
+    # ---- telemetry ------------------------------------------------------------------------
+    def on_telemetry(self, topic_device: str, payload: bytes, now_ms: int) -> Telemetry | Rejected:
+        """Schema, identity, session, time, plausibility, signature: all pass or one reason."""
+        try:
+            msg = decode(Telemetry, payload)
+        except PayloadError as exc:
+            return self._refuse(RejectReason.MALFORMED, str(exc))
+        device = self._device(topic_device, msg.device)
+        if isinstance(device, Rejected):
+            return device
+        if msg.metrics.kind != device.kind.value:
+            return self._refuse(
+                RejectReason.WRONG_KIND,
+                f"metrics.kind: expected {device.kind.value!r}, got {msg.metrics.kind!r}",
+            )
+        session = self._sequence(msg.device, msg.bd_seq, msg.seq)
+        if isinstance(session, Rejected):
+            return session
+        late = self._clock(msg.ts, now_ms)
+        if late is not None:
+            return late
+        current = self.current_slot(now_ms)
+        if msg.slot < current - 1:
+            return self._refuse(
+                RejectReason.STALE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
+            )
+        if msg.slot > current:
+            return self._refuse(
+                RejectReason.FUTURE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
+            )
+        implausible = self._implausible(msg, device)
+        if implausible is not None:
+            return self._refuse(RejectReason.IMPLAUSIBLE, implausible)
+        reading = msg.reading
+        if reading is None:
+            if device.kind is DeviceKind.METER:
+                return self._refuse(
+                    RejectReason.MISSING_READING, "reading: expected a signed reading from a meter"
+                )
+        else:
+            last = self.last_nonce.get(msg.device, -1)
+            if reading.nonce <= last:
+                return self._refuse(
+                    RejectReason.REPLAYED, f"reading.nonce: expected > {last}, got {reading.nonce}"
+                )
+            signer = self.domain.recover(
+                device.address,
+                reading.slot,
+                reading.energy_wh,
+                reading.nonce,
+                bytes.fromhex(reading.signature[2:]),
+            )
+            if signer.lower() != device.address.lower():
+                return self._refuse(
+                    RejectReason.BAD_SIGNATURE,
+                    f"reading.signature: expected a signature by {device.address}, "
+                    f"got one by {signer or 'no valid key'}",
+                )
+            self.last_nonce[msg.device] = reading.nonce
+        if msg.seq > session.last_seq + 1:
+            session.missed += msg.seq - session.last_seq - 1
+        session.last_seq = msg.seq
+        self.accepted += 1
+        return msg
+
+    def _implausible(self, msg: Telemetry, device: SiteDevice) -> str | None:
+        """Physics and ratings: what no working device can report. None when plausible."""
+        m = msg.metrics
+        rated_kw = device.capacity_w / 1000.0 * (1.0 + RATING_TOLERANCE)
+        if isinstance(m, BatteryMetrics):
+            limit = device.power_kw * (1.0 + RATING_TOLERANCE)
+            if abs(m.power_kw) > limit:
+                return f"metrics.power_kw: expected |power| <= {limit:.3f} kW, got {m.power_kw}"
+        elif isinstance(m, PvMetrics):
+            if m.available_kw > rated_kw:
+                return f"metrics.available_kw: expected <= {rated_kw:.3f} kW, got {m.available_kw}"
+            if m.pv_kw > m.available_kw * (1.0 + RATING_TOLERANCE) + 1e-6:
+                return f"metrics.pv_kw: expected <= available_kw {m.available_kw}, got {m.pv_kw}"
+        elif isinstance(m, MeterMetrics) and abs(m.net_kw) > rated_kw:
+            return f"metrics.net_kw: expected |net| <= {rated_kw:.3f} kW, got {m.net_kw}"
+        r = msg.reading
+        if r is not None:
+            if r.slot != msg.slot:
+                return f"reading.slot: expected the telemetry's slot {msg.slot}, got {r.slot}"
+            cap_wh = device.capacity_w * self.limits.slot_seconds // 3600
+            if abs(r.energy_wh) > cap_wh:
+                return f"reading.energy_wh: expected |energy| <= {cap_wh} Wh, got {r.energy_wh}"
+            if isinstance(m, MeterMetrics):
+                expected = m.net_kw * self.limits.slot_seconds / 3.6
+                tol = max(ENERGY_TOLERANCE_WH, ENERGY_TOLERANCE_SHARE * abs(expected))
+                if abs(r.energy_wh - expected) > tol:
+                    return (
+                        f"reading.energy_wh: expected net_kw x slot = {expected:.0f} "
+                        f"+/- {tol:.0f} Wh, got {r.energy_wh}"
+                    )
+        return None
+
+    # ---- acknowledgements -----------------------------------------------------------------
+    def on_ack(self, topic_device: str, payload: bytes) -> Ack | Rejected:
+        """A DACK from the device's live session, in sequence."""
+        try:
+            ack = decode(Ack, payload)
+        except PayloadError as exc:
+            return self._refuse(RejectReason.MALFORMED, str(exc))
+        device = self._device(topic_device, ack.device)
+        if isinstance(device, Rejected):
+            return device
+        session = self._sequence(ack.device, ack.bd_seq, ack.seq)
+        if isinstance(session, Rejected):
+            return session
+        if ack.seq > session.last_seq + 1:
+            session.missed += ack.seq - session.last_seq - 1
+        session.last_seq = ack.seq
+        self.accepted += 1
+        return ack

@@ -1,0 +1,177 @@
+"""Telemetry validation: each refusal reason on its own, and the state a refusal must not move."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bridge.messages import Telemetry
+from bridge.signing import ReadingDomain
+from bridge.site import SiteManifest
+from bridge.validation import Rejected, RejectReason, TelemetryValidator, ValidationLimits
+from tests.bridge.helpers import GENESIS, NOW_MS, SLOT, birth, telemetry
+
+
+def _b(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg).encode()
+
+
+@pytest.fixture
+def validator(site: SiteManifest, domain: ReadingDomain) -> TelemetryValidator:
+    v = TelemetryValidator(site, domain, ValidationLimits(genesis=GENESIS))
+    for d in site.devices:
+        assert not isinstance(v.on_birth(d.id, birth(site, d.id), NOW_MS), Rejected)
+    return v
+
+
+def _check(v: TelemetryValidator, device: str, msg: dict[str, Any]) -> Telemetry | Rejected:
+    return v.on_telemetry(device, _b(msg), NOW_MS)
+
+
+def test_a_valid_signed_meter_reading_is_accepted(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    msg = telemetry(site, domain, keys["bus1-meter"], "bus1-meter")
+    out = _check(validator, "bus1-meter", msg)
+    assert isinstance(out, Telemetry) and out.reading is not None
+    assert (
+        validator.last_nonce["bus1-meter"] == 0 and validator.sessions["bus1-meter"].last_seq == 1
+    )
+    assert sum(validator.rejected.values()) == 0
+
+
+def _reason(out: object) -> RejectReason:
+    assert isinstance(out, Rejected), out
+    return out.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "field"),
+    [
+        (lambda m, k, d: m.update(device="bus2-meter"), RejectReason.TOPIC_MISMATCH, "device"),
+        (lambda m, k, d: m.update(metrics={**m["metrics"], "soc": 2}), RejectReason.MALFORMED, ""),
+        (lambda m, k, d: m.update(bd_seq=7), RejectReason.NO_SESSION, "bd_seq"),
+        (lambda m, k, d: m.update(seq=0), RejectReason.REPLAYED, "seq"),
+        (lambda m, k, d: m.update(ts=NOW_MS - 121_000), RejectReason.STALE, "ts"),
+        (lambda m, k, d: m.update(ts=NOW_MS + 6_000), RejectReason.FUTURE, "ts"),
+        (lambda m, k, d: m.update(slot=SLOT - 1), RejectReason.STALE, "slot"),
+        (lambda m, k, d: m.update(slot=SLOT + 2), RejectReason.FUTURE, "slot"),
+        (
+            lambda m, k, d: m.update(metrics={"kind": "meter", "net_kw": 500.0, "load_kw": 1.0}),
+            RejectReason.IMPLAUSIBLE,
+            "metrics.net_kw",
+        ),
+        (
+            lambda m, k, d: m["reading"].update(energy_wh=m["reading"]["energy_wh"] + 200),
+            RejectReason.IMPLAUSIBLE,
+            "reading.energy_wh",
+        ),
+        (
+            lambda m, k, d: m["reading"].update(energy_wh=m["reading"]["energy_wh"] + 10),
+            RejectReason.BAD_SIGNATURE,
+            "reading.signature",
+        ),
+        (lambda m, k, d: m.pop("reading"), RejectReason.MISSING_READING, "reading"),
+        (
+            lambda m, k, d: m.update(metrics={"kind": "pv", "pv_kw": 1, "available_kw": 1,
+                                              "curtailment": 0}),
+            RejectReason.WRONG_KIND,
+            "metrics.kind",
+        ),
+    ],
+)  # fmt: skip
+def test_each_refusal_is_counted_by_reason_and_names_the_field(
+    validator: TelemetryValidator,
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    change: Any,
+    reason: RejectReason,
+    field: str,
+) -> None:
+    msg = telemetry(site, domain, keys["bus1-meter"], "bus1-meter")
+    change(msg, keys, domain)
+    out = _check(validator, "bus1-meter", msg)
+    assert _reason(out) is reason
+    assert isinstance(out, Rejected) and out.detail.startswith(field) and "expected" in out.detail
+    assert validator.rejected == {reason: 1}
+    # The refusal moved no state: the genuine message is still accepted.
+    good = telemetry(site, domain, keys["bus1-meter"], "bus1-meter")
+    assert isinstance(_check(validator, "bus1-meter", good), Telemetry)
+
+
+@pytest.mark.parametrize("forgery", ["other_key", "other_chain", "other_registry", "high_s"])
+def test_forged_signatures_are_refused(
+    validator: TelemetryValidator,
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    forgery: str,
+) -> None:
+    sign_domain = {
+        "other_chain": ReadingDomain(domain.chain_id + 1, domain.registry),
+        "other_registry": ReadingDomain(domain.chain_id, "0x" + "77" * 20),
+    }.get(forgery, domain)
+    key = keys["bus2-meter"] if forgery == "other_key" else keys["bus1-meter"]
+    msg = telemetry(site, sign_domain, key, "bus1-meter")
+    if forgery == "high_s":
+        sig = bytes.fromhex(msg["reading"]["signature"][2:])
+        n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+        s = n - int.from_bytes(sig[32:64], "big")  # the malleable twin: same signer, high s
+        flipped = sig[:32] + s.to_bytes(32, "big") + bytes([55 - sig[64]])
+        msg["reading"]["signature"] = "0x" + flipped.hex()
+    assert _reason(_check(validator, "bus1-meter", msg)) is RejectReason.BAD_SIGNATURE
+
+
+def test_a_replayed_reading_nonce_is_refused_even_in_a_new_message(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    key = keys["bus1-meter"]
+    assert isinstance(
+        _check(validator, "bus1-meter", telemetry(site, domain, key, "bus1-meter")), Telemetry
+    )
+    again = telemetry(site, domain, key, "bus1-meter", seq=2, nonce=0)
+    assert _reason(_check(validator, "bus1-meter", again)) is RejectReason.REPLAYED
+
+
+def test_sessions_births_and_deaths(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    key = keys["bus1-battery"]
+    death_old = json.dumps({"device": "bus1-battery", "bd_seq": 0, "ts": NOW_MS}).encode()
+    assert validator.on_death("bus1-battery", death_old) is None  # an old session's will
+    death = json.dumps({"device": "bus1-battery", "bd_seq": 1, "ts": NOW_MS}).encode()
+    assert validator.on_death("bus1-battery", death) is not None
+    msg = telemetry(site, domain, key, "bus1-battery")
+    assert _reason(_check(validator, "bus1-battery", msg)) is RejectReason.NO_SESSION
+    assert not isinstance(
+        validator.on_birth("bus1-battery", birth(site, "bus1-battery", 2), NOW_MS), Rejected
+    )
+    msg = telemetry(site, domain, key, "bus1-battery", bd_seq=2, seq=3)
+    assert isinstance(_check(validator, "bus1-battery", msg), Telemetry)
+    assert validator.sessions["bus1-battery"].missed == 2
+
+
+def test_a_birth_that_disagrees_with_the_manifest_is_refused(
+    validator: TelemetryValidator, site: SiteManifest
+) -> None:
+    raw = json.loads(birth(site, "bus1-meter", bd_seq=5))
+    raw["address"] = "0x" + "99" * 20
+    out = validator.on_birth("bus1-meter", json.dumps(raw).encode(), NOW_MS)
+    assert _reason(out) is RejectReason.BIRTH_MISMATCH
+    assert isinstance(out, Rejected) and out.detail.startswith("address: expected")
+    assert _reason(validator.on_birth("ghost", birth(site, "bus1-meter"), NOW_MS)) is (
+        RejectReason.TOPIC_MISMATCH
+    )
+
+
+def test_implausible_battery_power_names_the_rating(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    m = {"kind": "battery", "soc": 0.5, "soh": 1.0, "power_kw": 9.0}  # rated 5 kW
+    msg = telemetry(site, domain, keys["bus1-battery"], "bus1-battery", metrics=m)
+    out = _check(validator, "bus1-battery", msg)
+    assert _reason(out) is RejectReason.IMPLAUSIBLE
+    assert isinstance(out, Rejected) and "<= 5.250 kW" in out.detail
