@@ -51,6 +51,9 @@ class GridState:
     """(B, 4) last valid v_min, v_max (pu), max line loading, transformer loading (fractions)."""
     last_load_kw: FloatArray
     last_pv_kw: FloatArray
+    last_net_kw: FloatArray
+    """(B, n_prosumer) each prosumer's metered net consumption in the slot just simulated:
+    served load - PV output + own battery power (charging > 0). The market settles on it."""
     community_price: FloatArray
     noise_offset: IntArray
     """Where this episode's forecast errors start in the shared noise table."""
@@ -135,6 +138,7 @@ def reset_state(
         grid=grid,
         last_load_kw=load,
         last_pv_kw=pv,
+        last_net_kw=load - pv,
         community_price=price,
         noise_offset=noise_offset.astype(np.int64) % NOISE_TABLE_SIZE,
     )
@@ -272,6 +276,7 @@ def step(
         grid=grid,
         last_load_kw=load,
         last_pv_kw=pv_avail,
+        last_net_kw=fl.served_kw - pv + bs.power_kw[:, : p.n_prosumer],
         community_price=price,
     )
     return new_state, outcome

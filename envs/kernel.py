@@ -109,7 +109,7 @@ def step_kernel(
         p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
         p.prosumer_pq, p.battery_pq, p.import_price, p.tod_multiplier,
         s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid,
-        s.last_load_kw, s.last_pv_kw, s.community_price,
+        s.last_load_kw, s.last_pv_kw, s.last_net_kw, s.community_price,
         battery_kw, curtail, dr, price_mult, out,
     )  # fmt: skip
     return out, out[:, _COL["diverged"]] > 0.5
@@ -128,7 +128,7 @@ def _step_batch(
     sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes, v_lim,
     base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof, bg_sto_prof,
     prosumer_pq, battery_pq, import_price, tod,
-    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, community_price,
+    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     battery_kw, curtail, dr, price_mult, out,
 ):  # fmt: skip
     b = slot.shape[0]
@@ -177,6 +177,7 @@ def _step_batch(
             s_pq[prosumer_pq[k]] += complex(pv - served, -kvar_prof[t, k] * q_ratio) / base_kw
             last_load[i, k] = load
             last_pv[i, k] = pv_prof[t, k]
+            last_net[i, k] = served - pv
         # Batteries.
         charge = 0.0
         discharge = 0.0
@@ -209,6 +210,8 @@ def _step_batch(
             else:
                 discharge -= pw
             s_pq[battery_pq[k]] -= pw / base_kw
+            if k < n_p:
+                last_net[i, k] += pw
         bg_sto = bg_sto_prof[t]
         if bg_sto > 0.0:
             charge += bg_sto

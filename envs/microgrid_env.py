@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
+from envs.exchange import Exchange, market_info
 from envs.kpis import STEP_INFO, EpisodeKpis
 from envs.scenario import Scenario
 
@@ -124,6 +125,10 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         low, high = self.codec.bounds()
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (self.codec.act_dim,), dtype=np.float32)
+        market = self.scenario.market
+        self.exchange = (
+            Exchange(self.params, market, 1, self.engine.compiled) if market.enabled else None
+        )
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(1)
 
@@ -137,6 +142,8 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
             np.array([day]), None if soc is None else soc[None, :], np.array([offset])
         )
         self._kpis = EpisodeKpis(1)
+        if self.exchange is not None:
+            self.exchange.reset(np.array([0]))
         return self.engine.observe(self._state)[0], {"day": day, "split": self.split}
 
     def step(
@@ -145,6 +152,9 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         if self._state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         decoded = self.engine.decode(np.asarray(action)[None, :])
+        gate = None
+        if self.exchange is not None:
+            gate = self.exchange.open(self._state, decoded)
         self._state, out, matrix = self.engine.step(self._state, decoded)
         self._kpis.add_matrix(matrix)
         obs = self.engine.observe(self._state)[0]
@@ -155,6 +165,8 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         info["state_of_health"] = self._state.capacity_kwh[0] / np.maximum(
             self.params.batteries.capacity_kwh, 1e-12
         )
+        if gate is not None and self.exchange is not None:
+            info.update(market_info(self.exchange.close(gate, self._state), gate, 0))
         truncated = bool(out.truncated[0])
         if truncated:
             info["episode_kpis"] = self._kpis.row(0)

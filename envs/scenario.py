@@ -176,6 +176,44 @@ class RewardWeights(_Strict):
     """Charged once when the power flow diverges and the episode is truncated."""
 
 
+class MarketConfig(_Strict):
+    """The peer-to-peer market inside each step, and the ledger that settles it."""
+
+    enabled: bool = True
+    ledger: Literal["mirror"] = "mirror"
+    """Which ledger settles trades: `mirror` (contracts.model's rules in numpy, for training)."""
+    fee_bps: Annotated[int, Field(ge=0, le=1_000)] = 50
+    """Trading fee on each sale, to the treasury (EnergyTrading's cap is 1,000 bps)."""
+    imbalance_penalty_bps: Annotated[int, Field(ge=0, le=10_000)] = 2_000
+    """Traded vs metered differences settle at the reference price, worse by this much."""
+    band_low_bps: Annotated[int, Field(ge=0, le=10_000)] = 2_000
+    band_high_bps: Annotated[int, Field(ge=10_000, le=100_000)] = 30_000
+    """Limit prices must lie in [low, high] x the reference price, as EnergyTrading's band."""
+    bid_markup: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    """Default bidding rule: buyers bid reference x (1 + markup), sellers ask x (1 - markup)."""
+    initial_credit: NonNegative = 100.0
+    """Each prosumer's deposit (currency) when an episode starts; buy orders need the escrow."""
+    dr_loading: Annotated[float, Field(gt=0.0, le=3.0)] = 0.9
+    """Transformer loading that starts a demand-response event for the next slot."""
+    dr_voltage_pu: Annotated[float, Field(ge=0.0, le=0.2)] = 0.05
+    """|v - 1| beyond which a demand-response event starts, whatever the loading."""
+    emergency_loading: Annotated[float, Field(gt=0.0, le=5.0)] = 1.2
+    """Transformer loading that puts the market in emergency mode (no trading) for a slot."""
+    dr_incentive_per_kwh: NonNegative = 0.10
+    """RewardSystem tokens per kWh a prosumer's demand response removes during an event."""
+    renewable_reward_per_kwh: NonNegative = 0.02
+    """RewardSystem tokens per kWh of PV a prosumer sells in the market."""
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> MarketConfig:
+        if not self.dr_loading < self.emergency_loading:
+            raise ValueError(
+                f"dr_loading ({self.dr_loading}) must be below emergency_loading "
+                f"({self.emergency_loading})"
+            )
+        return self
+
+
 class ProsumerConfig(_Strict):
     """Which buses are controllable prosumers: `auto` or an explicit list of bus indices."""
 
@@ -208,6 +246,7 @@ class Scenario(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     forecast: ForecastConfig = Field(default_factory=ForecastConfig)
     reward: RewardWeights = Field(default_factory=RewardWeights)
+    market: MarketConfig = Field(default_factory=MarketConfig)
 
     @field_validator("grid")
     @classmethod

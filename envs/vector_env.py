@@ -24,6 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.dynamics import GridState, Solver, with_rows
 from envs.engine import Engine
+from envs.exchange import Exchange, market_columns
 from envs.kpis import STEP_INFO, EpisodeKpis
 from envs.scenario import Scenario
 
@@ -54,6 +55,12 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        market = self.scenario.market
+        self.exchange = (
+            Exchange(self.params, market, num_envs, self.engine.compiled)
+            if market.enabled
+            else None
+        )
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(num_envs)
 
@@ -73,6 +80,8 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         rows = np.arange(self.num_envs)
         self._state = self._fresh(rows, day, soc)
         self._kpis = EpisodeKpis(self.num_envs)
+        if self.exchange is not None:
+            self.exchange.reset(rows)
         days = (self._state.slot // self.params.steps_per_day).copy()
         return self.engine.observe(self._state), {"day": days, "_day": np.ones_like(rows, bool)}
 
@@ -89,6 +98,9 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
         decoded = self.engine.decode(actions)
+        gate = None
+        if self.exchange is not None:
+            gate = self.exchange.open(self._state, decoded)
         self._state, out, matrix = self.engine.step(self._state, decoded)
         self._kpis.add_matrix(matrix)
         obs = self.engine.observe(self._state)
@@ -99,6 +111,10 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
             infos[f"_{key}"] = every
         infos["action_clipped"] = decoded.clipped
         infos["_action_clipped"] = every
+        if gate is not None and self.exchange is not None:
+            for key, column in market_columns(self.exchange.close(gate, self._state), gate).items():
+                infos[key] = column
+                infos[f"_{key}"] = every
         truncated = out.truncated.copy()
         terminated = np.zeros(self.num_envs, dtype=bool)
         done_rows = np.flatnonzero(truncated)
@@ -120,6 +136,8 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
             fresh = self._fresh(done_rows, None, None)
             self._state = with_rows(self._state, done_rows, fresh)
             self._kpis.reset_rows(done_rows)
+            if self.exchange is not None:
+                self.exchange.reset(done_rows)
             obs[done_rows] = self.engine.observe(fresh)
         return obs, out.reward.copy(), terminated, truncated, infos
 

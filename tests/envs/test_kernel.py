@@ -11,7 +11,7 @@ import pytest
 
 from envs import Scenario
 from envs.codec import Codec
-from envs.dynamics import observe, reset_state, step
+from envs.dynamics import GridState, observe, reset_state, step
 from envs.grid import build_grid
 from envs.kernel import (
     CompiledParams,
@@ -57,8 +57,8 @@ def test_kernel_matches_reference_over_two_days(mode: str) -> None:
                 atol=1e-6,
                 err_msg=f"{name} differs at step {k}",
             )
-        for name in ("soc", "capacity_kwh", "backlog_kwh", "grid", "community_price"):
+        for name in GridState.__dataclass_fields__:
             np.testing.assert_allclose(
-                getattr(fast, name), getattr(ref, name), rtol=1e-6, atol=1e-8
+                getattr(fast, name), getattr(ref, name), rtol=1e-6, atol=1e-8, err_msg=name
             )
         assert np.array_equal(fast.slot, ref.slot) and np.array_equal(fast.step, ref.step)

@@ -1,0 +1,164 @@
+"""The market around the physics of a step: gate closure before it, settlement after it.
+
+`Exchange.open` runs at gate closure, before the slot is simulated: it fixes the reference price
+(the seed formula's community price, which the operator's price signal moves), detects
+demand-response and emergency conditions from the last solved grid state (GridBalance's rules)
+and takes the book. `Exchange.close` runs after the physics: the meters read what really flowed
+and the ledger settles fills, imbalances and rewards. The env shells call the two around
+`Engine.step`; the book comes from the default bidding rule (single agent) or from
+each prosumer agent's bid (`envs.parallel_env`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from envs.codec import DecodedAction
+from envs.dynamics import GridState
+from envs.kernel import CompiledParams
+from envs.ledger import Ledger, MirrorLedger, Settlement, SlotInput
+from envs.market import MONEY_UNITS, Book, band
+from envs.market_kernel import gate_rows
+from envs.params import FloatArray, GridParams, IntArray
+from envs.scenario import MarketConfig
+
+
+@dataclass(frozen=True)
+class GateClosure:
+    """What is fixed before the slot runs."""
+
+    slot: IntArray
+    book: Book
+    reference: IntArray
+    dr_event: np.ndarray
+    emergency: np.ndarray
+    dr_reduction_wh: IntArray
+
+
+#: Per-step market figures in `info` (floats; energies kWh, money in currency).
+MARKET_INFO: tuple[str, ...] = (
+    "market_price",
+    "market_traded_kwh",
+    "market_fees",
+    "market_imbalance_kwh",
+    "market_refused_orders",
+    "market_rewards",
+    "market_gas_used",
+    "market_transactions",
+    "dr_event",
+    "emergency",
+)
+
+
+class Exchange:
+    """One scenario's market for a batch of `batch` grids."""
+
+    def __init__(
+        self,
+        params: GridParams,
+        config: MarketConfig,
+        batch: int,
+        compiled: CompiledParams | None = None,
+    ) -> None:
+        self.params = params
+        self.config = config
+        self.batch = batch
+        self.n = params.n_prosumer
+        self.ledger: Ledger = MirrorLedger(batch, self.n, config)
+        self._compiled = compiled if compiled is not None else CompiledParams(params)
+        self._mcfg = np.array(
+            [
+                config.band_low_bps,
+                config.band_high_bps,
+                config.bid_markup,
+                config.dr_loading,
+                config.dr_voltage_pu,
+                config.emergency_loading,
+            ],
+            dtype=np.float64,
+        )
+
+    def reset(self, rows: IntArray) -> None:
+        self.ledger.reset(rows)
+
+    def band(self, reference: IntArray) -> tuple[IntArray, IntArray]:
+        """The allowed limit-price band of each row (money units per Wh)."""
+        low, high = band(reference, self.config.band_low_bps, self.config.band_high_bps)
+        return np.maximum(low, 1), high
+
+    def open(
+        self, state: GridState, action: DecodedAction, book: Book | None = None
+    ) -> GateClosure:
+        """Fix the slot's reference price, events and book (call before `Engine.step`).
+
+        Without a `book`, every prosumer orders by the default bidding rule: its expected net
+        position = forecast load (less demand response, plus the backlog's rebound) - forecast
+        PV after curtailment + the battery set-point within what SoC allows; buyers bid the
+        reference x (1 + markup), sellers ask x (1 - markup), inside the band.
+        """
+        b, n = state.slot.shape[0], self.n
+        c = self._compiled
+        reference = np.empty(b, dtype=np.int64)
+        dr_event = np.empty(b, dtype=np.bool_)
+        emergency = np.empty(b, dtype=np.bool_)
+        reduction = np.empty((b, n), dtype=np.int64)
+        use_rule = book is None
+        qty = np.zeros((b, n), dtype=np.int64) if use_rule else book.qty_wh
+        limit = np.zeros((b, n), dtype=np.int64) if use_rule else book.limit
+        side = np.zeros((b, n), dtype=np.int64) if use_rule else book.side
+        gate_rows(
+            self._mcfg, c.scalars, c.battery, c.forecast_mode, float(c.lead_scale[0]), c.noise,
+            c.stride, self.params.horizon, self.params.prosumer_load_kw,
+            self.params.prosumer_pv_kw, state.slot, state.step, state.soc, state.capacity_kwh,
+            state.backlog_kwh, state.grid, state.last_load_kw, state.last_pv_kw,
+            state.community_price, state.noise_offset, action.battery_kw, action.pv_curtailment,
+            action.dr_share, use_rule, reference, dr_event, emergency, reduction, qty, limit, side,
+        )  # fmt: skip
+        return GateClosure(
+            slot=state.slot.copy(),
+            book=Book(qty, limit, side) if use_rule else book,
+            reference=reference,
+            dr_event=dr_event,
+            emergency=emergency,
+            dr_reduction_wh=reduction,
+        )
+
+    # ---- settlement --------------------------------------------------------------------
+    def close(self, gate: GateClosure, state: GridState) -> Settlement:
+        """Meter the slot just simulated and settle it (call after `Engine.step`)."""
+        metered = np.rint(state.last_net_kw * self.params.dt_h * 1000.0).astype(np.int64)
+        return self.ledger.settle(
+            SlotInput(
+                slot=gate.slot,
+                book=gate.book,
+                reference=gate.reference,
+                metered_wh=metered,
+                dr_event=gate.dr_event,
+                dr_reduction_wh=gate.dr_reduction_wh,
+                emergency=gate.emergency,
+            )
+        )
+
+
+def market_columns(s: Settlement, gate: GateClosure) -> dict[str, FloatArray]:
+    """The slot's market figures per grid, in currency and kWh, keyed as `MARKET_INFO`."""
+    return {
+        "market_price": s.price * (1000.0 / MONEY_UNITS),
+        "market_traded_kwh": s.volume_wh / 1000.0,
+        "market_fees": s.fees / MONEY_UNITS,
+        "market_imbalance_kwh": np.abs(s.imbalance_wh).sum(axis=1) / 1000.0,
+        "market_refused_orders": s.refused.astype(np.float64),
+        "market_rewards": s.rewards.sum(axis=1) / MONEY_UNITS,
+        "market_gas_used": s.gas_used.astype(np.float64),
+        "market_transactions": s.transactions.astype(np.float64),
+        "dr_event": gate.dr_event.astype(np.float64),
+        "emergency": gate.emergency.astype(np.float64),
+    }
+
+
+def market_info(s: Settlement, gate: GateClosure, i: int) -> dict[str, Any]:
+    """Row `i` of the market figures as plain floats (the single env's `info`)."""
+    return {k: float(v[i]) for k, v in market_columns(s, gate).items()}

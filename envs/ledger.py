@@ -1,0 +1,165 @@
+"""Ledgers: who settles a slot's trades, meter readings, demand response and rewards.
+
+The environment talks to a `Ledger`; the scenario chooses which. `MirrorLedger` restates the
+contract suite's settlement rules in integer numpy over the whole batch (what training runs on);
+chain-backed ledgers run the same slots through the deployed contracts. Every ledger takes the
+same `SlotInput` and returns the same `Settlement`, in the contracts' units (Wh, money units of
+``envs.market.MONEY_UNITS`` per currency, prices in money units per Wh), so the environment
+cannot tell them apart except by speed and the gas they report.
+
+Settlement rules of one slot (EnergyTrading, GridBalance and RewardSystem, restated):
+
+* buy orders whose escrow (qty x limit) exceeds the buyer's free credit are refused, as
+  ``createOrder`` reverts; in emergency mode no order is accepted at all;
+* the book clears at one uniform price (``envs.market.clear_books``); buyers pay fill x price,
+  sellers receive fill x price less ``fee_bps``, which goes to the treasury;
+* the meter reading then settles the difference between traded and metered energy at the
+  reference price, worse by ``imbalance_penalty_bps`` either way, against the community account;
+* during a demand-response event each prosumer earns ``dr_incentive`` reward tokens per kWh its
+  demand response removed; energy sold in the market earns the renewable reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from envs.market import MONEY_UNITS, Book
+from envs.market_kernel import settle_rows
+from envs.params import IntArray
+from envs.scenario import MarketConfig
+
+BoolArray = NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class SlotInput:
+    """What a ledger needs to settle one slot of every grid in the batch."""
+
+    slot: IntArray
+    """(B,) absolute slot of the year."""
+    book: Book
+    reference: IntArray
+    """(B,) reference (grid) price, money units per Wh: imbalances settle at it."""
+    metered_wh: IntArray
+    """(B, n) each prosumer's metered net consumption (export < 0)."""
+    dr_event: BoolArray
+    """(B,) a demand-response event covers this slot."""
+    dr_reduction_wh: IntArray
+    """(B, n) energy each prosumer's demand response removed from its load."""
+    emergency: BoolArray
+    """(B,) emergency mode: trading stops, meters and settlement go on."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a ledger did for one slot of every grid."""
+
+    price: IntArray
+    """(B,) clearing price (money units per Wh), 0 where nothing traded."""
+    volume_wh: IntArray
+    fill_wh: IntArray
+    """(B, n) fill of each prosumer's order."""
+    cash: IntArray
+    """(B, n) change of each prosumer's credit this slot (trading, fees and imbalance)."""
+    fees: IntArray
+    imbalance_wh: IntArray
+    """(B, n) metered minus traded energy (bought > 0, sold < 0)."""
+    refused: IntArray
+    """(B,) orders refused: escrow beyond credit, or emergency mode."""
+    rewards: IntArray
+    """(B, n) reward-token units (1e-9 token) earned this slot."""
+    gas_used: IntArray
+    """(B,) gas the slot's transactions used (0 off chain)."""
+    transactions: IntArray
+
+
+class Ledger(Protocol):
+    """A settlement backend for a batch of `batch` grids with `n` prosumers each."""
+
+    name: str
+
+    def reset(self, rows: IntArray) -> None:
+        """Start the accounts of `rows` afresh (a new episode)."""
+
+    def settle(self, slot: SlotInput) -> Settlement:
+        """Settle one slot of every grid."""
+
+    def credits(self) -> IntArray:
+        """(B, n) free credit of every prosumer."""
+
+
+def units(amount: float) -> int:
+    """Currency (or tokens) -> integer money units."""
+    return round(amount * MONEY_UNITS)
+
+
+def per_wh(rate_per_kwh: float) -> int:
+    """A rate per kWh -> money units per Wh."""
+    return round(rate_per_kwh * MONEY_UNITS / 1000)
+
+
+class MirrorLedger:
+    """The suite's settlement rules in integer numpy: the fast ledger training runs on."""
+
+    name = "mirror"
+
+    def __init__(self, batch: int, n: int, config: MarketConfig) -> None:
+        self.batch = batch
+        self.n = n
+        self.config = config
+        self._initial = units(config.initial_credit)
+        self._credit = np.full((batch, n), self._initial, dtype=np.int64)
+        self.treasury = np.zeros(batch, dtype=np.int64)
+        """Fees collected per grid."""
+        self.community = np.zeros(batch, dtype=np.int64)
+        """The community account's net from imbalance settlement, per grid."""
+        self.reward_tokens = np.zeros((batch, n), dtype=np.int64)
+        self._rates = np.array(
+            [
+                config.fee_bps,
+                config.imbalance_penalty_bps,
+                per_wh(config.dr_incentive_per_kwh),
+                per_wh(config.renewable_reward_per_kwh),
+            ],
+            dtype=np.int64,
+        )
+
+    def reset(self, rows: IntArray) -> None:
+        self._credit[rows] = self._initial
+        self.treasury[rows] = 0
+        self.community[rows] = 0
+        self.reward_tokens[rows] = 0
+
+    def credits(self) -> IntArray:
+        return self._credit.copy()
+
+    def settle(self, slot: SlotInput) -> Settlement:
+        b, n = self.batch, self.n
+        out = {k: np.zeros((b, n), dtype=np.int64) for k in ("fill", "cash", "imb", "rew")}
+        per_row = {k: np.zeros(b, dtype=np.int64) for k in ("price", "vol", "fees", "ref", "com")}
+        settle_rows(
+            self._rates, slot.book.qty_wh, slot.book.limit, slot.book.side, slot.reference,
+            slot.metered_wh, slot.dr_event, slot.dr_reduction_wh, slot.emergency, self._credit,
+            per_row["price"], per_row["vol"], out["fill"], out["cash"], per_row["fees"],
+            out["imb"], per_row["ref"], out["rew"], per_row["com"],
+        )  # fmt: skip
+        self.treasury += per_row["fees"]
+        self.community += per_row["com"]
+        self.reward_tokens += out["rew"]
+        zeros = np.zeros(b, dtype=np.int64)
+        return Settlement(
+            price=per_row["price"],
+            volume_wh=per_row["vol"],
+            fill_wh=out["fill"],
+            cash=out["cash"],
+            fees=per_row["fees"],
+            imbalance_wh=out["imb"],
+            refused=per_row["ref"],
+            rewards=out["rew"],
+            gas_used=zeros,
+            transactions=zeros.copy(),
+        )
