@@ -6,9 +6,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck imports pytest demo bench contracts clean
+.PHONY: setup mosquitto test lint typecheck imports pytest demo bench contracts clean
 
-setup: $(STAMP) node_modules/.installed
+setup: $(STAMP) node_modules/.installed mosquitto
+
+# The MQTT broker the bridge tests start (Debian package; the package starts no service).
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
+	    else echo "mosquitto missing: run 'sudo apt-get install -y mosquitto'" >&2; exit 1; fi; }
 
 # torch's CPU wheel lies on this machine's disk; installing it first stops pip pulling a CUDA build.
 $(STAMP): pyproject.toml

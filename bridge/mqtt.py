@@ -1,0 +1,139 @@
+"""The thin MQTT shell: paho-mqtt 2 moving bytes between the broker and an asyncio queue.
+
+It decides nothing (aiomqtt's lesson): payloads stay bytes, and every decision is in the sans-I/O
+core. paho runs its network loop in its own thread; received messages cross into the event loop
+with `call_soon_threadsafe`. TLS and a user name/password are mandatory outside tests of the
+refusal itself; the last will is set before connecting, as Sparkplug requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.errors import BridgeError
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+class MqttLink:
+    """One MQTT connection: connect, subscribe, publish, and an async stream of messages."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        username: str,
+        password: str,
+        ca_file: str | Path | None = None,
+        will: Will | None = None,
+        keepalive: int = 10,
+    ) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise BridgeError(f"broker url: expected mqtts://HOST:PORT or mqtt://..., got {url!r}")
+        self.host = parsed.hostname
+        self.port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        self.keepalive = keepalive
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
+        )
+        self.client.username_pw_set(username, password)
+        if parsed.scheme == "mqtts":
+            self.client.tls_set(
+                ca_certs=str(ca_file) if ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT
+            )
+        if will is not None:
+            self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(1000)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.queue: asyncio.Queue[Received] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscriptions: list[str] = []
+        self._refused: str | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ---- paho thread -> event loop ---------------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        assert self._loop is not None
+        if reason.is_failure:
+            self._refused = str(reason)
+            self._loop.call_soon_threadsafe(self.connected.set)
+            return
+        for sub in self._subscriptions:  # re-subscribe after every reconnect
+            client.subscribe(sub, qos=1)
+        self._loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.connected.clear)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(
+            self.queue.put_nowait, Received(message.topic, bytes(message.payload))
+        )
+
+    # ---- async API -------------------------------------------------------------------------
+    async def connect(self, subscriptions: list[str] = (), timeout_s: float = 10.0) -> None:  # type: ignore[assignment]
+        """Connect (TLS, credentials, will), subscribe, and wait until the broker said yes."""
+        self._loop = asyncio.get_running_loop()
+        self._subscriptions = list(subscriptions)
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout_s)
+        except TimeoutError:
+            self.client.loop_stop()
+            raise BridgeError(
+                f"broker {self.host}:{self.port}: no CONNACK within {timeout_s} s"
+            ) from None
+        if self._refused is not None:
+            self.client.loop_stop()
+            raise BridgeError(
+                f"broker {self.host}:{self.port} refused the connection: {self._refused}"
+            )
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:
+        """Queue a publish (paho sends it from its thread); returns paho's MessageInfo."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def receive(self, timeout_s: float | None = None) -> Received | None:
+        """The next message, or None after `timeout_s`."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout_s)
+        except TimeoutError:
+            return None
+
+    async def close(self, goodbye: tuple[str, bytes] | None = None) -> None:
+        """Publish a clean goodbye (the will does not fire on a clean disconnect), then leave."""
+        if goodbye is not None and self.connected.is_set():
+            info = self.publish(goodbye[0], goodbye[1])
+            await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 5)
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,150 @@
+"""Through a real mosquitto (TLS, a password per device, the ACL): refusals and one full slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agents.baselines import IdlePolicy
+from bridge.commands import CommandState
+from bridge.core import BridgeCore, Publish
+from bridge.decision import Source
+from bridge.errors import BridgeError
+from bridge.mqtt import MqttLink, Will
+from bridge.signing import ReadingDomain
+from bridge.site import SiteManifest
+from bridge.site_builder import device_key
+from bridge.topics import MessageType, bridge_subscriptions, device_subscriptions, topic
+from bridge.validation import TelemetryValidator, ValidationLimits
+from bridge.virtual_device import VirtualDevice
+from tests.bridge.broker import Broker, mosquitto
+from tests.bridge.helpers import SEED, metrics_for
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory, site: SiteManifest) -> Iterator[Broker]:
+    with mosquitto(tmp_path_factory.mktemp("mosquitto"), [d.id for d in site.devices]) as b:
+        yield b
+
+
+def _link(
+    broker: Broker, user: str, *, password: str | None = None, will: Will | None = None
+) -> MqttLink:
+    return MqttLink(
+        broker.url,
+        client_id=f"{user}-{time.monotonic_ns()}",
+        username=user,
+        password=password or broker.passwords[user],
+        ca_file=broker.ca_file,
+        will=will,
+    )
+
+
+async def _drain(link: MqttLink, seconds: float) -> list[tuple[str, bytes]]:
+    got = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        msg = await link.receive(left)
+        if msg is not None:
+            got.append((msg.topic, msg.payload))
+    return got
+
+
+def test_wrong_password_and_plain_tcp_are_refused(broker: Broker) -> None:
+    async def run() -> None:
+        with pytest.raises(BridgeError, match="refused"):
+            await _link(broker, "bus1-meter", password="guess").connect(timeout_s=5)
+        plain = MqttLink(
+            f"mqtt://127.0.0.1:{broker.port}",
+            client_id="x",
+            username="bridge",
+            password=broker.passwords["bridge"],
+        )
+        with pytest.raises(BridgeError):
+            await plain.connect(timeout_s=2)
+
+    asyncio.run(run())
+
+
+def test_the_acl_keeps_each_device_on_its_own_topics(broker: Broker) -> None:
+    async def run() -> None:
+        bridge = _link(broker, "bridge")
+        await bridge.connect(bridge_subscriptions("site1"))
+        meter = _link(broker, "bus1-meter")
+        await meter.connect(device_subscriptions("site1", "bus1-meter", "bridge"))
+        spy = _link(broker, "bus2-meter")  # tries to read bus1-meter's commands
+        await spy.connect([topic("site1", MessageType.DCMD, "bus1-meter")])
+        meter.publish(topic("site1", MessageType.DDATA, "bus2-meter"), b"impersonation")
+        meter.publish(topic("site1", MessageType.DDATA, "bus1-meter"), b"own")
+        bridge.publish(topic("site1", MessageType.DCMD, "bus1-meter"), b"cmd")
+        at_bridge = await _drain(bridge, 1.0)
+        assert at_bridge == [("mgv1/site1/DDATA/bus1-meter", b"own")]
+        assert await _drain(meter, 0.2) == [("mgv1/site1/DCMD/bus1-meter", b"cmd")]
+        assert await _drain(spy, 0.2) == []
+        for link in (bridge, meter, spy):
+            await link.close()
+
+    asyncio.run(run())
+
+
+def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None:
+    """Births and signed telemetry in, validated; the decision out as commands; every command
+    applied and acknowledged within the device's limits."""
+    now_s = int(time.time())
+    genesis = now_s - now_s % 86_400
+    domain = ReadingDomain(31337, "0x" + "5a" * 20)
+    slot = (now_s - genesis) // 900
+
+    async def run() -> None:
+        validator = TelemetryValidator(site, domain, ValidationLimits(genesis=genesis))
+        core = BridgeCore(site, validator, IdlePolicy(site.make_codec()), policy_name="idle")
+        bridge = _link(broker, "bridge", will=Will(**core.will(now_s * 1000).__dict__))
+        await bridge.connect(bridge_subscriptions("site1"))
+        devices = {}
+        links = {}
+        for spec in site.devices:
+            dev = VirtualDevice(
+                "site1", spec, device_key(SEED, spec.id), domain, soc_min=0.1, soc_max=0.9
+            )
+            (wt, wp), (bt, bp) = dev.connect(int(time.time() * 1000))
+            link = _link(broker, spec.id, will=Will(wt, wp))
+            await link.connect(device_subscriptions("site1", spec.id, "bridge"))
+            link.publish(bt, bp)
+            devices[spec.id], links[spec.id] = dev, link
+        await asyncio.sleep(0.3)
+        for spec in site.devices:
+            m = {k: v for k, v in metrics_for(spec.kind.value).items() if k != "kind"}
+            wh = round(m["net_kw"] * 250) if spec.kind.value == "meter" else None  # type: ignore[operator]
+            t, p = devices[spec.id].telemetry(slot - 1, int(time.time() * 1000), m, wh)
+            links[spec.id].publish(t, p)
+        work = []
+        for t, p in await _drain(bridge, 1.5):
+            work += core.handle(t, p, int(time.time() * 1000))
+        assert validator.accepted == 2 * len(site.devices), dict(validator.rejected)
+        assert sum(validator.rejected.values()) == 0
+        assert {w.key for w in work if not isinstance(w, Publish)} == {
+            f"reading:{p.meter}:{slot - 1}" for p in site.prosumers
+        }
+        decision, commands = core.decide(slot, int(time.time() * 1000))
+        assert decision.source is Source.POLICY and len(commands) == 7
+        for c in commands:
+            bridge.publish(c.topic, c.payload)
+        for device_id, link in links.items():
+            for t, p in await _drain(link, 0.3):
+                if "/DCMD/" in t:
+                    for at, ap in devices[device_id].on_command(p, int(time.time() * 1000)):
+                        link.publish(at, ap)
+        for t, p in await _drain(bridge, 1.0):
+            core.handle(t, p, int(time.time() * 1000))
+        assert core.tracker.finished == {CommandState.APPLIED: 7}
+        for dev in devices.values():
+            if dev.spec.kind.value == "battery":
+                assert abs(dev.setpoint_kw) <= dev.spec.power_kw
+        for link in links.values():
+            await link.close()
+        await bridge.close()
+
+    asyncio.run(run())
