@@ -8,14 +8,22 @@ so callers handle both backends alike. The differential test
 (tests/contracts/test_invariants_market.py) drives this model and the real contract with the same
 random operations and requires identical outcomes, errors included.
 
-Not mirrored: access control (the model has no callers' roles) and the price band, which the
-caller supplies per slot (:func:`price_band` computes it from :class:`PriceParams`).
+Signed batches (``settleSignedBatch``) and metering reconciliation (``reconcileSlot``) are
+mirrored too, with the helpers both backends share: :class:`SignedOrder` (what a prosumer signs),
+:class:`Trade` and :func:`trade_commitment` (the hash chain a settlement commits to) and
+:func:`reconciliation_args` (the account list and indices ``reconcileSlot`` takes).
+
+Not mirrored: access control (the model has no callers' roles) and signatures (the model takes
+signed orders as valid; :mod:`contracts.client` signs and the contract verifies).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from eth_utils import keccak
 
 from contracts import clearing
 from contracts.errors import ContractRevert
@@ -24,6 +32,9 @@ SLOT_SECONDS = 900
 MAX_ORDERS_PER_SLOT = 450
 MAX_DURATION_SLOTS = 8
 MAX_FEE_BPS = 1_000
+MAX_SIGNED_BATCH = 1_000
+#: Seconds after a slot's end until its readings are final (DeviceRegistry's ``readingWindow``).
+READING_WINDOW_SECONDS = 600
 
 
 class Side(IntEnum):
@@ -38,6 +49,7 @@ class PriceParams:
     """The seed formula in fixed point: ``gridPrice = baseRate * (demand + stress) * tod / 1e8``.
 
     ``base_rate`` is in token base units per Wh; the factors and the band are basis points.
+    ``imbalance_penalty_bps`` worsens the grid price for metering imbalances (at most 10,000).
     """
 
     base_rate: int = 250_000_000_000_000  # 0.25 token/kWh for an 18-decimal token
@@ -46,8 +58,9 @@ class PriceParams:
     band_low_bps: int = 2_000
     band_high_bps: int = 30_000
     tod_multiplier_bps: tuple[int, ...] = (10_000,) * 24
+    imbalance_penalty_bps: int = 2_000
 
-    def as_args(self) -> tuple[tuple[int, int, int, int, int], list[int]]:
+    def as_args(self) -> tuple[tuple[int, int, int, int, int, int], list[int]]:
         """The constructor / ``setPriceParams`` arguments."""
         if len(self.tod_multiplier_bps) != 24:
             raise ValueError("tod_multiplier_bps needs 24 hourly values")
@@ -58,6 +71,7 @@ class PriceParams:
                 self.grid_stress_factor_bps,
                 self.band_low_bps,
                 self.band_high_bps,
+                self.imbalance_penalty_bps,
             ),
             list(self.tod_multiplier_bps),
         )
@@ -74,6 +88,90 @@ def price_band(params: PriceParams, slot: int) -> tuple[int, int]:
     """Allowed limit-price band of ``slot``, as ``priceBand``."""
     ref = grid_price(params, slot)
     return ref * params.band_low_bps // 10_000, ref * params.band_high_bps // 10_000
+
+
+def imbalance_prices(params: PriceParams, slot: int) -> tuple[int, int]:
+    """Per-Wh (shortfall, surplus) prices of a metering imbalance, as ``imbalancePrices``."""
+    ref = grid_price(params, slot)
+    penalty = params.imbalance_penalty_bps
+    return ref * (10_000 + penalty) // 10_000, ref * (10_000 - penalty) // 10_000
+
+
+@dataclass(frozen=True)
+class SignedOrder:
+    """An order a prosumer signs off-chain (EIP-712 ``SignedOrder``) for one slot.
+
+    ``nonce`` (0-255) tells one owner's orders in a slot apart and is the bit
+    ``cancelSignedOrders`` sets. A batch lists orders by :attr:`key`, strictly increasing.
+    """
+
+    owner: str
+    slot: int
+    side: Side
+    energy_wh: int
+    limit_price: int
+    nonce: int = 0
+
+    @property
+    def key(self) -> int:
+        """Sort key of the batch: owner address, then nonce."""
+        return int(self.owner, 16) << 8 | self.nonce
+
+    def as_tuple(self) -> tuple[str, int, int, int, int, int]:
+        """The ABI tuple of ``IEnergyTrading.SignedOrder``."""
+        return (self.owner, self.slot, int(self.side), self.energy_wh, self.limit_price, self.nonce)
+
+
+@dataclass(frozen=True)
+class Trade:
+    """One line of a slot's committed trade list: an order's owner, side and fill."""
+
+    owner: str
+    side: Side
+    fill_wh: int
+
+
+def link(previous: bytes, trade: Trade) -> bytes:
+    """One step of the trade commitment: ``keccak(previous, owner << 96 | side << 64 | fill)``."""
+    word = int(trade.owner, 16) << 96 | int(trade.side) << 64 | trade.fill_wh
+    return keccak(previous + word.to_bytes(32, "big"))
+
+
+def trade_commitment(trades: Iterable[Trade]) -> bytes:
+    """The hash chain a settlement stores over its trades (``tradeCommitment``)."""
+    chain = bytes(32)
+    for trade in trades:
+        chain = link(chain, trade)
+    return chain
+
+
+def reconciliation_args(
+    trades: Sequence[Trade], members: Iterable[str] = ()
+) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """``reconcileSlot``'s ``accounts`` and ``trades`` arguments for a committed trade list.
+
+    The accounts are every owner with a fill plus ``members`` (metered accounts without a fill),
+    sorted by address as the contract requires; each trade names its owner's index.
+    """
+    owners = {t.owner for t in trades if t.fill_wh} | set(members)
+    accounts = sorted(owners, key=lambda a: int(a, 16))
+    index = {a: i for i, a in enumerate(accounts)}
+    rows = [
+        (t.owner, int(t.side), t.fill_wh, index.get(t.owner, len(accounts)) if t.fill_wh else 0)
+        for t in trades
+    ]
+    return accounts, rows
+
+
+@dataclass(frozen=True)
+class ModelReconciliation:
+    """What reconciling a slot did: per account imbalance (Wh) and credit change, and totals."""
+
+    imbalance_wh: dict[str, int]
+    credited: dict[str, int]
+    unpaid: dict[str, int]
+    charged: int
+    paid: int
 
 
 @dataclass
@@ -97,6 +195,8 @@ class ModelSlotResult:
     volume_wh: int
     order_count: int
     fee: int
+    signed_batch: bool = False
+    fee_bps: int = 0
 
 
 @dataclass
@@ -115,6 +215,11 @@ class MarketModel:
     books: dict[int, list[int]] = field(default_factory=dict)
     results: dict[int, ModelSlotResult] = field(default_factory=dict)
     next_order_id: int = 1
+    reading_window_seconds: int = READING_WINDOW_SECONDS
+    trades: dict[int, list[Trade]] = field(default_factory=dict)
+    """Each settled slot's committed trade list, in settlement order."""
+    cancelled_nonces: dict[tuple[str, int], int] = field(default_factory=dict)
+    reconciled: dict[int, ModelReconciliation] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ helpers
 
@@ -151,7 +256,8 @@ class MarketModel:
     # ------------------------------------------------------------------ ledger
 
     def deposit(self, account: str, amount: int) -> None:
-        """``deposit(amount)`` (the token transfer itself is the caller's business)."""
+        """``deposit(amount)`` or ``depositFor(account, amount)`` (the token transfer itself is
+        the caller's business)."""
         self._require_not_paused()
         if amount == 0:
             raise self._revert("EnergyTradingZeroAmount")
@@ -272,5 +378,177 @@ class MarketModel:
                 self.credits[order.owner] = self.credit_of(order.owner) + value - fee
         if fees:
             self.credits[self.treasury] = self.credit_of(self.treasury) + fees
-        self.results[slot] = ModelSlotResult(result.price, result.volume, len(ids), fees)
+        self.results[slot] = ModelSlotResult(
+            result.price, result.volume, len(ids), fees, fee_bps=self.fee_bps
+        )
+        self.trades[slot] = [
+            Trade(self.orders[i].owner, self.orders[i].side, f)
+            for i, f in zip(ids, result.fills.tolist(), strict=True)
+        ]
         return result
+
+    # ------------------------------------------------------------------ signed batches
+
+    def cancel_signed_orders(self, account: str, slot: int, mask: int, now: int) -> None:
+        """``cancelSignedOrders(slot, mask)``: allowed while paused, only before gate closure."""
+        if mask == 0:
+            raise self._revert("EnergyTradingZeroAmount")
+        self._require_gate_open(slot, now)
+        self.cancelled_nonces[account, slot] = self.cancelled_nonces.get((account, slot), 0) | mask
+
+    def settle_signed_batch(
+        self, slot: int, orders: Sequence[SignedOrder], now: int
+    ) -> clearing.BookClearing:
+        """``settleSignedBatch`` with the reference solver's clearing of ``orders`` (in batch
+        order, which must be strictly increasing by :attr:`SignedOrder.key`); returns it.
+
+        Buyers pay at once; sellers' proceeds net of fee wait in escrow for
+        :meth:`reconcile_slot`. Checks run in the contract's order, so the first broken rule
+        raises the contract's error.
+        """
+        self._require_not_paused()
+        n = len(orders)
+        if n > MAX_SIGNED_BATCH:
+            raise self._revert("EnergyTradingBatchTooLarge", count=n, max=MAX_SIGNED_BATCH)
+        on_book = len(self.books.get(slot, []))
+        if on_book:
+            raise self._revert("EnergyTradingSlotHasBookOrders", slot=slot, count=on_book)
+        closes_at = self.gate_closes_at(slot)
+        if now < closes_at:
+            raise self._revert("EnergyTradingGateOpen", slot=slot, closesAt=closes_at)
+        if slot in self.results:
+            raise self._revert("EnergyTradingSlotAlreadyCleared", slot=slot)
+        low, high = price_band(self.price, slot)
+        previous = -1
+        for i, order in enumerate(orders):
+            if order.slot != slot:
+                raise self._revert(
+                    "EnergyTradingOrderSlotMismatch", index=i, orderSlot=order.slot, slot=slot
+                )
+            if order.energy_wh == 0:
+                raise self._revert("EnergyTradingZeroAmount")
+            limit = order.limit_price
+            if limit < low or limit > high or limit == 0:
+                raise self._revert(
+                    "EnergyTradingPriceOutOfBand", limitPrice=limit, low=low, high=high
+                )
+            if order.key <= previous:
+                raise self._revert("EnergyTradingBatchNotSorted", index=i)
+            previous = order.key
+            if self.cancelled_nonces.get((order.owner, slot), 0) >> order.nonce & 1:
+                raise self._revert(
+                    "EnergyTradingSignedOrderCancelled",
+                    index=i,
+                    owner=order.owner,
+                    nonce=order.nonce,
+                )
+        result = clearing.clear_book(
+            [o.energy_wh for o in orders],
+            [o.limit_price for o in orders],
+            [int(o.side) for o in orders],
+        )
+        fills = result.fills.tolist()
+        credits = dict(self.credits)  # the batch is atomic: commit only when every check passed
+        paid = fees = 0
+        for i, (order, fill) in enumerate(zip(orders, fills, strict=True)):
+            value = fill * result.price
+            if order.side == Side.BUY:
+                escrow = order.energy_wh * order.limit_price
+                available = credits.get(order.owner, 0)
+                if escrow > available:
+                    raise self._revert(
+                        "EnergyTradingBatchInsufficientCredit",
+                        index=i,
+                        owner=order.owner,
+                        needed=escrow,
+                        available=available,
+                    )
+                credits[order.owner] = available - value
+                paid += value
+            else:
+                fees += value * self.fee_bps // 10_000
+        self.credits = credits
+        if fees:
+            self.credits[self.treasury] = self.credit_of(self.treasury) + fees
+        self.total_escrow += paid - fees
+        self.results[slot] = ModelSlotResult(
+            result.price, result.volume, n, fees, signed_batch=True, fee_bps=self.fee_bps
+        )
+        self.trades[slot] = [Trade(o.owner, o.side, f) for o, f in zip(orders, fills, strict=True)]
+        return result
+
+    # ------------------------------------------------------------------ metering
+
+    def readings_final_at(self, slot: int) -> int:
+        """Timestamp from which ``slot``'s readings are final (``readingsFinalAt``)."""
+        return self.slot_start(slot + 1) + self.reading_window_seconds
+
+    def reconcile_slot(
+        self,
+        slot: int,
+        now: int,
+        metered_wh: Mapping[str, int],
+        members: Iterable[str] = (),
+    ) -> ModelReconciliation:
+        """``reconcileSlot``: settle traded against metered energy once readings are final.
+
+        ``metered_wh`` is each account's net metered consumption in the slot (Wh, export < 0;
+        missing = 0, as a meter without a reading). The accounts are every owner with a fill
+        plus ``members``. Imbalance = metered - net bought; a shortfall pays the shortfall price
+        to the treasury from credit + held proceeds + surplus payment as far as they go, a
+        surplus is paid the surplus price by the treasury (which must afford it).
+        """
+        self._require_not_paused()
+        if slot not in self.results:
+            raise self._revert("EnergyTradingSlotNotCleared", slot=slot)
+        if slot in self.reconciled:
+            raise self._revert("EnergyTradingSlotAlreadyReconciled", slot=slot)
+        final_at = self.readings_final_at(slot)
+        if now < final_at:
+            raise self._revert("EnergyTradingReadingsNotFinal", slot=slot, finalAt=final_at)
+        result = self.results[slot]
+        trades = self.trades[slot]
+        accounts, _ = reconciliation_args(trades, members)
+        imbalance = {a: metered_wh.get(a, 0) for a in accounts}
+        held = dict.fromkeys(accounts, 0)
+        for trade in trades:
+            if not trade.fill_wh:
+                continue
+            if trade.side == Side.BUY:
+                imbalance[trade.owner] -= trade.fill_wh
+            else:
+                imbalance[trade.owner] += trade.fill_wh
+                if result.signed_batch:
+                    value = trade.fill_wh * result.price
+                    held[trade.owner] += value - value * result.fee_bps // 10_000
+        short_price, long_price = imbalance_prices(self.price, slot)
+        credits = dict(self.credits)
+        credited: dict[str, int] = {}
+        unpaid: dict[str, int] = {}
+        charged = paid = held_total = 0
+        for account in accounts:
+            imb, h = imbalance[account], held[account]
+            if imb == 0 and h == 0:
+                continue
+            credit = credits.get(account, 0)
+            charge = imb * short_price if imb > 0 else 0
+            payout = -imb * long_price if imb < 0 else 0
+            funds = credit + h + payout
+            collected = min(charge, funds)
+            credits[account] = funds - collected
+            credited[account] = funds - collected - credit
+            unpaid[account] = charge - collected
+            charged += collected
+            paid += payout
+            held_total += h
+        treasury_credit = credits.get(self.treasury, 0)
+        if treasury_credit + charged < paid:
+            raise self._revert(
+                "EnergyTradingTreasuryShort", needed=paid, available=treasury_credit + charged
+            )
+        credits[self.treasury] = treasury_credit + charged - paid
+        self.credits = credits
+        self.total_escrow -= held_total
+        outcome = ModelReconciliation(imbalance, credited, unpaid, charged, paid)
+        self.reconciled[slot] = outcome
+        return outcome

@@ -40,6 +40,7 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
     mapping(address device => Device) private _devices;
     mapping(address device => mapping(uint64 slot => Recorded)) private _readings;
     mapping(uint64 slot => SlotTotal) private _slotTotals;
+    mapping(address owner => address[]) private _meters;
 
     /// @param admin Receives DEFAULT_ADMIN_ROLE, REGISTRAR_ROLE and MAINTENANCE_ROLE.
     /// @param genesis_ Start of slot 0 (shared by the whole suite).
@@ -75,6 +76,7 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
             readings: 0,
             missedSlots: 0
         });
+        if (deviceType == DeviceType.Meter) _meters[owner].push(device);
         emit DeviceRegistered(device, owner, deviceType, capacityW);
     }
 
@@ -168,8 +170,33 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
     }
 
     /// @inheritdoc IDeviceRegistry
+    function metersOf(address owner) external view returns (address[] memory) {
+        return _meters[owner];
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    /// @dev Metering reconciliation calls this once per slot for every account, so the meters
+    /// of an owner are kept in a list at registration rather than searched for.
+    function netMeteredWh(address[] calldata owners, uint64 slot) external view returns (int256[] memory net) {
+        net = new int256[](owners.length);
+        for (uint256 i; i < owners.length; ++i) {
+            address[] storage meters = _meters[owners[i]];
+            int256 sum;
+            for (uint256 m; m < meters.length; ++m) {
+                sum += _readings[meters[m]][slot].energyWh;
+            }
+            net[i] = sum;
+        }
+    }
+
+    /// @inheritdoc IDeviceRegistry
     function readingsFinal(uint64 slot) public view returns (bool) {
-        return block.timestamp >= slotStart(slot + 1) + readingWindow;
+        return block.timestamp >= readingsFinalAt(slot);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function readingsFinalAt(uint64 slot) public view returns (uint64) {
+        return slotStart(slot + 1) + readingWindow;
     }
 
     /// @inheritdoc IDeviceRegistry

@@ -4,8 +4,11 @@ pragma solidity ^0.8.24;
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {IDeviceRegistry} from "./IDeviceRegistry.sol";
 import {IEnergyTrading} from "./IEnergyTrading.sol";
 import {SlotClock} from "./SlotClock.sol";
 
@@ -20,7 +23,12 @@ import {SlotClock} from "./SlotClock.sol";
 /// marginal orders (limit == p) of each side share what is left, R, pro rata by cumulative
 /// rounding in list order: fill_i = floor(C_i * R / M) - floor(C_{i-1} * R / M), where C_i is the
 /// running sum of marginal quantities and M their total. The fills sum to exactly R.
-contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, ReentrancyGuard {
+/// Two ways in: on-chain orders (`createOrder`, escrow locked at once) cleared by `clearSlot`, or
+/// EIP-712 signed orders settled in one `settleSignedBatch` transaction per slot. Either way the
+/// settlement commits to its trade list, and `reconcileSlot` later settles each account's
+/// difference between traded and metered energy (DeviceRegistry readings) at the grid price made
+/// worse by the imbalance penalty.
+contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Pausable, ReentrancyGuard {
     using SafeERC20 for IERC20;
 
     /// @notice Submits clearings.
@@ -38,8 +46,17 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
     uint8 public constant MAX_DURATION_SLOTS = 8;
     /// @notice Highest trading fee, in basis points.
     uint16 public constant MAX_FEE_BPS = 1000;
+    /// @notice Most signed orders one `settleSignedBatch` takes: sized so that the worst case
+    /// (every order from a different account, every buyer's credit cold) fits the 16,777,216
+    /// EIP-7825 cap with a margin (see docs/trading.md for the measurements).
+    uint256 public constant MAX_SIGNED_BATCH = 1000;
+    /// @notice Typehash of a signed order.
+    bytes32 public constant SIGNED_ORDER_TYPEHASH = keccak256(
+        "SignedOrder(address owner,uint64 slot,uint8 side,uint64 energyWh,uint64 limitPrice,uint8 nonce)"
+    );
 
     IERC20 private immutable _token;
+    IDeviceRegistry private immutable _registry;
     address private _treasury;
     uint16 private _feeBps;
     uint64 private _gateClosure;
@@ -54,6 +71,8 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
     mapping(uint256 orderId => Order) private _orders;
     mapping(uint64 slot => uint32[]) private _slotOrderIds;
     mapping(uint64 slot => SlotResult) private _results;
+    mapping(uint64 slot => bytes32) private _commitments;
+    mapping(address owner => mapping(uint64 slot => uint256)) private _cancelledNonces;
 
     /// @dev Demand and supply of one slot at the proposed price, from the first pass.
     struct Book {
@@ -76,14 +95,28 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         uint256 askCum;
         uint256 fees;
         uint256 released; // escrow released by the slot (refunds + payments)
+        uint256 paid; // signed batches: buyers' payments, moved from credit into escrow
+        bytes32 chain; // hash chain over (owner, side, fill) in list order
         uint64 volume;
         uint64 slot;
         uint64 price;
         uint16 feeBps;
     }
 
+    /// @dev Running totals of one reconciliation.
+    struct Reconciliation {
+        uint256 shortPrice; // per Wh of shortfall
+        uint256 longPrice; // per Wh of surplus
+        uint256 charged; // collected from accounts
+        uint256 paid; // surplus paid to accounts
+        uint256 unpaid; // charges beyond accounts' funds
+        uint256 held; // seller proceeds released from escrow
+        uint64 slot;
+    }
+
     /// @param admin Receives DEFAULT_ADMIN_ROLE and PARAMETER_ROLE.
     /// @param token_ The ERC20 payment token (plain: no fee on transfer, no rebasing).
+    /// @param registry_ The DeviceRegistry whose meter readings reconcile the slots.
     /// @param treasury Receives the trading fee.
     /// @param genesis_ Start of slot 0.
     /// @param gateClosureSeconds Lead time before a slot's start at which its gate closes.
@@ -93,15 +126,19 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
     constructor(
         address admin,
         IERC20 token_,
+        IDeviceRegistry registry_,
         address treasury,
         uint64 genesis_,
         uint64 gateClosureSeconds,
         uint16 feeBps,
         PriceParams memory params,
         uint16[24] memory todMultiplierBps
-    ) SlotClock(genesis_) {
-        if (admin == address(0) || address(token_) == address(0)) revert EnergyTradingZeroAddress();
+    ) SlotClock(genesis_) EIP712("EnergyTrading", "1") {
+        if (admin == address(0) || address(token_) == address(0) || address(registry_) == address(0)) {
+            revert EnergyTradingZeroAddress();
+        }
         _token = token_;
+        _registry = registry_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         _grantRole(PARAMETER_ROLE, admin);
         _setFee(feeBps, treasury);
@@ -114,11 +151,13 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
 
     /// @inheritdoc IEnergyTrading
     function deposit(uint256 amount) external whenNotPaused nonReentrant {
-        if (amount == 0) revert EnergyTradingZeroAmount();
-        _credits[msg.sender] += amount;
-        _totalCredits += amount;
-        emit Deposited(msg.sender, amount);
-        _token.safeTransferFrom(msg.sender, address(this), amount);
+        _deposit(msg.sender, amount);
+    }
+
+    /// @inheritdoc IEnergyTrading
+    function depositFor(address account, uint256 amount) external whenNotPaused nonReentrant {
+        if (account == address(0)) revert EnergyTradingZeroAddress();
+        _deposit(account, amount);
     }
 
     /// @inheritdoc IEnergyTrading
@@ -207,33 +246,12 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         whenNotPaused
         nonReentrant
     {
-        uint64 closesAt = gateClosesAt(slot);
-        if (block.timestamp < closesAt) revert EnergyTradingGateOpen(slot, closesAt);
-        SlotResult storage result = _results[slot];
-        if (result.cleared) revert EnergyTradingSlotAlreadyCleared(slot);
+        SlotResult storage result = _requireClearable(slot);
         uint32[] storage ids = _slotOrderIds[slot];
         uint256 n = ids.length;
         if (fills.length != n) revert EnergyTradingFillCountMismatch(n, fills.length);
 
-        Book memory book = _scan(ids, price);
-        if (book.live != 0) {
-            if (price < book.low || price > book.high) {
-                revert EnergyTradingPriceOutOfRange(price, book.low, book.high);
-            }
-            if (book.bidAt < book.askBelow || book.askAt < book.bidAbove) {
-                revert EnergyTradingNotClearingPrice(price);
-            }
-        }
-        uint256 volume = book.bidAt < book.askAt ? book.bidAt : book.askAt;
-        Tally memory tally;
-        tally.bidRemainder = volume - book.bidAbove;
-        tally.bidMarginal = book.bidAt - book.bidAbove;
-        tally.askRemainder = volume - book.askBelow;
-        tally.askMarginal = book.askAt - book.askBelow;
-        tally.volume = uint64(volume);
-        tally.slot = slot;
-        tally.price = price;
-        tally.feeBps = _feeBps;
+        Tally memory tally = _tally(_scan(ids, price), slot, price);
         for (uint256 i; i < n; ++i) {
             _settleOne(i, ids[i], fills[i], tally);
         }
@@ -241,11 +259,164 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         _totalEscrow -= tally.released;
         _totalCredits += tally.released;
         if (tally.fees != 0) _credits[_treasury] += tally.fees;
-        result.cleared = true;
-        result.price = price;
-        result.volumeWh = tally.volume;
-        result.orderCount = uint32(n);
+        _record(result, tally, n, false);
         emit SlotCleared(slot, price, tally.volume, uint32(n), tally.fees);
+    }
+
+    /// @inheritdoc IEnergyTrading
+    /// @dev Replay safety without a storage write per order: an order is bound by its signature
+    /// to one slot of this contract on this chain, a slot settles once, and strict (owner, nonce)
+    /// order admits each order at most once per batch. Sellers' proceeds are not credited here
+    /// but held in escrow until `reconcileSlot` has checked delivery against the meters, so a
+    /// seller costs no storage write at settlement and a buyer one (its credit).
+    function settleSignedBatch(
+        uint64 slot,
+        uint64 price,
+        SignedOrder[] calldata orders,
+        Signature[] calldata signatures,
+        uint64[] calldata fills
+    ) external onlyRole(SOLVER_ROLE) whenNotPaused nonReentrant {
+        if (orders.length > MAX_SIGNED_BATCH) revert EnergyTradingBatchTooLarge(orders.length, MAX_SIGNED_BATCH);
+        if (signatures.length != orders.length || fills.length != orders.length) {
+            revert EnergyTradingBatchLengthMismatch(orders.length, signatures.length, fills.length);
+        }
+        if (_slotOrderIds[slot].length != 0) {
+            revert EnergyTradingSlotHasBookOrders(slot, _slotOrderIds[slot].length);
+        }
+        SlotResult storage result = _requireClearable(slot);
+        Book memory book = _scanSigned(slot, orders, signatures, price);
+        Tally memory tally = _tally(book, slot, price);
+        _settleAllSigned(orders, fills, tally);
+
+        uint256 held = tally.paid - tally.fees;
+        _totalCredits = _totalCredits - tally.paid + tally.fees;
+        _totalEscrow += held;
+        if (tally.fees != 0) _credits[_treasury] += tally.fees;
+        _record(result, tally, orders.length, true);
+        emit SignedBatchSettled(slot, price, tally.volume, uint32(orders.length), tally.fees, held, tally.chain);
+    }
+
+    /// @dev Second pass over a signed batch.
+    function _settleAllSigned(SignedOrder[] calldata orders, uint64[] calldata fills, Tally memory tally) private {
+        for (uint256 i; i < orders.length; ++i) {
+            _settleSigned(i, orders[i], fills[i], tally);
+        }
+    }
+
+    /// @inheritdoc IEnergyTrading
+    /// @dev Allowed while paused, like `cancelOrder`; refused once the gate has closed so that
+    /// nobody can pull an order out from under a settlement being prepared (property 4).
+    function cancelSignedOrders(uint64 slot, uint256 mask) external {
+        if (mask == 0) revert EnergyTradingZeroAmount();
+        _requireGateOpen(slot);
+        _cancelledNonces[msg.sender][slot] |= mask;
+        emit SignedOrdersCancelled(msg.sender, slot, mask);
+    }
+
+    // ------------------------------------------------------------------ metering
+
+    /// @inheritdoc IEnergyTrading
+    /// @dev O(trades + accounts): the trade list is checked against the settlement's hash chain,
+    /// each filled trade names its account's index (checked against the owner), and strictly
+    /// increasing accounts rule out one account being settled twice. Imbalance = metered net
+    /// consumption - net energy bought; a shortfall (> 0) pays gridPrice * (1e4 + penalty) / 1e4
+    /// per Wh to the treasury, a surplus (< 0) is paid gridPrice * (1e4 - penalty) / 1e4 by it.
+    /// A charge beyond an account's funds (credit + held proceeds + surplus) stays unpaid.
+    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts)
+        external
+        onlyRole(SOLVER_ROLE)
+        whenNotPaused
+        nonReentrant
+    {
+        SlotResult storage result = _results[slot];
+        if (!result.cleared) revert EnergyTradingSlotNotCleared(slot);
+        if (result.reconciled) revert EnergyTradingSlotAlreadyReconciled(slot);
+        uint64 finalAt = _registry.readingsFinalAt(slot);
+        if (block.timestamp < finalAt) revert EnergyTradingReadingsNotFinal(slot, finalAt);
+        for (uint256 j = 1; j < accounts.length; ++j) {
+            if (accounts[j] <= accounts[j - 1]) revert EnergyTradingAccountsNotSorted(j);
+        }
+
+        int256[] memory imbalance = _registry.netMeteredWh(accounts, slot);
+        uint256[] memory held = _replayTrades(slot, result, trades, accounts, imbalance);
+        Reconciliation memory r = _settleImbalances(slot, accounts, imbalance, held);
+
+        uint256 treasuryCredit = _credits[_treasury];
+        if (treasuryCredit + r.charged < r.paid) {
+            revert EnergyTradingTreasuryShort(r.paid, treasuryCredit + r.charged);
+        }
+        _credits[_treasury] = treasuryCredit + r.charged - r.paid;
+        _totalEscrow -= r.held;
+        _totalCredits += r.held;
+        result.reconciled = true;
+        emit SlotReconciled(slot, uint32(accounts.length), r.charged, r.paid, r.unpaid);
+    }
+
+    /// @dev Replay the committed trades: turn metered net consumption into imbalance and collect
+    /// each account's held seller proceeds (signed batches only).
+    function _replayTrades(
+        uint64 slot,
+        SlotResult storage result,
+        Trade[] calldata trades,
+        address[] calldata accounts,
+        int256[] memory imbalance
+    ) private view returns (uint256[] memory held) {
+        held = new uint256[](accounts.length);
+        uint256 price = result.price;
+        uint256 feeBps = result.feeBps;
+        bool signed = result.signedBatch;
+        bytes32 chain;
+        for (uint256 i; i < trades.length; ++i) {
+            Trade calldata t = trades[i];
+            uint64 fill = t.fillWh;
+            chain = _link(chain, t.owner, t.side, fill);
+            if (fill == 0) continue;
+            uint256 a = t.account;
+            if (a >= accounts.length || accounts[a] != t.owner) {
+                revert EnergyTradingTradeAccountMismatch(i, t.owner);
+            }
+            if (t.side == Side.Buy) {
+                imbalance[a] -= int256(uint256(fill));
+            } else {
+                imbalance[a] += int256(uint256(fill));
+                if (signed) {
+                    uint256 value = uint256(fill) * price;
+                    held[a] += value - value * feeBps / 10_000;
+                }
+            }
+        }
+        if (chain != _commitments[slot]) revert EnergyTradingTradesMismatch(slot);
+    }
+
+    /// @dev Move each account's held proceeds, surplus payment and shortfall charge.
+    function _settleImbalances(
+        uint64 slot,
+        address[] calldata accounts,
+        int256[] memory imbalance,
+        uint256[] memory held
+    ) private returns (Reconciliation memory r) {
+        r.slot = slot;
+        (r.shortPrice, r.longPrice) = imbalancePrices(slot);
+        for (uint256 j; j < accounts.length; ++j) {
+            if (imbalance[j] != 0 || held[j] != 0) _reconcileOne(accounts[j], imbalance[j], held[j], r);
+        }
+    }
+
+    /// @dev One account: its funds are credit + held proceeds + surplus payment; the shortfall
+    /// charge is collected from them as far as they go.
+    function _reconcileOne(address account, int256 imb, uint256 held, Reconciliation memory r) private {
+        uint256 credit = _credits[account];
+        uint256 charge = imb > 0 ? uint256(imb) * r.shortPrice : 0;
+        uint256 payout = imb < 0 ? uint256(-imb) * r.longPrice : 0;
+        uint256 funds = credit + held + payout;
+        uint256 collected = charge < funds ? charge : funds;
+        uint256 remaining = funds - collected;
+        if (remaining != credit) _credits[account] = remaining;
+        r.charged += collected;
+        r.paid += payout;
+        r.unpaid += charge - collected;
+        r.held += held;
+        emit AccountReconciled(r.slot, account, imb, int256(remaining) - int256(credit), charge - collected);
     }
 
     /// @dev First pass: demand and supply at, above and below `price`.
@@ -255,18 +426,119 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         for (uint256 i; i < n; ++i) {
             Order storage order = _orders[ids[i]];
             if (order.cancelled) continue;
-            uint64 limit = order.limitPrice;
-            uint256 qty = order.energyWh;
-            if (limit < book.low) book.low = limit;
-            if (limit > book.high) book.high = limit;
-            ++book.live;
-            if (order.side == Side.Buy) {
-                if (limit >= price) book.bidAt += qty;
-                if (limit > price) book.bidAbove += qty;
-            } else {
-                if (limit <= price) book.askAt += qty;
-                if (limit < price) book.askBelow += qty;
+            _count(book, order.side, order.limitPrice, order.energyWh, price);
+        }
+    }
+
+    /// @dev First pass over a signed batch: every order's validity (`_checkSigned`), then its
+    /// share of the book.
+    function _scanSigned(
+        uint64 slot,
+        SignedOrder[] calldata orders,
+        Signature[] calldata signatures,
+        uint64 price
+    ) private view returns (Book memory book) {
+        book.low = type(uint64).max;
+        (uint64 low, uint64 high) = priceBand(slot);
+        uint256 previous;
+        for (uint256 i; i < orders.length; ++i) {
+            SignedOrder calldata order = orders[i];
+            previous = _checkSigned(i, order, signatures[i], slot, low, high, previous);
+            _count(book, order.side, order.limitPrice, order.energyWh, price);
+        }
+    }
+
+    /// @dev One signed order's slot, size, band, place in the (owner, nonce) order, signature
+    /// and cancellation bit; returns its sort key.
+    function _checkSigned(
+        uint256 index,
+        SignedOrder calldata order,
+        Signature calldata sig,
+        uint64 slot,
+        uint64 low,
+        uint64 high,
+        uint256 previous
+    ) private view returns (uint256 key) {
+        if (order.slot != slot) revert EnergyTradingOrderSlotMismatch(index, order.slot, slot);
+        if (order.energyWh == 0) revert EnergyTradingZeroAmount();
+        uint64 limit = order.limitPrice;
+        if (limit < low || limit > high || limit == 0) revert EnergyTradingPriceOutOfBand(limit, low, high);
+        address owner = order.owner;
+        uint8 nonce = order.nonce;
+        key = (uint256(uint160(owner)) << 8) | nonce;
+        if (index != 0 && key <= previous) revert EnergyTradingBatchNotSorted(index);
+        (address recovered,,) = ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
+        if (recovered != owner) revert EnergyTradingInvalidSignature(index, owner, recovered);
+        if (_cancelledNonces[owner][slot] & (uint256(1) << nonce) != 0) {
+            revert EnergyTradingSignedOrderCancelled(index, owner, nonce);
+        }
+    }
+
+    /// @dev Add one live order to the book's sums at `price`.
+    function _count(Book memory book, Side side, uint64 limit, uint256 qty, uint64 price) private pure {
+        if (limit < book.low) book.low = limit;
+        if (limit > book.high) book.high = limit;
+        ++book.live;
+        if (side == Side.Buy) {
+            if (limit >= price) book.bidAt += qty;
+            if (limit > price) book.bidAbove += qty;
+        } else {
+            if (limit <= price) book.askAt += qty;
+            if (limit < price) book.askBelow += qty;
+        }
+    }
+
+    /// @dev Check that `price` clears `book` and set up the second pass.
+    function _tally(Book memory book, uint64 slot, uint64 price) private view returns (Tally memory tally) {
+        if (book.live != 0) {
+            if (price < book.low || price > book.high) {
+                revert EnergyTradingPriceOutOfRange(price, book.low, book.high);
             }
+            if (book.bidAt < book.askBelow || book.askAt < book.bidAbove) {
+                revert EnergyTradingNotClearingPrice(price);
+            }
+        }
+        uint256 volume = book.bidAt < book.askAt ? book.bidAt : book.askAt;
+        tally.bidRemainder = volume - book.bidAbove;
+        tally.bidMarginal = book.bidAt - book.bidAbove;
+        tally.askRemainder = volume - book.askBelow;
+        tally.askMarginal = book.askAt - book.askBelow;
+        tally.volume = uint64(volume);
+        tally.slot = slot;
+        tally.price = price;
+        tally.feeBps = _feeBps;
+    }
+
+    /// @dev Store a settled slot's result and trade commitment.
+    function _record(SlotResult storage result, Tally memory tally, uint256 n, bool signed) private {
+        result.cleared = true;
+        result.price = tally.price;
+        result.volumeWh = tally.volume;
+        result.orderCount = uint32(n);
+        result.signedBatch = signed;
+        result.feeBps = tally.feeBps;
+        _commitments[tally.slot] = tally.chain;
+    }
+
+    /// @dev Second pass, one signed order: check its fill and its owner's funding, move money.
+    /// A buyer pays its fill at once (from credit into escrow); a seller's proceeds net of fee
+    /// stay in escrow until reconciliation.
+    function _settleSigned(uint256 index, SignedOrder calldata order, uint64 fill, Tally memory tally) private {
+        Side side = order.side;
+        uint64 qty = order.energyWh;
+        uint64 expected = _fillFor(side, order.limitPrice, qty, tally);
+        if (fill != expected) revert EnergyTradingWrongFill(index, index, expected, fill);
+        address owner = order.owner;
+        tally.chain = _link(tally.chain, owner, side, fill);
+        uint256 value = uint256(fill) * tally.price;
+        if (side == Side.Buy) {
+            uint256 escrow = uint256(qty) * order.limitPrice;
+            uint256 available = _credits[owner];
+            if (escrow > available) revert EnergyTradingBatchInsufficientCredit(index, owner, escrow, available);
+            if (value != 0) _credits[owner] = available - value;
+            tally.paid += value;
+        } else if (value != 0) {
+            tally.fees += value * tally.feeBps / 10_000;
         }
     }
 
@@ -275,8 +547,9 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
     /// to sellers and treasury, so the books stay closed without per-order total updates.
     function _settleOne(uint256 index, uint256 orderId, uint64 fill, Tally memory tally) private {
         Order storage order = _orders[orderId];
-        uint64 expected = _expectedFill(order, tally);
+        uint64 expected = order.cancelled ? 0 : _fillFor(order.side, order.limitPrice, order.energyWh, tally);
         if (fill != expected) revert EnergyTradingWrongFill(index, orderId, expected, fill);
+        tally.chain = _link(tally.chain, order.owner, order.side, fill);
         if (order.cancelled) return;
         uint256 value = uint256(fill) * tally.price;
         if (order.side == Side.Buy) {
@@ -292,13 +565,11 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         }
     }
 
-    /// @dev The fill the market rule gives `order` at `tally.price`; advances the pro-rata cursor.
-    function _expectedFill(Order storage order, Tally memory tally) private view returns (uint64) {
-        if (order.cancelled) return 0;
-        uint64 limit = order.limitPrice;
-        uint64 qty = order.energyWh;
+    /// @dev The fill the market rule gives a live order at `tally.price`; advances the pro-rata
+    /// cursor of its side.
+    function _fillFor(Side side, uint64 limit, uint64 qty, Tally memory tally) private pure returns (uint64) {
         uint64 price = tally.price;
-        if (order.side == Side.Buy) {
+        if (side == Side.Buy) {
             if (limit > price) return qty;
             if (limit < price) return 0;
             uint64 share = _proRata(qty, tally.bidRemainder, tally.bidMarginal, tally.bidCum);
@@ -320,6 +591,28 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         returns (uint64)
     {
         return uint64((cumBefore + qty) * remainder / marginal - cumBefore * remainder / marginal);
+    }
+
+    /// @dev One link of a slot's trade commitment: keccak256(previous, owner << 96 | side << 64 |
+    /// fill), hashed in scratch space so a batch of any size allocates no memory for it.
+    function _link(bytes32 previous, address owner, Side side, uint64 fill) private pure returns (bytes32 link) {
+        assembly ("memory-safe") {
+            mstore(0x00, previous)
+            mstore(0x20, or(or(shl(96, owner), shl(64, side)), fill))
+            link := keccak256(0x00, 0x40)
+        }
+    }
+
+    /// @dev EIP-712 struct hash of a signed order straight from calldata: a static struct's ABI
+    /// encoding is exactly the words `hashStruct` needs after the typehash.
+    function _hashOrder(SignedOrder calldata order) private pure returns (bytes32 structHash) {
+        bytes32 typehash = SIGNED_ORDER_TYPEHASH;
+        assembly ("memory-safe") {
+            let p := mload(0x40)
+            mstore(p, typehash)
+            calldatacopy(add(p, 0x20), order, 0xc0)
+            structHash := keccak256(p, 0xe0)
+        }
     }
 
     // ------------------------------------------------------------------ admin
@@ -384,6 +677,35 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
         return _results[slot];
     }
 
+    /// @inheritdoc IEnergyTrading
+    function tradeCommitment(uint64 slot) external view returns (bytes32) {
+        return _commitments[slot];
+    }
+
+    /// @inheritdoc IEnergyTrading
+    function cancelledNonces(address owner, uint64 slot) external view returns (uint256) {
+        return _cancelledNonces[owner][slot];
+    }
+
+    /// @inheritdoc IEnergyTrading
+    function signedOrderDigest(SignedOrder calldata order) external view returns (bytes32) {
+        return _hashTypedDataV4(_hashOrder(order));
+    }
+
+    /// @notice The DeviceRegistry whose readings reconcile the slots.
+    function registry() external view returns (IDeviceRegistry) {
+        return _registry;
+    }
+
+    /// @notice Per-Wh prices of a metering imbalance in `slot`: a shortfall pays `shortPrice`,
+    /// a surplus earns `longPrice`.
+    function imbalancePrices(uint64 slot) public view returns (uint256 shortPrice, uint256 longPrice) {
+        uint256 ref = gridPrice(slot);
+        uint256 penalty = _priceParams.imbalancePenaltyBps;
+        shortPrice = ref * (10_000 + penalty) / 10_000;
+        longPrice = ref * (10_000 - penalty) / 10_000;
+    }
+
     /// @notice The payment token.
     function token() external view returns (IERC20) {
         return _token;
@@ -429,6 +751,22 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
 
     // ------------------------------------------------------------------ internals
 
+    /// @dev A slot may be settled once, after its gate has closed.
+    function _requireClearable(uint64 slot) private view returns (SlotResult storage result) {
+        uint64 closesAt = gateClosesAt(slot);
+        if (block.timestamp < closesAt) revert EnergyTradingGateOpen(slot, closesAt);
+        result = _results[slot];
+        if (result.cleared) revert EnergyTradingSlotAlreadyCleared(slot);
+    }
+
+    function _deposit(address account, uint256 amount) private {
+        if (amount == 0) revert EnergyTradingZeroAmount();
+        _credits[account] += amount;
+        _totalCredits += amount;
+        emit Deposited(account, amount);
+        _token.safeTransferFrom(msg.sender, address(this), amount);
+    }
+
     function _requireGateOpen(uint64 slot) private view {
         uint64 closesAt = gateClosesAt(slot);
         if (block.timestamp >= closesAt) revert EnergyTradingGateClosed(slot, closesAt);
@@ -443,7 +781,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, Pausable, Re
     }
 
     function _setPriceParams(PriceParams memory params, uint16[24] memory todMultiplierBps) private {
-        if (params.baseRate == 0 || params.bandLowBps > params.bandHighBps) {
+        if (params.baseRate == 0 || params.bandLowBps > params.bandHighBps || params.imbalancePenaltyBps > 10_000) {
             revert EnergyTradingInvalidPriceParams();
         }
         _priceParams = params;

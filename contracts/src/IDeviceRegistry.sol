@@ -102,8 +102,18 @@ interface IDeviceRegistry {
     /// @notice Total metered import and export (Wh) of all meters in `slot`.
     function slotTotals(uint64 slot) external view returns (uint64 importWh, uint64 exportWh);
 
+    /// @notice Meters (active or not) registered to `owner`, in registration order.
+    function metersOf(address owner) external view returns (address[] memory);
+
+    /// @notice Net metered energy (Wh, + import / - export) of each owner's meters in `slot`;
+    /// a meter without a reading counts zero.
+    function netMeteredWh(address[] calldata owners, uint64 slot) external view returns (int256[] memory);
+
     /// @notice Whether the reading window of `slot` has closed (its readings can no longer change).
     function readingsFinal(uint64 slot) external view returns (bool);
+
+    /// @notice Timestamp from which the readings of `slot` are final.
+    function readingsFinalAt(uint64 slot) external view returns (uint64);
 
     /// @notice Maximum |Wh| a device of `capacityW` may report for one slot.
     function maxReadingWh(uint32 capacityW) external pure returns (uint64);

@@ -22,24 +22,59 @@ interface IEnergyTrading {
         uint64 startSlot;
     }
 
-    /// @notice The outcome of a cleared slot.
+    /// @notice The outcome of a cleared slot. `signedBatch`: settled by `settleSignedBatch`, so
+    /// sellers' proceeds wait in escrow for reconciliation; `reconciled`: metering settled;
+    /// `feeBps`: the fee the settlement charged (reconciliation pays held proceeds net of it).
     struct SlotResult {
         bool cleared;
         uint64 price;
         uint64 volumeWh;
         uint32 orderCount;
+        bool signedBatch;
+        bool reconciled;
+        uint16 feeBps;
+    }
+
+    /// @notice An order signed off-chain (EIP-712) by `owner` for one `slot`, submitted in a batch
+    /// by the solver. `nonce` (0-255) tells the owner's orders in a slot apart and is the bit
+    /// `cancelSignedOrders` sets to withdraw it.
+    struct SignedOrder {
+        address owner;
+        uint64 slot;
+        Side side;
+        uint64 energyWh;
+        uint64 limitPrice;
+        uint8 nonce;
+    }
+
+    /// @notice A compact (EIP-2098) secp256k1 signature.
+    struct Signature {
+        bytes32 r;
+        bytes32 vs;
+    }
+
+    /// @notice One line of a slot's committed trade list, as reconciliation replays it.
+    /// `account` indexes the reconciliation's account list (ignored for zero fills).
+    struct Trade {
+        address owner;
+        Side side;
+        uint64 fillWh;
+        uint32 account;
     }
 
     /// @notice The pricing formula's parameters, all in fixed point.
     /// @dev gridPrice = baseRate * (demandFactorBps + gridStressFactorBps) * tod[hour] / 1e8, in
     /// token base units per Wh; order limits must lie in [gridPrice * bandLowBps / 1e4,
     /// gridPrice * bandHighBps / 1e4].
+    /// `imbalancePenaltyBps` worsens the grid price for metering imbalances: a shortfall pays
+    /// gridPrice * (1e4 + penalty) / 1e4 per Wh, a surplus earns gridPrice * (1e4 - penalty) / 1e4.
     struct PriceParams {
         uint64 baseRate;
         uint32 demandFactorBps;
         uint32 gridStressFactorBps;
         uint32 bandLowBps;
         uint32 bandHighBps;
+        uint32 imbalancePenaltyBps;
     }
 
     /// @notice A zero amount, quantity or duration was given.
@@ -77,8 +112,41 @@ interface IEnergyTrading {
     error EnergyTradingWrongFill(uint256 index, uint256 orderId, uint64 expected, uint64 got);
     /// @notice The fee exceeds the maximum.
     error EnergyTradingFeeTooHigh(uint16 feeBps, uint16 max);
-    /// @notice The price parameters are inconsistent (band low > high, or zero base rate).
+    /// @notice The price parameters are inconsistent (band low > high, zero base rate, or an
+    /// imbalance penalty above 100 %).
     error EnergyTradingInvalidPriceParams();
+    /// @notice A signed batch holds `count` orders; at most `max` fit one transaction.
+    error EnergyTradingBatchTooLarge(uint256 count, uint256 max);
+    /// @notice The batch's arrays differ in length.
+    error EnergyTradingBatchLengthMismatch(uint256 orders, uint256 signatures, uint256 fills);
+    /// @notice `slot` holds `count` on-chain orders: it must be cleared by `clearSlot`.
+    error EnergyTradingSlotHasBookOrders(uint64 slot, uint256 count);
+    /// @notice Signed order `index` is for `orderSlot`, not for the slot being settled.
+    error EnergyTradingOrderSlotMismatch(uint256 index, uint64 orderSlot, uint64 slot);
+    /// @notice Signed order `index` does not follow its predecessor in (owner, nonce) order;
+    /// strict order is what makes every signed order appear at most once.
+    error EnergyTradingBatchNotSorted(uint256 index);
+    /// @notice The signature of order `index` recovers to `recovered`, not to its `owner`.
+    error EnergyTradingInvalidSignature(uint256 index, address owner, address recovered);
+    /// @notice `owner` cancelled its signed order `nonce` for `slot`.
+    error EnergyTradingSignedOrderCancelled(uint256 index, address owner, uint8 nonce);
+    /// @notice Order `index`'s owner has `available` free credit, below the `needed` escrow (a
+    /// buy: energy x limit) or collateral (a sell: energy x the shortfall price).
+    error EnergyTradingBatchInsufficientCredit(uint256 index, address owner, uint256 needed, uint256 available);
+    /// @notice `slot` has not been cleared yet, so there is nothing to reconcile.
+    error EnergyTradingSlotNotCleared(uint64 slot);
+    /// @notice `slot` was already reconciled against its meter readings.
+    error EnergyTradingSlotAlreadyReconciled(uint64 slot);
+    /// @notice The meter readings of `slot` may still change until `finalAt`.
+    error EnergyTradingReadingsNotFinal(uint64 slot, uint64 finalAt);
+    /// @notice The trade list given for `slot` is not the one its settlement committed to.
+    error EnergyTradingTradesMismatch(uint64 slot);
+    /// @notice Trade `index` points at an account entry that is not its owner.
+    error EnergyTradingTradeAccountMismatch(uint256 index, address owner);
+    /// @notice Reconciliation accounts must be strictly increasing; entry `index` is not.
+    error EnergyTradingAccountsNotSorted(uint256 index);
+    /// @notice The treasury's `available` credit cannot pay the `needed` imbalance surplus.
+    error EnergyTradingTreasuryShort(uint256 needed, uint256 available);
 
     /// @notice Tokens entered the ledger.
     event Deposited(address indexed account, uint256 amount);
@@ -104,6 +172,21 @@ interface IEnergyTrading {
     );
     /// @notice `slot` was cleared at one `price` for `volumeWh`, with `fee` to the treasury.
     event SlotCleared(uint64 indexed slot, uint64 price, uint64 volumeWh, uint32 orderCount, uint256 fee);
+    /// @notice `owner` cancelled the signed orders of `slot` whose nonce bits are in `mask`.
+    event SignedOrdersCancelled(address indexed owner, uint64 indexed slot, uint256 mask);
+    /// @notice `slot` was settled from a batch of signed orders: `batchHash` commits to the
+    /// trades (each fill is also in the calldata); sellers' `held` proceeds wait for metering.
+    event SignedBatchSettled(
+        uint64 indexed slot, uint64 price, uint64 volumeWh, uint32 orderCount, uint256 fee, uint256 held, bytes32 batchHash
+    );
+    /// @notice Metering settled `account`'s slot: `imbalanceWh` = metered net consumption minus
+    /// net energy bought (positive: short, charged; negative: long, paid); `credited` is the
+    /// net change of its credit, `unpaid` the charge its funds could not cover.
+    event AccountReconciled(
+        uint64 indexed slot, address indexed account, int256 imbalanceWh, int256 credited, uint256 unpaid
+    );
+    /// @notice `slot` was reconciled: the treasury collected `charged` and paid `paid`.
+    event SlotReconciled(uint64 indexed slot, uint32 accounts, uint256 charged, uint256 paid, uint256 unpaid);
     /// @notice The trading fee changed.
     event FeeChanged(uint16 feeBps, address treasury);
     /// @notice The gate closure lead time changed.
@@ -113,6 +196,10 @@ interface IEnergyTrading {
 
     /// @notice Move `amount` payment tokens from the caller into the ledger.
     function deposit(uint256 amount) external;
+
+    /// @notice Move `amount` payment tokens from the caller into `account`'s credit (an operator
+    /// funding prosumers whose keys only sign orders and never pay gas).
+    function depositFor(address account, uint256 amount) external;
 
     /// @notice Pull `amount` of the caller's free credit out of the ledger (works while paused).
     function withdraw(uint256 amount) external;
@@ -128,6 +215,28 @@ interface IEnergyTrading {
     /// @notice Submit the clearing of `slot` (solver role); reverts unless it is the market's
     /// clearing at `price` with `fills` in the slot's order-list order.
     function clearSlot(uint64 slot, uint64 price, uint64[] calldata fills) external;
+
+    /// @notice Settle `slot` from signed orders in one transaction (solver role): verify each
+    /// signature, nonce, band and escrow, verify the uniform-price clearing (`price`, `fills`)
+    /// under the same rules as `clearSlot`, and move the money. Orders must be sorted by
+    /// (owner, nonce) strictly; the slot must have no on-chain orders.
+    function settleSignedBatch(
+        uint64 slot,
+        uint64 price,
+        SignedOrder[] calldata orders,
+        Signature[] calldata signatures,
+        uint64[] calldata fills
+    ) external;
+
+    /// @notice Withdraw the caller's signed orders for `slot` whose nonce bits are set in `mask`,
+    /// before the slot's gate closes.
+    function cancelSignedOrders(uint64 slot, uint256 mask) external;
+
+    /// @notice Settle the difference between traded and metered energy of `slot` (solver role),
+    /// once its meter readings are final. `trades` is the slot's committed trade list in
+    /// settlement order; `accounts` (strictly increasing) must hold every trade's owner and may
+    /// add other metered members.
+    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts) external;
 
     /// @notice Pause trading (deposits, orders, clearing); withdrawals continue.
     function pause() external;
@@ -158,6 +267,15 @@ interface IEnergyTrading {
 
     /// @notice Result of `slot`.
     function slotResult(uint64 slot) external view returns (SlotResult memory);
+
+    /// @notice Hash chain over `slot`'s trades (owner, side, fill) in settlement order.
+    function tradeCommitment(uint64 slot) external view returns (bytes32);
+
+    /// @notice Bitmap of `owner`'s cancelled signed-order nonces for `slot`.
+    function cancelledNonces(address owner, uint64 slot) external view returns (uint256);
+
+    /// @notice EIP-712 digest an owner signs for `order`.
+    function signedOrderDigest(SignedOrder calldata order) external view returns (bytes32);
 
     /// @notice Reference grid price of `slot` from the pricing formula.
     function gridPrice(uint64 slot) external view returns (uint64);

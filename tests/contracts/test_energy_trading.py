@@ -340,13 +340,17 @@ def test_price_formula_and_band(world: World, reverts: Any) -> None:
     trading = world.suite.trading
     tod = [10_000] * 24
     tod[18] = 15_000  # evening peak
-    params = (2 * 10**14, 6_000, 2_000, 5_000, 20_000)
+    params = (2 * 10**14, 6_000, 2_000, 5_000, 20_000, 1_000)
     with reverts("AccessControlUnauthorizedAccount"):
         world.chain.transact(trading, "setPriceParams", params, tod, sender=world.stranger)
     with reverts("EnergyTradingInvalidPriceParams"):
-        world.chain.transact(trading, "setPriceParams", (0, 1, 1, 1, 1), tod, sender=world.admin)
+        world.chain.transact(trading, "setPriceParams", (0, 1, 1, 1, 1, 0), tod, sender=world.admin)
     with reverts("EnergyTradingInvalidPriceParams"):
-        world.chain.transact(trading, "setPriceParams", (1, 1, 1, 3, 2), tod, sender=world.admin)
+        world.chain.transact(trading, "setPriceParams", (1, 1, 1, 3, 2, 0), tod, sender=world.admin)
+    with reverts("EnergyTradingInvalidPriceParams"):  # a penalty above 100 % of the grid price
+        world.chain.transact(
+            trading, "setPriceParams", (1, 1, 1, 1, 2, 10_001), tod, sender=world.admin
+        )
     world.chain.transact(trading, "setPriceParams", params, tod, sender=world.admin)
     # price = baseRate * (demand + stress) * tod / 1e8
     assert world.chain.call(trading, "gridPrice", 0) == 2 * 10**14 * 8_000 * 10_000 // 10**8
@@ -354,3 +358,7 @@ def test_price_formula_and_band(world: World, reverts: Any) -> None:
     ref = 2 * 10**14 * 8_000 * 15_000 // 10**8
     assert world.chain.call(trading, "gridPrice", evening) == ref
     assert world.suite.price_band(evening) == (ref * 5_000 // 10_000, ref * 20_000 // 10_000)
+    assert world.chain.call(trading, "imbalancePrices", evening) == [
+        ref * 11_000 // 10_000,
+        ref * 9_000 // 10_000,
+    ]

@@ -174,11 +174,12 @@ def test_a_malicious_receiver_cannot_withdraw_twice(world: World) -> None:
         "EnergyTrading",
         world.admin,
         token.address,
+        world.suite.registry.address,
         world.treasury,
         world.suite.genesis,
         300,
         0,
-        (10**14, 5_000, 5_000, 1, 100_000),
+        (10**14, 5_000, 5_000, 1, 100_000, 0),
         [10_000] * 24,
         sender=world.admin,
     )
