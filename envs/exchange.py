@@ -106,9 +106,10 @@ class Exchange:
         emergency = np.empty(b, dtype=np.bool_)
         reduction = np.empty((b, n), dtype=np.int64)
         use_rule = book is None
-        qty = np.zeros((b, n), dtype=np.int64) if use_rule else book.qty_wh
-        limit = np.zeros((b, n), dtype=np.int64) if use_rule else book.limit
-        side = np.zeros((b, n), dtype=np.int64) if use_rule else book.side
+        if book is None:
+            zeros = np.zeros((b, n), dtype=np.int64)
+            book = Book(zeros, zeros.copy(), zeros.copy())
+        qty, limit, side = book.qty_wh, book.limit, book.side
         gate_rows(
             self._mcfg, c.scalars, c.battery, c.forecast_mode, float(c.lead_scale[0]), c.noise,
             c.stride, self.params.horizon, self.params.prosumer_load_kw,
@@ -119,7 +120,7 @@ class Exchange:
         )  # fmt: skip
         return GateClosure(
             slot=state.slot.copy(),
-            book=Book(qty, limit, side) if use_rule else book,
+            book=book,
             reference=reference,
             dr_event=dr_event,
             emergency=emergency,

@@ -46,8 +46,11 @@ def load_profiles(net: Any) -> dict[Any, Any]:
 
 
 def build_grid(scenario: Scenario) -> GridParams:
-    """Compile `scenario` into GridParams (cached: equal scenarios share one object)."""
-    return _build_cached(scenario.model_dump_json())
+    """Compile `scenario` into GridParams (cached: equal scenarios share one object).
+
+    The market section does not shape the grid, so scenarios that differ only there share it.
+    """
+    return _build_cached(scenario.model_dump_json(exclude={"market"}))
 
 
 #: Bump when GridParams or the way it is built changes: old disk caches are then ignored.

@@ -7,6 +7,7 @@ import torch
 from stable_baselines3 import PPO
 
 from envs import MicrogridEnv
+from envs.exchange import MARKET_INFO
 from envs.sb3_vec_env import SB3VecEnv
 from envs.vector_env import MicrogridVectorEnv
 
@@ -28,12 +29,18 @@ def test_batched_env_equals_n_single_envs_step_for_step() -> None:
             o, r, _, tr, inf = env.step(actions[i])
             assert r == reward[i] and tr == truncated[i], f"step {t}, env {i}"
             assert info["cost"][i] == inf["cost"]
+            for key in MARKET_INFO:  # the market, settled per row, equals the single env's
+                assert info[key][i] == inf[key], f"{key} differs at step {t}, env {i}"
             if tr:
                 resets += 1
                 assert np.array_equal(info["final_obs"][i], o)
                 assert info["final_info"][i]["episode_kpis"] == inf["episode_kpis"]
                 o, _ = env.reset()
             assert np.array_equal(obs[i], o), f"observation differs at step {t}, env {i}"
+            # Ledger accounts too, including the restart of a row's accounts at its autoreset.
+            assert np.array_equal(
+                venv.exchange.ledger.credits()[i], env.exchange.ledger.credits()[0]
+            )
     assert resets == 2 * n
 
 

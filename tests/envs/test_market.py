@@ -1,0 +1,211 @@
+"""The market in the step: compiled clearing and mirror settlement equal the contracts' rules.
+
+`contracts.clearing` and `contracts.model.MarketModel` are held equal to the Solidity contracts
+by tests/contracts; here the environment's compiled market is held equal to them, and the
+market invariants are checked on whole episodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts import clearing
+from contracts.model import MarketModel, PriceParams, Side
+from envs import MicrogridEnv, Scenario
+from envs.ledger import MirrorLedger, SlotInput
+from envs.market import BUY, MONEY_UNITS, SELL, Book, clear_books
+from envs.scenario import MarketConfig
+from envs.vector_env import MicrogridVectorEnv
+
+order = st.tuples(
+    st.integers(0, 5_000),  # Wh (0 = no order)
+    st.integers(1, 40),  # limit, few distinct values so ties and marginal sharing are common
+    st.sampled_from([BUY, SELL]),
+)
+books = st.lists(st.lists(order, min_size=1, max_size=14), min_size=1, max_size=6).map(
+    lambda rows: [r + [(0, 1, BUY)] * (14 - len(r)) for r in rows]
+)
+
+
+def _book(rows: list[list[tuple[int, int, int]]]) -> Book:
+    arr = np.array(rows, dtype=np.int64)
+    return Book(qty_wh=arr[:, :, 0], limit=arr[:, :, 1], side=arr[:, :, 2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(books)
+def test_compiled_clearing_equals_contracts_clearing(
+    rows: list[list[tuple[int, int, int]]],
+) -> None:
+    book = _book(rows)
+    got = clear_books(book)
+    for i in range(book.qty_wh.shape[0]):
+        live = book.qty_wh[i] > 0
+        ref = clearing.clear_book(book.qty_wh[i], book.limit[i], book.side[i], live)
+        if not live.any():
+            assert got.price[i] == 0 and got.volume_wh[i] == 0
+            continue
+        assert got.price[i] == ref.price, f"row {i}"
+        assert got.volume_wh[i] == ref.volume
+        assert np.array_equal(got.fill_wh[i], ref.fills)
+
+
+@settings(max_examples=150, deadline=None)
+@given(books, st.integers(0, 200_000), st.integers(0, 1_000), st.integers(0, 10_000))
+def test_mirror_settlement_equals_market_model(
+    rows: list[list[tuple[int, int, int]]], credit: int, fee_bps: int, penalty_bps: int
+) -> None:
+    """Fills, prices, credits and fees as EnergyTrading (through its model) gives them.
+
+    Each row is one slot on its own model; buy orders the escrow rule refuses must be exactly
+    those `createOrder` refuses. The imbalance part is checked against its formula.
+    """
+    book = _book(rows)
+    b, n = book.qty_wh.shape
+    cfg = MarketConfig(
+        fee_bps=fee_bps, imbalance_penalty_bps=penalty_bps, initial_credit=credit / MONEY_UNITS
+    )
+    ledger = MirrorLedger(b, n, cfg)
+    rng = np.random.default_rng(len(rows))
+    metered = rng.integers(-3_000, 3_000, (b, n))
+    reference = rng.integers(1, 40, b)
+    before = ledger.credits()
+    s = ledger.settle(
+        SlotInput(
+            slot=np.zeros(b, dtype=np.int64),
+            book=book,
+            reference=reference,
+            metered_wh=metered,
+            dr_event=np.zeros(b, dtype=bool),
+            dr_reduction_wh=np.zeros((b, n), dtype=np.int64),
+            emergency=np.zeros(b, dtype=bool),
+        )
+    )
+    wide = PriceParams(base_rate=10**6, band_low_bps=0, band_high_bps=10**6)
+    for i in range(b):
+        model = MarketModel(genesis=10_000, treasury="treasury", fee_bps=fee_bps, price=wide)
+        accounts = [f"p{k}" for k in range(n)]
+        for a in accounts:
+            if credit:
+                model.deposit(a, credit)
+        refused = 0
+        for k in range(n):
+            if book.qty_wh[i, k] == 0:
+                continue
+            try:
+                model.create_order(
+                    accounts[k],
+                    now=0,
+                    start_slot=20,
+                    energy_wh=int(book.qty_wh[i, k]),
+                    limit_price=int(book.limit[i, k]),
+                    side=Side(int(book.side[i, k])),
+                )
+            except Exception as err:  # the contract's revert, as the model raises it
+                assert "InsufficientCredit" in str(err)
+                refused += 1
+        result = model.clear_slot(20, now=10_000 + 20 * 900)
+        assert s.refused[i] == refused
+        assert s.price[i] == result.price and s.volume_wh[i] == result.volume
+        fills = np.zeros(n, dtype=np.int64)
+        ids = model.books.get(20, [])
+        owners = [int(model.orders[o].owner[1:]) for o in ids]
+        fills[owners] = result.fills
+        assert np.array_equal(s.fill_wh[i], fills)
+        assert s.fees[i] == model.credit_of("treasury")
+        bought = np.where(book.side[i] == BUY, fills, -fills)
+        imb = metered[i] - bought
+        ref = int(reference[i])
+        short = ref * (10_000 + penalty_bps) // 10_000
+        long = ref * (10_000 - penalty_bps) // 10_000
+        imb_cash = np.where(imb > 0, -imb * short, -imb * long)
+        assert np.array_equal(s.imbalance_wh[i], imb)
+        trade = np.array([model.credit_of(a) for a in accounts]) - credit
+        assert np.array_equal(s.cash[i], trade + imb_cash)
+    assert np.array_equal(ledger.credits(), before + s.cash)
+
+
+@pytest.mark.parametrize("mode", ["noisy", "perfect"])
+def test_market_invariants_over_an_episode(mode: str) -> None:
+    """Money is conserved, bought = sold, no fill beyond its order or its limit price."""
+    venv = MicrogridVectorEnv(3, Scenario(forecast={"mode": mode}))
+    venv.reset(seed=5)
+    ex = venv.exchange
+    assert ex is not None
+    rng = np.random.default_rng(1)
+    traded = 0.0
+    for _ in range(96):
+        state = venv.state
+        decoded = venv.engine.decode(rng.uniform(-1, 1, (3, venv.codec.act_dim)))
+        gate = ex.open(state, decoded)
+        treasury, community = ex.ledger.treasury.copy(), ex.ledger.community.copy()
+        venv.engine.step(state, decoded)
+        s = ex.close(gate, state)
+        book = gate.book
+        buy = book.side == BUY
+        assert np.array_equal((s.fill_wh * buy).sum(1), s.volume_wh)
+        assert np.array_equal((s.fill_wh * ~buy).sum(1), s.volume_wh)
+        assert (s.fill_wh <= book.qty_wh).all() and (s.fill_wh >= 0).all()
+        filled = s.fill_wh > 0
+        assert (book.limit[filled & buy] >= np.repeat(s.price, 13)[(filled & buy).ravel()]).all()
+        sell_f = (filled & ~buy).ravel()
+        assert (book.limit[filled & ~buy] <= np.repeat(s.price, 13)[sell_f]).all()
+        # Every unit of money that leaves a prosumer reaches the treasury or the community.
+        moved = s.cash.sum(1) + (ex.ledger.treasury - treasury) + (ex.ledger.community - community)
+        assert np.array_equal(moved, np.zeros(3, dtype=np.int64))
+        low, high = ex.band(gate.reference)
+        live = book.qty_wh > 0
+        assert (book.limit[live] >= np.repeat(low, 13)[live.ravel()]).all()
+        assert (book.limit[live] <= np.repeat(high, 13)[live.ravel()]).all()
+        traded += s.volume_wh.sum()
+        if mode == "perfect":
+            # The rule orders what the meters then read: only rounding separates the two.
+            metered = s.imbalance_wh + np.where(buy, s.fill_wh, -s.fill_wh)
+            ordered = np.where(buy, book.qty_wh, -book.qty_wh)
+            assert np.abs(metered - ordered).max() <= 1
+    assert traded > 0
+
+
+def test_emergency_stops_trading_but_not_metering() -> None:
+    """Above the emergency loading no order is accepted; imbalances still settle."""
+    env = MicrogridEnv(Scenario(market={"dr_loading": 0.001, "emergency_loading": 0.002}))
+    env.reset(seed=0)
+    for _ in range(4):
+        _, _, _, _, info = env.step(env.action_space.sample())
+        assert info["emergency"] == 1.0 and info["dr_event"] == 1.0
+        assert info["market_traded_kwh"] == 0.0
+        assert info["market_refused_orders"] > 0
+        assert info["market_imbalance_kwh"] > 0
+
+
+def test_demand_response_earns_rewards_only_during_events() -> None:
+    action_dr = np.zeros(MicrogridEnv().codec.act_dim, dtype=np.float32)
+    env = MicrogridEnv(Scenario(market={"dr_loading": 0.001, "renewable_reward_per_kwh": 0.0}))
+    calm = MicrogridEnv(
+        Scenario(
+            market={
+                "dr_loading": 2.9,
+                "emergency_loading": 3.0,
+                "dr_voltage_pu": 0.2,
+                "renewable_reward_per_kwh": 0.0,
+            }
+        )
+    )
+    names = env.codec.action_names()
+    action_dr[[i for i, nm in enumerate(names) if nm.startswith("demand_response")]] = 1.0
+    env.reset(seed=0, options={"day": int(env.engine.split_days[0])})
+    calm.reset(seed=0, options={"day": int(env.engine.split_days[0])})
+    _, _, _, _, info = env.step(action_dr)
+    _, _, _, _, calm_info = calm.step(action_dr)
+    assert info["dr_event"] == 1.0 and info["market_rewards"] > 0
+    assert calm_info["dr_event"] == 0.0 and calm_info["market_rewards"] == 0.0
+
+
+def test_market_can_be_switched_off() -> None:
+    env = MicrogridEnv(Scenario(market={"enabled": False}))
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(env.action_space.sample())
+    assert env.exchange is None and "market_price" not in info
