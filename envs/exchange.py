@@ -20,7 +20,7 @@ from envs.codec import DecodedAction
 from envs.dynamics import GridState
 from envs.kernel import CompiledParams
 from envs.ledger import Ledger, MirrorLedger, Settlement, SlotInput
-from envs.market import MONEY_UNITS, Book, band
+from envs.market import MONEY_UNITS, Book, band, to_units
 from envs.market_kernel import gate_rows
 from envs.params import FloatArray, GridParams, IntArray
 from envs.scenario import MarketConfig
@@ -83,6 +83,10 @@ class Exchange:
 
     def reset(self, rows: IntArray) -> None:
         self.ledger.reset(rows)
+
+    def reference(self, state: GridState) -> IntArray:
+        """The coming slot's reference price (money units per Wh, >= 1), as `open` fixes it."""
+        return np.maximum(to_units(state.community_price), 1)
 
     def band(self, reference: IntArray) -> tuple[IntArray, IntArray]:
         """The allowed limit-price band of each row (money units per Wh)."""

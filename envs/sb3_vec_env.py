@@ -20,7 +20,43 @@ from envs.scenario import Scenario
 from envs.vector_env import MicrogridVectorEnv
 
 
-class SB3VecEnv(VecEnv):
+class ForwardingVecEnv(VecEnv):
+    """A VecEnv whose sub-environments are views of one object (`target`).
+
+    SB3 calls these for wrappers and callbacks; with one object behind every index, attribute
+    and method calls go to it once.
+    """
+
+    target: Any
+
+    def close(self) -> None:
+        self.target.close()
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        value = getattr(self.target, attr_name)
+        return [value for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self.target, attr_name, value)
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **kwargs: Any
+    ) -> list[Any]:
+        result = getattr(self.target, method_name)(*method_args, **kwargs)
+        return [result for _ in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._indices(indices)]
+
+    def _indices(self, indices: VecEnvIndices) -> Sequence[int] | Iterable[int]:
+        if indices is None:
+            return range(self.num_envs)
+        if isinstance(indices, int):
+            return [indices]
+        return indices
+
+
+class SB3VecEnv(ForwardingVecEnv):
     """Adapter over `MicrogridVectorEnv`; every sub-environment shares one kernel call."""
 
     def __init__(
@@ -31,6 +67,7 @@ class SB3VecEnv(VecEnv):
         seed: int | None = None,
     ) -> None:
         self.venv = MicrogridVectorEnv(num_envs, scenario, split)
+        self.target = self.venv
         super().__init__(
             num_envs, self.venv.single_observation_space, self.venv.single_action_space
         )
@@ -74,30 +111,3 @@ class SB3VecEnv(VecEnv):
             self._ep_return[i] = 0.0
             self._ep_length[i] = 0
         return obs, reward.astype(np.float32), dones, infos
-
-    def close(self) -> None:
-        self.venv.close()
-
-    # SB3 calls these for wrappers and callbacks; the batch has no per-env objects to reach.
-    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        value = getattr(self.venv, attr_name)
-        return [value for _ in self._indices(indices)]
-
-    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        setattr(self.venv, attr_name, value)
-
-    def env_method(
-        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **kwargs: Any
-    ) -> list[Any]:
-        result = getattr(self.venv, method_name)(*method_args, **kwargs)
-        return [result for _ in self._indices(indices)]
-
-    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
-        return [False for _ in self._indices(indices)]
-
-    def _indices(self, indices: VecEnvIndices) -> Sequence[int] | Iterable[int]:
-        if indices is None:
-            return range(self.num_envs)
-        if isinstance(indices, int):
-            return [indices]
-        return indices
