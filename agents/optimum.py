@@ -16,7 +16,7 @@ import numpy as np
 from agents.lp import DispatchInputs, Plan, solve_dispatch
 from envs.codec import Codec
 from envs.microgrid_env import MicrogridEnv
-from envs.params import FloatArray, GridParams
+from envs.params import BatteryParams, FloatArray, GridParams
 
 
 def true_inputs(params: GridParams, start_slot: int, steps: int) -> DispatchInputs:
@@ -86,15 +86,27 @@ class PerfectForesightPolicy:
     `predict` notices a new episode (or a SoC that left the plan's path) from the env's state
     and plans then, from the SoC and capacity the env actually has; otherwise it looks up the
     set-point of the current step. It drives exactly one `MicrogridEnv`.
+
+    With `pooled`, the fleet's planned power in each slot is shared among the batteries in
+    proportion to their ratings (every battery at the same fraction of its rating). For a fleet
+    whose batteries differ only in size (same C-rate, efficiencies, SoC window and ageing) that
+    is another optimum of the same LP, the one with every SoC moving together; the LP alone
+    picks an arbitrary split among interchangeable batteries, which is noise to a learner that
+    imitates it. Drift is then judged on the fleet's stored energy.
     """
 
     name = "optimum"
 
-    def __init__(self, env: MicrogridEnv, degradation_weight: float = 1.0) -> None:
+    def __init__(
+        self, env: MicrogridEnv, degradation_weight: float = 1.0, pooled: bool = False
+    ) -> None:
         self.env = env
         self.params: GridParams = env.params
         self.codec: Codec = env.codec
         self.degradation_weight = degradation_weight
+        self.pooled = pooled
+        if pooled:
+            _check_poolable(self.params.batteries)
         self.plan: Plan | None = None
         self._start_slot = -1
         self._plan_offset = 0
@@ -114,7 +126,7 @@ class PerfectForesightPolicy:
             plan is None
             or start != self._start_slot
             or not 0 <= row < plan.steps
-            or float(np.abs(plan.soc[row] - state.soc[0]).max()) > REPLAN_SOC_DRIFT
+            or self._drift(plan.soc[row], state.soc[0], state.capacity_kwh[0]) > REPLAN_SOC_DRIFT
         )
         if plan is None or drifted:
             plan = solve_day(
@@ -128,6 +140,13 @@ class PerfectForesightPolicy:
             self.plan, self._start_slot, self._plan_offset, row = plan, start, step, 0
         return plan, row
 
+    def _drift(self, planned: FloatArray, soc: FloatArray, capacity_kwh: FloatArray) -> float:
+        """How far the env's SoC has left the plan's: per battery, or of the fleet if pooled."""
+        if not self.pooled:
+            return float(np.abs(planned - soc).max())
+        total = max(float(capacity_kwh.sum()), 1e-12)
+        return abs(float((planned - soc) @ capacity_kwh)) / total
+
     def predict(self, obs: np.ndarray) -> np.ndarray:
         o = np.asarray(obs)
         if o.ndim == 2 and o.shape[0] != 1:
@@ -135,7 +154,36 @@ class PerfectForesightPolicy:
                 f"{type(self).__name__} drives one env; got a batch of {o.shape[0]} observations"
             )
         plan, k = self._current()
-        a = self.codec.encode_action(
-            plan.battery_kw[k], plan.pv_curtailment[k], np.zeros(self.params.n_prosumer)
-        )
+        kw = plan.battery_kw[k]
+        if self.pooled:
+            power = self.params.batteries.power_kw
+            kw = kw.sum() * power / max(float(power.sum()), 1e-12)
+        a = self.codec.encode_action(kw, plan.pv_curtailment[k], np.zeros(self.params.n_prosumer))
         return a[None, :] if o.ndim == 2 else a
+
+
+#: Relative spread allowed among the batteries' parameters for pooling (ratings are rounded:
+#: simbench's 18.3 kW / 36.7 kWh is a C-rate of 0.4986).
+POOL_TOLERANCE = 0.01
+
+
+def _check_poolable(b: BatteryParams) -> None:
+    """Pooling is an optimum only if batteries differ in size alone; name the field that differs."""
+    c_rate = np.divide(
+        b.power_kw, b.capacity_kwh, out=np.zeros_like(b.power_kw), where=b.capacity_kwh > 0
+    )
+    fields = {
+        "c_rate (power_kw / capacity_kwh)": c_rate,
+        "efficiency_charge": b.efficiency_charge,
+        "efficiency_discharge": b.efficiency_discharge,
+        "soc_min": b.soc_min,
+        "soc_max": b.soc_max,
+        "fade_per_full_cycle": b.fade_per_full_cycle,
+        "replacement_cost_per_kwh": b.replacement_cost_per_kwh,
+    }
+    for name, values in fields.items():
+        v = np.asarray(values, dtype=np.float64)
+        if v.size and not np.allclose(v, v[0], rtol=POOL_TOLERANCE, atol=1e-9):
+            raise ValueError(
+                f"pooled optimum: batteries must share {name}; got {np.unique(v).tolist()}"
+            )

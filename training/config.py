@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from envs import ScenarioError
 
@@ -28,13 +28,47 @@ class EvalConfig(_Strict):
     """Validation days per evaluation (the first N of the split: the same days every time)."""
 
 
+class PretrainConfig(_Strict):
+    """Imitation of the perfect-foresight optimum before (or instead of) RL: `training.imitation`.
+
+    Only training days are rolled out; validation days pick the best round.
+    """
+
+    method: Literal["bc", "dagger"] = "dagger"
+    """`bc`: clone the optimum on its own trajectories; `dagger`: then add rounds where the
+    learner drives and the optimum, re-solved from the states it reaches, labels them."""
+    pooled: bool = True
+    """Label with the optimum whose fleet power is shared in proportion to the batteries'
+    ratings (`PerfectForesightPolicy(pooled=True)`): the same cost, one consistent split."""
+    noise_draws: Annotated[int, Field(ge=1)] = 1
+    """Round 0 demonstrates each day this many times, each with another forecast-noise draw."""
+    expert_days: Annotated[int, Field(ge=1)] | None = None
+    """Training days the optimum demonstrates in round 0; None is every training day."""
+    iterations: Annotated[int, Field(ge=0)] = 4
+    """DAgger rounds after round 0."""
+    days_per_iteration: Annotated[int, Field(ge=1)] = 48
+    """Training days the learner drives in each DAgger round."""
+    relabel_every: Annotated[int, Field(ge=1)] = 2
+    """Label every k-th step the learner drives (each label is one LP solve)."""
+    beta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Round r lets the expert drive each step with probability beta ** r."""
+    epochs: Annotated[int, Field(ge=1)] = 30
+    """Passes over all demonstrations gathered so far, per round."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
+    log_std_after: float = -2.0
+    """The policy's log standard deviation after cloning: the exploration RL fine-tuning starts
+    from (small, so that it explores around the cloned behaviour)."""
+
+
 class TrainConfig(_Strict):
     """One training recipe. Hyper-parameters go to the SB3 algorithm unchanged."""
 
     algorithm: Literal["ppo", "sac", "td3"] = "ppo"
     scenario: str | None = None
     """Scenario YAML path; None is the default scenario."""
-    timesteps: Annotated[int, Field(ge=1)] = 200_000
+    timesteps: Annotated[int, Field(ge=0)] = 200_000
+    """RL environment steps; 0 with `pretrain` keeps the imitated policy as it is."""
     n_envs: Annotated[int, Field(ge=1, le=4096)] = 16
     seed: int = 0
     torch_threads: Annotated[int, Field(ge=1, le=64)] = 1
@@ -44,12 +78,24 @@ class TrainConfig(_Strict):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     policy_kwargs: dict[str, Any] = Field(default_factory=dict)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    pretrain: PretrainConfig | None = None
+    """Warm start by imitating the optimum (PPO only); None starts RL from scratch."""
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
     """0 keeps only the final model."""
     experiment: str = "microgrid"
     registered_model: str = "microgrid-policy"
     """Name in the MLflow model registry; the alias `champion` marks the best on validation."""
     output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _pretrain_fits_algorithm(self) -> TrainConfig:
+        if self.pretrain is not None and self.algorithm != "ppo":
+            raise ValueError(
+                f"pretrain: supported with algorithm 'ppo' only, got {self.algorithm!r}"
+            )
+        if self.timesteps == 0 and self.pretrain is None:
+            raise ValueError("timesteps: 0 is allowed only with pretrain (nothing would train)")
+        return self
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:

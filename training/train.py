@@ -29,7 +29,7 @@ from envs.sb3_vec_env import SB3VecEnv
 from training import plots
 from training.callbacks import EpisodeMetricsCallback, ValidationCallback
 from training.config import TrainConfig
-from training.evaluation import run_day
+from training.evaluation import Predict, mean_kpis, run_day
 from training.export import export_onnx, frozen_actions
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "td3": TD3}
@@ -125,8 +125,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
                     save_vecnormalize=True,
                 )
             )
-        callbacks = CallbackList(hooks)
-        model.learn(total_timesteps=config.timesteps, callback=callbacks)
+        if config.pretrain is not None:
+            _pretrain(model, norm, config, validation)
+        if config.timesteps > 0:
+            model.learn(total_timesteps=config.timesteps, callback=CallbackList(hooks))
         validation.evaluate()
         # Export the best policy seen on validation days (the last one if it is the best).
         best = run_dir / "best"
@@ -185,6 +187,34 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         champion=champion,
         onnx_path=onnx_path,
     )
+
+
+def _pretrain(
+    model: BaseAlgorithm, norm: VecNormalize, config: TrainConfig, validation: ValidationCallback
+) -> None:
+    """Imitate the optimum (training days), log each round, and count the result as step 0.
+
+    Validating the imitated policy before RL starts makes it the best policy so far, so a
+    fine-tuning run that only makes it worse still exports the imitated one.
+    """
+    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+    from training.imitation import pretrain
+
+    assert config.pretrain is not None and isinstance(model, OnPolicyAlgorithm)
+
+    def validate(predict: Predict) -> float:
+        return mean_kpis([run_day(validation.env, predict, d) for d in validation.days])["cost"]
+
+    def log_round(r: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=r)
+
+    report = pretrain(
+        model, norm, config.pretrain, config.scenario, config.seed, validate, log_round
+    )
+    mlflow.log_metric("pretrain_best_round", report.best_round)
+    validation.init_callback(model)
+    validation.evaluate()
 
 
 def _maybe_promote(name: str, version: str, val_cost: float) -> bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from agents import PerfectForesightPolicy, solve_day
 from agents.lp import PlanInfeasible
+from agents.optimum import _check_poolable
 from envs import MicrogridEnv
-from tests.agents.conftest import Episode
+from tests.agents.conftest import Episode, run
 
 BASELINES = ("idle", "rule_based", "arbitrage", "mpc")
 
@@ -103,3 +106,30 @@ def test_unreachable_final_soc_names_the_battery(test_env: MicrogridEnv) -> None
     p = test_env.params
     with pytest.raises(PlanInfeasible, match=r"battery .* must end at soc >= 0\.9000"):
         solve_day(p, 0, p.batteries.soc_min, steps=4, soc_final_min=p.batteries.soc_max)
+
+
+def test_pooled_optimum_moves_every_battery_together_at_the_same_cost(
+    test_env: MicrogridEnv, days: list[int], episodes: dict[str, list[Episode]]
+) -> None:
+    """Sharing the fleet's power by rating is another optimum: one consistent split to imitate."""
+    policy = PerfectForesightPolicy(test_env, pooled=True)
+    n_battery = test_env.params.batteries.n
+    for i, day in enumerate(days):
+        pooled = run(test_env, policy, day)
+        battery = pooled.actions[:, :n_battery]
+        np.testing.assert_allclose(battery, battery[:, :1].repeat(n_battery, axis=1), atol=1e-6)
+        # Every SoC follows the same path (ratings differ by rounding only).
+        assert np.ptp(pooled.soc, axis=1).max() < 0.01
+        best = episodes["optimum"][i].kpis
+        assert pooled.kpis["cost"] + pooled.kpis["degradation_cost"] == pytest.approx(
+            best["cost"] + best["degradation_cost"], rel=0.01
+        )
+
+
+def test_pooling_refuses_batteries_that_differ_in_more_than_size(test_env: MicrogridEnv) -> None:
+
+    batteries = test_env.params.batteries
+    eta = batteries.efficiency_charge.copy()
+    eta[0] = 0.8
+    with pytest.raises(ValueError, match="efficiency_charge"):
+        _check_poolable(replace(batteries, efficiency_charge=eta))
