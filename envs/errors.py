@@ -22,3 +22,7 @@ class ActionError(MicrogridError, ValueError):
 
 class PowerFlowDiverged(MicrogridError, ArithmeticError):
     """The AC power flow found no solution; the environment truncates rather than raising it."""
+
+
+class LedgerError(MicrogridError):
+    """A ledger could not settle a slot (e.g. the treasury cannot pay out surpluses)."""

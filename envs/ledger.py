@@ -11,10 +11,14 @@ Settlement rules of one slot (EnergyTrading, GridBalance and RewardSystem, resta
 
 * buy orders whose escrow (qty x limit) exceeds the buyer's free credit are refused, as
   ``createOrder`` reverts; in emergency mode no order is accepted at all;
-* the book clears at one uniform price (``envs.market.clear_books``); buyers pay fill x price,
-  sellers receive fill x price less ``fee_bps``, which goes to the treasury;
-* the meter reading then settles the difference between traded and metered energy at the
-  reference price, worse by ``imbalance_penalty_bps`` either way, against the community account;
+* the book clears at one uniform price (``envs.market.clear_books``), in the signed batch's
+  order (prosumers sorted by address, ``envs.accounts.batch_order``);
+* buyers pay fill x price at once; sellers' proceeds less ``fee_bps`` (to the treasury) are
+  held until the meter readings are final;
+* reconciliation then settles the difference between metered and traded energy at the
+  reference price, worse by ``imbalance_penalty_bps`` either way, with the treasury: a shortfall
+  is paid from credit and held proceeds as far as they go (the rest is recorded unpaid), a
+  surplus is paid by the treasury, which must afford it (`LedgerError` otherwise);
 * during a demand-response event each prosumer earns ``dr_incentive`` reward tokens per kWh its
   demand response removed; energy sold in the market earns the renewable reward.
 """
@@ -27,6 +31,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from envs.accounts import batch_order
+from envs.errors import LedgerError
 from envs.market import MONEY_UNITS, Book
 from envs.market_kernel import settle_rows
 from envs.params import IntArray
@@ -68,6 +74,8 @@ class Settlement:
     fees: IntArray
     imbalance_wh: IntArray
     """(B, n) metered minus traded energy (bought > 0, sold < 0)."""
+    unpaid: IntArray
+    """(B, n) shortfall charges the prosumer's credit could not cover (recorded as debt)."""
     refused: IntArray
     """(B,) orders refused: escrow beyond credit, or emergency mode."""
     rewards: IntArray
@@ -81,6 +89,8 @@ class Ledger(Protocol):
     """A settlement backend for a batch of `batch` grids with `n` prosumers each."""
 
     name: str
+    treasury: IntArray
+    """(B,) the treasury's credit: fees and shortfall charges in, surplus payments out."""
 
     def reset(self, rows: IntArray) -> None:
         """Start the accounts of `rows` afresh (a new episode)."""
@@ -112,12 +122,12 @@ class MirrorLedger:
         self.n = n
         self.config = config
         self._initial = units(config.initial_credit)
+        self._treasury0 = units(config.treasury_credit)
         self._credit = np.full((batch, n), self._initial, dtype=np.int64)
-        self.treasury = np.zeros(batch, dtype=np.int64)
-        """Fees collected per grid."""
-        self.community = np.zeros(batch, dtype=np.int64)
-        """The community account's net from imbalance settlement, per grid."""
+        self.treasury = np.full(batch, self._treasury0, dtype=np.int64)
+        """The treasury's credit per grid: fees and shortfall charges in, surplus payments out."""
         self.reward_tokens = np.zeros((batch, n), dtype=np.int64)
+        self.order = batch_order(n)
         self._rates = np.array(
             [
                 config.fee_bps,
@@ -130,8 +140,7 @@ class MirrorLedger:
 
     def reset(self, rows: IntArray) -> None:
         self._credit[rows] = self._initial
-        self.treasury[rows] = 0
-        self.community[rows] = 0
+        self.treasury[rows] = self._treasury0
         self.reward_tokens[rows] = 0
 
     def credits(self) -> IntArray:
@@ -139,26 +148,30 @@ class MirrorLedger:
 
     def settle(self, slot: SlotInput) -> Settlement:
         b, n = self.batch, self.n
-        out = {k: np.zeros((b, n), dtype=np.int64) for k in ("fill", "cash", "imb", "rew")}
-        per_row = {k: np.zeros(b, dtype=np.int64) for k in ("price", "vol", "fees", "ref", "com")}
-        settle_rows(
-            self._rates, slot.book.qty_wh, slot.book.limit, slot.book.side, slot.reference,
-            slot.metered_wh, slot.dr_event, slot.dr_reduction_wh, slot.emergency, self._credit,
-            per_row["price"], per_row["vol"], out["fill"], out["cash"], per_row["fees"],
-            out["imb"], per_row["ref"], out["rew"], per_row["com"],
+        out = {k: np.zeros((b, n), dtype=np.int64) for k in ("fill", "cash", "imb", "unp", "rew")}
+        row = {k: np.zeros(b, dtype=np.int64) for k in ("price", "vol", "fees", "ref")}
+        short = settle_rows(
+            self._rates, self.order, slot.book.qty_wh, slot.book.limit, slot.book.side,
+            slot.reference, slot.metered_wh, slot.dr_event, slot.dr_reduction_wh, slot.emergency,
+            self._credit, self.treasury, row["price"], row["vol"], out["fill"], out["cash"],
+            row["fees"], out["imb"], out["unp"], row["ref"], out["rew"],
         )  # fmt: skip
-        self.treasury += per_row["fees"]
-        self.community += per_row["com"]
+        if short >= 0:
+            raise LedgerError(
+                f"market.treasury_credit: the treasury of grid {short} cannot pay this slot's "
+                f"surpluses (EnergyTradingTreasuryShort); raise treasury_credit"
+            )
         self.reward_tokens += out["rew"]
         zeros = np.zeros(b, dtype=np.int64)
         return Settlement(
-            price=per_row["price"],
-            volume_wh=per_row["vol"],
+            price=row["price"],
+            volume_wh=row["vol"],
             fill_wh=out["fill"],
             cash=out["cash"],
-            fees=per_row["fees"],
+            fees=row["fees"],
             imbalance_wh=out["imb"],
-            refused=per_row["ref"],
+            unpaid=out["unp"],
+            refused=row["ref"],
             rewards=out["rew"],
             gas_used=zeros,
             transactions=zeros.copy(),

@@ -197,58 +197,85 @@ def gate_rows(
 
 @numba.njit(cache=True, nogil=True)
 def settle_rows(
-    rates, qty, limit, side, reference, metered, dr_event, reduction, emergency, credit,
-    price, volume, fills, cash, fees, imbalance, refused, rewards, community,
+    rates, order, qty, limit, side, reference, metered, dr_event, reduction, emergency, credit,
+    treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
 ):  # fmt: skip
-    """Mirror settlement of every row (see envs.ledger); `credit` is updated in place.
+    """Mirror settlement of every row (see envs.ledger); `credit` and `treasury` change in place.
 
-    rates: fee_bps, imbalance_penalty_bps, dr rate and renewable rate (units per Wh).
+    rates: fee_bps, imbalance_penalty_bps, dr rate and renewable rate (units per Wh). `order`
+    is the batch order (prosumers sorted by account address), which decides pro-rata rounding.
+    Returns the index of the first row whose treasury could not pay the surpluses, or -1.
     """
     n = qty.shape[1]
     fee_bps = rates[0]
     penalty = rates[1]
-    live = np.empty(n, dtype=np.int64)
+    bq = np.empty(n, dtype=np.int64)
+    bp = np.empty(n, dtype=np.int64)
+    bs = np.empty(n, dtype=np.int64)
+    bf = np.empty(n, dtype=np.int64)
+    held = np.empty(n, dtype=np.int64)
+    short_row = -1
     for i in range(qty.shape[0]):
+        # Orders the contract would refuse never reach the batch: escrow beyond credit, or a
+        # paused market.
         n_refused = 0
-        for k in range(n):
+        for j in range(n):
+            k = order[j]
             q = qty[i, k]
             ok = q > 0 and not emergency[i]
             if ok and side[i, k] == BUY and q * limit[i, k] > credit[i, k]:
                 ok = False
             if q > 0 and not ok:
                 n_refused += 1
-            live[k] = q if ok else 0
+            bq[j] = q if ok else 0
+            bp[j] = limit[i, k]
+            bs[j] = side[i, k]
+            bf[j] = 0
         refused[i] = n_refused
-        p, v = clear_row(live, limit[i], side[i], fills[i])
+        p, v = clear_row(bq, bp, bs, bf)
         price[i] = p
         volume[i] = v
-        ref = reference[i]
-        short_price = ref * (10_000 + penalty) // 10_000
-        long_price = ref * (10_000 - penalty) // 10_000
+        # settleSignedBatch: buyers pay at once, sellers' proceeds net of fee are held.
         fee_sum = 0
-        community_sum = 0
-        for k in range(n):
-            value = fills[i, k] * p
+        for j in range(n):
+            k = order[j]
+            fills[i, k] = bf[j]
+            value = bf[j] * p
+            cash[i, k] = credit[i, k]  # the credit before the slot, for the change below
             if side[i, k] == BUY:
-                trade = -value
-                bought = fills[i, k]
-                sold = 0
+                credit[i, k] -= value
+                held[k] = 0
+                imbalance[i, k] = metered[i, k] - bf[j]
             else:
                 fee = value * fee_bps // 10_000
                 fee_sum += fee
-                trade = value - fee
-                bought = -fills[i, k]
-                sold = fills[i, k]
-            imb = metered[i, k] - bought
-            imbalance[i, k] = imb
-            imb_cash = -imb * short_price if imb > 0 else -imb * long_price
-            community_sum -= imb_cash
-            c = trade + imb_cash
-            cash[i, k] = c
-            credit[i, k] += c
-            r = sold * rates[3]
+                held[k] = value - fee
+                imbalance[i, k] = metered[i, k] + bf[j]
+        fees[i] = fee_sum
+        treasury[i] += fee_sum
+        # reconcileSlot: a shortfall pays the short price from credit + held proceeds as far as
+        # they go (the rest is recorded unpaid); a surplus is paid the long price by the treasury.
+        ref = reference[i]
+        short_price = ref * (10_000 + penalty) // 10_000
+        long_price = ref * (10_000 - penalty) // 10_000
+        charged = 0
+        paid = 0
+        for k in range(n):
+            imb = imbalance[i, k]
+            charge = imb * short_price if imb > 0 else 0
+            payout = -imb * long_price if imb < 0 else 0
+            funds = credit[i, k] + held[k] + payout
+            collected = min(charge, funds)
+            credit[i, k] = funds - collected
+            unpaid[i, k] = charge - collected
+            charged += collected
+            paid += payout
+            cash[i, k] = credit[i, k] - cash[i, k]
+            r = fills[i, k] * rates[3] if side[i, k] == SELL else 0
             if dr_event[i]:
                 r += reduction[i, k] * rates[2]
             rewards[i, k] = r
-        fees[i] = fee_sum
-        community[i] = community_sum
+        if treasury[i] + charged < paid and short_row < 0:
+            short_row = i
+        treasury[i] += charged - paid
+    return short_row

@@ -193,6 +193,8 @@ class MarketConfig(_Strict):
     """Default bidding rule: buyers bid reference x (1 + markup), sellers ask x (1 - markup)."""
     initial_credit: NonNegative = 100.0
     """Each prosumer's deposit (currency) when an episode starts; buy orders need the escrow."""
+    treasury_credit: NonNegative = 100_000.0
+    """The treasury's deposit (currency): it pays imbalance surpluses out of it."""
     dr_loading: Annotated[float, Field(gt=0.0, le=3.0)] = 0.9
     """Transformer loading that starts a demand-response event for the next slot."""
     dr_voltage_pu: Annotated[float, Field(ge=0.0, le=0.2)] = 0.05

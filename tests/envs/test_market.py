@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts import clearing
-from contracts.model import MarketModel, PriceParams, Side
+from contracts.model import MarketModel, PriceParams, Side, SignedOrder
 from envs import MicrogridEnv, Scenario
-from envs.ledger import MirrorLedger, SlotInput
+from envs.accounts import prosumer_addresses
+from envs.ledger import MirrorLedger, SlotInput, units
 from envs.market import BUY, MONEY_UNITS, SELL, Book, clear_books
 from envs.scenario import MarketConfig
 from envs.vector_env import MicrogridVectorEnv
@@ -54,25 +55,36 @@ def test_compiled_clearing_equals_contracts_clearing(
 
 
 @settings(max_examples=150, deadline=None)
-@given(books, st.integers(0, 200_000), st.integers(0, 1_000), st.integers(0, 10_000))
+@given(
+    books,
+    st.integers(0, 200_000),
+    st.integers(0, 1_000),
+    st.integers(0, 10_000),
+    st.integers(0, 2**32 - 1),
+)
 def test_mirror_settlement_equals_market_model(
-    rows: list[list[tuple[int, int, int]]], credit: int, fee_bps: int, penalty_bps: int
+    rows: list[list[tuple[int, int, int]]], credit: int, fee_bps: int, penalty_bps: int, seed: int
 ) -> None:
-    """Fills, prices, credits and fees as EnergyTrading (through its model) gives them.
+    """Fills, prices, credits, fees and imbalances as EnergyTrading (through its model) gives them.
 
-    Each row is one slot on its own model; buy orders the escrow rule refuses must be exactly
-    those `createOrder` refuses. The imbalance part is checked against its formula.
+    Each row is one slot on its own model: the signed batch (sorted by owner address) settles,
+    then the meters reconcile it. Buy orders the mirror refuses are exactly those whose escrow
+    exceeds the buyer's credit, which would make `settleSignedBatch` revert.
     """
     book = _book(rows)
     b, n = book.qty_wh.shape
     cfg = MarketConfig(
-        fee_bps=fee_bps, imbalance_penalty_bps=penalty_bps, initial_credit=credit / MONEY_UNITS
+        fee_bps=fee_bps,
+        imbalance_penalty_bps=penalty_bps,
+        initial_credit=credit / MONEY_UNITS,
+        treasury_credit=10**6,
     )
     ledger = MirrorLedger(b, n, cfg)
-    rng = np.random.default_rng(len(rows))
+    rng = np.random.default_rng(seed)
     metered = rng.integers(-3_000, 3_000, (b, n))
     reference = rng.integers(1, 40, b)
     before = ledger.credits()
+    treasury_before = ledger.treasury.copy()
     s = ledger.settle(
         SlotInput(
             slot=np.zeros(b, dtype=np.int64),
@@ -84,48 +96,52 @@ def test_mirror_settlement_equals_market_model(
             emergency=np.zeros(b, dtype=bool),
         )
     )
-    wide = PriceParams(base_rate=10**6, band_low_bps=0, band_high_bps=10**6)
+    owners = prosumer_addresses(n)
+    treasury = "0x" + "ee" * 20
     for i in range(b):
-        model = MarketModel(genesis=10_000, treasury="treasury", fee_bps=fee_bps, price=wide)
-        accounts = [f"p{k}" for k in range(n)]
-        for a in accounts:
+        # The contract's reference price is the posted demand factor: baseRate 1e4 x bps / 1e8.
+        params = PriceParams(
+            base_rate=10_000,
+            demand_factor_bps=int(reference[i]),
+            grid_stress_factor_bps=0,
+            band_low_bps=0,
+            band_high_bps=10**6,
+            imbalance_penalty_bps=penalty_bps,
+        )
+        model = MarketModel(genesis=10_000, treasury=treasury, fee_bps=fee_bps, price=params)
+        model.deposit(treasury, units(10**6))
+        for a in owners:
             if credit:
                 model.deposit(a, credit)
+        orders = []
         refused = 0
         for k in range(n):
-            if book.qty_wh[i, k] == 0:
+            q, limit, side = (
+                int(x) for x in (book.qty_wh[i, k], book.limit[i, k], book.side[i, k])
+            )
+            if q == 0:
                 continue
-            try:
-                model.create_order(
-                    accounts[k],
-                    now=0,
-                    start_slot=20,
-                    energy_wh=int(book.qty_wh[i, k]),
-                    limit_price=int(book.limit[i, k]),
-                    side=Side(int(book.side[i, k])),
-                )
-            except Exception as err:  # the contract's revert, as the model raises it
-                assert "InsufficientCredit" in str(err)
+            if side == BUY and q * limit > credit:
                 refused += 1
-        result = model.clear_slot(20, now=10_000 + 20 * 900)
+                continue
+            orders.append(SignedOrder(owners[k], 20, Side(side), q, limit))
+        orders.sort(key=lambda o: o.key)
+        result = model.settle_signed_batch(20, orders, now=model.gate_closes_at(20))
+        meters = {owners[k]: int(metered[i, k]) for k in range(n)}
+        outcome = model.reconcile_slot(20, model.readings_final_at(20), meters, members=owners)
         assert s.refused[i] == refused
         assert s.price[i] == result.price and s.volume_wh[i] == result.volume
         fills = np.zeros(n, dtype=np.int64)
-        ids = model.books.get(20, [])
-        owners = [int(model.orders[o].owner[1:]) for o in ids]
-        fills[owners] = result.fills
+        for o, f in zip(orders, result.fills.tolist(), strict=True):
+            fills[owners.index(o.owner)] = f
         assert np.array_equal(s.fill_wh[i], fills)
-        assert s.fees[i] == model.credit_of("treasury")
-        bought = np.where(book.side[i] == BUY, fills, -fills)
-        imb = metered[i] - bought
-        ref = int(reference[i])
-        short = ref * (10_000 + penalty_bps) // 10_000
-        long = ref * (10_000 - penalty_bps) // 10_000
-        imb_cash = np.where(imb > 0, -imb * short, -imb * long)
-        assert np.array_equal(s.imbalance_wh[i], imb)
-        trade = np.array([model.credit_of(a) for a in accounts]) - credit
-        assert np.array_equal(s.cash[i], trade + imb_cash)
+        assert s.fees[i] == model.results[20].fee
+        assert [outcome.imbalance_wh[a] for a in owners] == s.imbalance_wh[i].tolist()
+        assert [outcome.unpaid.get(a, 0) for a in owners] == s.unpaid[i].tolist()
+        assert [model.credit_of(a) - credit for a in owners] == s.cash[i].tolist()
+        assert model.credit_of(treasury) == ledger.treasury[i]
     assert np.array_equal(ledger.credits(), before + s.cash)
+    assert np.array_equal(s.cash.sum(1) + ledger.treasury - treasury_before, np.zeros(b))
 
 
 @pytest.mark.parametrize("mode", ["noisy", "perfect"])
@@ -141,7 +157,7 @@ def test_market_invariants_over_an_episode(mode: str) -> None:
         state = venv.state
         decoded = venv.engine.decode(rng.uniform(-1, 1, (3, venv.codec.act_dim)))
         gate = ex.open(state, decoded)
-        treasury, community = ex.ledger.treasury.copy(), ex.ledger.community.copy()
+        treasury = ex.ledger.treasury.copy()
         venv.engine.step(state, decoded)
         s = ex.close(gate, state)
         book = gate.book
@@ -153,8 +169,8 @@ def test_market_invariants_over_an_episode(mode: str) -> None:
         assert (book.limit[filled & buy] >= np.repeat(s.price, 13)[(filled & buy).ravel()]).all()
         sell_f = (filled & ~buy).ravel()
         assert (book.limit[filled & ~buy] <= np.repeat(s.price, 13)[sell_f]).all()
-        # Every unit of money that leaves a prosumer reaches the treasury or the community.
-        moved = s.cash.sum(1) + (ex.ledger.treasury - treasury) + (ex.ledger.community - community)
+        # Every unit of money that leaves a prosumer reaches the treasury, and back.
+        moved = s.cash.sum(1) + (ex.ledger.treasury - treasury)
         assert np.array_equal(moved, np.zeros(3, dtype=np.int64))
         low, high = ex.band(gate.reference)
         live = book.qty_wh > 0
