@@ -9,7 +9,7 @@ the fallback and the command tracker meet, and it is tested without a broker.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +68,7 @@ class BridgeCore:
         policy_name: str = "",
         command_ttl_ms: int = 900_000,
         ramp_kw_per_step: float | None = None,
+        decisions_kept: int = 4096,
     ) -> None:
         self.site = site
         self.validator = validator
@@ -85,7 +86,9 @@ class BridgeCore:
         self.bd_seq = 0
         self.stats = Stats()
         self.last_setpoint_kw: np.ndarray | None = None
-        self.decisions: list[tuple[int, Decision]] = []
+        self.decisions: deque[tuple[int, Decision]] = deque(maxlen=decisions_kept)
+        self.observations: deque[np.ndarray] = deque(maxlen=decisions_kept)
+        """Recent encoded observations: the set a new policy must answer before a hot reload."""
 
     # ---- session of the bridge itself ------------------------------------------------------
     def birth(self, now_ms: int) -> Publish:
@@ -162,6 +165,8 @@ class BridgeCore:
         if price is None:
             price = float(self.site.import_price[t % self.site.steps_per_day])
         obs = self.builder.build(self.state, slot - 1, t, price)
+        if not obs.missing:
+            self.observations.append(obs.obs)
         decision = decide(obs, self.policy, self.fallback, self.shield, self.last_setpoint_kw)
         self.decisions.append((slot, decision))
         self.stats.decisions[decision.source] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from bridge.errors import BridgeError
 class Received:
     topic: str
     payload: bytes
+    at: float = 0.0
+    """time.monotonic() when paho handed it over: where decision latency starts."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class MqttLink:
         password: str,
         ca_file: str | Path | None = None,
         will: Will | None = None,
+        birth: Will | None = None,
         keepalive: int = 10,
     ) -> None:
         parsed = urlparse(url)
@@ -71,6 +75,9 @@ class MqttLink:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: list[str] = []
+        self.birth = birth
+        """Published on every (re)connect: a broker restarted without persistence forgot it."""
+        self.connects = 0
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -85,6 +92,9 @@ class MqttLink:
             return
         for sub in self._subscriptions:  # re-subscribe after every reconnect
             client.subscribe(sub, qos=1)
+        if self.birth is not None:
+            client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
+        self.connects += 1
         self._loop.call_soon_threadsafe(self.connected.set)
 
     def _on_disconnect(
@@ -96,7 +106,8 @@ class MqttLink:
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
-            self.queue.put_nowait, Received(message.topic, bytes(message.payload))
+            self.queue.put_nowait,
+            Received(message.topic, bytes(message.payload), time.monotonic()),
         )
 
     # ---- async API -------------------------------------------------------------------------

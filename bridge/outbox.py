@@ -185,6 +185,13 @@ class Outbox:
         rows = self.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         return {RowState(s): n for s, n in rows}
 
+    def retries(self) -> int:
+        """Attempts beyond the first, over every row: a node or contract that keeps refusing."""
+        (n,) = self.db.execute(
+            "SELECT COALESCE(SUM(MAX(attempts - 1, 0)), 0) FROM outbox"
+        ).fetchone()
+        return int(n)
+
     def backlog(self) -> int:
         """Rows not yet final: what a health check watches."""
         c = self.counts()

@@ -9,6 +9,7 @@ passed every check, so a forged message cannot advance it and lock the real devi
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -78,8 +79,9 @@ class ValidationLimits:
     """Telemetry older than this is stale (the bridge acts on what is true now)."""
     max_clock_skew_s: float = 5.0
     """Telemetry stamped further ahead than this comes from a skewed device clock."""
-    slot_seconds: int = 900
-    genesis: int = 0
+    slot_seconds: float = 900
+    """Wall-clock slot length: 900 s as on the chain, shorter only in accelerated runs."""
+    genesis: float = 0
 
 
 class TelemetryValidator:
@@ -96,10 +98,16 @@ class TelemetryValidator:
         """Per device, the highest reading nonce accepted (the chain's own replay guard, early)."""
         self.rejected: Counter[RejectReason] = Counter()
         self.accepted = 0
+        self.telemetry_accepted = 0
+        """DDATA only (`accepted` also counts births and acks)."""
+        self.on_reject: Callable[[RejectReason, str], None] | None = None
+        """Called with every refusal's reason and detail: the shell logs them."""
 
     # ---- helpers --------------------------------------------------------------------------
     def _refuse(self, reason: RejectReason, detail: str) -> Rejected:
         self.rejected[reason] += 1
+        if self.on_reject is not None:
+            self.on_reject(reason, detail)
         return Rejected(reason, detail)
 
     def _device(self, topic_device: str, payload_device: str) -> SiteDevice | Rejected:
@@ -146,7 +154,7 @@ class TelemetryValidator:
         return None
 
     def current_slot(self, now_ms: int) -> int:
-        return (now_ms // 1000 - self.limits.genesis) // self.limits.slot_seconds
+        return int((now_ms / 1000 - self.limits.genesis) // self.limits.slot_seconds)
 
     # ---- births and deaths ----------------------------------------------------------------
     def on_birth(self, topic_device: str, payload: bytes, now_ms: int) -> DeviceBirth | Rejected:
@@ -257,6 +265,7 @@ class TelemetryValidator:
             session.missed += msg.seq - session.last_seq - 1
         session.last_seq = msg.seq
         self.accepted += 1
+        self.telemetry_accepted += 1
         return msg
 
     def _implausible(self, msg: Telemetry, device: SiteDevice) -> str | None:
@@ -278,11 +287,14 @@ class TelemetryValidator:
         if r is not None:
             if r.slot != msg.slot:
                 return f"reading.slot: expected the telemetry's slot {msg.slot}, got {r.slot}"
-            cap_wh = device.capacity_w * self.limits.slot_seconds // 3600
+            # Energy is per market slot (the site's dt_h, 900 s on the chain), whatever the
+            # wall-clock slot length of an accelerated run.
+            energy_s = round(self.site.dt_h * 3600)
+            cap_wh = device.capacity_w * energy_s // 3600
             if abs(r.energy_wh) > cap_wh:
                 return f"reading.energy_wh: expected |energy| <= {cap_wh} Wh, got {r.energy_wh}"
             if isinstance(m, MeterMetrics):
-                expected = m.net_kw * self.limits.slot_seconds / 3.6
+                expected = m.net_kw * energy_s / 3.6
                 tol = max(ENERGY_TOLERANCE_WH, ENERGY_TOLERANCE_SHARE * abs(expected))
                 if abs(r.energy_wh - expected) > tol:
                     return (

@@ -78,6 +78,11 @@ class VirtualDevice:
             encode(birth),
         )
 
+    def goodbye(self, now_ms: int) -> tuple[str, bytes]:
+        """A clean DDEATH for the current session (a clean disconnect does not fire the will)."""
+        death = DeviceDeath(device=self.spec.id, bd_seq=self.bd_seq, ts=now_ms)
+        return self._topic(MessageType.DDEATH), encode(death)
+
     def telemetry(
         self, slot: int, now_ms: int, metrics: dict[str, object], energy_wh: int | None
     ) -> tuple[str, bytes]:

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from training.bridge_cli import bridge_app, devices_app
+
 app = typer.Typer(
     help="Community microgrid: environment, benchmarks, training and the grid bridge.",
     no_args_is_help=True,
@@ -24,6 +26,8 @@ chain_app = typer.Typer(help="The contract suite: compile, deploy.", no_args_is_
 app.add_typer(bench_app, name="bench")
 app.add_typer(chain_app, name="chain")
 app.add_typer(scenario_app, name="scenario")
+app.add_typer(devices_app, name="devices")
+app.add_typer(bridge_app, name="bridge")
 console = Console()
 
 ScenarioOpt = Annotated[
@@ -113,6 +117,30 @@ def bench_powerflow_cmd(
         print(json.dumps(result))
     else:
         console.print(_table("power-flow benchmark", result))
+
+
+@bench_app.command("chain")
+def bench_chain_cmd(as_json: JsonOpt = False) -> None:
+    """Gas of the contract suite on py-evm: createOrder, settlement per matched trade (batches of
+    50/200/500), signed reading, reward claim, and the largest batch one transaction settles."""
+    from contracts.bench import BATCHES, bench_chain, bench_steps, summary_rows
+    from contracts.errors import ChainError
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("chain gas", total=bench_steps(BATCHES))
+            result = bench_chain(BATCHES, lambda _: progress.advance(task))
+    except ChainError as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title="contract gas (py-evm)")
+    table.add_column("figure")
+    table.add_column("gas", justify="right")
+    for name, value in summary_rows(result):
+        table.add_row(name, value)
+    console.print(table)
 
 
 @app.command()

@@ -1,0 +1,215 @@
+"""End to end, as an operator runs it: `devices simulate` and `bridge run` as processes, on a real
+mosquitto (TLS, a password per device, the ACL) and a real anvil with the suite deployed, for a
+few accelerated slots (1.5 s of wall clock each, still 15 minutes of energy each).
+
+The chain's clock is moved ahead after the devices are registered, so the bridge's accelerated
+slot numbers fall after the registration slot and before the chain's current slot, as the
+registry demands of a reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.registration import owner_of, register_site
+from bridge.site import SiteManifest, load_site
+from contracts.client import Chain, SuiteConfig, deploy_suite, deployment_manifest
+from tests.bridge.broker import Broker, mosquitto
+from tests.bridge.services import ANVIL_KEYS, REPO, anvil, free_port
+
+SLOT_S = 1.5
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", *args]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class Setup:
+    site: SiteManifest
+    broker: Broker
+    chain: Chain
+    registry: str
+    files: Path
+    genesis: float
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    files = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        cli("devices", "site", "--out", str(files / "site.json"), "--json"),
+        check=True, env=ENV, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    site = load_site(files / "site.json")
+    with anvil() as url, mosquitto(files / "mosquitto", [d.id for d in site.devices]) as broker:
+        chain = Chain.rpc(url)
+        now = chain.timestamp()
+        # Registration happens in chain slot 50; the chain then jumps to slot ~250; the bridge's
+        # accelerated slots are numbered ~100-200: ended, after registration, inside the window.
+        suite = deploy_suite(
+            chain, genesis=now - 50 * 900, config=SuiteConfig(reading_window_seconds=10**8)
+        )
+        (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
+        register_site(chain, suite.registry.address, site)
+        chain.travel_to(now + 200 * 900)
+        (files / "passwords.json").write_text(json.dumps(broker.passwords))
+        (files / "bridge.password").write_text(broker.passwords["bridge"])
+        (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
+        wall = time.time()
+        genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
+        yield Setup(site, broker, chain, suite.registry.address, files, genesis)
+
+
+def write_config(s: Setup, port: int, **extra: object) -> Path:
+    cfg = {
+        "site": "site.json",
+        "broker": {
+            "url": s.broker.url,
+            "ca_file": str(s.broker.ca_file),
+            "password_file": "bridge.password",
+        },
+        "chain": {
+            "deployment": "deployment.json",
+            "rpc_url": s.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+            "key_file": "relayer.key",
+            "outbox": "outbox.db",
+        },
+        "timing": {"slot_seconds": SLOT_S, "genesis": s.genesis, "decide_deadline": 0.6},
+        "metrics_port": port,
+        **extra,
+    }
+    path = s.files / f"bridge-{port}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_bridge(config: Path, *extra: str) -> subprocess.Popen[str]:
+    """Start `bridge run`; returns once it is subscribed (births sent before would be missed).
+
+    Its JSON log goes to a file beside the config (a pipe nobody reads would fill and block it).
+    """
+    log = config.with_suffix(".log")
+    proc = subprocess.Popen(
+        cli("bridge", "run", "--config", str(config), "--json", *extra),
+        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if '"bridge started"' in log.read_text():
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    out, _ = proc.communicate()
+    pytest.fail(f"bridge did not start: {out[-2000:]} {log.read_text()[-2000:]}")
+
+
+def start_devices(s: Setup, slots: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cli(
+            "devices", "simulate", "--broker", s.broker.url, "--ca-file", str(s.broker.ca_file),
+            "--passwords", str(s.files / "passwords.json"), "--site", str(s.files / "site.json"),
+            "--deployment", str(s.files / "deployment.json"), "--slot-seconds", str(SLOT_S),
+            "--genesis", str(s.genesis), "--slots", str(slots), "--json",
+        ),
+        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def finish(
+    proc: subprocess.Popen[str], timeout: float = 60, stop: bool = False
+) -> dict[str, object]:
+    """The process's JSON summary; `stop` sends SIGTERM first (the operator's clean stop)."""
+    if stop:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_simulated_site_through_broker_bridge_and_chain(setup: Setup) -> None:
+    s = setup
+    port = free_port()
+    bridge = start_bridge(write_config(s, port))
+    devices = start_devices(s, slots=6)
+    metrics: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and devices.poll() is None:
+        metrics = scrape(port)
+        time.sleep(0.5)
+    fleet = finish(devices)
+    summary = finish(bridge, stop=True)
+    n = len(s.site.devices)
+    # The endpoint served the counters while the bridge ran.
+    assert metrics['bridge_commands_total{state="applied"}'] > 0, metrics
+    assert metrics["bridge_telemetry_accepted_total"] >= n
+    assert metrics['bridge_rejected_total{reason="bad_signature"}'] == 0
+    assert "bridge_decision_latency_seconds_count" in metrics
+    # Every message the devices sent was valid and counted; nothing refused.
+    assert summary["rejected"] == {}, summary
+    assert int(summary["slots_decided"]) >= 6  # type: ignore[call-overload]
+    assert int(summary["telemetry_accepted"]) >= 4 * n  # type: ignore[call-overload]
+    # Slots with every device's telemetry were decided by the policy, the rest said why.
+    decisions = summary["decisions"]
+    assert isinstance(decisions, dict) and decisions.get("policy", 0) >= 4, summary
+    # Every command of a slot the policy decided was applied (commands sent before the devices
+    # were up expire, and those queued while the fleet was still connecting are refused as late).
+    commands = summary["commands"]
+    per_slot = 2 * len(s.site.prosumers) + len(s.site.battery_devices())
+    assert isinstance(commands, dict)
+    assert commands["applied"] >= per_slot * (decisions["policy"] - 1), summary
+    assert fleet["commands_applied"] >= commands["applied"]
+    # A late refusal can reach the bridge after it already counted the command expired.
+    assert fleet["commands_rejected"] <= commands.get("rejected", 0) + commands["expired"]
+    assert fleet["limit_violations"] == 0
+    # Every reading the bridge queued is on the chain, once.
+    queued = int(summary["readings_queued"])  # type: ignore[call-overload]
+    assert queued >= 4 * len(s.site.prosumers)
+    assert summary["outbox"] == {"confirmed": queued}, summary
+    registry = s.chain.contract("DeviceRegistry", s.registry)
+    logs = registry.events.ReadingRecorded().get_logs(from_block=0)
+    keys = [(e["args"]["device"], e["args"]["slot"]) for e in logs]
+    assert len(keys) == len(set(keys)) == queued
+    # Metered to the household's account, as registered.
+    owner = owner_of(s.site, s.site.prosumers[0].name, s.chain.accounts[0])
+    slot = max(k[1] for k in keys)
+    assert registry.functions.netMeteredWh([owner], slot).call()[0] != 0
+
+
+def test_dry_run_commands_nothing(setup: Setup) -> None:
+    """Shadow mode: the same decisions are made and logged, no command, no chain work."""
+    s = setup
+    port = free_port()
+    config = write_config(s, port, chain={"deployment": "deployment.json"})
+    bridge = start_bridge(config, "--dry-run")
+    fleet = finish(start_devices(s, slots=3))
+    summary = finish(bridge, stop=True)
+    assert summary["mode"] == "shadow"
+    assert summary["commands_sent"] == 0 and fleet["commands_applied"] == 0
+    assert int(summary["telemetry_accepted"]) >= 2 * len(s.site.devices)  # type: ignore[call-overload]
+    assert summary["outbox"] == {} and summary["rejected"] == {}

@@ -1,0 +1,241 @@
+"""`microgrid devices ...` and `microgrid bridge ...`: the operator's commands for the live bridge.
+
+These live in `training` only because the site manifest and the simulator's profiles come from a
+scenario, which needs the grid builder (pandapower), and `bridge` may not import it. `bridge run`
+itself needs nothing from the scenario: it reads the site manifest written by `devices site`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+devices_app = typer.Typer(
+    help="Field devices: the site manifest, registration, and the device simulator.",
+    no_args_is_help=True,
+)
+bridge_app = typer.Typer(
+    help="The grid bridge: a frozen policy against live devices and the contracts.",
+    no_args_is_help=True,
+)
+console = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+ScenarioOpt = Annotated[
+    Path | None, typer.Option("--scenario", help="Scenario YAML (default: the built-in rural1).")
+]
+SiteIdOpt = Annotated[str, typer.Option("--site-id", help="Site id (the topics' <site> level).")]
+SeedOpt = Annotated[
+    str, typer.Option(help="Seed of the simulated device keys (never for real devices).")
+]
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(2)
+
+
+def _show(title: str, data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, default=str))
+        return
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in data.items():
+        shown = json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
+        table.add_row(k, shown)
+    console.print(table)
+
+
+def _grid(scenario: Path | None) -> Any:
+    from envs import load_scenario
+    from envs.grid import build_grid
+
+    return build_grid(load_scenario(scenario) if scenario else load_scenario())
+
+
+@devices_app.command("site")
+def devices_site(
+    scenario: ScenarioOpt = None,
+    out: Annotated[Path, typer.Option(help="Where to write the site manifest.")] = Path(
+        "site.json"
+    ),
+    site_id: SiteIdOpt = "site1",
+    seed: SeedOpt = "0",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the site manifest of a scenario: one meter, inverter, battery and appliance per
+    prosumer, the community battery, one feeder sensor; the codec the policy was trained on."""
+    from bridge.site_builder import build_site
+    from envs import MicrogridError
+
+    try:
+        site = build_site(_grid(scenario), site=site_id, seed=seed)
+    except MicrogridError as err:
+        _fail(err)
+    site.save(out)
+    kinds: dict[str, int] = {}
+    for d in site.devices:
+        kinds[d.kind.value] = kinds.get(d.kind.value, 0) + 1
+    _show(
+        f"site {site.site} ({site.grid_code})",
+        {"manifest": str(out), "devices": len(site.devices), **kinds},
+        as_json,
+    )
+
+
+@devices_app.command("register")
+def devices_register(
+    site: Annotated[Path, typer.Option(help="Site manifest (`devices site`).")] = Path("site.json"),
+    deployment: Annotated[Path, typer.Option(help="`chain deploy` manifest.")] = Path(
+        "deployment.json"
+    ),
+    rpc: Annotated[str, typer.Option(help="JSON-RPC URL of the chain.")] = "http://127.0.0.1:8545",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Hex key of an account with REGISTRAR_ROLE (default: the node's first)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every device's key address in DeviceRegistry (already registered: skipped)."""
+    from bridge.config import load_deployment
+    from bridge.errors import BridgeError
+    from bridge.registration import register_site
+    from bridge.site import load_site
+    from contracts.client import Chain
+    from contracts.errors import ChainError
+
+    try:
+        manifest = load_site(site)
+        dep = load_deployment(deployment)
+        chain = Chain.rpc(rpc)
+        key = bytes.fromhex(key_file.read_text().strip().removeprefix("0x")) if key_file else None
+        result = register_site(chain, dep.addresses["DeviceRegistry"], manifest, key)
+    except (BridgeError, ChainError, OSError) as err:
+        _fail(err)
+    _show(f"registered site {manifest.site}", result, as_json)
+
+
+@devices_app.command("simulate")
+def devices_simulate(
+    scenario: ScenarioOpt = None,
+    broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtts://127.0.0.1:8883",
+    passwords: Annotated[Path, typer.Option(help="JSON file {device id: broker password}.")] = Path(
+        "passwords.json"
+    ),
+    ca_file: Annotated[Path | None, typer.Option(help="CA of the broker's certificate.")] = None,
+    site: Annotated[
+        Path | None, typer.Option(help="Site manifest (default: built from the scenario).")
+    ] = None,
+    deployment: Annotated[
+        Path, typer.Option(help="`chain deploy` manifest: the readings' EIP-712 domain.")
+    ] = Path("deployment.json"),
+    site_id: SiteIdOpt = "site1",
+    seed: SeedOpt = "0",
+    slot_seconds: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Wall-clock slot length (default: the deployment's, 900)."),
+    ] = None,
+    genesis: Annotated[
+        float | None, typer.Option(help="Start of slot 0, unix s (default: the deployment's).")
+    ] = None,
+    slots: Annotated[int | None, typer.Option(min=1, help="Stop after this many slots.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every device of the site on the broker, each with its own key and password, driven by
+    the scenario's load and PV profiles; each obeys commands within its limits."""
+    from bridge.clock import SlotClock
+    from bridge.config import load_deployment
+    from bridge.errors import BridgeError
+    from bridge.logs import setup_json_logging
+    from bridge.signing import ReadingDomain
+    from bridge.simulator import Profiles, simulate
+    from bridge.site import load_site
+    from bridge.site_builder import build_site
+    from envs import MicrogridError
+
+    setup_json_logging()
+    try:
+        params = _grid(scenario)
+        manifest = load_site(site) if site else build_site(params, site=site_id, seed=seed)
+        if manifest.grid_code != params.grid_code:
+            raise BridgeError(
+                f"site.grid_code: expected the scenario's {params.grid_code!r}, "
+                f"got {manifest.grid_code!r}"
+            )
+        dep = load_deployment(deployment)
+        secrets = json.loads(passwords.read_text())
+        clock = SlotClock(
+            dep.genesis if genesis is None else genesis, slot_seconds or dep.slot_seconds
+        )
+        stats = asyncio.run(
+            simulate(
+                manifest,
+                Profiles(params.prosumer_load_kw, params.prosumer_pv_kw),
+                ReadingDomain(dep.chain_id, dep.addresses["DeviceRegistry"]),
+                broker_url=broker,
+                passwords=secrets,
+                ca_file=ca_file,
+                clock=clock,
+                seed=seed,
+                slots=slots,
+            )
+        )
+    except (MicrogridError, OSError, KeyError, json.JSONDecodeError) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    _show(
+        f"simulated site {manifest.site}",
+        {k: v for k, v in stats.__dict__.items() if k != "per_device"},
+        as_json,
+    )
+
+
+@bridge_app.command("run")
+def bridge_run(
+    config: Annotated[Path, typer.Option(help="Bridge YAML.")] = Path("configs/bridge/local.yaml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Shadow mode: decide and log, command nothing.")
+    ] = False,
+    slots: Annotated[
+        int | None, typer.Option(min=1, help="Stop after deciding this many slots.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the configured policy against the site's devices until stopped (Ctrl-C); JSON logs
+    go to stderr, a summary to stdout at the end."""
+    from bridge.config import load_bridge_config, load_deployment
+    from bridge.errors import BridgeError
+    from bridge.logs import setup_json_logging
+    from bridge.policy_source import load_policy
+    from bridge.runner import BridgeRunner
+    from bridge.site import load_site
+    from envs import MicrogridError
+
+    try:
+        cfg = load_bridge_config(config, dry_run=True if dry_run else None)
+        setup_json_logging(file=cfg.log_file)
+        site = load_site(cfg.site)
+        dep = load_deployment(cfg.chain.deployment)
+        loaded = load_policy(cfg.policy.source, site.make_codec(), cfg.policy.tracking_uri)
+        runner = BridgeRunner(cfg, site, dep, loaded)
+    except (MicrogridError, OSError) as err:
+        _fail(err)
+    started = time.monotonic()
+    try:
+        summary = asyncio.run(runner.run(slots))
+    except BridgeError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        summary = runner.summary()
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    _show(f"bridge {site.site} ({summary['mode']})", summary, as_json)
