@@ -18,6 +18,7 @@ import numpy as np
 
 from envs.codec import DecodedAction
 from envs.dynamics import GridState
+from envs.errors import ScenarioError
 from envs.kernel import CompiledParams
 from envs.ledger import Ledger, MirrorLedger, Settlement, SlotInput
 from envs.market import MONEY_UNITS, Book, band, to_units
@@ -67,7 +68,7 @@ class Exchange:
         self.config = config
         self.batch = batch
         self.n = params.n_prosumer
-        self.ledger: Ledger = MirrorLedger(batch, self.n, config)
+        self.ledger: Ledger = open_ledger(params, config, batch)
         self._compiled = compiled if compiled is not None else CompiledParams(params)
         self._mcfg = np.array(
             [
@@ -146,6 +147,24 @@ class Exchange:
                 emergency=gate.emergency,
             )
         )
+
+
+def open_ledger(params: GridParams, config: MarketConfig, batch: int) -> Ledger:
+    """The ledger the scenario names, for `batch` grids."""
+    n = params.n_prosumer
+    if config.ledger == "mirror":
+        return MirrorLedger(batch, n, config)
+    if batch != 1:
+        raise ScenarioError(
+            f"market.ledger: {config.ledger!r} settles one grid per environment, got a batch of "
+            f"{batch}; allowed: 'mirror' for batches, or a single environment"
+        )
+    from envs.ledger_chain import open_chain_ledger  # web3 costs a second to import
+
+    # A meter's plausibility cap must admit the largest position the prosumer can take.
+    bat = params.batteries.power_kw[:n]
+    peak_kw = params.prosumer_load_kw.max(axis=0) + params.prosumer_pv_kw.max(axis=0) + bat
+    return open_chain_ledger(n, config, [int(w) for w in np.ceil(peak_kw * 1500.0) + 1000])
 
 
 def market_columns(s: Settlement, gate: GateClosure) -> dict[str, FloatArray]:

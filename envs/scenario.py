@@ -180,8 +180,12 @@ class MarketConfig(_Strict):
     """The peer-to-peer market inside each step, and the ledger that settles it."""
 
     enabled: bool = True
-    ledger: Literal["mirror"] = "mirror"
-    """Which ledger settles trades: `mirror` (contracts.model's rules in numpy, for training)."""
+    ledger: Literal["mirror", "evm", "rpc"] = "mirror"
+    """Which ledger settles trades: `mirror` (the contracts' rules in numpy, for training),
+    `evm` (the contracts on in-process py-evm) or `rpc` (the contracts on the node at `rpc_url`).
+    The chain ledgers settle one grid each: single envs only."""
+    rpc_url: str = "http://127.0.0.1:8545"
+    """JSON-RPC node for the `rpc` ledger (e.g. anvil); the suite is deployed there at env build."""
     fee_bps: Annotated[int, Field(ge=0, le=1_000)] = 50
     """Trading fee on each sale, to the treasury (EnergyTrading's cap is 1,000 bps)."""
     imbalance_penalty_bps: Annotated[int, Field(ge=0, le=10_000)] = 2_000
