@@ -45,6 +45,7 @@ class ChainLedger:
         self.n = n
         self.config = config
         self.chain = chain
+        self._now = chain.timestamp()
         self._params = self._price_params(1)
         self.suite = deploy_suite(
             chain,
@@ -94,7 +95,7 @@ class ChainLedger:
 
     def _start(self) -> None:
         self._slot = self._first_slot
-        self._now = self.chain.timestamp()
+        self._now = int(self.chain.timestamp())
         self._nonces = [0] * self.n
         self._credit = np.array([self._read_credits()], dtype=np.int64)
         self.treasury = np.array([self.suite.credit_of(self.admin)], dtype=np.int64)
