@@ -34,7 +34,7 @@ from web3.types import TxParams, TxReceipt
 from contracts import clearing
 from contracts.compile import BUILD_DIR, artifact_hashes, load_artifact
 from contracts.errors import ChainError, ContractRevert, UnknownRevert
-from contracts.model import PriceParams, Side, SignedOrder, Trade, reconciliation_args
+from contracts.model import PriceParams, Side, SignedOrder, Trade, reconciliation_parts
 
 #: Gas limit of an ordinary transaction. Explicit limits skip eth_estimateGas (one round trip
 #: and one extra EVM execution per transaction).
@@ -556,7 +556,20 @@ class Suite:
 
     def deposit_for(self, funder: str, account: str, amount: int) -> TxReceipt:
         """Move ``amount`` of ``funder``'s approved tokens into ``account``'s credit."""
-        return self._tx(self.trading, "depositFor", account, amount, sender=funder)
+        return self.deposit_for_many(funder, [account], [amount])
+
+    def deposit_for_many(
+        self, funder: str, accounts: Sequence[str], amounts: Sequence[int]
+    ) -> TxReceipt:
+        """Credit many accounts from ``funder``'s approved tokens in one transaction."""
+        return self._tx(
+            self.trading,
+            "depositFor",
+            list(accounts),
+            [int(a) for a in amounts],
+            sender=funder,
+            gas=CLEARING_GAS,
+        )
 
     def withdraw(self, account: str, amount: int) -> TxReceipt:
         """Pull ``amount`` of free credit out of the ledger."""
@@ -653,6 +666,7 @@ class Suite:
         *,
         price: int | None = None,
         fills: Sequence[int] | None = None,
+        gas: int = CLEARING_GAS,
     ) -> tuple[clearing.BookClearing, TxReceipt]:
         """Settle ``slot`` from signed ``orders`` in one transaction (solver role).
 
@@ -674,7 +688,7 @@ class Suite:
             [s.as_tuple() for s in signatures],
             [int(f) for f in (result.fills.tolist() if fills is None else fills)],
             sender=solver,
-            gas=CLEARING_GAS,
+            gas=gas,
         )
         return result, receipt
 
@@ -693,17 +707,35 @@ class Suite:
         return bytes(self.chain.call(self.trading, "tradeCommitment", slot))
 
     def reconcile_slot(
-        self, solver: str, slot: int, trades: Sequence[Trade], members: Sequence[str] = ()
-    ) -> TxReceipt:
+        self,
+        solver: str,
+        slot: int,
+        trades: Sequence[Trade],
+        members: Sequence[str] = (),
+        *,
+        max_accounts: int | None = None,
+        gas: int = CLEARING_GAS,
+    ) -> list[TxReceipt]:
         """Settle ``slot``'s traded against metered energy (solver role, readings final).
 
         ``trades`` is the committed trade list (the signed batch's orders with their fills, or
-        :meth:`book_trades`); ``members`` adds metered accounts that did not trade.
+        :meth:`book_trades`); ``members`` adds metered accounts that did not trade. With
+        ``max_accounts`` the work is split into transactions of at most that many accounts
+        (:func:`~contracts.model.reconciliation_parts`); one receipt per transaction.
         """
-        accounts, rows = reconciliation_args(trades, members)
-        return self._tx(
-            self.trading, "reconcileSlot", slot, rows, accounts, sender=solver, gas=CLEARING_GAS
-        )
+        return [
+            self._tx(
+                self.trading,
+                "reconcileSlot",
+                slot,
+                part.trades,
+                part.accounts,
+                part.rest,
+                sender=solver,
+                gas=gas,
+            )
+            for part in reconciliation_parts(trades, members, max_accounts)
+        ]
 
     def credit_of(self, account: str) -> int:
         """Free ledger credit of ``account``."""
@@ -771,6 +803,41 @@ class Suite:
             nonce=nonce,
         )
         return self._tx(self.registry, "submitReading", reading, signature, sender=sender)
+
+    def register_devices(
+        self, devices: Sequence[tuple[str, str, DeviceType, int]], *, sender: str | None = None
+    ) -> TxReceipt:
+        """Register many ``(device, owner, type, capacity_w)`` in one transaction."""
+        rows = [(d, o, int(t), c) for d, o, t, c in devices]
+        return self._tx(
+            self.registry, "registerDevices", rows, sender=sender or self.admin, gas=CLEARING_GAS
+        )
+
+    def submit_readings(
+        self, readings: Sequence[tuple[bytes, int, int, int]], *, sender: str
+    ) -> TxReceipt:
+        """Sign and relay many ``(device key, slot, energy_wh, nonce)`` readings in one transaction
+        (all or nothing)."""
+        chain_id = int(self.chain.w3.eth.chain_id)
+        signed = [
+            sign_reading(
+                key,
+                chain_id=chain_id,
+                registry=self.registry.address,
+                slot=slot,
+                energy_wh=wh,
+                nonce=nonce,
+            )
+            for key, slot, wh, nonce in readings
+        ]
+        return self._tx(
+            self.registry,
+            "submitReadings",
+            [r for r, _ in signed],
+            [s for _, s in signed],
+            sender=sender,
+            gas=CLEARING_GAS,
+        )
 
     def net_metered_wh(self, owners: Sequence[str], slot: int) -> list[int]:
         """Net metered Wh (+ import, - export) of each owner's meters in ``slot``."""

@@ -131,36 +131,86 @@ class Trade:
     fill_wh: int
 
 
-def link(previous: bytes, trade: Trade) -> bytes:
-    """One step of the trade commitment: ``keccak(previous, owner << 96 | side << 64 | fill)``."""
-    word = int(trade.owner, 16) << 96 | int(trade.side) << 64 | trade.fill_wh
-    return keccak(previous + word.to_bytes(32, "big"))
+def trade_commitment(trades: Sequence[Trade]) -> bytes:
+    """The commitment a settlement stores over its trades (``tradeCommitment``).
 
-
-def trade_commitment(trades: Iterable[Trade]) -> bytes:
-    """The hash chain a settlement stores over its trades (``tradeCommitment``)."""
+    Built from the end: ``h_i = keccak(owner << 96 | side << 64 | fill, h_{i+1})``, ``h_n = 0``,
+    so that a reconciliation part can be checked given the hash of the trades after it.
+    """
     chain = bytes(32)
-    for trade in trades:
-        chain = link(chain, trade)
+    for trade in reversed(trades):
+        word = int(trade.owner, 16) << 96 | int(trade.side) << 64 | trade.fill_wh
+        chain = keccak(word.to_bytes(32, "big") + chain)
     return chain
+
+
+@dataclass(frozen=True)
+class ReconciliationPart:
+    """The arguments of one ``reconcileSlot`` transaction."""
+
+    trades: list[tuple[str, int, int, int]]
+    accounts: list[str]
+    rest: bytes
+
+
+def _address(account: str) -> int:
+    return int(account, 16)
+
+
+def reconciliation_parts(
+    trades: Sequence[Trade], members: Iterable[str] = (), max_accounts: int | None = None
+) -> list[ReconciliationPart]:
+    """Split a slot's reconciliation into ``reconcileSlot`` calls of at most ``max_accounts``.
+
+    The accounts are every owner with a fill plus ``members`` (metered accounts without a fill),
+    in increasing address order within and across parts, as the contract requires. A part may
+    end only where every owner before the cut is below every owner after it (a signed batch,
+    sorted by owner, can be cut between any two owners; a book slot usually not at all).
+    """
+    n = len(trades)
+    owners = [_address(t.owner) if t.fill_wh else None for t in trades]
+    suffix_min = [2**160] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        own = owners[i]
+        suffix_min[i] = min(suffix_min[i + 1], own if own is not None else 2**160)
+    cuts: list[int] = []
+    seen: set[int] = set()
+    prefix_max = -1
+    for i, own in enumerate(owners):
+        if own is None:
+            continue
+        full = bool(max_accounts) and own not in seen and len(seen) >= (max_accounts or 0)
+        if full and prefix_max < suffix_min[i]:
+            cuts.append(i)
+            seen = set()
+        seen.add(own)
+        prefix_max = max(prefix_max, own)
+    bounds = [0, *cuts, n]
+    extra = sorted(set(members), key=_address)
+    parts: list[ReconciliationPart] = []
+    for k in range(len(bounds) - 1):
+        chunk = trades[bounds[k] : bounds[k + 1]]
+        mine = {t.owner for t in chunk if t.fill_wh}
+        top = max((_address(a) for a in mine), default=-1)
+        last = k == len(bounds) - 2
+        take = [m for m in extra if last or _address(m) <= top]
+        extra = [m for m in extra if m not in take]
+        accounts = sorted(mine | set(take), key=_address)
+        index = {a: i for i, a in enumerate(accounts)}
+        rows = [
+            (t.owner, int(t.side), t.fill_wh, index.get(t.owner, len(accounts)) if t.fill_wh else 0)
+            for t in chunk
+        ]
+        parts.append(ReconciliationPart(rows, accounts, trade_commitment(trades[bounds[k + 1] :])))
+    return parts
 
 
 def reconciliation_args(
     trades: Sequence[Trade], members: Iterable[str] = ()
 ) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """``reconcileSlot``'s ``accounts`` and ``trades`` arguments for a committed trade list.
-
-    The accounts are every owner with a fill plus ``members`` (metered accounts without a fill),
-    sorted by address as the contract requires; each trade names its owner's index.
-    """
-    owners = {t.owner for t in trades if t.fill_wh} | set(members)
-    accounts = sorted(owners, key=lambda a: int(a, 16))
-    index = {a: i for i, a in enumerate(accounts)}
-    rows = [
-        (t.owner, int(t.side), t.fill_wh, index.get(t.owner, len(accounts)) if t.fill_wh else 0)
-        for t in trades
-    ]
-    return accounts, rows
+    """``reconcileSlot``'s ``accounts`` and ``trades`` for the whole slot in one part."""
+    (part,) = reconciliation_parts(trades, members)
+    return part.accounts, part.trades
 
 
 @dataclass(frozen=True)

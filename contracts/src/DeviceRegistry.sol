@@ -63,6 +63,18 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
         external
         onlyRole(REGISTRAR_ROLE)
     {
+        _register(device, owner, deviceType, capacityW);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function registerDevices(Registration[] calldata registrations) external onlyRole(REGISTRAR_ROLE) {
+        for (uint256 i; i < registrations.length; ++i) {
+            Registration calldata r = registrations[i];
+            _register(r.device, r.owner, r.deviceType, r.capacityW);
+        }
+    }
+
+    function _register(address device, address owner, DeviceType deviceType, uint32 capacityW) private {
         if (device == address(0) || owner == address(0)) revert DeviceRegistryZeroAddress();
         if (capacityW == 0) revert DeviceRegistryZeroCapacity();
         if (_devices[device].owner != address(0)) revert DeviceRegistryAlreadyRegistered(device);
@@ -99,6 +111,21 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
 
     /// @inheritdoc IDeviceRegistry
     function submitReading(Reading calldata reading, bytes calldata signature) external {
+        _submit(reading, signature);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    /// @dev All or nothing: one bad reading reverts the batch, so a relayer checks each first.
+    function submitReadings(Reading[] calldata readings, bytes[] calldata signatures) external {
+        if (readings.length != signatures.length) {
+            revert DeviceRegistryLengthMismatch(readings.length, signatures.length);
+        }
+        for (uint256 i; i < readings.length; ++i) {
+            _submit(readings[i], signatures[i]);
+        }
+    }
+
+    function _submit(Reading calldata reading, bytes calldata signature) private {
         Device storage d = _existing(reading.device);
         if (!d.active) revert DeviceRegistryInactiveDevice(reading.device);
         address recovered = ECDSA.recover(readingDigest(reading), signature);

@@ -73,6 +73,8 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     mapping(uint64 slot => SlotResult) private _results;
     mapping(uint64 slot => bytes32) private _commitments;
     mapping(address owner => mapping(uint64 slot => uint256)) private _cancelledNonces;
+    mapping(uint64 slot => uint256) private _cancellations;
+    mapping(uint64 slot => ReconcileCursor) private _cursors;
 
     /// @dev Demand and supply of one slot at the proposed price, from the first pass.
     struct Book {
@@ -83,6 +85,8 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint64 low; // lowest live limit price
         uint64 high; // highest live limit price
         uint256 live; // live (not cancelled) orders
+        uint64 price; // the proposed price
+        bool anyCancelled; // signed batches: some owner cancelled a signed order for the slot
     }
 
     /// @dev Running state of the second pass.
@@ -96,11 +100,19 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint256 fees;
         uint256 released; // escrow released by the slot (refunds + payments)
         uint256 paid; // signed batches: buyers' payments, moved from credit into escrow
-        bytes32 chain; // hash chain over (owner, side, fill) in list order
+        uint256[] words; // one (owner, side, fill) word per listed order, for the commitment
         uint64 volume;
         uint64 slot;
         uint64 price;
         uint16 feeBps;
+    }
+
+    /// @dev Where a slot's reconciliation stands: the commitment hash of the trades not yet
+    /// reconciled, and the last account settled (the next part's accounts must exceed it).
+    struct ReconcileCursor {
+        bytes32 expected;
+        address lastAccount;
+        bool started;
     }
 
     /// @dev Running totals of one reconciliation.
@@ -151,13 +163,36 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
 
     /// @inheritdoc IEnergyTrading
     function deposit(uint256 amount) external whenNotPaused nonReentrant {
-        _deposit(msg.sender, amount);
+        if (amount == 0) revert EnergyTradingZeroAmount();
+        _credits[msg.sender] += amount;
+        _totalCredits += amount;
+        emit Deposited(msg.sender, amount);
+        _token.safeTransferFrom(msg.sender, address(this), amount);
     }
 
     /// @inheritdoc IEnergyTrading
-    function depositFor(address account, uint256 amount) external whenNotPaused nonReentrant {
-        if (account == address(0)) revert EnergyTradingZeroAddress();
-        _deposit(account, amount);
+    /// @dev One token transfer for the whole list.
+    function depositFor(address[] calldata accounts, uint256[] calldata amounts)
+        external
+        whenNotPaused
+        nonReentrant
+    {
+        if (accounts.length != amounts.length) {
+            revert EnergyTradingDepositLengthMismatch(accounts.length, amounts.length);
+        }
+        uint256 total;
+        for (uint256 i; i < accounts.length; ++i) {
+            address account = accounts[i];
+            uint256 amount = amounts[i];
+            if (account == address(0)) revert EnergyTradingZeroAddress();
+            if (amount == 0) revert EnergyTradingZeroAmount();
+            _credits[account] += amount;
+            total += amount;
+            emit Deposited(account, amount);
+        }
+        if (total == 0) revert EnergyTradingZeroAmount();
+        _totalCredits += total;
+        _token.safeTransferFrom(msg.sender, address(this), total);
     }
 
     /// @inheritdoc IEnergyTrading
@@ -252,6 +287,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (fills.length != n) revert EnergyTradingFillCountMismatch(n, fills.length);
 
         Tally memory tally = _tally(_scan(ids, price), slot, price);
+        tally.words = new uint256[](n);
         for (uint256 i; i < n; ++i) {
             _settleOne(i, ids[i], fills[i], tally);
         }
@@ -286,14 +322,21 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         SlotResult storage result = _requireClearable(slot);
         Book memory book = _scanSigned(slot, orders, signatures, price);
         Tally memory tally = _tally(book, slot, price);
+        tally.words = new uint256[](orders.length);
         _settleAllSigned(orders, fills, tally);
+        _closeSigned(result, tally);
+    }
 
+    /// @dev Book a settled signed batch: buyers' payments less fees wait in escrow as held
+    /// seller proceeds, fees go to the treasury.
+    function _closeSigned(SlotResult storage result, Tally memory tally) private {
         uint256 held = tally.paid - tally.fees;
         _totalCredits = _totalCredits - tally.paid + tally.fees;
         _totalEscrow += held;
         if (tally.fees != 0) _credits[_treasury] += tally.fees;
-        _record(result, tally, orders.length, true);
-        emit SignedBatchSettled(slot, price, tally.volume, uint32(orders.length), tally.fees, held, tally.chain);
+        uint256 n = tally.words.length;
+        bytes32 commitment = _record(result, tally, n, true);
+        emit SignedBatchSettled(tally.slot, tally.price, tally.volume, uint32(n), tally.fees, held, commitment);
     }
 
     /// @dev Second pass over a signed batch.
@@ -310,19 +353,22 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (mask == 0) revert EnergyTradingZeroAmount();
         _requireGateOpen(slot);
         _cancelledNonces[msg.sender][slot] |= mask;
+        ++_cancellations[slot];
         emit SignedOrdersCancelled(msg.sender, slot, mask);
     }
 
     // ------------------------------------------------------------------ metering
 
     /// @inheritdoc IEnergyTrading
-    /// @dev O(trades + accounts): the trade list is checked against the settlement's hash chain,
-    /// each filled trade names its account's index (checked against the owner), and strictly
-    /// increasing accounts rule out one account being settled twice. Imbalance = metered net
-    /// consumption - net energy bought; a shortfall (> 0) pays gridPrice * (1e4 + penalty) / 1e4
-    /// per Wh to the treasury, a surplus (< 0) is paid gridPrice * (1e4 - penalty) / 1e4 by it.
-    /// A charge beyond an account's funds (credit + held proceeds + surplus) stays unpaid.
-    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts)
+    /// @dev O(trades + accounts). `trades` continues the slot's committed list where the last
+    /// part stopped and `rest` is the commitment hash of what follows it (zero for the end), so
+    /// the part is checked before any money moves. Each filled trade names its account's index
+    /// (checked against the owner); accounts strictly increase within and across parts, so no
+    /// account is settled twice. Imbalance = metered net consumption - net energy bought; a
+    /// shortfall (> 0) pays gridPrice * (1e4 + penalty) / 1e4 per Wh to the treasury, a surplus
+    /// (< 0) is paid gridPrice * (1e4 - penalty) / 1e4 by it. A charge beyond an account's funds
+    /// (credit + held proceeds + surplus payment) stays unpaid.
+    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts, bytes32 rest)
         external
         onlyRole(SOLVER_ROLE)
         whenNotPaused
@@ -333,12 +379,11 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (result.reconciled) revert EnergyTradingSlotAlreadyReconciled(slot);
         uint64 finalAt = _registry.readingsFinalAt(slot);
         if (block.timestamp < finalAt) revert EnergyTradingReadingsNotFinal(slot, finalAt);
-        for (uint256 j = 1; j < accounts.length; ++j) {
-            if (accounts[j] <= accounts[j - 1]) revert EnergyTradingAccountsNotSorted(j);
-        }
+        ReconcileCursor storage cursor = _cursors[slot];
+        _checkPart(slot, cursor, trades, accounts, rest);
 
         int256[] memory imbalance = _registry.netMeteredWh(accounts, slot);
-        uint256[] memory held = _replayTrades(slot, result, trades, accounts, imbalance);
+        uint256[] memory held = _replayTrades(result, trades, accounts, imbalance);
         Reconciliation memory r = _settleImbalances(slot, accounts, imbalance, held);
 
         uint256 treasuryCredit = _credits[_treasury];
@@ -348,14 +393,41 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         _credits[_treasury] = treasuryCredit + r.charged - r.paid;
         _totalEscrow -= r.held;
         _totalCredits += r.held;
-        result.reconciled = true;
-        emit SlotReconciled(slot, uint32(accounts.length), r.charged, r.paid, r.unpaid);
+        bool complete = rest == bytes32(0);
+        if (complete) result.reconciled = true;
+        emit SlotReconciled(slot, uint32(accounts.length), r.charged, r.paid, r.unpaid, complete);
     }
 
-    /// @dev Replay the committed trades: turn metered net consumption into imbalance and collect
-    /// each account's held seller proceeds (signed batches only).
-    function _replayTrades(
+    /// @dev A reconciliation part must hash, with `rest`, to what the slot still expects, and
+    /// its accounts must increase past the previous part's; then the cursor moves on.
+    function _checkPart(
         uint64 slot,
+        ReconcileCursor storage cursor,
+        Trade[] calldata trades,
+        address[] calldata accounts,
+        bytes32 rest
+    ) private {
+        bytes32 chain = rest;
+        for (uint256 i = trades.length; i != 0; --i) {
+            Trade calldata t = trades[i - 1];
+            chain = _link(_word(t.owner, t.side, t.fillWh), chain);
+        }
+        if (chain != (cursor.started ? cursor.expected : _commitments[slot])) {
+            revert EnergyTradingTradesMismatch(slot);
+        }
+        address last = cursor.lastAccount;
+        for (uint256 j; j < accounts.length; ++j) {
+            if (accounts[j] <= last) revert EnergyTradingAccountsNotSorted(j);
+            last = accounts[j];
+        }
+        cursor.expected = rest;
+        cursor.lastAccount = last;
+        cursor.started = true;
+    }
+
+    /// @dev Replay a part of the committed trades: turn metered net consumption into imbalance
+    /// and collect each account's held seller proceeds (signed batches only).
+    function _replayTrades(
         SlotResult storage result,
         Trade[] calldata trades,
         address[] calldata accounts,
@@ -365,11 +437,9 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint256 price = result.price;
         uint256 feeBps = result.feeBps;
         bool signed = result.signedBatch;
-        bytes32 chain;
         for (uint256 i; i < trades.length; ++i) {
             Trade calldata t = trades[i];
             uint64 fill = t.fillWh;
-            chain = _link(chain, t.owner, t.side, fill);
             if (fill == 0) continue;
             uint256 a = t.account;
             if (a >= accounts.length || accounts[a] != t.owner) {
@@ -385,7 +455,6 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
                 }
             }
         }
-        if (chain != _commitments[slot]) revert EnergyTradingTradesMismatch(slot);
     }
 
     /// @dev Move each account's held proceeds, surplus payment and shortfall charge.
@@ -430,7 +499,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         }
     }
 
-    /// @dev First pass over a signed batch: every order's validity (`_checkSigned`), then its
+    /// @dev First pass over a signed batch: every order's validity (`_checkSigned`) and its
     /// share of the book.
     function _scanSigned(
         uint64 slot,
@@ -439,39 +508,44 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint64 price
     ) private view returns (Book memory book) {
         book.low = type(uint64).max;
+        book.price = price;
+        // Cancellations are rare: one read per batch spares a cold read per order without them.
+        book.anyCancelled = _cancellations[slot] != 0;
         (uint64 low, uint64 high) = priceBand(slot);
+        uint256 band = uint256(low) << 64 | high;
         uint256 previous;
         for (uint256 i; i < orders.length; ++i) {
-            SignedOrder calldata order = orders[i];
-            previous = _checkSigned(i, order, signatures[i], slot, low, high, previous);
-            _count(book, order.side, order.limitPrice, order.energyWh, price);
+            previous = _checkSigned(i, orders[i], signatures[i], slot, band, previous, book);
         }
     }
 
     /// @dev One signed order's slot, size, band, place in the (owner, nonce) order, signature
-    /// and cancellation bit; returns its sort key.
+    /// and cancellation bit; counts it into `book` and returns its sort key.
     function _checkSigned(
         uint256 index,
         SignedOrder calldata order,
         Signature calldata sig,
         uint64 slot,
-        uint64 low,
-        uint64 high,
-        uint256 previous
+        uint256 band,
+        uint256 previous,
+        Book memory book
     ) private view returns (uint256 key) {
         if (order.slot != slot) revert EnergyTradingOrderSlotMismatch(index, order.slot, slot);
         if (order.energyWh == 0) revert EnergyTradingZeroAmount();
         uint64 limit = order.limitPrice;
-        if (limit < low || limit > high || limit == 0) revert EnergyTradingPriceOutOfBand(limit, low, high);
+        if (limit < band >> 64 || limit > uint64(band) || limit == 0) {
+            revert EnergyTradingPriceOutOfBand(limit, uint64(band >> 64), uint64(band));
+        }
         address owner = order.owner;
         uint8 nonce = order.nonce;
         key = (uint256(uint160(owner)) << 8) | nonce;
         if (index != 0 && key <= previous) revert EnergyTradingBatchNotSorted(index);
         (address recovered,,) = ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
         if (recovered != owner) revert EnergyTradingInvalidSignature(index, owner, recovered);
-        if (_cancelledNonces[owner][slot] & (uint256(1) << nonce) != 0) {
+        if (book.anyCancelled && _cancelledNonces[owner][slot] & (uint256(1) << nonce) != 0) {
             revert EnergyTradingSignedOrderCancelled(index, owner, nonce);
         }
+        _count(book, order.side, limit, order.energyWh, book.price);
     }
 
     /// @dev Add one live order to the book's sums at `price`.
@@ -510,14 +584,20 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     }
 
     /// @dev Store a settled slot's result and trade commitment.
-    function _record(SlotResult storage result, Tally memory tally, uint256 n, bool signed) private {
+    function _record(SlotResult storage result, Tally memory tally, uint256 n, bool signed)
+        private
+        returns (bytes32 chain)
+    {
         result.cleared = true;
         result.price = tally.price;
         result.volumeWh = tally.volume;
         result.orderCount = uint32(n);
         result.signedBatch = signed;
         result.feeBps = tally.feeBps;
-        _commitments[tally.slot] = tally.chain;
+        for (uint256 i = tally.words.length; i != 0; --i) {
+            chain = _link(tally.words[i - 1], chain);
+        }
+        _commitments[tally.slot] = chain;
     }
 
     /// @dev Second pass, one signed order: check its fill and its owner's funding, move money.
@@ -529,7 +609,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint64 expected = _fillFor(side, order.limitPrice, qty, tally);
         if (fill != expected) revert EnergyTradingWrongFill(index, index, expected, fill);
         address owner = order.owner;
-        tally.chain = _link(tally.chain, owner, side, fill);
+        tally.words[index] = _word(owner, side, fill);
         uint256 value = uint256(fill) * tally.price;
         if (side == Side.Buy) {
             uint256 escrow = uint256(qty) * order.limitPrice;
@@ -549,7 +629,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         Order storage order = _orders[orderId];
         uint64 expected = order.cancelled ? 0 : _fillFor(order.side, order.limitPrice, order.energyWh, tally);
         if (fill != expected) revert EnergyTradingWrongFill(index, orderId, expected, fill);
-        tally.chain = _link(tally.chain, order.owner, order.side, fill);
+        tally.words[index] = _word(order.owner, order.side, fill);
         if (order.cancelled) return;
         uint256 value = uint256(fill) * tally.price;
         if (order.side == Side.Buy) {
@@ -593,12 +673,19 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         return uint64((cumBefore + qty) * remainder / marginal - cumBefore * remainder / marginal);
     }
 
-    /// @dev One link of a slot's trade commitment: keccak256(previous, owner << 96 | side << 64 |
-    /// fill), hashed in scratch space so a batch of any size allocates no memory for it.
-    function _link(bytes32 previous, address owner, Side side, uint64 fill) private pure returns (bytes32 link) {
+    /// @dev One trade as one word: owner << 96 | side << 64 | fill.
+    function _word(address owner, Side side, uint64 fill) private pure returns (uint256) {
+        return uint256(uint160(owner)) << 96 | uint256(uint8(side)) << 64 | fill;
+    }
+
+    /// @dev One link of a trade commitment, built from the END of the list: the hash of the
+    /// trades from i on is keccak256(word_i, hash from i + 1), and zero for none. Built this way
+    /// any prefix can be checked on its own, given the hash of what follows it, which is what lets
+    /// a large slot reconcile in several transactions. Hashed in scratch space (no allocation).
+    function _link(uint256 word, bytes32 next) private pure returns (bytes32 link) {
         assembly ("memory-safe") {
-            mstore(0x00, previous)
-            mstore(0x20, or(or(shl(96, owner), shl(64, side)), fill))
+            mstore(0x00, word)
+            mstore(0x20, next)
             link := keccak256(0x00, 0x40)
         }
     }
@@ -757,14 +844,6 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (block.timestamp < closesAt) revert EnergyTradingGateOpen(slot, closesAt);
         result = _results[slot];
         if (result.cleared) revert EnergyTradingSlotAlreadyCleared(slot);
-    }
-
-    function _deposit(address account, uint256 amount) private {
-        if (amount == 0) revert EnergyTradingZeroAmount();
-        _credits[account] += amount;
-        _totalCredits += amount;
-        emit Deposited(account, amount);
-        _token.safeTransferFrom(msg.sender, address(this), amount);
     }
 
     function _requireGateOpen(uint64 slot) private view {

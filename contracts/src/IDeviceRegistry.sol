@@ -25,6 +25,14 @@ interface IDeviceRegistry {
         uint32 missedSlots;
     }
 
+    /// @notice One device to register (see `registerDevice`).
+    struct Registration {
+        address device;
+        address owner;
+        DeviceType deviceType;
+        uint32 capacityW;
+    }
+
     /// @notice One signed meter reading: net energy in `slot`, positive = imported/consumed,
     /// negative = exported/produced, in Wh.
     struct Reading {
@@ -58,6 +66,8 @@ interface IDeviceRegistry {
     error DeviceRegistrySlotNotAfterLast(address device, uint64 slot, uint64 lastSlot);
     /// @notice Caller is neither the device owner nor a registrar.
     error DeviceRegistryNotOwnerOrRegistrar(address device, address caller);
+    /// @notice A batch lists `readings` readings but `signatures` signatures.
+    error DeviceRegistryLengthMismatch(uint256 readings, uint256 signatures);
     /// @notice `device` reported within the stale threshold; no alert raised.
     error DeviceRegistryNotStale(address device, uint64 lastSeen);
 
@@ -78,6 +88,9 @@ interface IDeviceRegistry {
     function registerDevice(address device, address owner, DeviceType deviceType, uint32 capacityW)
         external;
 
+    /// @notice Register several devices in one transaction (registrar role).
+    function registerDevices(Registration[] calldata registrations) external;
+
     /// @notice Stop accepting readings from `device`.
     function deactivateDevice(address device) external;
 
@@ -86,6 +99,9 @@ interface IDeviceRegistry {
 
     /// @notice Record an EIP-712 signed reading; anyone may relay it.
     function submitReading(Reading calldata reading, bytes calldata signature) external;
+
+    /// @notice Record several signed readings in one transaction (a slot's meters at once).
+    function submitReadings(Reading[] calldata readings, bytes[] calldata signatures) external;
 
     /// @notice Raise a maintenance alert for `device` (maintenance role).
     function raiseAlert(address device, bytes32 reason) external;

@@ -115,6 +115,8 @@ interface IEnergyTrading {
     /// @notice The price parameters are inconsistent (band low > high, zero base rate, or an
     /// imbalance penalty above 100 %).
     error EnergyTradingInvalidPriceParams();
+    /// @notice `depositFor` got `accounts` accounts but `amounts` amounts.
+    error EnergyTradingDepositLengthMismatch(uint256 accounts, uint256 amounts);
     /// @notice A signed batch holds `count` orders; at most `max` fit one transaction.
     error EnergyTradingBatchTooLarge(uint256 count, uint256 max);
     /// @notice The batch's arrays differ in length.
@@ -174,8 +176,8 @@ interface IEnergyTrading {
     event SlotCleared(uint64 indexed slot, uint64 price, uint64 volumeWh, uint32 orderCount, uint256 fee);
     /// @notice `owner` cancelled the signed orders of `slot` whose nonce bits are in `mask`.
     event SignedOrdersCancelled(address indexed owner, uint64 indexed slot, uint256 mask);
-    /// @notice `slot` was settled from a batch of signed orders: `batchHash` commits to the
-    /// trades (each fill is also in the calldata); sellers' `held` proceeds wait for metering.
+    /// @notice `slot` was settled from a batch of signed orders: `batchHash` is the trade
+    /// commitment (each fill is also in the calldata); sellers' `held` proceeds wait for metering.
     event SignedBatchSettled(
         uint64 indexed slot, uint64 price, uint64 volumeWh, uint32 orderCount, uint256 fee, uint256 held, bytes32 batchHash
     );
@@ -185,8 +187,11 @@ interface IEnergyTrading {
     event AccountReconciled(
         uint64 indexed slot, address indexed account, int256 imbalanceWh, int256 credited, uint256 unpaid
     );
-    /// @notice `slot` was reconciled: the treasury collected `charged` and paid `paid`.
-    event SlotReconciled(uint64 indexed slot, uint32 accounts, uint256 charged, uint256 paid, uint256 unpaid);
+    /// @notice A part of `slot`'s reconciliation settled `accounts` accounts: the treasury collected
+    /// `charged` and paid `paid`; `complete` once the slot's whole trade list is reconciled.
+    event SlotReconciled(
+        uint64 indexed slot, uint32 accounts, uint256 charged, uint256 paid, uint256 unpaid, bool complete
+    );
     /// @notice The trading fee changed.
     event FeeChanged(uint16 feeBps, address treasury);
     /// @notice The gate closure lead time changed.
@@ -197,9 +202,9 @@ interface IEnergyTrading {
     /// @notice Move `amount` payment tokens from the caller into the ledger.
     function deposit(uint256 amount) external;
 
-    /// @notice Move `amount` payment tokens from the caller into `account`'s credit (an operator
-    /// funding prosumers whose keys only sign orders and never pay gas).
-    function depositFor(address account, uint256 amount) external;
+    /// @notice Move `amounts[i]` payment tokens from the caller into `accounts[i]`'s credit (an
+    /// operator funding prosumers whose keys only sign orders and never pay gas).
+    function depositFor(address[] calldata accounts, uint256[] calldata amounts) external;
 
     /// @notice Pull `amount` of the caller's free credit out of the ledger (works while paused).
     function withdraw(uint256 amount) external;
@@ -233,10 +238,13 @@ interface IEnergyTrading {
     function cancelSignedOrders(uint64 slot, uint256 mask) external;
 
     /// @notice Settle the difference between traded and metered energy of `slot` (solver role),
-    /// once its meter readings are final. `trades` is the slot's committed trade list in
-    /// settlement order; `accounts` (strictly increasing) must hold every trade's owner and may
-    /// add other metered members.
-    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts) external;
+    /// once its meter readings are final, in one or more parts. `trades` continues the slot's
+    /// committed trade list (settlement order) where the previous part stopped; `rest` is the
+    /// commitment hash of the trades after this part (zero when it is the last). `accounts`
+    /// (strictly increasing, past every earlier part's) must hold every filled trade's owner
+    /// and may add other metered members.
+    function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts, bytes32 rest)
+        external;
 
     /// @notice Pause trading (deposits, orders, clearing); withdrawals continue.
     function pause() external;
@@ -268,7 +276,8 @@ interface IEnergyTrading {
     /// @notice Result of `slot`.
     function slotResult(uint64 slot) external view returns (SlotResult memory);
 
-    /// @notice Hash chain over `slot`'s trades (owner, side, fill) in settlement order.
+    /// @notice Commitment to `slot`'s trades (owner, side, fill) in settlement order: h_i =
+    /// keccak256(owner << 96 | side << 64 | fill, h_{i+1}), h_n = 0; this returns h_0.
     function tradeCommitment(uint64 slot) external view returns (bytes32);
 
     /// @notice Bitmap of `owner`'s cancelled signed-order nonces for `slot`.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from eth_account import Account
 from hypothesis import HealthCheck, settings
 from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from contracts.client import Chain, Suite, deploy_suite, role_id
+from contracts.client import Chain, DeviceType, Suite, deploy_suite, role_id
 from contracts.errors import ContractRevert
 
 EXAMPLES = {"quick": 10, "default": 100, "nightly": 2_000}.get(
@@ -85,6 +86,11 @@ class SharedDeployment:
         self.admin, self.solver, self.treasury = accounts[0], accounts[1], accounts[2]
         self.users = accounts[3:7]
         self.stranger = accounts[9]
+        tester = self.chain.w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        #: The users' own keys: they sign orders as well as send transactions.
+        self.user_keys = [k.to_bytes() for k in tester.backend.account_keys[3:7]]
+        #: One meter per user, for metering reconciliation.
+        self.meter_keys = [(0x3E7E_A000 + i).to_bytes(32, "big") for i in range(len(self.users))]
         self.suite: Suite = deploy_suite(
             self.chain, admin=self.admin, solver=self.solver, treasury=self.treasury
         )
@@ -96,6 +102,15 @@ class SharedDeployment:
             self.chain.transact(
                 self.suite.payment_token, "approve", self.suite.trading.address, 10**30, sender=user
             )
+        self.suite.register_devices(
+            [
+                (Account.from_key(k).address, user, DeviceType.METER, 20_000)
+                for k, user in zip(self.meter_keys, self.users, strict=True)
+            ]
+        )
+        #: The treasury's credit: it pays metering surpluses.
+        self.treasury_credit = 10**22
+        self.suite.fund_account(self.treasury, self.treasury_credit)
         self.suite.fund_rewards(10**9)
         for user in self.users:
             self.chain.transact(self.suite.reward_token, "mint", user, 10**6, sender=self.admin)

@@ -2,14 +2,18 @@
 ``contracts.model.MarketModel``, the pure-Python mirror the environment trains on.
 
 Each example replays a random sequence of deposits, withdrawals, orders, cancellations,
-clearings and pauses on both. Every operation must succeed on both or fail on both with the same
-custom error and the same arguments; order ids, clearing results, totals and every account's
-credit must agree. On top of that equality the issue's properties are checked:
+clearings, signed-order batches (with cancelled nonces and broken batches), metering
+reconciliations and pauses on both. Every operation must succeed on both or fail on both with
+the same custom error and the same arguments; order ids, clearing results, totals and every
+account's credit must agree. On top of that equality the issue's properties are checked:
 
 1. credits + escrow = the market's token balance;
-2. no fill exceeds its order; per slot bought = sold;
+2. no fill exceeds its order; per slot bought = sold; after metering, every account has paid
+   for exactly its metered energy (traded at the clearing price, the imbalance at the grid
+   price made worse by the penalty);
 3. one price per slot, within every matched party's limit;
-4. no orders after gate closure; a slot clears once;
+4. no orders after gate closure; a slot clears once; a slot reconciles once, only after its
+   readings are final;
 6. only the solver clears, only the pauser pauses; pausing stops trading but not withdrawals.
 
 HYPOTHESIS_PROFILE=nightly runs twenty times as many sequences.
@@ -21,12 +25,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from eth_account import Account
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from contracts import clearing
 from contracts.errors import ContractRevert
-from contracts.model import MarketModel, PriceParams, Side
+from contracts.model import (
+    MarketModel,
+    PriceParams,
+    Side,
+    SignedOrder,
+    imbalance_prices,
+    reconciliation_args,
+)
 from tests.contracts.helpers import CONTRACT_SETTINGS, shared_deployment
 
 users = st.integers(0, 3)
@@ -46,6 +59,8 @@ class MarketMachine(RuleBasedStateMachine):
         self.model = MarketModel(
             genesis=self.suite.genesis, treasury=self.d.treasury, price=PriceParams()
         )
+        self.model.credits[self.d.treasury] = self.d.treasury_credit
+        self.unreconcilable: set[int] = set()
         # Two slots ahead of the chain's clock, which keeps moving between examples.
         self.next_clear = self.suite.current_slot() + 2
         self.first_slot = self.next_clear
@@ -187,6 +202,150 @@ class MarketMachine(RuleBasedStateMachine):
         )
         assert not ok
         self.next_clear += 1
+
+    # ------------------------------------------------------------ signed batches
+
+    @precondition(lambda self: not self.model.paused)
+    @rule(data=st.data())
+    def settle_signed_batch(self, data: st.DataObject) -> None:
+        slot = self.next_clear
+        orders = [
+            SignedOrder(
+                self.d.users[data.draw(users)],
+                slot + data.draw(st.sampled_from([0] * 12 + [1])),  # now and then a wrong slot
+                data.draw(st.sampled_from([Side.BUY, Side.SELL])),
+                data.draw(st.integers(0, 40)),
+                self.prices[data.draw(st.integers(0, 3))],
+                data.draw(st.integers(0, 3)),
+            )
+            for _ in range(data.draw(st.integers(0, 6)))
+        ]
+        if data.draw(st.integers(0, 4)):  # mostly in the required order
+            orders.sort(key=lambda o: o.key)
+        keys = dict(zip(self.d.users, self.d.user_keys, strict=True))
+        signatures = [self.suite.sign_order(keys[o.owner], o) for o in orders]
+        self.d.chain.travel_to(max(self.suite.gate_closes_at(slot), self.d.chain.timestamp() + 1))
+        solved = clearing.clear_book(
+            [o.energy_wh for o in orders], [o.limit_price for o in orders], [o.side for o in orders]
+        )
+        args = (
+            slot,
+            solved.price,
+            [o.as_tuple() for o in orders],
+            [s.as_tuple() for s in signatures],
+            solved.fills.tolist(),
+        )
+        ok, result = self._lockstep(
+            lambda: self.model.settle_signed_batch(slot, orders, self._now()),
+            "settleSignedBatch",
+            *args,
+            sender=self.d.solver,
+        )
+        if not ok:
+            return
+        with pytest.raises(ContractRevert, match="AccessControlUnauthorizedAccount"):
+            self.d.chain.call(
+                self.suite.trading, "settleSignedBatch", *args, sender=self.d.stranger
+            )
+        on_chain, _ = self.suite.settle_signed_batch(self.d.solver, slot, orders, signatures)
+        assert (on_chain.price, on_chain.volume) == (result.price, result.volume)
+        bought = sum(f for o, f in zip(orders, result.fills.tolist(), strict=True) if o.side == 0)
+        assert bought == result.volume  # property 2: bought = sold = volume
+        for order, fill in zip(orders, result.fills.tolist(), strict=True):
+            assert 0 <= fill <= order.energy_wh  # property 2
+            if fill:  # property 3
+                assert (order.limit_price - result.price) * (1 if order.side == 0 else -1) >= 0
+        self.next_clear += 1
+
+    @rule(user=users, nonce=st.integers(0, 3), offset=st.integers(0, 1))
+    def cancel_signed_order(self, user: int, nonce: int, offset: int) -> None:
+        account, slot = self.d.users[user], self.next_clear + offset
+        ok, _ = self._lockstep(
+            lambda: self.model.cancel_signed_orders(account, slot, 1 << nonce, self._now()),
+            "cancelSignedOrders",
+            slot,
+            1 << nonce,
+            sender=account,
+        )
+        if ok:
+            self.suite.cancel_signed_orders(account, slot, 1 << nonce)
+
+    # ------------------------------------------------------------ metering
+
+    def _unreconciled(self) -> list[int]:
+        return sorted(set(self.model.results) - set(self.model.reconciled) - self.unreconcilable)
+
+    @precondition(lambda self: bool(self._unreconciled()))
+    @rule(data=st.data())
+    def meter_and_reconcile(self, data: st.DataObject) -> None:
+        chain, suite = self.d.chain, self.suite
+        slot = self._unreconciled()[0]
+        trades = self.model.trades[slot]
+        final_at = self.model.readings_final_at(slot)
+        members = data.draw(st.lists(st.sampled_from(self.d.users), max_size=2, unique=True))
+        accounts, rows = reconciliation_args(trades, members)
+        metered: dict[str, int] = {}
+        if chain.timestamp() + 1 < final_at:
+            with pytest.raises(ContractRevert, match=r"ReadingsNotFinal|EnforcedPause"):  # prop. 4
+                chain.call(
+                    suite.trading,
+                    "reconcileSlot",
+                    slot,
+                    rows,
+                    accounts,
+                    bytes(32),
+                    sender=self.d.solver,
+                )
+            chain.travel_to(max(suite.slot_start(slot + 1) + 1, chain.timestamp() + 1))
+            if chain.timestamp() + 5 < final_at:
+                readings = []
+                for user, key in zip(self.d.users, self.d.meter_keys, strict=True):
+                    if data.draw(st.integers(0, 4)):  # now and then a meter stays silent
+                        metered[user] = data.draw(st.integers(-150, 150))
+                        nonce = int(
+                            chain.call(suite.registry, "nonces", Account.from_key(key).address)
+                        )
+                        readings.append((key, slot, metered[user], nonce))
+                if readings:
+                    suite.submit_readings(readings, sender=self.d.admin)
+            chain.travel_to(max(final_at, chain.timestamp() + 1))
+        ok, outcome = self._lockstep(
+            lambda: self.model.reconcile_slot(slot, self._now(), metered, members),
+            "reconcileSlot",
+            slot,
+            rows,
+            accounts,
+            bytes(32),
+            sender=self.d.solver,
+        )
+        if not ok:
+            self.unreconcilable.add(slot)  # e.g. paused or a poor treasury: leave it be
+            return
+        suite.reconcile_slot(self.d.solver, slot, trades, members)
+        assert suite.slot_result(slot).reconciled
+        short, long = imbalance_prices(self.model.price, slot)
+        for account in accounts:  # property 2: money follows metered energy
+            net_bought = sum(
+                t.fill_wh if t.side == Side.BUY else -t.fill_wh
+                for t in trades
+                if t.owner == account
+            )
+            imbalance = outcome.imbalance_wh[account]
+            assert imbalance == metered.get(account, 0) - net_bought
+            assert suite.credit_of(account) == self.model.credit_of(account)
+        assert suite.credit_of(self.d.treasury) == self.model.credit_of(self.d.treasury)
+        assert outcome.charged <= sum(max(i, 0) for i in outcome.imbalance_wh.values()) * short
+        assert outcome.paid == sum(max(-i, 0) for i in outcome.imbalance_wh.values()) * long
+        with pytest.raises(ContractRevert, match="EnergyTradingSlotAlreadyReconciled"):
+            chain.call(
+                suite.trading,
+                "reconcileSlot",
+                slot,
+                rows,
+                accounts,
+                bytes(32),
+                sender=self.d.solver,
+            )
 
     @precondition(lambda self: self.next_clear > self.first_slot)
     @rule(user=users)

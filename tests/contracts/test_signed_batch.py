@@ -23,10 +23,12 @@ from contracts.client import (
 )
 from contracts.model import (
     MarketModel,
+    ReconciliationPart,
     SignedOrder,
     Trade,
     imbalance_prices,
     reconciliation_args,
+    reconciliation_parts,
     trade_commitment,
 )
 from contracts.model import Side as S
@@ -266,9 +268,9 @@ def test_a_slot_with_book_orders_is_not_settled_from_signatures(
 def test_deposit_for_credits_the_named_account(world: World, reverts: Any) -> None:
     suite = world.suite
     target = Account.from_key(bytes.fromhex(f"{0xFEED:064x}")).address
-    world.chain.transact(suite.payment_token, "mint", world.admin, 500, sender=world.admin)
+    world.chain.transact(suite.payment_token, "mint", world.admin, 516, sender=world.admin)
     world.chain.transact(
-        suite.payment_token, "approve", suite.trading.address, 500, sender=world.admin
+        suite.payment_token, "approve", suite.trading.address, 516, sender=world.admin
     )
     before = suite.credit_of(world.admin)
     receipt = suite.deposit_for(world.admin, target, 500)
@@ -278,6 +280,11 @@ def test_deposit_for_credits_the_named_account(world: World, reverts: Any) -> No
         suite.deposit_for(world.admin, "0x" + "00" * 20, 1)
     with reverts("EnergyTradingZeroAmount"):
         suite.deposit_for(world.admin, target, 0)
+    with reverts("EnergyTradingDepositLengthMismatch", accounts=1, amounts=2):
+        world.chain.transact(suite.trading, "depositFor", [target], [1, 2], sender=world.admin)
+    receipt = suite.deposit_for_many(world.admin, [target, world.stranger], [7, 9])
+    assert [e["amount"] for e in events(suite.trading, "Deposited", receipt)] == [7, 9]
+    assert suite.credit_of(target) == 507 and suite.credit_of(world.stranger) == 9
 
 
 # ---------------------------------------------------------------- metering reconciliation
@@ -324,7 +331,7 @@ def test_reconciliation_settles_imbalances_like_the_model(
     with reverts("AccessControlUnauthorizedAccount"):
         suite.reconcile_slot(world.stranger, slot, trades)
     outcome = model.reconcile_slot(slot, world.chain.timestamp() + 1, metered)
-    receipt = suite.reconcile_slot(world.solver, slot, trades)
+    (receipt,) = suite.reconcile_slot(world.solver, slot, trades)
     logged = {e["account"]: e for e in events(suite.trading, "AccountReconciled", receipt)}
     short, long = imbalance_prices(model.price, slot)
     for owner, order in by_owner.items():
@@ -364,12 +371,18 @@ def test_reconciliation_refuses_a_tampered_trade_list(
     rows[filled] = (rows[filled][0], rows[filled][1], rows[filled][2], len(accounts))
     with reverts("EnergyTradingTradeAccountMismatch", index=filled, owner=trades[filled].owner):
         world.chain.transact(
-            suite.trading, "reconcileSlot", slot, rows, accounts, sender=world.solver
+            suite.trading, "reconcileSlot", slot, rows, accounts, bytes(32), sender=world.solver
         )
     _, rows = reconciliation_args(trades)
     with reverts("EnergyTradingAccountsNotSorted", index=1):
         world.chain.transact(
-            suite.trading, "reconcileSlot", slot, rows, accounts[::-1], sender=world.solver
+            suite.trading,
+            "reconcileSlot",
+            slot,
+            rows,
+            accounts[::-1],
+            bytes(32),
+            sender=world.solver,
         )
     with reverts("EnergyTradingSlotNotCleared", slot=slot + 5):
         suite.reconcile_slot(world.solver, slot + 5, [])
@@ -404,7 +417,7 @@ def test_unfunded_charges_stay_unpaid_and_surplus_needs_the_treasury(
     suite.deposit_for(world.admin, world.treasury, 200 * long)
     model.deposit(world.treasury, 200 * long)
     outcome = model.reconcile_slot(slot, world.chain.timestamp() + 1, metered, [member])
-    receipt = suite.reconcile_slot(world.solver, slot, trades, members=[member])
+    (receipt,) = suite.reconcile_slot(world.solver, slot, trades, members=[member])
     logged = {e["account"]: e for e in events(suite.trading, "AccountReconciled", receipt)}
     assert logged[member]["unpaid"] == outcome.unpaid[member] == 1_000 * short
     assert logged[member]["credited"] == 0 and suite.credit_of(member) == 0
@@ -412,6 +425,47 @@ def test_unfunded_charges_stay_unpaid_and_surplus_needs_the_treasury(
     for p in people:
         assert suite.credit_of(p.address) == model.credit_of(p.address)
     assert suite.ledger_totals() == model.totals()
+
+
+def test_a_large_slot_reconciles_in_parts_checked_one_by_one(
+    world: World, people: list[Prosumer], reverts: Any
+) -> None:
+    suite = world.suite
+    batch, trades, model = _settled(world, people)
+    slot = batch.slot
+    metered = {t.owner: (t.fill_wh + 7 if t.side == S.BUY else -t.fill_wh + 3) for t in trades}
+    _read(world, people, slot, [metered[p.address] for p in people])
+    world.chain.travel_to(suite.slot_start(slot + 1) + 600)
+    parts = reconciliation_parts(trades, max_accounts=1)
+    assert len(parts) == 4 and parts[-1].rest == bytes(32)
+    assert [len(p.accounts) for p in parts] == [1, 1, 1, 1]
+
+    def send(part: ReconciliationPart) -> Any:
+        return world.chain.transact(
+            suite.trading,
+            "reconcileSlot",
+            slot,
+            part.trades,
+            part.accounts,
+            part.rest,
+            sender=world.solver,
+        )
+
+    with reverts("EnergyTradingTradesMismatch", slot=slot):
+        send(parts[1])  # out of turn: it does not continue where the slot stands
+    receipts = [send(parts[0])]
+    with reverts("EnergyTradingTradesMismatch", slot=slot):
+        send(parts[0])  # the same part twice
+    with reverts("EnergyTradingAccountsNotSorted", index=0):  # an account settled again
+        send(ReconciliationPart([], parts[0].accounts, parts[0].rest))
+    receipts += [send(p) for p in parts[1:]]
+    flags = [events(suite.trading, "SlotReconciled", r)[0]["complete"] for r in receipts]
+    assert flags == [False, False, False, True]
+    model.reconcile_slot(slot, world.chain.timestamp() + 1, metered)
+    for p in people:
+        assert suite.credit_of(p.address) == model.credit_of(p.address)
+    assert suite.ledger_totals() == model.totals()
+    assert suite.slot_result(slot).reconciled
 
 
 def test_a_book_slot_reconciles_against_its_committed_trades(
@@ -431,7 +485,7 @@ def test_a_book_slot_reconciles_against_its_committed_trades(
     seller_before = suite.credit_of(seller)
     assert seller_before > 0  # a book slot pays sellers at clearing, as before
     world.chain.travel_to(suite.slot_start(slot + 1) + 600)
-    receipt = suite.reconcile_slot(world.solver, slot, trades)
+    (receipt,) = suite.reconcile_slot(world.solver, slot, trades)
     short, long = imbalance_prices(MarketModel(suite.genesis, world.treasury).price, slot)
     # no meters: the seller delivered nothing (short), the buyer took nothing (long)
     assert suite.credit_of(seller) == seller_before - 300 * short
@@ -441,7 +495,7 @@ def test_a_book_slot_reconciles_against_its_committed_trades(
 
 
 def test_registry_lists_meters_and_nets_their_readings(
-    world: World, people: list[Prosumer]
+    world: World, people: list[Prosumer], reverts: Any
 ) -> None:
     suite = world.suite
     owner = people[0].address
@@ -457,5 +511,8 @@ def test_registry_lists_meters_and_nets_their_readings(
     slot = suite.current_slot()
     world.chain.travel_to(suite.slot_start(slot + 1) + 1)
     suite.submit_reading(people[0].meter_key, slot, 700, sender=world.admin)
-    suite.submit_reading(second, slot, -1_000, sender=world.admin)
+    receipt = suite.submit_readings([(second, slot, -1_000, 0)], sender=world.admin)
+    assert len(events(suite.registry, "ReadingRecorded", receipt)) == 1
     assert suite.net_metered_wh([owner, people[1].address], slot) == [-300, 0]
+    with reverts("DeviceRegistryLengthMismatch", readings=0, signatures=1):
+        world.chain.transact(suite.registry, "submitReadings", [], [b"\x00"], sender=world.admin)
