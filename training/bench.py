@@ -7,6 +7,7 @@ and the ratio between them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,24 @@ def _rate(fn: Callable[[], int], min_seconds: float) -> float:
             return steps / elapsed
 
 
+def _single_rate(sc: Scenario, actions: np.ndarray, seconds: float) -> tuple[float, Any]:
+    """Steps/s of one env of `sc` (compiled and warmed up outside the clock)."""
+    env = MicrogridEnv(sc)
+    env.reset(seed=0)
+    env.step(actions[0])
+    # A chain ledger needs seconds per few steps: time in small chunks so short runs end.
+    chunk = len(actions) if sc.market.ledger == "mirror" else 1
+
+    def single() -> int:
+        for a in actions[:chunk]:
+            _, _, _, trunc, _ = env.step(a)
+            if trunc:
+                env.reset()
+        return chunk
+
+    return _rate(single, seconds), env
+
+
 def bench_env(
     scenario: Scenario | str | Path | None = None,
     grid: str | None = None,
@@ -39,32 +58,44 @@ def bench_env(
     seconds: float = 3.0,
     pandapower_steps: int = 40,
     progress: Progress | None = None,
+    ledger: str | None = None,
+    rpc_url: str | None = None,
 ) -> dict[str, Any]:
-    """Single-env steps/s, batched env-steps/s and the pandapower-stepped env, one run."""
+    """Single-env steps/s (with the market on `ledger`), batched env-steps/s and the
+    pandapower-stepped env, one run. The batched env always settles on the mirror: the chain
+    ledgers settle one grid each. Without `rpc_url`, the `rpc` ledger runs on a local anvil.
+    """
     from envs.grid.reference import PandapowerSolver  # imports pandapower: only when asked
 
     sc = resolve_scenario(scenario)
     if grid is not None:
         sc = sc.model_copy(update={"grid": grid, "name": grid})
-        sc = Scenario.model_validate(sc.model_dump())
-    task = progress.add_task("bench env", total=3) if progress else None
+    market = sc.market.model_dump()
+    if ledger is not None:
+        market["ledger"] = ledger
+    sc = Scenario.model_validate({**sc.model_dump(), "market": {**market, "ledger": "mirror"}})
+    task = progress.add_task("bench env", total=4) if progress else None
 
-    env = MicrogridEnv(sc)
-    env.reset(seed=0)
+    def advance() -> None:
+        if progress and task is not None:
+            progress.advance(task)
+
     rng = np.random.default_rng(0)
-    actions = rng.uniform(-1, 1, (256, env.codec.act_dim)).astype(np.float32)
-    env.step(actions[0])  # compile outside the clock
+    n_act = MicrogridEnv(sc).codec.act_dim
+    actions = rng.uniform(-1, 1, (256, n_act)).astype(np.float32)
+    bare = sc.model_copy(update={"market": sc.market.model_copy(update={"enabled": False})})
+    bare_rate, _ = _single_rate(bare, actions, seconds)
+    advance()
+    with contextlib.ExitStack() as stack:
+        if market["ledger"] == "rpc" and rpc_url is None:
+            from contracts.anvil import local_anvil
 
-    def single() -> int:
-        for a in actions:
-            _, _, _, trunc, _ = env.step(a)
-            if trunc:
-                env.reset()
-        return len(actions)
-
-    single_rate = _rate(single, seconds)
-    if progress and task is not None:
-        progress.advance(task)
+            rpc_url = stack.enter_context(local_anvil())
+        if rpc_url is not None:
+            market["rpc_url"] = rpc_url
+        chosen = Scenario.model_validate({**sc.model_dump(), "market": market})
+        single_rate, env = _single_rate(chosen, actions, seconds)
+    advance()
 
     venv = MicrogridVectorEnv(batch, sc)
     venv.reset(seed=0)
@@ -77,8 +108,7 @@ def bench_env(
         return 8 * batch
 
     batch_rate = _rate(batched, seconds)
-    if progress and task is not None:
-        progress.advance(task)
+    advance()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,14 +118,16 @@ def bench_env(
         for a in actions[:pandapower_steps]:
             ref_env.step(a)
         pp_rate = pandapower_steps / (time.perf_counter() - start)
-    if progress and task is not None:
-        progress.advance(task)
+    advance()
     return {
+        "ledger": market["ledger"],
         "grid": sc.grid,
         "buses": env.params.network.n_bus,
         "prosumers": env.params.n_prosumer,
         "batch": batch,
         "single_steps_per_s": round(single_rate, 1),
+        "single_steps_per_s_no_market": round(bare_rate, 1),
+        "market_overhead": round(bare_rate / single_rate, 2),
         "batch_env_steps_per_s": round(batch_rate, 1),
         "pandapower_steps_per_s": round(pp_rate, 2),
         "speedup_vs_pandapower": round(single_rate / pp_rate, 1),

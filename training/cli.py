@@ -81,16 +81,31 @@ def bench_env_cmd(
     ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Grids in the batched env.")] = 1024,
     seconds: Annotated[float, typer.Option(min=0.1, help="Seconds per timed phase.")] = 3.0,
+    ledger: Annotated[
+        str | None,
+        typer.Option(
+            help="Ledger of the single env: mirror, evm (py-evm) or rpc (anvil, or --rpc-url)."
+        ),
+    ] = None,
+    rpc_url: Annotated[
+        str | None, typer.Option(help="JSON-RPC node for --ledger rpc (default: a local anvil).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Single-env steps/s, batched env-steps/s and the same env stepped with pandapower.runpp."""
+    """Single-env steps/s (market on --ledger), batched env-steps/s (mirror) and the same env
+    stepped with pandapower.runpp."""
+    from contracts.errors import ChainError
     from envs import MicrogridError
     from training.bench import bench_env
 
+    if ledger not in (None, "mirror", "evm", "rpc"):
+        _fail(ValueError(f"--ledger: expected mirror, evm or rpc, got {ledger!r}"))
     try:
         with _progress() as progress:
-            result = bench_env(scenario, grid, batch, seconds, progress=progress)
-    except MicrogridError as err:
+            result = bench_env(
+                scenario, grid, batch, seconds, progress=progress, ledger=ledger, rpc_url=rpc_url
+            )
+    except (MicrogridError, ChainError) as err:
         _fail(err)
     if as_json:
         print(json.dumps(result))
