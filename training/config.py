@@ -56,6 +56,9 @@ class PretrainConfig(_Strict):
     """Passes over all demonstrations gathered so far, per round."""
     batch_size: Annotated[int, Field(ge=1)] = 256
     learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
+    critic_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """RL steps with the actor frozen before fine-tuning, so PPO starts from a fitted critic."""
+    critic_warmup_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
     log_std_after: float = -2.0
     """The policy's log standard deviation after cloning: the exploration RL fine-tuning starts
     from (small, so that it explores around the cloned behaviour)."""

@@ -146,7 +146,9 @@ def fit(
     policy = model.policy
     x = torch.as_tensor(norm.normalize_obs(obs), dtype=torch.float32)
     y = torch.as_tensor(target, dtype=torch.float32)
-    params = [p for name, p in policy.named_parameters() if name != "log_std"]
+    params = [
+        p for name, p in policy.named_parameters() if "log_std" not in name and "value" not in name
+    ]
     optimiser = torch.optim.Adam(params, lr=config.learning_rate)
     losses: list[float] = []
     policy.set_training_mode(True)
@@ -255,3 +257,23 @@ def pretrain(
         with torch.no_grad():
             log_std.fill_(config.log_std_after)
     return report
+
+
+def warm_up_critic(
+    model: OnPolicyAlgorithm, steps: int, learning_rate: float, callback: Any = None
+) -> None:
+    """Run `steps` of the RL algorithm with the actor frozen, so only the critic learns.
+
+    After imitation the actor is good and the critic knows nothing: PPO's first updates would
+    follow advantages of a random value function and undo the imitation. SB3 steps whatever
+    `policy.optimizer` holds, so the optimiser is swapped for one over the value parameters.
+    """
+    policy = model.policy
+    full, schedule = policy.optimizer, model.lr_schedule
+    value = [p for name, p in policy.named_parameters() if "value" in name]
+    policy.optimizer = torch.optim.Adam(value, lr=learning_rate)
+    model.lr_schedule = lambda _: learning_rate
+    try:
+        model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=False)
+    finally:
+        policy.optimizer, model.lr_schedule = full, schedule

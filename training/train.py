@@ -31,6 +31,7 @@ from training.callbacks import EpisodeMetricsCallback, ValidationCallback
 from training.config import TrainConfig
 from training.evaluation import Predict, mean_kpis, run_day
 from training.export import export_onnx, frozen_actions
+from training.imitation import pretrain, warm_up_critic
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "td3": TD3}
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -128,7 +129,18 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         if config.pretrain is not None:
             _pretrain(model, norm, config, validation)
         if config.timesteps > 0:
-            model.learn(total_timesteps=config.timesteps, callback=CallbackList(hooks))
+            if config.pretrain is not None and config.pretrain.critic_warmup_steps:
+                warm_up_critic(
+                    model,  # type: ignore[arg-type]
+                    config.pretrain.critic_warmup_steps,
+                    config.pretrain.critic_warmup_learning_rate,
+                    EpisodeMetricsCallback(),
+                )
+            model.learn(
+                total_timesteps=config.timesteps,
+                callback=CallbackList(hooks),
+                reset_num_timesteps=False,
+            )
         validation.evaluate()
         # Export the best policy seen on validation days (the last one if it is the best).
         best = run_dir / "best"
@@ -198,8 +210,6 @@ def _pretrain(
     fine-tuning run that only makes it worse still exports the imitated one.
     """
     from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-
-    from training.imitation import pretrain
 
     assert config.pretrain is not None and isinstance(model, OnPolicyAlgorithm)
 

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecNormalize
 
 from envs import MicrogridEnv
 from envs.sb3_vec_env import SB3VecEnv
-from training.config import PretrainConfig, TrainConfig
+from training.config import PretrainConfig, TrainConfig, load_train_config
 from training.imitation import (
     DO_NOTHING_TARGET,
     clone_target,
     learner_of,
     pretrain,
+    warm_up_critic,
 )
+from training.train import train
 
 
 def _model() -> tuple[PPO, VecNormalize]:
@@ -94,3 +99,46 @@ def test_pretrain_is_ppo_only_and_zero_steps_needs_it() -> None:
     with pytest.raises(ValueError, match="timesteps"):
         TrainConfig(timesteps=0)
     assert TrainConfig(timesteps=0, pretrain=PretrainConfig()).pretrain is not None
+
+
+def test_critic_warm_up_moves_the_critic_only() -> None:
+    model, _ = _model()
+    actor = {k: v.clone() for k, v in model.policy.state_dict().items() if "value" not in k}
+    critic = {k: v.clone() for k, v in model.policy.state_dict().items() if "value" in k}
+    optimiser = model.policy.optimizer
+    warm_up_critic(model, 64, 1e-3)
+    after = model.policy.state_dict()
+    for k, v in actor.items():
+        torch.testing.assert_close(after[k], v, msg=k)
+    assert any(not torch.equal(after[k], v) for k, v in critic.items())
+    assert model.policy.optimizer is optimiser  # RL goes on with the full optimiser
+
+
+def test_train_with_pretrain_only_exports_the_imitated_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(
+        timesteps=0,
+        n_envs=1,
+        pretrain=PretrainConfig(method="bc", expert_days=2, epochs=5, batch_size=64),
+        policy_kwargs={"net_arch": [32, 32]},
+        eval={"days": 1},
+        registered_model="smoke-dagger",
+        output_dir=str(tmp_path / "runs"),
+    )
+    result = train(config)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.metrics["pretrain_samples"] == 2 * 96
+    assert run.data.metrics["onnx_parity_max_abs"] <= 1e-5
+    assert run.data.params["pretrain.method"] == "bc"
+    assert result.val_cost == pytest.approx(run.data.metrics["pretrain_val_cost"], rel=1e-6)
+
+
+def test_shipped_imitation_config_validates() -> None:
+    config = load_train_config(
+        Path(__file__).resolve().parents[2] / "configs/train/ppo_imitation.yaml"
+    )
+    assert config.pretrain is not None and config.pretrain.pooled
+    assert config.algorithm == "ppo"
