@@ -2,8 +2,9 @@
 
 The same slot the mirror settles in numpy is run through the real contracts: the reference price
 is posted (``setPriceParams``), the prosumers' EIP-712 signed orders are settled in one batch
-(``settleSignedBatch``), every smart meter signs its reading (``DeviceRegistry.submitReading``)
-and the readings reconcile the slot (``reconcileSlot``). Chain time advances through the slot's
+(``settleSignedBatch``), every smart meter signs its reading and the relay submits them in one
+transaction (``DeviceRegistry.submitReadings``), and the readings reconcile the slot
+(``reconcileSlot``): four transactions a slot. Chain time advances through the slot's
 gate closure, end and reading window, so every rule about time is exercised. ``evm`` runs on
 in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally). An episode reset
 reverts to the snapshot taken after deployment instead of redeploying.
@@ -65,11 +66,14 @@ class ChainLedger:
         # The admin is the treasury: its credit pays imbalance surpluses.
         if treasury:
             suite.deposit(self.admin, treasury)
-        for k, owner in enumerate(self.addresses):
-            if initial:
-                suite.deposit_for(self.admin, owner, initial)
-            device = _address(self._meters[k])
-            suite.register_device(device, owner, DeviceType.METER, meter_capacity_w[k])
+        if initial:
+            suite.deposit_for_many(self.admin, list(self.addresses), [initial] * n)
+        suite.register_devices(
+            [
+                (_address(self._meters[k]), owner, DeviceType.METER, meter_capacity_w[k])
+                for k, owner in enumerate(self.addresses)
+            ]
+        )
         self._first_slot = suite.current_slot() + 2
         self._rates = (per_wh(config.dr_incentive_per_kwh), per_wh(config.renewable_reward_per_kwh))
         self._snapshot = chain.snapshot()
@@ -101,7 +105,11 @@ class ChainLedger:
         self.treasury = np.array([self.suite.credit_of(self.admin)], dtype=np.int64)
 
     def _read_credits(self) -> list[int]:
-        return [self.suite.credit_of(a) for a in self.addresses]
+        suite = self.suite
+        return [
+            int(c)
+            for c in self.chain.call_many(suite.trading, "creditOf", [(a,) for a in self.addresses])
+        ]
 
     def reset(self, rows: IntArray) -> None:
         self.chain.revert(self._snapshot)
@@ -157,17 +165,11 @@ class ChainLedger:
             fills[self.addresses.index(o.owner)] = f
         # The slot ends; every meter signs its reading, relayed by the admin.
         self._advance(suite.slot_start(c + 1))
-        for k in range(self.n):
-            count(
-                suite.submit_reading(
-                    self._meters[k],
-                    c,
-                    int(slot.metered_wh[0, k]),
-                    sender=admin,
-                    nonce=self._nonces[k],
-                )
-            )
-            self._nonces[k] += 1
+        readings = [
+            (self._meters[k], c, int(slot.metered_wh[0, k]), self._nonces[k]) for k in range(self.n)
+        ]
+        count(suite.submit_readings(readings, sender=admin))
+        self._nonces = [x + 1 for x in self._nonces]
         self._advance(suite.slot_start(c + 1) + suite_window(suite))
         trades = [
             Trade(o.owner, o.side, f) for o, f in zip(orders, result.fills.tolist(), strict=True)
