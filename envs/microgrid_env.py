@@ -85,6 +85,14 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
     time-of-use price - export kWh x feed-in price. Each term and the KPIs are in `info`.
     A diverged power flow gives `-divergence_penalty` (bounded) and truncates.
 
+    ## Market
+
+    Each step also runs the community's peer-to-peer market (docs/market.md): every prosumer
+    orders its expected position by the default bidding rule, the book clears at one uniform
+    price, and the ledger the scenario names (`mirror`, `evm`, `rpc`) settles fills and then
+    metered imbalances. Its figures are in `info` (`market_price`, `market_traded_kwh`,
+    `market_gas_used`, ...); the reward stays the community's bill with the upstream grid.
+
     ## Starting State
 
     A day drawn from the env's split (`train`, `validation` or `test`; test days never
@@ -103,7 +111,8 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version; the market (`info["market_*"]`, `dr_event`, `emergency`) added
+      without changing spaces or reward.
     """
 
     metadata = {"render_modes": [], "render_fps": 4}  # noqa: RUF012 - gymnasium's convention
