@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup mosquitto test lint typecheck imports pytest demo bench contracts clean
+.PHONY: setup mosquitto test lint typecheck imports pytest demo bench contracts slither clean
 
 setup: $(STAMP) node_modules/.installed mosquitto
 
@@ -53,6 +53,10 @@ bench: setup
 
 contracts: setup
 	$(PY) -m contracts.compile
+
+# slither over the contract suite through a solc shim over solc-js (~2 min; docs/security.md).
+slither: setup
+	$(PY) -m contracts.slither_check
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

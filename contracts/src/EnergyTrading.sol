@@ -225,7 +225,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
             revert EnergyTradingPriceOutOfBand(limitPrice, low, high);
         }
 
-        uint256 escrow;
+        uint256 escrow = 0; // sell orders lock nothing
         if (side == Side.Buy) {
             escrow = uint256(energyWh) * limitPrice * durationSlots;
             uint256 available = _credits[msg.sender];
@@ -262,7 +262,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (order.cancelled) revert EnergyTradingOrderCancelled(orderId);
         _requireGateOpen(order.startSlot);
         order.cancelled = true;
-        uint256 refund;
+        uint256 refund = 0; // a sell order locked nothing
         if (order.side == Side.Buy) {
             refund = uint256(order.energyWh) * order.limitPrice * order.durationSlots;
             _totalEscrow -= refund;
@@ -540,8 +540,13 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint8 nonce = order.nonce;
         key = (uint256(uint160(owner)) << 8) | nonce;
         if (index != 0 && key <= previous) revert EnergyTradingBatchNotSorted(index);
-        (address recovered,,) = ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
-        if (recovered != owner) revert EnergyTradingInvalidSignature(index, owner, recovered);
+        // The error code matters: a malformed signature "recovers" address(0), which would pass
+        // for an order whose owner field is address(0) (found by slither, unused-return).
+        (address recovered, ECDSA.RecoverError failure,) =
+            ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
+        if (failure != ECDSA.RecoverError.NoError || recovered != owner) {
+            revert EnergyTradingInvalidSignature(index, owner, recovered);
+        }
         if (book.anyCancelled && _cancelledNonces[owner][slot] & (uint256(1) << nonce) != 0) {
             revert EnergyTradingSignedOrderCancelled(index, owner, nonce);
         }

@@ -178,6 +178,25 @@ def test_signatures_bind_owner_chain_and_contract(
         assert err.error is not None and err.error.args_by_name["recovered"] != first.owner
 
 
+def test_a_malformed_signature_never_passes_for_the_zero_owner(
+    world: World, people: list[Prosumer], reverts: Any
+) -> None:
+    suite = world.suite
+    batch = _batch(world, people[:2], [S.BUY, S.SELL], [100, 100])
+    world.chain.travel_to(suite.gate_closes_at(batch.slot))
+    zero = "0x" + "00" * 20
+    ghost = replace(next(o for o in batch.orders if o.side == S.SELL), owner=zero)
+    buy = next(o for o in batch.orders if o.side == S.BUY)
+    junk = OrderSignature(bytes(32), bytes(32))  # ecrecover yields address(0) for this
+    with reverts("EnergyTradingInvalidSignature", index=0, owner=zero, recovered=zero):
+        suite.settle_signed_batch(
+            world.solver,
+            batch.slot,
+            [ghost, buy],
+            [junk, batch.signatures[batch.orders.index(buy)]],
+        )
+
+
 def test_each_order_rule_has_its_error(world: World, people: list[Prosumer], reverts: Any) -> None:
     suite = world.suite
     batch = _batch(world, people[:2], [S.BUY, S.SELL], [100, 100])
