@@ -34,6 +34,11 @@ class BrokerConfig(BaseModel):
     password_file: Path | None = None
     """A file holding the broker password (one line); None sends an empty password."""
     keepalive_s: Annotated[int, Field(ge=2, le=600)] = 10
+    session_expiry_s: Annotated[int, Field(ge=60, le=30 * 86_400)] = 7 * 86_400
+    """How long the broker keeps the bridge's session (and queues its QoS 1 messages) while the
+    bridge is away; longer than any outage you mean to survive without losing readings."""
+    batch_max: Annotated[int, Field(ge=1, le=100_000)] = 2_000
+    """Messages handled, committed (one SQLite transaction) and acknowledged together at most."""
 
     @field_validator("url")
     @classmethod

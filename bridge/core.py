@@ -118,6 +118,8 @@ class BridgeCore:
             if isinstance(out, Rejected):
                 if out.reason is RejectReason.NO_SESSION and self.site.device(t.entity):
                     return [self._rebirth(t.entity, now_ms)]
+                if out.late is not None:  # too old to act on, still owed to the chain
+                    return self._reading_work(out.late)
                 return []
             self.state.update(out)
             return self._reading_work(out)

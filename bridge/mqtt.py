@@ -4,6 +4,13 @@ It decides nothing (aiomqtt's lesson): payloads stay bytes, and every decision i
 core. paho runs its network loop in its own thread; received messages cross into the event loop
 with `call_soon_threadsafe`. TLS and a user name/password are mandatory outside tests of the
 refusal itself; the last will is set before connecting, as Sparkplug requires.
+
+A link that must not lose what it receives (the bridge's) opens a *persistent* MQTT v5 session
+(`clean_start` False, a session expiry) and acknowledges each message itself (`manual_ack`):
+the broker keeps every QoS 1 message the bridge has not acknowledged, across a bridge crash and
+while the bridge is away, and delivers it again on the next connect. The caller acknowledges a
+message (`ack`) only once what it carried is durable, so a reading is never acknowledged and
+then lost.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.errors import BridgeError
 
@@ -28,6 +37,9 @@ class Received:
     payload: bytes
     at: float = 0.0
     """time.monotonic() when paho handed it over: where decision latency starts."""
+    mid: int = 0
+    """The broker's packet id, for `MqttLink.ack` (0 for QoS 0)."""
+    qos: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,16 +63,29 @@ class MqttLink:
         will: Will | None = None,
         birth: Will | None = None,
         keepalive: int = 10,
+        session_expiry_s: int | None = None,
+        receive_maximum: int = 1000,
     ) -> None:
+        """`session_expiry_s` set: a persistent session with manual acknowledgements (`ack`);
+        None: a clean session whose messages paho acknowledges on receipt (devices, tools)."""
         parsed = urlparse(url)
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
             raise BridgeError(f"broker url: expected mqtts://HOST:PORT or mqtt://..., got {url!r}")
         self.host = parsed.hostname
         self.port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
         self.keepalive = keepalive
+        self.persistent = session_expiry_s is not None
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=self.persistent,
         )
+        self._connect_props = Properties(PacketTypes.CONNECT)
+        if session_expiry_s is not None:
+            self._connect_props.SessionExpiryInterval = session_expiry_s
+            # How many unacknowledged messages the broker may have in flight to us.
+            self._connect_props.ReceiveMaximum = receive_maximum
         self.client.username_pw_set(username, password)
         if parsed.scheme == "mqtts":
             self.client.tls_set(
@@ -78,6 +103,8 @@ class MqttLink:
         self.birth = birth
         """Published on every (re)connect: a broker restarted without persistence forgot it."""
         self.connects = 0
+        self.session_resumed = 0
+        """Connects on which the broker still held our session (queued messages follow)."""
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -90,7 +117,9 @@ class MqttLink:
             self._refused = str(reason)
             self._loop.call_soon_threadsafe(self.connected.set)
             return
-        for sub in self._subscriptions:  # re-subscribe after every reconnect
+        if getattr(flags, "session_present", False):
+            self.session_resumed += 1
+        for sub in self._subscriptions:  # re-subscribe after every reconnect (idempotent)
             client.subscribe(sub, qos=1)
         if self.birth is not None:
             client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
@@ -107,7 +136,9 @@ class MqttLink:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             self.queue.put_nowait,
-            Received(message.topic, bytes(message.payload), time.monotonic()),
+            Received(
+                message.topic, bytes(message.payload), time.monotonic(), message.mid, message.qos
+            ),
         )
 
     # ---- async API -------------------------------------------------------------------------
@@ -115,7 +146,13 @@ class MqttLink:
         """Connect (TLS, credentials, will), subscribe, and wait until the broker said yes."""
         self._loop = asyncio.get_running_loop()
         self._subscriptions = list(subscriptions)
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.connect_async(
+            self.host,
+            self.port,
+            keepalive=self.keepalive,
+            clean_start=not self.persistent,
+            properties=self._connect_props,
+        )
         self.client.loop_start()
         try:
             await asyncio.wait_for(self.connected.wait(), timeout_s)
@@ -133,6 +170,26 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:
         """Queue a publish (paho sends it from its thread); returns paho's MessageInfo."""
         return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def ack(self, msg: Received) -> None:
+        """Tell the broker `msg` is safe with us; before this it would be delivered again.
+
+        A no-op on a clean-session link (paho acknowledged on receipt). An acknowledgement for a
+        connection that has since dropped is refused by paho and harmless: the broker delivers
+        the message again on the next connect, and the caller's idempotency keys absorb it.
+        """
+        if self.persistent and msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+
+    def pending(self, limit: int) -> list[Received]:
+        """Messages already waiting, without waiting (at most `limit`): one batch to commit."""
+        out: list[Received] = []
+        while len(out) < limit:
+            try:
+                out.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return out
 
     async def receive(self, timeout_s: float | None = None) -> Received | None:
         """The next message, or None after `timeout_s`."""

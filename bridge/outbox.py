@@ -22,11 +22,12 @@ SIGKILL or a power cut. It is sans-socket except for `Chain`, which the caller s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -141,6 +142,22 @@ class Outbox:
         self.db.close()
 
     # ---- producer side --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction (one fsync) around several `enqueue` calls and the caller's own
+        writes on the yielded connection: all of them are durable together, or none is.
+
+        The bridge puts one batch of received messages' readings and the device sessions they
+        moved in one transaction: an fsync per reading cost more than the decision itself.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def enqueue(
         self,
         key: str,

@@ -78,3 +78,14 @@ def _send_signed(chain: Chain, contract: Contract, key: bytes, args: tuple[objec
     )
     if receipt["status"] != 1:
         raise ChainError(f"registerDevice({args[0]}) reverted (gas used {receipt['gasUsed']})")
+
+
+def reading_nonces(chain: Chain, registry: str, site: SiteManifest) -> dict[str, int]:
+    """Each device's next reading nonce as DeviceRegistry counts it (`nonces(device)`).
+
+    A device signs its readings with consecutive nonces and the registry takes them only in
+    order; a simulator restarted against a chain that already holds its readings must start
+    where the chain is, not at 0.
+    """
+    contract = chain.contract("DeviceRegistry", registry)
+    return {d.id: int(contract.functions.nonces(d.address).call()) for d in site.devices}

@@ -5,7 +5,10 @@ Three tasks share one event loop and one BridgeCore (so no locks):
 * **receive**: every broker message goes through `core.handle`; rebirth requests go back out,
   readings go into the durable outbox. When the last device has reported the slot that just
   ended, the slot is decided at once (the latency the benchmark measures starts at that
-  message's arrival).
+  message's arrival). Messages are taken in batches (whatever has arrived): the batch's readings
+  and the device sessions it moved are written in one SQLite transaction, and only then is each
+  message acknowledged to the broker (a persistent MQTT session, manual acks). A crash before
+  the commit leaves the messages unacknowledged, and the broker delivers them again.
 * **clock**: a slot whose devices have not all reported by `decide_deadline` x slot length is
   decided anyway; the core falls back to the rule-based controller and says which devices were
   missing.
@@ -30,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from bridge import session_store
 from bridge.clock import SlotClock
 from bridge.config import BridgeConfig, Deployment
 from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
 from bridge.metrics import BridgeMetrics
-from bridge.mqtt import MqttLink, Will
+from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
 from bridge.signing import ReadingDomain
@@ -126,6 +130,11 @@ class BridgeRunner:
 
         self.worker = self.executor.submit(make).result()
         self.inbox = Outbox(c.outbox, self.worker.chain, addresses, key)
+        # Before connecting: the broker delivers what we had not acknowledged right away.
+        sessions, nonces = session_store.load(self.inbox.db)
+        self.core.validator.restore(sessions, nonces)
+        if sessions:
+            log.info("device sessions restored", extra={"devices": len(sessions)})
 
     def _outbox_pass(self) -> None:
         assert self.worker is not None
@@ -145,34 +154,50 @@ class BridgeRunner:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), max(seconds, 0.0))
 
-    def _send(self, items: list[Publish | ChainWork]) -> None:
-        for item in items:
-            if isinstance(item, Publish):
-                self.link.publish(item.topic, item.payload, retain=item.retain)
-            elif self.live and self.inbox is not None:
+    def _commit(self, work: list[ChainWork]) -> None:
+        """The batch's readings and the sessions it moved, durable together (one fsync)."""
+        changed = self.core.validator.take_dirty()
+        if self.inbox is None or not (work or changed):
+            return
+        with self.inbox.transaction() as db:
+            for item in work:
                 self.inbox.enqueue(
                     item.key, item.contract, item.fn, item.args, retry_on=item.retry_on
                 )
+            session_store.save(db, changed)
 
     async def _receive_loop(self) -> None:
         while not self.stop.is_set():
-            msg = await self.link.receive(0.2)
+            first = await self.link.receive(0.2)
             self.metrics.up.set(1 if self.link.connected.is_set() else 0)
-            if msg is None:
+            if first is None:
                 continue
-            self._send(self.core.handle(msg.topic, msg.payload, int(self.wall() * 1000)))
-            if "/DDATA/" not in msg.topic:
-                continue
-            device = msg.topic.rsplit("/", 1)[-1]
-            held = self.core.state.latest.get(device)
-            slot = self.clock.slot(self.wall())
-            if held is None or held.slot != slot - 1 or slot in self.decided:
-                continue
-            seen = self.reported[slot - 1]
-            seen.add(device)
-            if len(seen) == self.n_devices:
-                self.ready_at[slot] = msg.at
-                await self._decide(slot, msg.at, "ready")
+            batch = [first, *self.link.pending(self.cfg.broker.batch_max - 1)]
+            work: list[ChainWork] = []
+            for msg in batch:
+                for item in self.core.handle(msg.topic, msg.payload, int(self.wall() * 1000)):
+                    if isinstance(item, Publish):
+                        self.link.publish(item.topic, item.payload, retain=item.retain)
+                    elif self.live:
+                        work.append(item)
+                if "/DDATA/" in msg.topic:
+                    # Commands do not wait for the readings' fsync: deciding needs only memory.
+                    await self._maybe_ready(msg)
+            self._commit(work)
+            for msg in batch:
+                self.link.ack(msg)
+
+    async def _maybe_ready(self, msg: Received) -> None:
+        device = msg.topic.rsplit("/", 1)[-1]
+        held = self.core.state.latest.get(device)
+        slot = self.clock.slot(self.wall())
+        if held is None or held.slot != slot - 1 or slot in self.decided:
+            return
+        seen = self.reported[slot - 1]
+        seen.add(device)
+        if len(seen) == self.n_devices:
+            self.ready_at[slot] = msg.at
+            await self._decide(slot, msg.at, "ready")
 
     async def _clock_loop(self) -> None:
         frac = self.cfg.timing.decide_deadline
@@ -313,6 +338,9 @@ class BridgeRunner:
             will=Will(will.topic, will.payload, True),
             birth=Will(birth.topic, birth.payload, True),
             keepalive=b.keepalive_s,
+            # Live: a persistent session with manual acks (nothing received is lost across a
+            # crash). Shadow: a clean one, so a dry run takes nothing queued for the live bridge.
+            session_expiry_s=b.session_expiry_s if self.live else None,
         )
         if self.live:
             self._open_outbox()
@@ -385,6 +413,8 @@ class BridgeRunner:
             "commands_sent": core.stats.commands_sent,
             "commands": {k.value: n for k, n in core.tracker.finished.items()},
             "readings_queued": core.stats.readings_queued,
+            "late_readings": v.late_readings,
+            "broker_sessions_resumed": self.link.session_resumed,
             "outbox": dict(self.metrics.outbox.rows),
             "outbox_retries": self.metrics.outbox.retries,
             "dr_events": self.dr.published,

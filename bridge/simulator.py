@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +62,16 @@ class FleetStats:
 class Fleet:
     """The site's virtual devices and their physics; sans-I/O (the caller moves the bytes)."""
 
-    def __init__(self, site: SiteManifest, profiles: Profiles, domain: ReadingDomain, seed: str):
+    def __init__(
+        self,
+        site: SiteManifest,
+        profiles: Profiles,
+        domain: ReadingDomain,
+        seed: str,
+        start_nonces: Mapping[str, int] | None = None,
+    ):
+        """`start_nonces`: each device's next registry nonce (`registration.reading_nonces`);
+        None starts every device at 0, right only on a fresh registry."""
         self.site = site
         self.profiles = profiles
         b = site.batteries
@@ -72,6 +81,7 @@ class Fleet:
         for spec in site.devices:
             k = battery_index.get(spec.id)
             dev = VirtualDevice(site.site, spec, device_key(seed, spec.id), domain)
+            dev.nonce = (start_nonces or {}).get(spec.id, 0)
             if k is not None:
                 dev.soc = b.soc_initial[k]
                 dev.soc_min, dev.soc_max = b.soc_min[k], b.soc_max[k]
@@ -193,9 +203,10 @@ async def simulate(
     bridge_node: str = "bridge",
     stop: asyncio.Event | None = None,
     wall: Callable[[], float] = time.time,
+    start_nonces: Mapping[str, int] | None = None,
 ) -> FleetStats:
     """Connect every device, then report each slot until `slots` slots passed or `stop` is set."""
-    fleet = Fleet(site, profiles, domain, seed)
+    fleet = Fleet(site, profiles, domain, seed, start_nonces)
     links: dict[str, MqttLink] = {}
     stop = stop or asyncio.Event()
     for device_id, dev in fleet.devices.items():

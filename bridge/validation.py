@@ -4,6 +4,16 @@ Plain functions over bytes and the clock value the shell passes in, so every rul
 without a broker, and fuzzed. The checks run cheapest first and the signature (a public-key
 recovery) last; session state (last `seq`, last reading nonce) only moves once a message has
 passed every check, so a forged message cannot advance it and lock the real device out.
+
+Staleness is a rule for *control*, not for *settlement*: telemetry too old to act on is refused
+(counted `stale`), but a signed reading inside it that passes every other check is still handed
+back (`Rejected.late`) for the chain, whose own reading window is the judge. Otherwise a bridge
+that was down for a few slots would drop the readings the broker kept for it, and since the
+registry takes each device's nonces in order, one lost reading would block all later ones.
+
+The session table (`sessions`, `last_nonce`) is what a restarted bridge needs to accept the
+messages the broker delivers again; `dirty` names the devices whose entry changed since the
+shell last persisted it.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ class Rejected:
 
     reason: RejectReason
     detail: str
+    late: Telemetry | None = None
+    """A stale DDATA whose signed reading passed every check: relay the reading, not the data."""
 
 
 @dataclass
@@ -102,6 +114,21 @@ class TelemetryValidator:
         """DDATA only (`accepted` also counts births and acks)."""
         self.on_reject: Callable[[RejectReason, str], None] | None = None
         """Called with every refusal's reason and detail: the shell logs them."""
+        self.dirty: set[str] = set()
+        """Devices whose session or nonce changed since `take_dirty` (for the shell to persist)."""
+        self.late_readings = 0
+        """Readings relayed from telemetry refused as stale."""
+
+    def take_dirty(self) -> dict[str, tuple[Session | None, int | None]]:
+        """The changed entries since the last call, to persist with the readings they carried."""
+        out = {d: (self.sessions.get(d), self.last_nonce.get(d)) for d in self.dirty}
+        self.dirty.clear()
+        return out
+
+    def restore(self, sessions: dict[str, Session], last_nonce: dict[str, int]) -> None:
+        """A restarted bridge takes up where the last one committed."""
+        self.sessions.update(sessions)
+        self.last_nonce.update(last_nonce)
 
     # ---- helpers --------------------------------------------------------------------------
     def _refuse(self, reason: RejectReason, detail: str) -> Rejected:
@@ -184,6 +211,7 @@ class TelemetryValidator:
                 RejectReason.REPLAYED, f"bd_seq: expected a new session, got {birth.bd_seq} again"
             )
         self.sessions[birth.device] = Session(bd_seq=birth.bd_seq)
+        self.dirty.add(birth.device)
         self.accepted += 1
         return birth
 
@@ -200,6 +228,7 @@ class TelemetryValidator:
         if session is None or session.bd_seq != death.bd_seq:
             return None
         session.alive = False
+        self.dirty.add(death.device)
         return death
 
     # ---- telemetry ------------------------------------------------------------------------
@@ -220,53 +249,83 @@ class TelemetryValidator:
         session = self._sequence(msg.device, msg.bd_seq, msg.seq)
         if isinstance(session, Rejected):
             return session
-        late = self._clock(msg.ts, now_ms)
-        if late is not None:
-            return late
-        current = self.current_slot(now_ms)
-        if msg.slot < current - 1:
-            return self._refuse(
-                RejectReason.STALE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
-            )
-        if msg.slot > current:
-            return self._refuse(
-                RejectReason.FUTURE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
-            )
-        implausible = self._implausible(msg, device)
-        if implausible is not None:
-            return self._refuse(RejectReason.IMPLAUSIBLE, implausible)
+        stale = self._timing(msg, now_ms)
+        if stale is not None and stale[0] is RejectReason.FUTURE:
+            return self._refuse(*stale)
+        refusal = self._reading_refusal(msg, device)
+        if refusal is not None:
+            # Stale telemetry is refused as stale whatever else is wrong with it; its reading
+            # is relayed only when it passes every check.
+            return self._refuse(*(stale or refusal))
         reading = msg.reading
-        if reading is None:
-            if device.kind is DeviceKind.METER:
-                return self._refuse(
-                    RejectReason.MISSING_READING, "reading: expected a signed reading from a meter"
-                )
-        else:
-            last = self.last_nonce.get(msg.device, -1)
-            if reading.nonce <= last:
-                return self._refuse(
-                    RejectReason.REPLAYED, f"reading.nonce: expected > {last}, got {reading.nonce}"
-                )
-            signer = self.domain.recover(
-                device.address,
-                reading.slot,
-                reading.energy_wh,
-                reading.nonce,
-                bytes.fromhex(reading.signature[2:]),
-            )
-            if signer.lower() != device.address.lower():
-                return self._refuse(
-                    RejectReason.BAD_SIGNATURE,
-                    f"reading.signature: expected a signature by {device.address}, "
-                    f"got one by {signer or 'no valid key'}",
-                )
+        if stale is not None and reading is None:
+            return self._refuse(*stale)  # nothing owed to the chain: refused whole
+        if reading is not None:
             self.last_nonce[msg.device] = reading.nonce
         if msg.seq > session.last_seq + 1:
             session.missed += msg.seq - session.last_seq - 1
         session.last_seq = msg.seq
+        self.dirty.add(msg.device)
+        if stale is not None:
+            refused = self._refuse(*stale)
+            self.late_readings += 1
+            return Rejected(refused.reason, refused.detail, late=msg)
         self.accepted += 1
         self.telemetry_accepted += 1
         return msg
+
+    def _reading_refusal(
+        self, msg: Telemetry, device: SiteDevice
+    ) -> tuple[RejectReason, str] | None:
+        """Plausibility, then the signed reading (nonce, signature); None when all pass."""
+        implausible = self._implausible(msg, device)
+        if implausible is not None:
+            return RejectReason.IMPLAUSIBLE, implausible
+        reading = msg.reading
+        if reading is None:
+            if device.kind is DeviceKind.METER:
+                return (
+                    RejectReason.MISSING_READING,
+                    "reading: expected a signed reading from a meter",
+                )
+            return None
+        last = self.last_nonce.get(msg.device, -1)
+        if reading.nonce <= last:
+            return RejectReason.REPLAYED, f"reading.nonce: expected > {last}, got {reading.nonce}"
+        signer = self.domain.recover(
+            device.address,
+            reading.slot,
+            reading.energy_wh,
+            reading.nonce,
+            bytes.fromhex(reading.signature[2:]),
+        )
+        if signer.lower() != device.address.lower():
+            return (
+                RejectReason.BAD_SIGNATURE,
+                f"reading.signature: expected a signature by {device.address}, "
+                f"got one by {signer or 'no valid key'}",
+            )
+        return None
+
+    def _timing(self, msg: Telemetry, now_ms: int) -> tuple[RejectReason, str] | None:
+        """Too old (`stale`) or ahead of time (`future`), by timestamp or by slot; None: on time."""
+        age_s = (now_ms - msg.ts) / 1000.0
+        if age_s > self.limits.max_age_s:
+            return (
+                RejectReason.STALE,
+                f"ts: expected at most {self.limits.max_age_s} s old, got {age_s:.1f} s",
+            )
+        if -age_s > self.limits.max_clock_skew_s:
+            return (
+                RejectReason.FUTURE,
+                f"ts: expected at most {self.limits.max_clock_skew_s} s ahead, got {-age_s:.1f} s",
+            )
+        current = self.current_slot(now_ms)
+        if msg.slot < current - 1:
+            return RejectReason.STALE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
+        if msg.slot > current:
+            return RejectReason.FUTURE, f"slot: expected {current - 1} or {current}, got {msg.slot}"
+        return None
 
     def _implausible(self, msg: Telemetry, device: SiteDevice) -> str | None:
         """Physics and ratings: what no working device can report. None when plausible."""
@@ -319,5 +378,6 @@ class TelemetryValidator:
         if ack.seq > session.last_seq + 1:
             session.missed += ack.seq - session.last_seq - 1
         session.last_seq = ack.seq
+        self.dirty.add(ack.device)
         self.accepted += 1
         return ack

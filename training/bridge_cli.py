@@ -148,6 +148,10 @@ def devices_simulate(
         float | None, typer.Option(help="Start of slot 0, unix s (default: the deployment's).")
     ] = None,
     slots: Annotated[int | None, typer.Option(min=1, help="Stop after this many slots.")] = None,
+    rpc: Annotated[
+        str | None,
+        typer.Option(help="JSON-RPC URL: start each device's reading nonce at the registry's."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every device of the site on the broker, each with its own key and password, driven by
@@ -160,6 +164,7 @@ def devices_simulate(
     from bridge.simulator import Profiles, simulate
     from bridge.site import load_site
     from bridge.site_builder import build_site
+    from contracts.errors import ChainError
     from envs import MicrogridError
 
     setup_json_logging()
@@ -176,6 +181,12 @@ def devices_simulate(
         clock = SlotClock(
             dep.genesis if genesis is None else genesis, slot_seconds or dep.slot_seconds
         )
+        nonces = None
+        if rpc is not None:
+            from bridge.registration import reading_nonces
+            from contracts.client import Chain
+
+            nonces = reading_nonces(Chain.rpc(rpc), dep.addresses["DeviceRegistry"], manifest)
         stats = asyncio.run(
             simulate(
                 manifest,
@@ -187,9 +198,10 @@ def devices_simulate(
                 clock=clock,
                 seed=seed,
                 slots=slots,
+                start_nonces=nonces,
             )
         )
-    except (MicrogridError, OSError, KeyError, json.JSONDecodeError) as err:
+    except (MicrogridError, ChainError, OSError, KeyError, json.JSONDecodeError) as err:
         _fail(err)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None

@@ -42,7 +42,7 @@ pattern read mgv1/+/NDEATH/+
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Broker:
     host: str
     port: int
@@ -50,10 +50,44 @@ class Broker:
     passwords: dict[str, str]
     """User -> password; the bridge's user is ``bridge``."""
     directory: Path
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtts://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """A clean shutdown: mosquitto writes its persistence file (sessions, queued messages)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def start(self) -> None:
+        self.proc = _start(self.directory / "mosquitto.conf", self.port)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+def _start(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    # Its log goes to a file: a pipe nobody reads fills up and blocks the broker.
+    log = conf.with_suffix(".log")
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=sink
+        )
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = log.read_text()[-500:]
+            proc.kill()
+            pytest.fail(f"mosquitto did not start: {err[:500]}")
+        time.sleep(0.05)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -136,7 +170,11 @@ def mosquitto(directory: Path, users: list[str], port: int | None = None) -> Ite
         "allow_anonymous false\n"
         f"password_file {pwfile}\n"
         f"acl_file {directory / 'acl'}\n"
-        "persistence false\n"
+        # Persistence: a restarted broker still holds the bridge's session and the QoS 1
+        # messages queued for it (written on a clean shutdown, and every few seconds).
+        "persistence true\n"
+        f"persistence_location {directory}/\n"
+        "autosave_interval 5\n"
         "log_dest stderr\n"
         "log_type error\n"
         "log_type warning\n"
@@ -146,19 +184,9 @@ def mosquitto(directory: Path, users: list[str], port: int | None = None) -> Ite
         f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
         "tls_version tlsv1.2\n"
     )
-    proc = subprocess.Popen(
-        [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    broker = Broker("127.0.0.1", port, ca, passwords, directory)
+    broker.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                pytest.fail(f"mosquitto did not start: {err[:500]}")
-            time.sleep(0.05)
-        yield Broker("127.0.0.1", port, ca, passwords, directory)
+        yield broker
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        broker.stop()

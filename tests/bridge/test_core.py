@@ -84,3 +84,15 @@ def test_nan_policy_falls_back_and_shadow_mode_sends_nothing(
     _, published = live.decide(SLOT + 1, NOW_MS)
     assert len(published) == 7 and live.stats.commands_sent == 7
     assert len(live.tracker.unanswered()) == 7
+
+
+def test_a_stale_reading_is_still_queued_for_the_chain_but_not_used_for_control(
+    site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    core = _core(site, domain, IdlePolicy(site.make_codec()))
+    core.handle("mgv1/site1/DBIRTH/bus1-meter", birth(site, "bus1-meter"), NOW_MS)
+    old = telemetry(site, domain, keys["bus1-meter"], "bus1-meter", slot=SLOT - 4)
+    out = core.handle("mgv1/site1/DDATA/bus1-meter", json.dumps(old).encode(), NOW_MS)
+    assert [w.key for w in out if isinstance(w, ChainWork)] == [f"reading:bus1-meter:{SLOT - 4}"]
+    assert core.validator.rejected == {RejectReason.STALE: 1}
+    assert "bus1-meter" not in core.state.latest  # the old metrics steer nothing

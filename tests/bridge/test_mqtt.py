@@ -13,7 +13,7 @@ from bridge.commands import CommandState
 from bridge.core import BridgeCore, Publish
 from bridge.decision import Source
 from bridge.errors import BridgeError
-from bridge.mqtt import MqttLink, Will
+from bridge.mqtt import MqttLink, Received, Will
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.site_builder import device_key
@@ -148,3 +148,58 @@ def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None
         await bridge.close()
 
     asyncio.run(run())
+
+
+def test_unacknowledged_messages_come_back_after_a_crash_and_while_away(
+    broker: Broker, site: SiteManifest
+) -> None:
+    """The bridge's link: a persistent session with manual acks. What it did not acknowledge
+    (it died before committing) is delivered again, and what was published while it was away
+    is kept for it; what it acknowledged is not delivered twice."""
+    topic_ = topic("site1", MessageType.DDATA, "bus1-meter")
+
+    def bridge_link() -> MqttLink:
+        return MqttLink(
+            broker.url, client_id="site1-persist", username="bridge",
+            password=broker.passwords["bridge"], ca_file=broker.ca_file, session_expiry_s=600,
+        )  # fmt: skip
+
+    async def run() -> None:
+        device = _link(broker, "bus1-meter")
+        await device.connect()
+        first = bridge_link()
+        await first.connect(bridge_subscriptions("site1"))
+        await asyncio.sleep(0.3)  # the SUBACK follows the CONNACK
+        for i in range(4):
+            device.publish(topic_, f"m{i}".encode())
+        got = [await first.receive(5) for _ in range(4)]
+        assert [m.payload for m in got if m is not None] == [b"m0", b"m1", b"m2", b"m3"]
+        for m in got[:2]:
+            assert m is not None
+            first.ack(m)
+        await asyncio.sleep(0.3)  # let the PUBACKs leave before the "crash"
+        first.client.loop_stop()  # a crash: no DISCONNECT, no acks for m2, m3
+        first.client.socket().close()  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)
+        device.publish(topic_, b"m4")  # while the bridge is away
+        await asyncio.sleep(0.3)
+        second = bridge_link()
+        await second.connect(bridge_subscriptions("site1"))
+        again = [m.payload for m in await _messages(second, 2.0)]
+        assert second.session_resumed == 1
+        assert sorted(again) == [b"m2", b"m3", b"m4"], again
+        await second.close()
+        await device.close()
+
+    asyncio.run(run())
+
+
+async def _messages(link: MqttLink, seconds: float) -> list[Received]:
+    out = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        msg = await link.receive(left)
+        if msg is not None:
+            out.append(msg)
+            link.ack(msg)
+    return out

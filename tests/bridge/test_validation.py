@@ -54,7 +54,8 @@ def _reason(out: object) -> RejectReason:
         (lambda m, k, d: m.update(metrics={**m["metrics"], "soc": 2}), RejectReason.MALFORMED, ""),
         (lambda m, k, d: m.update(bd_seq=7), RejectReason.NO_SESSION, "bd_seq"),
         (lambda m, k, d: m.update(seq=0), RejectReason.REPLAYED, "seq"),
-        (lambda m, k, d: m.update(ts=NOW_MS - 121_000), RejectReason.STALE, "ts"),
+        # Stale and without a valid reading: refused whole (the next case has a wrong reading).
+        (lambda m, k, d: m.update(ts=NOW_MS - 121_000, reading=None), RejectReason.STALE, "ts"),
         (lambda m, k, d: m.update(ts=NOW_MS + 6_000), RejectReason.FUTURE, "ts"),
         (lambda m, k, d: m.update(slot=SLOT - 1), RejectReason.STALE, "slot"),
         (lambda m, k, d: m.update(slot=SLOT + 2), RejectReason.FUTURE, "slot"),
@@ -175,3 +176,51 @@ def test_implausible_battery_power_names_the_rating(
     out = _check(validator, "bus1-battery", msg)
     assert _reason(out) is RejectReason.IMPLAUSIBLE
     assert isinstance(out, Rejected) and "<= 5.250 kW" in out.detail
+
+
+def test_stale_telemetry_is_refused_but_its_valid_reading_is_relayed_late(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """A bridge back from an outage gets old DDATA from the broker: too old to act on, but the
+    signed reading must still reach the chain, or the device's later nonces are blocked."""
+    key = keys["bus1-meter"]
+    old = telemetry(site, domain, key, "bus1-meter", slot=SLOT - 3, ts=NOW_MS - 600_000)
+    out = _check(validator, "bus1-meter", old)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.STALE
+    assert out.late is not None and out.late.reading is not None
+    assert out.late.reading.slot == SLOT - 3
+    assert validator.rejected == {RejectReason.STALE: 1} and validator.late_readings == 1
+    assert validator.telemetry_accepted == 0  # not used for control
+    # Its nonce and seq are spent: the same message again is a replay, not a second relay.
+    again = _check(validator, "bus1-meter", old)
+    assert isinstance(again, Rejected) and again.reason is RejectReason.REPLAYED
+    assert again.late is None
+    # A stale message with a forged reading is refused as stale and relays nothing.
+    forged = telemetry(
+        site, domain, key, "bus1-meter", seq=2, nonce=1, slot=SLOT - 2, ts=NOW_MS - 400_000,
+        signer=keys["bus2-meter"],
+    )  # fmt: skip
+    out = _check(validator, "bus1-meter", forged)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.STALE and out.late is None
+    assert validator.last_nonce["bus1-meter"] == 0
+
+
+def test_session_state_survives_a_restart_through_take_dirty_and_restore(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """What a restarted bridge needs to accept the messages the broker delivers again."""
+    key = keys["bus1-meter"]
+    validator.take_dirty()
+    assert isinstance(
+        _check(validator, "bus1-meter", telemetry(site, domain, key, "bus1-meter")), Telemetry
+    )
+    changed = validator.take_dirty()
+    assert set(changed) == {"bus1-meter"} and validator.take_dirty() == {}
+    session, nonce = changed["bus1-meter"]
+    assert session is not None and (session.bd_seq, session.last_seq, nonce) == (1, 1, 0)
+    fresh = TelemetryValidator(site, domain, validator.limits)
+    fresh.restore({"bus1-meter": session}, {"bus1-meter": 0})
+    nxt = telemetry(site, domain, key, "bus1-meter", seq=2, nonce=1)
+    assert isinstance(fresh.on_telemetry("bus1-meter", _b(nxt), NOW_MS), Telemetry)
+    replay = telemetry(site, domain, key, "bus1-meter", seq=2, nonce=1)
+    assert _reason(fresh.on_telemetry("bus1-meter", _b(replay), NOW_MS)) is RejectReason.REPLAYED
