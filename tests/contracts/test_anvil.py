@@ -2,66 +2,22 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from eth_account import Account
 from eth_utils import to_checksum_address
 
-from contracts.client import Chain, Side, deploy_suite
+from contracts.anvil import free_port, local_anvil
+from contracts.client import TX_GAS_CAP, Chain, Side, deploy_suite
 from contracts.errors import ChainError, ContractRevert
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _anvil_binary() -> Path:
-    found = sorted(REPO.glob("node_modules/@foundry-rs/anvil-*/bin/anvil"))
-    if not found:
-        pytest.fail("anvil is missing from node_modules: run `npm ci` (make setup does)")
-    return found[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from contracts.model import SignedOrder
 
 
 @pytest.fixture(scope="module")
 def anvil_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(_anvil_binary()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--quiet",
-            "--enable-tx-gas-limit",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                Chain.rpc(url, timeout=1)
-                break
-            except ChainError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    pytest.fail(f"anvil did not start: {err[:500]}")
-                time.sleep(0.1)
+    with local_anvil(extra_args=["--enable-tx-gas-limit"]) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_trade_round_trip_on_anvil(anvil_url: str) -> None:
@@ -99,7 +55,7 @@ def test_anvil_enforces_the_per_transaction_gas_cap(anvil_url: str) -> None:
 
 def test_unreachable_node_is_a_chain_error() -> None:
     with pytest.raises(ChainError, match="no JSON-RPC node"):
-        Chain.rpc(f"http://127.0.0.1:{_free_port()}", timeout=0.5)
+        Chain.rpc(f"http://127.0.0.1:{free_port()}", timeout=0.5)
 
 
 @pytest.mark.slow
@@ -131,3 +87,38 @@ def test_worst_case_full_slot_fits_one_transaction_on_anvil(anvil_url: str) -> N
     print(f"\nworst-case {max_orders}-order clearing on anvil: {receipt['gasUsed']} gas")
     assert result.volume == max_orders // 2 * wh
     assert receipt["gasUsed"] < 16_777_216
+
+
+def test_the_largest_signed_batch_settles_in_one_transaction_on_anvil(anvil_url: str) -> None:
+    """Property 8 for signed batches, with EIP-7825 enforced: MAX_SIGNED_BATCH orders, each
+    from its own never-traded account (buyers hold exactly their escrow), and a cancellation in
+    the slot so every order's cancellation bits are read: the worst case the contract admits."""
+    chain = Chain.rpc(anvil_url)
+    admin = chain.accounts[0]
+    suite = deploy_suite(chain, admin=admin)
+    orders_max = chain.call(suite.trading, "MAX_SIGNED_BATCH")
+    keys = [(0xB0B0_0000 + i).to_bytes(32, "big") for i in range(orders_max)]
+    owners = [Account.from_key(k).address for k in keys]
+    chain.transact(suite.payment_token, "mint", admin, 10**30, sender=admin)
+    chain.transact(suite.payment_token, "approve", suite.trading.address, 10**30, sender=admin)
+    slot = suite.current_slot() + 3
+    low, high = suite.price_band(slot)
+    wh = 100
+    buyers = owners[0::2]
+    for start in range(0, len(buyers), 100):
+        chunk = buyers[start : start + 100]
+        suite.deposit_for_many(admin, chunk, [wh * high] * len(chunk))
+    suite.cancel_signed_orders(admin, slot, 1 << 255)
+    signed = []
+    for i, (key, owner) in enumerate(zip(keys, owners, strict=True)):
+        side = Side.BUY if i % 2 == 0 else Side.SELL
+        order = SignedOrder(owner, slot, side, wh, high if side == Side.BUY else low)
+        signed.append((order, suite.sign_order(key, order)))
+    signed.sort(key=lambda pair: pair[0].key)
+    chain.travel_to(suite.gate_closes_at(slot))
+    result, receipt = suite.settle_signed_batch(
+        admin, slot, [o for o, _ in signed], [s for _, s in signed], gas=TX_GAS_CAP
+    )
+    print(f"\n{orders_max}-order signed batch on anvil: {receipt['gasUsed']} gas")
+    assert result.volume == orders_max // 2 * wh
+    assert receipt["status"] == 1 and receipt["gasUsed"] < TX_GAS_CAP
