@@ -423,7 +423,7 @@ OBS_ORDER = (
 
 
 @numba.njit(cache=True, nogil=True)
-def _forecast_value(truth, last, mode, scale, eps):
+def forecast_value(truth, last, mode, scale, eps):
     if mode == 2:
         return last
     if mode == 0:
@@ -465,19 +465,17 @@ def _observe_batch(
         off = (noise_offset[i] + step[i] * stride) % NOISE_TABLE_SIZE
         for k in range(n_p):
             for q in range(h):
-                row[starts[7] + k * h + q] = _forecast_value(
+                row[starts[7] + k * h + q] = forecast_value(
                     load_prof[t + q, k], last_load[i, k], mode, lead[q], noise[off + k * h + q]
                 )
-                row[starts[8] + k * h + q] = _forecast_value(
+                row[starts[8] + k * h + q] = forecast_value(
                     pv_prof[t + q, k], last_pv[i, k], mode, lead[q], noise[off + (n_p + k) * h + q]
                 )
         prev = t - 1 if t > 0 else 0
         base = off + 2 * n_p * h
         for q in range(h):
-            bl = _forecast_value(
-                bg_prof[t + q, 0], bg_prof[prev, 0], mode, lead[q], noise[base + q]
-            )
-            bp = _forecast_value(
+            bl = forecast_value(bg_prof[t + q, 0], bg_prof[prev, 0], mode, lead[q], noise[base + q])
+            bp = forecast_value(
                 bg_prof[t + q, 1], bg_prof[prev, 1], mode, lead[q], noise[base + h + q]
             )
             row[starts[9] + q] = bl - bp

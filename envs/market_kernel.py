@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from envs.kernel import forecast_value
+
 BUY = 0
 SELL = 1
 #: Money units per currency unit (a 9-decimal payment token): 0.25 currency/kWh is a price of
@@ -134,15 +136,6 @@ def clear_rows(qty, limit, side, price_out, volume_out, fills):
 
 
 @numba.njit(cache=True, nogil=True)
-def _forecast0(truth, last, mode, scale, eps):
-    if mode == 2:
-        return last
-    if mode == 0:
-        return truth
-    return max(truth * (1.0 + eps * scale), 0.0)
-
-
-@numba.njit(cache=True, nogil=True)
 def gate_rows(
     mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
     slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
@@ -174,8 +167,8 @@ def gate_rows(
         off = (noise_offset[i] + step[i] * stride) % noise_size
         for k in range(n):
             d = dr[i, k]
-            load = _forecast0(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
-            pv = _forecast0(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
+            load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
+            pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
             served = load * (1.0 - d * share) + (1.0 - d) * sc[3] * backlog[i, k] / dt
             # The battery set-point within what SoC allows, as the device model limits it.
             cp = cap[i, k] if cap[i, k] > 1e-12 else 1e-12
