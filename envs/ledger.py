@@ -20,7 +20,8 @@ Settlement rules of one slot (EnergyTrading, GridBalance and RewardSystem, resta
   is paid from credit and held proceeds as far as they go (the rest is recorded unpaid), a
   surplus is paid by the treasury, which must afford it (`LedgerError` otherwise);
 * during a demand-response event each prosumer earns ``dr_incentive`` reward tokens per kWh its
-  demand response removed; energy sold in the market earns the renewable reward.
+  demand response removed (RewardSystem.grantReward); every kWh a prosumer's meter exports
+  earns the renewable reward (RewardSystem.rewardRenewable, from the signed reading).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ gate closure, end and reading window, so every rule about time is exercised. ``e
 in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally). An episode reset
 reverts to the snapshot taken after deployment instead of redeploying.
 
-One grid per ledger: chain state is not batched. Demand-response incentives and renewable
-rewards are computed by the mirror's rule here as well (RewardSystem pays them in its own
-transactions, which this ledger does not send yet).
+After reconciliation RewardSystem grants the renewable reward of every exporting meter
+(``rewardRenewable``, from the signed readings) and, during a demand-response event, each
+participant's incentive (``grantReward``). One grid per ledger: chain state is not batched.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from web3.logs import DISCARD
 
-from contracts.client import Chain, DeviceType, SuiteConfig, deploy_suite
+from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
 from contracts.model import PriceParams, Side, SignedOrder, Trade
 from envs.accounts import meter_key, prosumer_addresses, prosumer_key
 from envs.errors import LedgerError
@@ -33,6 +33,8 @@ from envs.scenario import MarketConfig
 #: The posted reference price is the demand factor: baseRate 1e4 x bps x 1e4 / 1e8 = bps.
 _BASE_RATE = 10_000
 _FLAT_TOD = (10_000,) * 24
+#: Reward tokens put in RewardSystem's budget at deployment (far beyond any simulated year).
+_REWARD_BUDGET = 10**30
 
 
 class ChainLedger:
@@ -48,9 +50,12 @@ class ChainLedger:
         self.chain = chain
         self._now = chain.timestamp()
         self._params = self._price_params(1)
+        self._rates = (per_wh(config.dr_incentive_per_kwh), per_wh(config.renewable_reward_per_kwh))
         self.suite = deploy_suite(
             chain,
-            config=SuiteConfig(fee_bps=config.fee_bps, price=self._params),
+            config=SuiteConfig(
+                fee_bps=config.fee_bps, price=self._params, renewable_rate_per_wh=self._rates[1]
+            ),
         )
         suite = self.suite
         self.admin = suite.admin
@@ -75,7 +80,7 @@ class ChainLedger:
             ]
         )
         self._first_slot = suite.current_slot() + 2
-        self._rates = (per_wh(config.dr_incentive_per_kwh), per_wh(config.renewable_reward_per_kwh))
+        suite.fund_rewards(_REWARD_BUDGET)
         self._snapshot = chain.snapshot()
         self._start()
 
@@ -103,6 +108,28 @@ class ChainLedger:
         self._nonces = [0] * self.n
         self._credit = np.array([self._read_credits()], dtype=np.int64)
         self.treasury = np.array([self.suite.credit_of(self.admin)], dtype=np.int64)
+
+    def _reward(self, c: int, slot: SlotInput, count: Any) -> IntArray:
+        """Grant the slot's rewards on RewardSystem; returns what each prosumer gained."""
+        suite, admin = self.suite, self.admin
+        before = self._claimable()
+        exporters = [_address(self._meters[k]) for k in range(self.n) if slot.metered_wh[0, k] < 0]
+        if exporters:  # anyone may call it: the amounts follow from the signed readings
+            count(self.chain.transact(suite.rewards, "rewardRenewable", c, exporters, sender=admin))
+        if slot.dr_event[0]:
+            for k in np.flatnonzero(slot.dr_reduction_wh[0] > 0):
+                amount = int(slot.dr_reduction_wh[0, k]) * self._rates[0]
+                count(
+                    self.chain.transact(
+                        suite.rewards, "grantReward", self.addresses[k], amount,
+                        int(RewardKind.DEMAND_RESPONSE), sender=admin,
+                    )
+                )  # fmt: skip
+        return np.array(self._claimable(), dtype=np.int64) - np.array(before, dtype=np.int64)
+
+    def _claimable(self) -> list[int]:
+        rows = [(a,) for a in self.addresses]
+        return [int(v) for v in self.chain.call_many(self.suite.rewards, "claimable", rows)]
 
     def _read_credits(self) -> list[int]:
         suite = self.suite
@@ -186,11 +213,7 @@ class ChainLedger:
         self._credit[0] = after
         self.treasury[0] = suite.credit_of(admin)
         bought = np.where(book.side[0] == BUY, fills, -fills)
-        dr_rate, renewable_rate = self._rates
-        sold = np.where(book.side[0] == BUY, 0, fills)
-        rewards = sold * renewable_rate + (
-            slot.dr_reduction_wh[0] * dr_rate if slot.dr_event[0] else 0
-        )
+        rewards = self._reward(c, slot, count)
         one = np.ones(1, dtype=np.int64)
         return Settlement(
             price=one * result.price,
@@ -201,7 +224,7 @@ class ChainLedger:
             imbalance_wh=(slot.metered_wh[0] - bought)[None, :],
             unpaid=unpaid[None, :],
             refused=one * refused,
-            rewards=np.asarray(rewards, dtype=np.int64)[None, :],
+            rewards=rewards[None, :],
             gas_used=one * gas,
             transactions=one * txs,
         )

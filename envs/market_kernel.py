@@ -195,7 +195,8 @@ def settle_rows(
 ):  # fmt: skip
     """Mirror settlement of every row (see envs.ledger); `credit` and `treasury` change in place.
 
-    rates: fee_bps, imbalance_penalty_bps, dr rate and renewable rate (units per Wh). `order`
+    rates: fee_bps, imbalance_penalty_bps, DR rate and renewable rate (reward units per Wh, on
+    reduced and on metered exported energy, as RewardSystem grants them). `order`
     is the batch order (prosumers sorted by account address), which decides pro-rata rounding.
     Returns the index of the first row whose treasury could not pay the surpluses, or -1.
     """
@@ -264,7 +265,7 @@ def settle_rows(
             charged += collected
             paid += payout
             cash[i, k] = credit[i, k] - cash[i, k]
-            r = fills[i, k] * rates[3] if side[i, k] == SELL else 0
+            r = -metered[i, k] * rates[3] if metered[i, k] < 0 else 0
             if dr_event[i]:
                 r += reduction[i, k] * rates[2]
             rewards[i, k] = r

@@ -208,7 +208,7 @@ class MarketConfig(_Strict):
     dr_incentive_per_kwh: NonNegative = 0.10
     """RewardSystem tokens per kWh a prosumer's demand response removes during an event."""
     renewable_reward_per_kwh: NonNegative = 0.02
-    """RewardSystem tokens per kWh of PV a prosumer sells in the market."""
+    """RewardSystem tokens per kWh a prosumer's meter exports (from its signed reading)."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> MarketConfig:
