@@ -73,14 +73,16 @@ class ChainLedger:
             suite.deposit(self.admin, treasury)
         if initial:
             suite.deposit_for_many(self.admin, list(self.addresses), [initial] * n)
+        self._devices = [_address(key) for key in self._meters]
         suite.register_devices(
             [
-                (_address(self._meters[k]), owner, DeviceType.METER, meter_capacity_w[k])
+                (self._devices[k], owner, DeviceType.METER, meter_capacity_w[k])
                 for k, owner in enumerate(self.addresses)
             ]
         )
         self._first_slot = suite.current_slot() + 2
         suite.fund_rewards(_REWARD_BUDGET)
+        self._window = int(chain.call(suite.registry, "readingWindow"))
         self._snapshot = chain.snapshot()
         self._start()
 
@@ -110,26 +112,38 @@ class ChainLedger:
         self.treasury = np.array([self.suite.credit_of(self.admin)], dtype=np.int64)
 
     def _reward(self, c: int, slot: SlotInput, count: Any) -> IntArray:
-        """Grant the slot's rewards on RewardSystem; returns what each prosumer gained."""
+        """Grant the slot's rewards on RewardSystem; returns each prosumer's grants (events)."""
         suite, admin = self.suite, self.admin
-        before = self._claimable()
-        exporters = [_address(self._meters[k]) for k in range(self.n) if slot.metered_wh[0, k] < 0]
+        receipts = []
+        exporters = [self._devices[k] for k in range(self.n) if slot.metered_wh[0, k] < 0]
         if exporters:  # anyone may call it: the amounts follow from the signed readings
-            count(self.chain.transact(suite.rewards, "rewardRenewable", c, exporters, sender=admin))
+            receipts.append(
+                self.chain.transact(suite.rewards, "rewardRenewable", c, exporters, sender=admin)
+            )
         if slot.dr_event[0]:
             for k in np.flatnonzero(slot.dr_reduction_wh[0] > 0):
                 amount = int(slot.dr_reduction_wh[0, k]) * self._rates[0]
-                count(
+                receipts.append(
                     self.chain.transact(
                         suite.rewards, "grantReward", self.addresses[k], amount,
                         int(RewardKind.DEMAND_RESPONSE), sender=admin,
                     )
                 )  # fmt: skip
-        return np.array(self._claimable(), dtype=np.int64) - np.array(before, dtype=np.int64)
+        granted = np.zeros(self.n, dtype=np.int64)
+        for receipt in receipts:
+            count(receipt)
+            for event in suite.rewards.events.RewardGranted().process_receipt(
+                receipt, errors=DISCARD
+            ):
+                granted[self.addresses.index(event["args"]["account"])] += int(
+                    event["args"]["amount"]
+                )
+        return granted
 
-    def _claimable(self) -> list[int]:
-        rows = [(a,) for a in self.addresses]
-        return [int(v) for v in self.chain.call_many(self.suite.rewards, "claimable", rows)]
+    def on_chain(self) -> tuple[IntArray, int]:
+        """(credits, treasury) read from the contract: what the tracked figures must equal."""
+        credits = np.array([self._read_credits()], dtype=np.int64)
+        return credits, int(self.suite.credit_of(self.admin))
 
     def _read_credits(self) -> list[int]:
         suite = self.suite
@@ -197,22 +211,27 @@ class ChainLedger:
         ]
         count(suite.submit_readings(readings, sender=admin))
         self._nonces = [x + 1 for x in self._nonces]
-        self._advance(suite.slot_start(c + 1) + suite_window(suite))
+        self._advance(suite.slot_start(c + 1) + self._window)
         trades = [
             Trade(o.owner, o.side, f) for o, f in zip(orders, result.fills.tolist(), strict=True)
         ]
+        # Credits move by what the events say: buyers pay fill x price at settlement (the price
+        # the contract verified), reconciliation reports every account's net change.
+        bought = np.where(book.side[0] == BUY, fills, -fills)
+        cash = -np.where(book.side[0] == BUY, fills, 0) * result.price
         unpaid = np.zeros(self.n, dtype=np.int64)
-        reconciled = suite.trading.events.AccountReconciled()
+        treasury = fee
+        trading = suite.trading.events
         for receipt in suite.reconcile_slot(admin, c, trades, members=list(self.addresses)):
             count(receipt)
-            for event in reconciled.process_receipt(receipt, errors=DISCARD):
+            for event in trading.AccountReconciled().process_receipt(receipt, errors=DISCARD):
                 owner = self.addresses.index(event["args"]["account"])
+                cash[owner] += int(event["args"]["credited"])
                 unpaid[owner] = int(event["args"]["unpaid"])
-        after = np.array(self._read_credits(), dtype=np.int64)
-        cash = after - credit
-        self._credit[0] = after
-        self.treasury[0] = suite.credit_of(admin)
-        bought = np.where(book.side[0] == BUY, fills, -fills)
+            for event in trading.SlotReconciled().process_receipt(receipt, errors=DISCARD):
+                treasury += int(event["args"]["charged"]) - int(event["args"]["paid"])
+        self._credit[0] += cash
+        self.treasury[0] += treasury
         rewards = self._reward(c, slot, count)
         one = np.ones(1, dtype=np.int64)
         return Settlement(
@@ -228,11 +247,6 @@ class ChainLedger:
             gas_used=one * gas,
             transactions=one * txs,
         )
-
-
-def suite_window(suite: Any) -> int:
-    """Seconds after a slot's end until its readings are final (DeviceRegistry's window)."""
-    return int(suite.chain.call(suite.registry, "readingWindow"))
 
 
 def _address(key: bytes) -> str:

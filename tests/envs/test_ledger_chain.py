@@ -58,6 +58,10 @@ def _run_pair(
             assert np.array_equal(*credits), f"credits differ first at {where}"
             treasury = chain.exchange.ledger.treasury, mirror.exchange.ledger.treasury
             assert np.array_equal(*treasury), f"treasury differs first at {where}"
+        # The chain ledger tracks credits from events; the contract's own state must agree.
+        on_chain, treasury_on_chain = chain.exchange.ledger.on_chain()
+        assert np.array_equal(on_chain, mirror.exchange.ledger.credits()), f"episode {episode}"
+        assert treasury_on_chain == mirror.exchange.ledger.treasury[0]
 
 
 markets = st.fixed_dictionaries(
