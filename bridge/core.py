@@ -116,11 +116,11 @@ class BridgeCore:
         if t.message_type is MessageType.DDATA:
             out = v.on_telemetry(t.entity, payload, now_ms)
             if isinstance(out, Rejected):
+                # Too old or out of session to act on, but a valid reading is owed to the chain.
+                relay = [] if out.relay is None else self._reading_work(out.relay)
                 if out.reason is RejectReason.NO_SESSION and self.site.device(t.entity):
-                    return [self._rebirth(t.entity, now_ms)]
-                if out.late is not None:  # too old to act on, still owed to the chain
-                    return self._reading_work(out.late)
-                return []
+                    return [self._rebirth(t.entity, now_ms), *relay]
+                return relay
             self.state.update(out)
             return self._reading_work(out)
         if t.message_type is MessageType.DBIRTH:

@@ -6,8 +6,9 @@ recovery) last; session state (last `seq`, last reading nonce) only moves once a
 passed every check, so a forged message cannot advance it and lock the real device out.
 
 Staleness is a rule for *control*, not for *settlement*: telemetry too old to act on is refused
-(counted `stale`), but a signed reading inside it that passes every other check is still handed
-back (`Rejected.late`) for the chain, whose own reading window is the judge. Otherwise a bridge
+(counted `stale`), and so is telemetry outside a live session (`no_session`), but a signed
+reading inside either that passes every check of its own is still handed back (`Rejected.relay`)
+for the chain, whose own reading window is the judge. Otherwise a bridge
 that was down for a few slots would drop the readings the broker kept for it, and since the
 registry takes each device's nonces in order, one lost reading would block all later ones.
 
@@ -68,8 +69,9 @@ class Rejected:
 
     reason: RejectReason
     detail: str
-    late: Telemetry | None = None
-    """A stale DDATA whose signed reading passed every check: relay the reading, not the data."""
+    relay: Telemetry | None = None
+    """A DDATA refused as stale or out of session whose signed reading passed every check of
+    its own: relay the reading to the chain, do not act on the data."""
 
 
 @dataclass
@@ -116,8 +118,8 @@ class TelemetryValidator:
         """Called with every refusal's reason and detail: the shell logs them."""
         self.dirty: set[str] = set()
         """Devices whose session or nonce changed since `take_dirty` (for the shell to persist)."""
-        self.late_readings = 0
-        """Readings relayed from telemetry refused as stale."""
+        self.relayed_readings = 0
+        """Readings relayed from telemetry refused as stale or out of session."""
 
     def take_dirty(self) -> dict[str, tuple[Session | None, int | None]]:
         """The changed entries since the last call, to persist with the readings they carried."""
@@ -151,20 +153,37 @@ class TelemetryValidator:
             )
         return device
 
-    def _sequence(self, device: str, bd_seq: int, seq: int) -> Session | Rejected:
+    def _sequence(
+        self, device: str, bd_seq: int, seq: int, count: bool = True
+    ) -> Session | Rejected:
+        """The live session this message belongs to; `count` False leaves counting to the caller."""
         session = self.sessions.get(device)
+        refuse = self._refuse if count else Rejected
         if session is None or session.bd_seq != bd_seq or not session.alive:
             held = None if session is None else session.bd_seq
-            return self._refuse(
+            return refuse(
                 RejectReason.NO_SESSION,
                 f"bd_seq: expected the session of the last DBIRTH ({held}), got {bd_seq}",
             )
         if seq <= session.last_seq:
-            return self._refuse(
+            return refuse(
                 RejectReason.REPLAYED,
                 f"seq: expected > {session.last_seq} in session {bd_seq}, got {seq}",
             )
         return session
+
+    def _out_of_session(self, msg: Telemetry, device: SiteDevice, refusal: Rejected) -> Rejected:
+        """Telemetry outside a live session (its will fired in a broker restart, or its birth
+        went astray) steers nothing, but a reading in it that passes every check of its own
+        (plausible, fresh nonce, the device's signature) is still relayed: the nonce, not the
+        session, is what guards a reading against replay."""
+        refused = self._refuse(refusal.reason, refusal.detail)
+        if msg.reading is None or self._reading_refusal(msg, device) is not None:
+            return refused
+        self.last_nonce[msg.device] = msg.reading.nonce
+        self.dirty.add(msg.device)
+        self.relayed_readings += 1
+        return Rejected(refused.reason, refused.detail, relay=msg)
 
     def _clock(self, ts: int, now_ms: int) -> Rejected | None:
         age_s = (now_ms - ts) / 1000.0
@@ -246,9 +265,11 @@ class TelemetryValidator:
                 RejectReason.WRONG_KIND,
                 f"metrics.kind: expected {device.kind.value!r}, got {msg.metrics.kind!r}",
             )
-        session = self._sequence(msg.device, msg.bd_seq, msg.seq)
+        session = self._sequence(msg.device, msg.bd_seq, msg.seq, count=False)
         if isinstance(session, Rejected):
-            return session
+            if session.reason is RejectReason.NO_SESSION:
+                return self._out_of_session(msg, device, session)
+            return self._refuse(session.reason, session.detail)
         stale = self._timing(msg, now_ms)
         if stale is not None and stale[0] is RejectReason.FUTURE:
             return self._refuse(*stale)
@@ -268,8 +289,8 @@ class TelemetryValidator:
         self.dirty.add(msg.device)
         if stale is not None:
             refused = self._refuse(*stale)
-            self.late_readings += 1
-            return Rejected(refused.reason, refused.detail, late=msg)
+            self.relayed_readings += 1
+            return Rejected(refused.reason, refused.detail, relay=msg)
         self.accepted += 1
         self.telemetry_accepted += 1
         return msg

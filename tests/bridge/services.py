@@ -19,6 +19,9 @@ from contracts.errors import ChainError
 
 REPO = Path(__file__).resolve().parents[2]
 
+#: The running anvil behind each URL `anvil()` yielded: the fault tests pause and resume it.
+ANVIL_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}
+
 #: anvil's well-known development keys (mnemonic "test test ... junk"), accounts 0 and 1.
 ANVIL_KEYS = (
     bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"),
@@ -60,7 +63,9 @@ def anvil(port: int | None = None) -> Iterator[str]:
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     pytest.fail(f"anvil did not start: {err[:500]}")
                 time.sleep(0.1)
+        ANVIL_PROCESSES[url] = proc
         yield url
     finally:
+        ANVIL_PROCESSES.pop(url, None)
         proc.terminate()
         proc.wait(timeout=10)

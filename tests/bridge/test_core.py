@@ -66,6 +66,11 @@ def test_telemetry_without_a_session_asks_for_a_rebirth(
     )
     assert isinstance(decode(Command, out[0].payload).action, Rebirth)
     assert core.validator.rejected == {RejectReason.NO_SESSION: 1}
+    # A meter out of session: rebirth asked, and its validly signed reading still relayed.
+    msg = telemetry(site, domain, keys["bus1-meter"], "bus1-meter")
+    out = core.handle("mgv1/site1/DDATA/bus1-meter", json.dumps(msg).encode(), NOW_MS)
+    assert isinstance(out[0], Publish) and isinstance(out[1], ChainWork)
+    assert out[1].key == f"reading:bus1-meter:{SLOT}" and core.validator.relayed_readings == 1
     assert core.handle("not/a/topic", b"", NOW_MS) == []
     assert core.validator.rejected[RejectReason.MALFORMED] == 1
 

@@ -110,10 +110,11 @@ def mutated(device: str, choice: int, value: Any) -> None:
             assert out.reading is not None  # a meter's reading is never optional
         if out.reading is not None:  # other kinds may drop theirs, never alter it
             assert json.loads(out.reading.model_dump_json()) == original["reading"]
-    elif out.late is not None:
-        # Too old to act on but validly signed: only the untouched reading may go to the chain.
-        assert out.reason.value == "stale" and out.late.reading is not None
-        assert json.loads(out.late.reading.model_dump_json()) == original["reading"]
+    elif out.relay is not None:
+        # Too old or out of session to act on, validly signed: only the untouched reading
+        # may go to the chain.
+        assert out.reason.value in ("stale", "no_session") and out.relay.reading is not None
+        assert json.loads(out.relay.reading.model_dump_json()) == original["reading"]
     else:
         good = telemetry(SITE, DOMAIN, KEYS[device], device)
         assert isinstance(v.on_telemetry(device, json.dumps(good).encode(), NOW_MS), Telemetry)

@@ -52,7 +52,8 @@ def _reason(out: object) -> RejectReason:
     [
         (lambda m, k, d: m.update(device="bus2-meter"), RejectReason.TOPIC_MISMATCH, "device"),
         (lambda m, k, d: m.update(metrics={**m["metrics"], "soc": 2}), RejectReason.MALFORMED, ""),
-        (lambda m, k, d: m.update(bd_seq=7), RejectReason.NO_SESSION, "bd_seq"),
+        # Out of session and without a reading (one with a valid reading is relayed: below).
+        (lambda m, k, d: m.update(bd_seq=7, reading=None), RejectReason.NO_SESSION, "bd_seq"),
         (lambda m, k, d: m.update(seq=0), RejectReason.REPLAYED, "seq"),
         # Stale and without a valid reading: refused whole (the next case has a wrong reading).
         (lambda m, k, d: m.update(ts=NOW_MS - 121_000, reading=None), RejectReason.STALE, "ts"),
@@ -146,11 +147,13 @@ def test_sessions_births_and_deaths(
     death = json.dumps({"device": "bus1-battery", "bd_seq": 1, "ts": NOW_MS}).encode()
     assert validator.on_death("bus1-battery", death) is not None
     msg = telemetry(site, domain, key, "bus1-battery")
-    assert _reason(_check(validator, "bus1-battery", msg)) is RejectReason.NO_SESSION
+    out = _check(validator, "bus1-battery", msg)
+    assert _reason(out) is RejectReason.NO_SESSION
+    assert isinstance(out, Rejected) and out.relay is not None  # its valid reading still counts
     assert not isinstance(
         validator.on_birth("bus1-battery", birth(site, "bus1-battery", 2), NOW_MS), Rejected
     )
-    msg = telemetry(site, domain, key, "bus1-battery", bd_seq=2, seq=3)
+    msg = telemetry(site, domain, key, "bus1-battery", bd_seq=2, seq=3, nonce=1)
     assert isinstance(_check(validator, "bus1-battery", msg), Telemetry)
     assert validator.sessions["bus1-battery"].missed == 2
 
@@ -187,21 +190,21 @@ def test_stale_telemetry_is_refused_but_its_valid_reading_is_relayed_late(
     old = telemetry(site, domain, key, "bus1-meter", slot=SLOT - 3, ts=NOW_MS - 600_000)
     out = _check(validator, "bus1-meter", old)
     assert isinstance(out, Rejected) and out.reason is RejectReason.STALE
-    assert out.late is not None and out.late.reading is not None
-    assert out.late.reading.slot == SLOT - 3
-    assert validator.rejected == {RejectReason.STALE: 1} and validator.late_readings == 1
+    assert out.relay is not None and out.relay.reading is not None
+    assert out.relay.reading.slot == SLOT - 3
+    assert validator.rejected == {RejectReason.STALE: 1} and validator.relayed_readings == 1
     assert validator.telemetry_accepted == 0  # not used for control
     # Its nonce and seq are spent: the same message again is a replay, not a second relay.
     again = _check(validator, "bus1-meter", old)
     assert isinstance(again, Rejected) and again.reason is RejectReason.REPLAYED
-    assert again.late is None
+    assert again.relay is None
     # A stale message with a forged reading is refused as stale and relays nothing.
     forged = telemetry(
         site, domain, key, "bus1-meter", seq=2, nonce=1, slot=SLOT - 2, ts=NOW_MS - 400_000,
         signer=keys["bus2-meter"],
     )  # fmt: skip
     out = _check(validator, "bus1-meter", forged)
-    assert isinstance(out, Rejected) and out.reason is RejectReason.STALE and out.late is None
+    assert isinstance(out, Rejected) and out.reason is RejectReason.STALE and out.relay is None
     assert validator.last_nonce["bus1-meter"] == 0
 
 
