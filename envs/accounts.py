@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from eth_account import Account
 from eth_utils import keccak
 
 from envs.params import IntArray
@@ -29,6 +28,9 @@ def meter_key(index: int) -> bytes:
 
 @functools.cache
 def prosumer_addresses(n: int) -> tuple[str, ...]:
+    """The prosumers' account addresses (eth_account loads only when an env needs them)."""
+    from eth_account import Account
+
     return tuple(Account.from_key(prosumer_key(k)).address for k in range(n))
 
 
