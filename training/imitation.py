@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecNormalize
@@ -260,7 +261,7 @@ def pretrain(
 
 
 def warm_up_critic(
-    model: OnPolicyAlgorithm, steps: int, learning_rate: float, callback: Any = None
+    model: BaseAlgorithm, steps: int, learning_rate: float, callback: Any = None
 ) -> None:
     """Run `steps` of the RL algorithm with the actor frozen, so only the critic learns.
 

@@ -22,6 +22,7 @@ from rich.progress import Progress
 from stable_baselines3 import PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
 
 from agents.frozen import OnnxPolicy
@@ -115,7 +116,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         hooks: list[BaseCallback] = [
             EpisodeMetricsCallback(),
             validation,
-            _ProgressCallback(progress, config.timesteps),
+            _ProgressCallback(progress, config.timesteps + _warmup_steps(config)),
         ]
         if config.checkpoint_every_steps:
             # SB3 counts calls (one per vector step), the config counts environment steps.
@@ -129,10 +130,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         if config.pretrain is not None:
             _pretrain(model, norm, config, validation)
         if config.timesteps > 0:
-            if config.pretrain is not None and config.pretrain.critic_warmup_steps:
+            if config.pretrain is not None and _warmup_steps(config):
                 warm_up_critic(
-                    model,  # type: ignore[arg-type]
-                    config.pretrain.critic_warmup_steps,
+                    model,
+                    _warmup_steps(config),
                     config.pretrain.critic_warmup_learning_rate,
                     EpisodeMetricsCallback(),
                 )
@@ -201,6 +202,13 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
     )
 
 
+def _warmup_steps(config: TrainConfig) -> int:
+    """Critic warm-up steps that run before RL (only after imitation, only if RL follows)."""
+    if config.pretrain is None or config.timesteps == 0:
+        return 0
+    return config.pretrain.critic_warmup_steps
+
+
 def _pretrain(
     model: BaseAlgorithm, norm: VecNormalize, config: TrainConfig, validation: ValidationCallback
 ) -> None:
@@ -209,8 +217,6 @@ def _pretrain(
     Validating the imitated policy before RL starts makes it the best policy so far, so a
     fine-tuning run that only makes it worse still exports the imitated one.
     """
-    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-
     assert config.pretrain is not None and isinstance(model, OnPolicyAlgorithm)
 
     def validate(predict: Predict) -> float:
