@@ -62,7 +62,9 @@ def test_worst_case_clearing_is_linear_and_fits_the_cap(world: World) -> None:
         f"{MAX_ORDERS} orders ~ {predicted_max:.0f}"
     )
     assert 0 < base < 200_000  # tx, calldata, result, event and treasury credit
-    assert per_order < 32_000  # a cold zero-to-non-zero credit write dominates (22,100)
+    # a cold zero-to-non-zero credit write dominates (22,100); ~550 more per order since the
+    # clearing stores a commitment to its trade list for metering reconciliation
+    assert per_order < 33_000
     # py-evm's prices run ~6 % below anvil's latest fork on this path: keep a margin for it.
     assert predicted_max < 0.95 * TX_GAS_CAP
 
