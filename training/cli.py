@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from training.bench_bridge import bench_bridge_cmd
 from training.bridge_cli import bridge_app, devices_app
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.add_typer(chain_app, name="chain")
 app.add_typer(scenario_app, name="scenario")
 app.add_typer(devices_app, name="devices")
 app.add_typer(bridge_app, name="bridge")
+bench_app.command("bridge")(bench_bridge_cmd)
 console = Console()
 
 ScenarioOpt = Annotated[
