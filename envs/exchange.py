@@ -39,21 +39,6 @@ class GateClosure:
     dr_reduction_wh: IntArray
 
 
-#: Per-step market figures in `info` (floats; energies kWh, money in currency).
-MARKET_INFO: tuple[str, ...] = (
-    "market_price",
-    "market_traded_kwh",
-    "market_fees",
-    "market_imbalance_kwh",
-    "market_refused_orders",
-    "market_rewards",
-    "market_gas_used",
-    "market_transactions",
-    "dr_event",
-    "emergency",
-)
-
-
 class Exchange:
     """One scenario's market for a batch of `batch` grids."""
 

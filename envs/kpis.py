@@ -26,6 +26,21 @@ SUMMED: tuple[str, ...] = tuple(
 )
 
 
+#: Per-step market figures in `info` (floats; energies kWh, money in currency).
+MARKET_INFO: tuple[str, ...] = (
+    "market_price",
+    "market_traded_kwh",
+    "market_fees",
+    "market_imbalance_kwh",
+    "market_refused_orders",
+    "market_rewards",
+    "market_gas_used",
+    "market_transactions",
+    "dr_event",
+    "emergency",
+)
+
+
 @dataclass
 class EpisodeKpis:
     """Running sums for a batch of episodes; `reset_rows` starts selected rows afresh."""
@@ -65,6 +80,40 @@ class EpisodeKpis:
             float(np.clip(1.0 - out["import_kwh"] / load, 0.0, 1.0)) if load > 0 else 1.0
         )
         out["violations"] = out["voltage_violations"] + out["thermal_violations"]
+        return out
+
+
+@dataclass
+class MarketKpis:
+    """Running market totals for a batch of episodes (`info`'s `market_*` columns, summed).
+
+    The episode's mean clearing price is volume-weighted: a slot that traded nothing says
+    nothing about the price.
+    """
+
+    batch: int
+    sums: FloatArray = field(default_factory=lambda: np.zeros(0))
+    priced: FloatArray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        self.sums = np.zeros((self.batch, len(MARKET_INFO)))
+        self.priced = np.zeros(self.batch)
+
+    def add(self, columns: dict[str, FloatArray]) -> None:
+        for j, key in enumerate(MARKET_INFO):
+            self.sums[:, j] += columns[key]
+        self.priced += columns["market_price"] * columns["market_traded_kwh"]
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        self.sums[rows] = 0.0
+        self.priced[rows] = 0.0
+
+    def row(self, i: int) -> dict[str, float]:
+        out = {k: float(self.sums[i, j]) for j, k in enumerate(MARKET_INFO) if k != "market_price"}
+        traded = out["market_traded_kwh"]
+        out["market_mean_price"] = float(self.priced[i] / traded) if traded > 0 else 0.0
+        out["dr_event_slots"] = out.pop("dr_event")
+        out["emergency_slots"] = out.pop("emergency")
         return out
 
 

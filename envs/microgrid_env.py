@@ -11,8 +11,8 @@ from gymnasium import spaces
 
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
-from envs.exchange import Exchange, market_info
-from envs.kpis import STEP_INFO, EpisodeKpis
+from envs.exchange import Exchange, market_columns
+from envs.kpis import STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
 
 
@@ -140,6 +140,7 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(1)
+        self._market_kpis = MarketKpis(1)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -151,6 +152,7 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
             np.array([day]), None if soc is None else soc[None, :], np.array([offset])
         )
         self._kpis = EpisodeKpis(1)
+        self._market_kpis = MarketKpis(1)
         if self.exchange is not None:
             self.exchange.reset(np.array([0]))
         return self.engine.observe(self._state)[0], {"day": day, "split": self.split}
@@ -175,10 +177,14 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
             self.params.batteries.capacity_kwh, 1e-12
         )
         if gate is not None and self.exchange is not None:
-            info.update(market_info(self.exchange.close(gate, self._state), gate, 0))
+            columns = market_columns(self.exchange.close(gate, self._state), gate)
+            self._market_kpis.add(columns)
+            info.update({k: float(v[0]) for k, v in columns.items()})
         truncated = bool(out.truncated[0])
         if truncated:
             info["episode_kpis"] = self._kpis.row(0)
+            if self.exchange is not None:
+                info["episode_kpis"].update(self._market_kpis.row(0))
         return obs, float(out.reward[0]), False, truncated, info
 
     @property

@@ -25,7 +25,7 @@ from gymnasium.vector.utils import batch_space
 from envs.dynamics import GridState, Solver, with_rows
 from envs.engine import Engine
 from envs.exchange import Exchange, market_columns
-from envs.kpis import STEP_INFO, EpisodeKpis
+from envs.kpis import STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
 
 
@@ -63,6 +63,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         )
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(num_envs)
+        self._market_kpis = MarketKpis(num_envs)
 
     def reset(
         self,
@@ -80,6 +81,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         rows = np.arange(self.num_envs)
         self._state = self._fresh(rows, day, soc)
         self._kpis = EpisodeKpis(self.num_envs)
+        self._market_kpis = MarketKpis(self.num_envs)
         if self.exchange is not None:
             self.exchange.reset(rows)
         days = (self._state.slot // self.params.steps_per_day).copy()
@@ -112,7 +114,9 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         infos["action_clipped"] = decoded.clipped
         infos["_action_clipped"] = every
         if gate is not None and self.exchange is not None:
-            for key, column in market_columns(self.exchange.close(gate, self._state), gate).items():
+            columns = market_columns(self.exchange.close(gate, self._state), gate)
+            self._market_kpis.add(columns)
+            for key, column in columns.items():
                 infos[key] = column
                 infos[f"_{key}"] = every
         truncated = out.truncated.copy()
@@ -123,8 +127,11 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
             final_info = np.full(self.num_envs, None, dtype=object)
             for i in done_rows:
                 final_obs[i] = obs[i].copy()
+                kpis = self._kpis.row(int(i))
+                if self.exchange is not None:
+                    kpis.update(self._market_kpis.row(int(i)))
                 final_info[i] = {
-                    "episode_kpis": self._kpis.row(int(i)),
+                    "episode_kpis": kpis,
                     "truncation_reason": (
                         "power_flow_diverged" if out.diverged[i] else "end_of_episode"
                     ),
@@ -136,6 +143,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
             fresh = self._fresh(done_rows, None, None)
             self._state = with_rows(self._state, done_rows, fresh)
             self._kpis.reset_rows(done_rows)
+            self._market_kpis.reset_rows(done_rows)
             if self.exchange is not None:
                 self.exchange.reset(done_rows)
             obs[done_rows] = self.engine.observe(fresh)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from contracts.anvil import local_anvil
 from envs import MicrogridEnv, Scenario
 from envs.errors import ScenarioError
-from envs.exchange import MARKET_INFO
+from envs.kpis import MARKET_INFO
 from envs.vector_env import MicrogridVectorEnv
 
 #: Figures only a chain has.

@@ -220,6 +220,21 @@ def test_demand_response_earns_rewards_only_during_events() -> None:
     assert calm_info["dr_event"] == 0.0 and calm_info["market_rewards"] == 0.0
 
 
+def test_episode_kpis_total_the_market() -> None:
+    env = MicrogridEnv()
+    env.reset(seed=2)
+    traded = fees = 0.0
+    truncated = False
+    while not truncated:
+        _, _, _, truncated, info = env.step(env.action_space.sample())
+        traded += info["market_traded_kwh"]
+        fees += info["market_fees"]
+    kpis = info["episode_kpis"]
+    assert kpis["market_traded_kwh"] == pytest.approx(traded)
+    assert kpis["market_fees"] == pytest.approx(fees)
+    assert kpis["market_traded_kwh"] > 0 and kpis["market_mean_price"] > 0
+
+
 def test_market_can_be_switched_off() -> None:
     env = MicrogridEnv(Scenario(market={"enabled": False}))
     env.reset(seed=0)

@@ -7,7 +7,7 @@ import torch
 from stable_baselines3 import PPO
 
 from envs import MicrogridEnv
-from envs.exchange import MARKET_INFO
+from envs.kpis import MARKET_INFO
 from envs.sb3_vec_env import SB3VecEnv
 from envs.vector_env import MicrogridVectorEnv
 
