@@ -1,8 +1,8 @@
 """`microgrid bench bridge`: the bridge's ingest rate and decision latency beside issue 6's targets.
 
-The measurement itself is `bridge.bench` (sans-I/O, reusable); this is the command's shell: a
-progress bar on stderr, then a table for people or one JSON object for scripts (keys in
-docs/iot.md, Benchmark). Figures are printed, never asserted.
+The measurements are `bridge.bench` (in process) and `bridge.bench_mqtt` (through mosquitto);
+this is the command's shell: a progress bar on stderr, then a table for people or one JSON
+object for scripts (keys in docs/iot.md, Benchmark). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -59,14 +59,23 @@ def bench_bridge_cmd(
         int | None,
         typer.Option(min=1, help="Slots to run (default: ~20,000 messages, 10 to 200 slots)."),
     ] = None,
+    mqtt: Annotated[
+        bool,
+        typer.Option(
+            "--mqtt",
+            help="End to end: a mosquitto started here, a load generator in its own process.",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
 ) -> None:
     """Telemetry ingest (msg/s) through the full validation path, and decision latency from a
     slot's last telemetry to its encoded commands, in process through the bridge's sans-I/O core
-    with pre-signed payloads (no broker: see docs/iot.md, Benchmark)."""
+    with pre-signed payloads (no broker), or with --mqtt end to end through a local mosquitto
+    (docs/iot.md, Benchmark, says what each includes)."""
     from bridge.bench import BenchConfig, bench_bridge, steps
+    from bridge.bench_mqtt import bench_bridge_mqtt
     from bridge.errors import BridgeError
 
     config = BenchConfig(devices=devices, slots=slots)
@@ -81,7 +90,8 @@ def bench_bridge_cmd(
     try:
         with progress:
             task = progress.add_task("sign, then ingest", total=steps(config))
-            result = bench_bridge(config, lambda n: progress.advance(task, n))
+            run = bench_bridge_mqtt if mqtt else bench_bridge
+            result = run(config, lambda n: progress.advance(task, n))
     except BridgeError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

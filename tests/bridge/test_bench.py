@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from training.cli import app
@@ -19,13 +20,13 @@ KEYS = {
 }  # fmt: skip
 
 
-def test_bench_bridge_json_has_positive_finite_figures() -> None:
-    result = CliRunner().invoke(
-        app, ["bench", "bridge", "--devices", "20", "--slots", "10", "--json"]
-    )
+@pytest.mark.parametrize("mode", ["in_process", "mqtt"])
+def test_bench_bridge_json_has_positive_finite_figures(mode: str) -> None:
+    args = ["bench", "bridge", "--devices", "20", "--slots", "10", "--json"]
+    result = CliRunner().invoke(app, args + (["--mqtt"] if mode == "mqtt" else []))
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert data.keys() >= KEYS
+    assert data.keys() >= KEYS and data["mode"] == mode
     assert data["devices"] == 20 and data["slots"] == 10 and data["messages"] == 200
     for key in ("ingest_msg_per_s", "decision_latency_ms_p50", "decision_latency_ms_p99"):
         assert math.isfinite(data[key]) and data[key] > 0, key

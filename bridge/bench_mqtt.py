@@ -1,0 +1,233 @@
+"""`microgrid bench bridge --mqtt`: `bridge.bench`'s figures, end to end through mosquitto.
+
+A mosquitto started here on a free loopback port (plain TCP, anonymous: neither TLS nor the ACL
+is in these figures), a load generator in its own process (so it does not share the bridge's
+GIL) publishing every device's pre-signed telemetry at QoS 1 over one paho connection, and the
+bridge's own shell (`MqttLink`, a persistent session acknowledging each message after `handle`)
+feeding `BridgeCore`. Slots are paced: the generator starts slot k only once slot k - 1 was
+decided, so the latency is not queueing behind the next slot.
+
+- ingest: messages / the time from telling the generator "go" to the slot's last message
+  handled; generator, broker, sockets, paho and validation all in it (not the outbox's SQLite).
+- decision latency: from paho handing the bridge the slot's last telemetry to the slot's
+  commands handed to paho to publish (queued, not yet on the wire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bridge.bench import (
+    CHAIN_ID,
+    FIRST_SLOT,
+    REGISTRY,
+    TARGETS,
+    BenchConfig,
+    birth_payloads,
+    make_core,
+    now_ms,
+    percentile_ms,
+    synthetic_site,
+    telemetry_payloads,
+)
+from bridge.core import Publish
+from bridge.errors import BridgeError
+from bridge.messages import DeviceKind
+from bridge.mqtt import MqttLink
+from bridge.signing import ReadingDomain
+from bridge.topics import bridge_subscriptions
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _mosquitto(directory: Path) -> Any:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise BridgeError("mosquitto: expected it installed (apt-get install mosquitto)")
+    port = _free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest none\nuser root\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BridgeError(f"mosquitto: did not start on port {port}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _write_payloads(path: Path, messages: list[tuple[str, bytes]]) -> None:
+    with path.open("wb") as f:
+        for t, payload in messages:
+            f.write(t.encode() + b"\t" + payload + b"\n")
+
+
+async def _run(
+    config: BenchConfig, directory: Path, advance: Callable[[int], None] | None
+) -> dict[str, Any]:
+    site = synthetic_site(config.devices)
+    domain = ReadingDomain(CHAIN_ID, REGISTRY)
+    n = len(site.devices)
+    n_slots = config.n_slots()
+    _write_payloads(directory / "births", birth_payloads(site))
+    for k in range(n_slots):
+        _write_payloads(directory / f"slot{k}", telemetry_payloads(site, domain, k))
+        if advance:
+            advance(n)
+    core = make_core(site, domain)
+    with _mosquitto(directory) as port:
+        link = MqttLink(
+            f"mqtt://127.0.0.1:{port}", client_id="bench-bridge", username="bridge",
+            password="bench", session_expiry_s=300, receive_maximum=10_000,
+        )  # fmt: skip
+        await link.connect(bridge_subscriptions(site.site))
+        gen = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge.bench_mqtt", str(port), str(directory),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert gen.stdin is not None and gen.stdout is not None
+        try:
+            await asyncio.wait_for(gen.stdout.readline(), 30)  # connected, births published
+            for _ in range(n):
+                msg = await link.receive(30)
+                if msg is None:
+                    raise BridgeError("bench: the load generator's births did not all arrive")
+                core.handle(msg.topic, msg.payload, now_ms(0))
+                link.ack(msg)
+            ingest_s = 0.0
+            latencies: list[float] = []
+            commands = 0
+            for k in range(n_slots):
+                now = now_ms(k)
+                gen.stdin.write(f"{k}\n".encode())
+                await gen.stdin.drain()
+                go = time.monotonic()
+                last_at = go
+                seen = 0
+                while seen < n:  # in batches, as BridgeRunner reads them
+                    first = await link.receive(30)
+                    if first is None:
+                        raise BridgeError(f"bench: slot {k}'s telemetry did not all arrive")
+                    for msg in [first, *link.pending(n - seen - 1)]:
+                        core.handle(msg.topic, msg.payload, now)
+                        link.ack(msg)
+                        last_at = msg.at
+                        seen += 1
+                ingest_s += time.monotonic() - go
+                _, out = core.decide(FIRST_SLOT + k + 1, now)
+                for p in out:
+                    if isinstance(p, Publish):
+                        link.publish(p.topic, p.payload, retain=p.retain)
+                        commands += 1
+                latencies.append(time.monotonic() - last_at)
+                if advance:
+                    advance(n)
+            gen.stdin.write(b"end\n")
+            await gen.stdin.drain()
+            await asyncio.wait_for(gen.wait(), 30)
+        finally:
+            if gen.returncode is None:
+                gen.kill()
+                await gen.wait()
+            await link.close()
+    v = core.validator
+    messages_total = n_slots * n
+    if v.telemetry_accepted != messages_total or any(v.rejected.values()):
+        raise BridgeError(
+            f"bench: expected all {messages_total} messages accepted, got "
+            f"{v.telemetry_accepted} and refusals {dict(v.rejected)}"
+        )
+    signed = sum(d.kind in (DeviceKind.METER, DeviceKind.BATTERY) for d in site.devices)
+    result: dict[str, Any] = {
+        "mode": "mqtt",
+        "devices": n,
+        "prosumers": len(site.prosumers),
+        "slots": n_slots,
+        "messages": messages_total,
+        "signed_share": round(signed / n, 3),
+        "ingest_msg_per_s": messages_total / ingest_s,
+        "ingest_us_per_msg": ingest_s / messages_total * 1e6,
+        "decision_latency_ms_p50": percentile_ms(latencies, 50),
+        "decision_latency_ms_p99": percentile_ms(latencies, 99),
+        "decision_latency_ms_max": max(latencies) * 1000.0,
+        "commands_per_slot": commands / n_slots,
+        "policy": core.policy_name,
+        "targets": dict(TARGETS),
+    }
+    bad = [k for k, x in result.items() if isinstance(x, float) and not math.isfinite(x)]
+    if bad:
+        raise BridgeError(f"bench: expected finite figures, got NaN/inf in {bad}")
+    return result
+
+
+def bench_bridge_mqtt(
+    config: BenchConfig, advance: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """End to end through a mosquitto started here; same keys as `bridge.bench.bench_bridge`."""
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
+        return asyncio.run(_run(config, Path(tmp), advance))
+
+
+def _generate(port: int, directory: Path) -> None:
+    """The load generator: one paho connection, every device's messages at QoS 1, slot by slot
+    when told on stdin; waits until the broker acknowledged each slot before reading on."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def read(name: str) -> list[tuple[str, bytes]]:
+        out = []
+        for line in (directory / name).read_bytes().splitlines():
+            t, _, payload = line.partition(b"\t")
+            out.append((t.decode(), payload))
+        return out
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-devices")
+    client.max_inflight_messages_set(10_000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+
+    def send(messages: list[tuple[str, bytes]]) -> None:
+        infos = [client.publish(t, p, qos=1) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+
+    send(read("births"))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "end":
+            break
+        send(read(f"slot{int(line)}"))
+    client.disconnect()
+    client.loop_stop()
+
+
+if __name__ == "__main__":
+    _generate(int(sys.argv[1]), Path(sys.argv[2]))
