@@ -122,6 +122,7 @@ async def _run(
                 core.handle(msg.topic, msg.payload, now_ms(0))
                 link.ack(msg)
             ingest_s = 0.0
+            generator_s = 0.0
             latencies: list[float] = []
             commands = 0
             for k in range(n_slots):
@@ -141,6 +142,8 @@ async def _run(
                         last_at = msg.at
                         seen += 1
                 ingest_s += time.monotonic() - go
+                line = await asyncio.wait_for(gen.stdout.readline(), 30)
+                generator_s += float(line)
                 _, out = core.decide(FIRST_SLOT + k + 1, now)
                 for p in out:
                     if isinstance(p, Publish):
@@ -174,6 +177,7 @@ async def _run(
         "signed_share": round(signed / n, 3),
         "ingest_msg_per_s": messages_total / ingest_s,
         "ingest_us_per_msg": ingest_s / messages_total * 1e6,
+        "generator_msg_per_s": messages_total / generator_s,
         "decision_latency_ms_p50": percentile_ms(latencies, 50),
         "decision_latency_ms_p99": percentile_ms(latencies, 99),
         "decision_latency_ms_max": max(latencies) * 1000.0,
@@ -224,7 +228,10 @@ def _generate(port: int, directory: Path) -> None:
     for line in sys.stdin:
         if line.strip() == "end":
             break
-        send(read(f"slot{int(line)}"))
+        messages = read(f"slot{int(line)}")
+        started = time.monotonic()
+        send(messages)
+        print(time.monotonic() - started, flush=True)
     client.disconnect()
     client.loop_stop()
 
