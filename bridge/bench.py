@@ -44,7 +44,7 @@ CHAIN_ID = 31337
 REGISTRY = "0x" + "5a" * 20
 GENESIS = 1_700_000_000 - 1_700_000_000 % 86_400
 FIRST_SLOT = 1_000
-"""Slot number of the first benchmarked slot after GENESIS (any slot works; this one is noon)."""
+"""The first benchmarked slot after GENESIS (any slot works; this one starts at 10:00 UTC)."""
 SLOT_S = 900
 
 
