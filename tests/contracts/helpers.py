@@ -1,6 +1,8 @@
 """Shared helpers for the contract tests (kept out of conftest so they can be imported).
 
 Hypothesis sizes: HYPOTHESIS_PROFILE=nightly runs 20x the default examples, ``quick`` a tenth.
+The two state machines run :func:`sequences` of their share of ``STATEFUL_SEQUENCES`` (1,000 random
+operation sequences in the default run, the issue's floor for CI).
 Settings are applied per test (``CONTRACT_SETTINGS``) rather than by loading a global profile, so
 the contract tests never change the settings of other packages' tests in the same run.
 """
@@ -19,9 +21,22 @@ from web3.types import TxReceipt
 from contracts.client import Chain, DeviceType, Suite, deploy_suite, role_id
 from contracts.errors import ContractRevert
 
-EXAMPLES = {"quick": 10, "default": 100, "nightly": 2_000}.get(
-    os.environ.get("HYPOTHESIS_PROFILE", "default"), 100
+_SCALE = {"quick": 0.1, "default": 1.0, "nightly": 20.0}.get(
+    os.environ.get("HYPOTHESIS_PROFILE", "default"), 1.0
 )
+EXAMPLES = round(100 * _SCALE)
+#: Random operation sequences of both state machines together in the default profile.
+STATEFUL_SEQUENCES = 1_000
+#: Operations per sequence: short sequences are what make 1,000 of them affordable on py-evm
+#: (each operation is a few py-evm transactions); the invariants run after every one.
+STATEFUL_STEPS = 6
+
+
+def sequences(share: float) -> int:
+    """This machine's share of :data:`STATEFUL_SEQUENCES`, scaled by the profile."""
+    return max(1, round(STATEFUL_SEQUENCES * share * _SCALE))
+
+
 #: Hypothesis settings for every property test here: py-evm is too slow for deadlines.
 CONTRACT_SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
