@@ -413,7 +413,7 @@ class BridgeRunner:
             "commands_sent": core.stats.commands_sent,
             "commands": {k.value: n for k, n in core.tracker.finished.items()},
             "readings_queued": core.stats.readings_queued,
-            "late_readings": v.late_readings,
+            "relayed_readings": v.relayed_readings,
             "broker_sessions_resumed": self.link.session_resumed,
             "outbox": dict(self.metrics.outbox.rows),
             "outbox_retries": self.metrics.outbox.retries,
