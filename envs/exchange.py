@@ -20,9 +20,10 @@ from envs.codec import DecodedAction
 from envs.dynamics import GridState
 from envs.errors import ScenarioError
 from envs.kernel import CompiledParams
+from envs.kpis import MARKET_INFO
 from envs.ledger import Ledger, MirrorLedger, Settlement, SlotInput
-from envs.market import MONEY_UNITS, Book, band, to_units
-from envs.market_kernel import gate_rows
+from envs.market import Book, band, to_units
+from envs.market_kernel import gate_rows, summarise_rows
 from envs.params import FloatArray, GridParams, IntArray
 from envs.scenario import MarketConfig
 
@@ -152,22 +153,22 @@ def open_ledger(params: GridParams, config: MarketConfig, batch: int) -> Ledger:
     return open_chain_ledger(n, config, [int(w) for w in np.ceil(peak_kw * 1500.0) + 1000])
 
 
-def market_columns(s: Settlement, gate: GateClosure) -> dict[str, FloatArray]:
-    """The slot's market figures per grid, in currency and kWh, keyed as `MARKET_INFO`."""
-    return {
-        "market_price": s.price * (1000.0 / MONEY_UNITS),
-        "market_traded_kwh": s.volume_wh / 1000.0,
-        "market_fees": s.fees / MONEY_UNITS,
-        "market_imbalance_kwh": np.abs(s.imbalance_wh).sum(axis=1) / 1000.0,
-        "market_refused_orders": s.refused.astype(np.float64),
-        "market_rewards": s.rewards.sum(axis=1) / MONEY_UNITS,
-        "market_gas_used": s.gas_used.astype(np.float64),
-        "market_transactions": s.transactions.astype(np.float64),
-        "dr_event": gate.dr_event.astype(np.float64),
-        "emergency": gate.emergency.astype(np.float64),
-    }
+def market_matrix(s: Settlement, gate: GateClosure) -> FloatArray:
+    """The slot's market figures, one row per grid, one column per `MARKET_INFO` key."""
+    out = np.empty((s.price.shape[0], len(MARKET_INFO)), dtype=np.float64)
+    summarise_rows(
+        s.price, s.volume_wh, s.fees, s.imbalance_wh, s.refused, s.rewards, s.gas_used,
+        s.transactions, gate.dr_event, gate.emergency, out,
+    )  # fmt: skip
+    return out
+
+
+def market_columns(matrix: FloatArray) -> dict[str, FloatArray]:
+    """A market matrix as `info` columns keyed as `MARKET_INFO` (views, no copies)."""
+    return {k: matrix[:, j] for j, k in enumerate(MARKET_INFO)}
 
 
 def market_info(s: Settlement, gate: GateClosure, i: int) -> dict[str, Any]:
     """Row `i` of the market figures as plain floats (the single env's `info`)."""
-    return {k: float(v[i]) for k, v in market_columns(s, gate).items()}
+    row = market_matrix(s, gate)[i]
+    return {k: float(row[j]) for j, k in enumerate(MARKET_INFO)}

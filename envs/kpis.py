@@ -99,10 +99,10 @@ class MarketKpis:
         self.sums = np.zeros((self.batch, len(MARKET_INFO)))
         self.priced = np.zeros(self.batch)
 
-    def add(self, columns: dict[str, FloatArray]) -> None:
-        for j, key in enumerate(MARKET_INFO):
-            self.sums[:, j] += columns[key]
-        self.priced += columns["market_price"] * columns["market_traded_kwh"]
+    def add(self, matrix: FloatArray) -> None:
+        """Add a (batch, len(MARKET_INFO)) market matrix (`envs.exchange.market_matrix`)."""
+        self.sums += matrix
+        self.priced += matrix[:, 0] * matrix[:, 1]  # price x traded
 
     def reset_rows(self, rows: np.ndarray) -> None:
         self.sums[rows] = 0.0

@@ -273,3 +273,26 @@ def settle_rows(
             short_row = i
         treasury[i] += charged - paid
     return short_row
+
+
+@numba.njit(cache=True, nogil=True)
+def summarise_rows(
+    price, volume, fees, imbalance, refused, rewards, gas, txs, dr_event, emergency, out
+):  # fmt: skip
+    """The slot's market figures per row in `MARKET_INFO` order (currency, kWh, counts)."""
+    for i in range(price.shape[0]):
+        imb = 0
+        rew = 0
+        for k in range(imbalance.shape[1]):
+            imb += abs(imbalance[i, k])
+            rew += rewards[i, k]
+        out[i, 0] = price[i] * (1000.0 / MONEY_UNITS)
+        out[i, 1] = volume[i] / 1000.0
+        out[i, 2] = fees[i] / MONEY_UNITS
+        out[i, 3] = imb / 1000.0
+        out[i, 4] = refused[i]
+        out[i, 5] = rew / MONEY_UNITS
+        out[i, 6] = gas[i]
+        out[i, 7] = txs[i]
+        out[i, 8] = 1.0 if dr_event[i] else 0.0
+        out[i, 9] = 1.0 if emergency[i] else 0.0

@@ -11,8 +11,8 @@ from gymnasium import spaces
 
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
-from envs.exchange import Exchange, market_columns
-from envs.kpis import STEP_INFO, EpisodeKpis, MarketKpis
+from envs.exchange import Exchange, market_matrix
+from envs.kpis import MARKET_INFO, STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
 
 
@@ -177,9 +177,9 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
             self.params.batteries.capacity_kwh, 1e-12
         )
         if gate is not None and self.exchange is not None:
-            columns = market_columns(self.exchange.close(gate, self._state), gate)
-            self._market_kpis.add(columns)
-            info.update({k: float(v[0]) for k, v in columns.items()})
+            matrix = market_matrix(self.exchange.close(gate, self._state), gate)
+            self._market_kpis.add(matrix)
+            info.update(zip(MARKET_INFO, matrix[0].tolist(), strict=True))
         truncated = bool(out.truncated[0])
         if truncated:
             info["episode_kpis"] = self._kpis.row(0)

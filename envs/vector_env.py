@@ -24,7 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.dynamics import GridState, Solver, with_rows
 from envs.engine import Engine
-from envs.exchange import Exchange, market_columns
+from envs.exchange import Exchange, market_columns, market_matrix
 from envs.kpis import STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
 
@@ -114,9 +114,9 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         infos["action_clipped"] = decoded.clipped
         infos["_action_clipped"] = every
         if gate is not None and self.exchange is not None:
-            columns = market_columns(self.exchange.close(gate, self._state), gate)
-            self._market_kpis.add(columns)
-            for key, column in columns.items():
+            matrix = market_matrix(self.exchange.close(gate, self._state), gate)
+            self._market_kpis.add(matrix)
+            for key, column in market_columns(matrix).items():
                 infos[key] = column
                 infos[f"_{key}"] = every
         truncated = out.truncated.copy()
