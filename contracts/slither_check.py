@@ -45,8 +45,8 @@ ACCEPTED: dict[tuple[str, str], str] = {
         "false positive: written through a storage pointer (`list.push`) in createEvent"
     ),
     ("unused-return", "EnergyTrading._checkSigned"): (
-        "tryRecover's error code and address are both checked; its third value only details a"
-        " failure that is refused anyway"
+        "tryRecover returns address(0) exactly when it fails, and address(0) is refused, so the"
+        " error code is checked through the address; the third value only details that failure"
     ),
     ("incorrect-equality", "DeviceRegistry._submit"): (
         "false positive: an enum comparison (deviceType == Meter), not a balance or a time"

@@ -540,11 +540,11 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         uint8 nonce = order.nonce;
         key = (uint256(uint160(owner)) << 8) | nonce;
         if (index != 0 && key <= previous) revert EnergyTradingBatchNotSorted(index);
-        // The error code matters: a malformed signature "recovers" address(0), which would pass
-        // for an order whose owner field is address(0) (found by slither, unused-return).
-        (address recovered, ECDSA.RecoverError failure,) =
-            ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
-        if (failure != ECDSA.RecoverError.NoError || recovered != owner) {
+        // A malformed signature "recovers" address(0), which would pass for an order whose owner
+        // field is address(0) (found by slither, unused-return): tryRecover returns address(0)
+        // exactly when it fails, so refusing address(0) is the error check, and cheaper.
+        (address recovered,,) = ECDSA.tryRecover(_hashTypedDataV4(_hashOrder(order)), sig.r, sig.vs);
+        if (recovered == address(0) || recovered != owner) {
             revert EnergyTradingInvalidSignature(index, owner, recovered);
         }
         if (book.anyCancelled && _cancelledNonces[owner][slot] & (uint256(1) << nonce) != 0) {
