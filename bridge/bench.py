@@ -121,7 +121,8 @@ def _address(seed: str, device_id: str) -> str:
     return address_of(device_key(seed, device_id))
 
 
-_METRICS: dict[str, dict[str, Any]] = {
+#: One plausible telemetry sample per device kind (the bench and the tests send these).
+SAMPLE_METRICS: dict[str, dict[str, Any]] = {
     "meter": {"kind": "meter", "net_kw": 1.2, "load_kw": 2.0},
     "pv": {"kind": "pv", "pv_kw": 0.8, "available_kw": 0.8, "curtailment": 0.0},
     "battery": {"kind": "battery", "soc": 0.5, "soh": 0.99, "power_kw": 0.0},
@@ -161,7 +162,7 @@ def telemetry_payloads(
     ts = now_ms(k) - 50
     out = []
     for d in site.devices:
-        m = _METRICS[d.kind.value]
+        m = SAMPLE_METRICS[d.kind.value]
         msg: dict[str, Any] = {
             "device": d.id, "bd_seq": 1, "seq": k + 1, "ts": ts, "slot": slot, "metrics": m,
         }  # fmt: skip
@@ -253,13 +254,27 @@ def bench_bridge(
         "signed_share": round(signed / len(site.devices), 3),
         "ingest_msg_per_s": messages_total / ingest_s,
         "ingest_us_per_msg": ingest_s / messages_total * 1e6,
+        **decision_figures(latencies, commands, n_slots, core.policy_name),
+    }
+    return checked(result)
+
+
+def decision_figures(
+    latencies: list[float], commands: int, n_slots: int, policy: str
+) -> dict[str, Any]:
+    """The decision half of a bench result, shared by the in-process and MQTT modes."""
+    return {
         "decision_latency_ms_p50": percentile_ms(latencies, 50),
         "decision_latency_ms_p99": percentile_ms(latencies, 99),
         "decision_latency_ms_max": max(latencies) * 1000.0,
         "commands_per_slot": commands / n_slots,
-        "policy": core.policy_name,
+        "policy": policy,
         "targets": dict(TARGETS),
     }
+
+
+def checked(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` if every figure is finite; a NaN or inf means the bench itself went wrong."""
     bad = [k for k, x in result.items() if isinstance(x, float) and not math.isfinite(x)]
     if bad:
         raise BridgeError(f"bench: expected finite figures, got NaN/inf in {bad}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import shutil
 import socket
 import subprocess
@@ -32,12 +31,12 @@ from bridge.bench import (
     CHAIN_ID,
     FIRST_SLOT,
     REGISTRY,
-    TARGETS,
     BenchConfig,
     birth_payloads,
+    checked,
+    decision_figures,
     make_core,
     now_ms,
-    percentile_ms,
     synthetic_site,
     telemetry_payloads,
 )
@@ -178,17 +177,9 @@ async def _run(
         "ingest_msg_per_s": messages_total / ingest_s,
         "ingest_us_per_msg": ingest_s / messages_total * 1e6,
         "generator_msg_per_s": messages_total / generator_s,
-        "decision_latency_ms_p50": percentile_ms(latencies, 50),
-        "decision_latency_ms_p99": percentile_ms(latencies, 99),
-        "decision_latency_ms_max": max(latencies) * 1000.0,
-        "commands_per_slot": commands / n_slots,
-        "policy": core.policy_name,
-        "targets": dict(TARGETS),
+        **decision_figures(latencies, commands, n_slots, core.policy_name),
     }
-    bad = [k for k, x in result.items() if isinstance(x, float) and not math.isfinite(x)]
-    if bad:
-        raise BridgeError(f"bench: expected finite figures, got NaN/inf in {bad}")
-    return result
+    return checked(result)
 
 
 def bench_bridge_mqtt(

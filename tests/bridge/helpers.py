@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.bench import SAMPLE_METRICS
 from bridge.messages import DeviceBirth, Ratings, encode
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -35,19 +36,7 @@ def birth(site: SiteManifest, device: str, bd_seq: int = 1, ts: int = NOW_MS) ->
 
 
 def metrics_for(kind: str) -> dict[str, Any]:
-    return {
-        "meter": {"kind": "meter", "net_kw": 1.2, "load_kw": 2.0},
-        "pv": {"kind": "pv", "pv_kw": 0.8, "available_kw": 0.8, "curtailment": 0.0},
-        "battery": {"kind": "battery", "soc": 0.5, "soh": 0.99, "power_kw": 0.0},
-        "appliance": {"kind": "appliance", "load_kw": 0.5, "backlog_kwh": 0.1, "dr_share": 0.0},
-        "grid_sensor": {
-            "kind": "grid_sensor",
-            "v_min_pu": 0.97,
-            "v_max_pu": 1.02,
-            "line_loading": 0.3,
-            "trafo_loading": 0.4,
-        },
-    }[kind]
+    return dict(SAMPLE_METRICS[kind])
 
 
 def telemetry(
