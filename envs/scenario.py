@@ -154,9 +154,14 @@ class SplitConfig(_Strict):
 
 
 class ForecastConfig(_Strict):
-    """Forecasts of load and PV that the agent sees for the next `horizon_steps` slots."""
+    """Forecasts of load and PV that the agent sees for the next `horizon_steps` slots.
 
-    horizon_steps: Annotated[int, Field(ge=1, le=96)] = 8
+    Eight hours by default: the evening peak must be in sight by the early afternoon, when the
+    batteries decide how much PV to keep. With two hours even MPC on *perfect* forecasts reached
+    only 0.87 of the optimum's savings; with eight noisy hours it reaches 0.93 (docs/training.md).
+    """
+
+    horizon_steps: Annotated[int, Field(ge=1, le=96)] = 32
     mode: Literal["perfect", "noisy", "persistence"] = "noisy"
     noise_std: Annotated[float, Field(ge=0.0, le=2.0)] = 0.15
     """Relative error standard deviation at the horizon; it grows with sqrt(lead)."""
