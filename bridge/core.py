@@ -159,10 +159,20 @@ class BridgeCore:
 
     # ---- once per slot ---------------------------------------------------------------------
     def decide(
-        self, slot: int, now_ms: int, community_price: float | None = None
+        self,
+        slot: int,
+        now_ms: int,
+        community_price: float | None = None,
+        t: int | None = None,
     ) -> tuple[Decision, list[Publish]]:
-        """Decide slot `slot` from the telemetry of slot - 1; commands unless in shadow mode."""
-        t = self.builder.slot_of_year(now_ms // 1000)
+        """Decide slot `slot` from the telemetry of slot - 1; commands unless in shadow mode.
+
+        `t` is the env's slot of the year that `slot` stands for (`clock.slot_of_year` of
+        `SlotClock.stands_for`); None reads it from `now_ms`, right only on an unaccelerated
+        clock.
+        """
+        if t is None:
+            t = self.builder.slot_of_year(now_ms // 1000)
         price = community_price
         if price is None:
             price = float(self.site.import_price[t % self.site.steps_per_day])

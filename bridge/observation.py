@@ -10,11 +10,11 @@ step falls back to the rule-based controller and says which devices were missing
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from bridge.clock import slot_of_year
 from bridge.messages import (
     ApplianceMetrics,
     BatteryMetrics,
@@ -86,10 +86,7 @@ class ObservationBuilder:
 
     def slot_of_year(self, unix_s: int) -> int:
         """The env's slot index t (day of year x steps per day + slot of the day), from UTC."""
-        d = datetime.datetime.fromtimestamp(unix_s, tz=datetime.UTC)
-        seconds = d.hour * 3600 + d.minute * 60 + d.second
-        slot_of_day = seconds * self.site.steps_per_day // 86_400
-        return (d.timetuple().tm_yday - 1) * self.site.steps_per_day + slot_of_day
+        return slot_of_year(unix_s, self.site.steps_per_day)
 
     def _get(self, state: SiteState, device: str, slot: int, missing: list[str]) -> Metrics | None:
         m = state.metrics(device, slot)
@@ -112,6 +109,14 @@ class ObservationBuilder:
                 net += meter.net_kw
             if isinstance(inverter, PvMetrics):
                 pv[i] = inverter.available_kw
+        # The env's background is the feeder's uncontrolled load - PV: what the transformer
+        # carries less the prosumers' meters and the community battery (controlled, not
+        # background; its own telemetry says what it exchanged).
+        community = self.site.community_battery
+        if community is not None:
+            battery = state.metrics(community, slot) or self._last.get(community)
+            if isinstance(battery, BatteryMetrics):
+                net += battery.power_kw
         sensor = state.metrics(self.site.grid_sensor, slot) or self._last.get(self.site.grid_sensor)
         background = 0.0
         if isinstance(sensor, GridSensorMetrics) and sensor.trafo_net_kw is not None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bridge import session_store
-from bridge.clock import SlotClock
+from bridge.clock import SlotClock, slot_of_year
 from bridge.config import BridgeConfig, Deployment
 from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
@@ -68,7 +68,9 @@ class BridgeRunner:
         t = cfg.timing
         length = t.slot_seconds or float(deployment.slot_seconds)
         genesis = deployment.genesis if t.genesis is None else t.genesis
-        self.clock = SlotClock(genesis, length)
+        self.clock = SlotClock(
+            genesis, length, float(deployment.genesis), float(deployment.slot_seconds)
+        )
         domain = ReadingDomain(deployment.chain_id, deployment.addresses["DeviceRegistry"])
         limits = ValidationLimits(t.max_age_s, t.max_clock_skew_s, length, genesis)
         validator = TelemetryValidator(site, domain, limits)
@@ -214,7 +216,8 @@ class BridgeRunner:
 
     async def _decide(self, slot: int, since: float, trigger: str) -> None:
         self.decided.add(slot)
-        decision, commands = self.core.decide(slot, int(self.wall() * 1000))
+        t = slot_of_year(self.clock.stands_for(slot), self.site.steps_per_day)
+        decision, commands = self.core.decide(slot, int(self.wall() * 1000), t=t)
         for p in commands:
             self.link.publish(p.topic, p.payload, retain=p.retain)
         events = []

@@ -8,6 +8,14 @@ Commands change what the devices do in the slot that follows, within their own l
 bridge's decisions show up in the next telemetry (a battery's SoC moves, a curtailed inverter
 produces less). The profiles arrive as arrays: the simulator does not build grids (pandapower is
 not allowed in `bridge`); the CLI builds them from the scenario.
+
+The physics are the env's own device models (`envs.devices`: batteries with efficiency and
+fade, PV curtailment, flexible loads that defer and rebound), and a slot reads the profile row
+of the quarter hour it stands for on the chain (`SlotClock.stands_for`), so the same policy on
+the same day gives the same set-points and the same metered energy here as in the env
+(tests/bridge/test_parity.py). The grid sensor is a stand-in, not a power flow: its transformer
+flow is the lossless sum of the prosumers, the community battery and the feeder's uncontrolled
+load, and its voltages and loadings are a rough function of that flow.
 """
 
 from __future__ import annotations
@@ -21,31 +29,66 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.clock import SlotClock
+from bridge.clock import SlotClock, slot_of_year
 from bridge.mqtt import MqttLink, Will
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.site_builder import device_key
 from bridge.topics import device_subscriptions
 from bridge.virtual_device import VirtualDevice
+from envs.devices import battery_step, flexible_load_step, pv_output
+from envs.params import GridParams
 
 log = logging.getLogger("bridge.simulator")
 
-#: Share of a household's load that sits in its smart appliances (what demand response moves).
-FLEXIBLE_SHARE = 0.3
-#: How much of yesterday's deferred energy comes back each slot.
-REBOUND_PER_SLOT = 0.25
+#: How long the fleet waits, when it leaves, for the broker to acknowledge what it sent: longer
+#: than paho's longest reconnect back-off (30 s), so a broker restart loses nothing.
+DRAIN_S = 40.0
 
 
 @dataclass(frozen=True)
 class Profiles:
-    """(T, n_prosumer) kW of load and available PV, in the site's prosumer order."""
+    """(T, n_prosumer) kW of load and available PV, in the site's prosumer order, by the env's
+    slot of the year; with the feeder's uncontrolled load and the flexible-load model."""
 
     load_kw: np.ndarray
     pv_kw: np.ndarray
+    background_net_kw: np.ndarray | None = None
+    """(T,) kW the feeder's other consumers draw less their PV (and storage); None: none."""
+    curtailable_share: float = 0.1
+    """Share of a household's load that demand response drops (the scenario's flexible_load)."""
+    shiftable_share: float = 0.2
+    """Share that demand response defers into the appliances' backlog."""
+    rebound_per_step: float = 0.25
+    """Share of the backlog served again each slot without a demand-response call."""
 
-    def row(self, slot: int) -> int:
-        return slot % self.load_kw.shape[0]
+    @classmethod
+    def of(cls, params: GridParams) -> Profiles:
+        """A scenario's profiles and flexible-load model, as the env steps them."""
+        return cls(
+            params.prosumer_load_kw,
+            params.prosumer_pv_kw,
+            params.background_load_kw - params.background_pv_kw + params.background_storage_kw,
+            float(params.curtailable_share),
+            float(params.shiftable_share),
+            float(params.rebound_per_step),
+        )
+
+    def row(self, t: int) -> int:
+        return t % self.load_kw.shape[0]
+
+
+@dataclass(frozen=True)
+class StartState:
+    """Where the devices start (default: every battery at its initial SoC and rated capacity,
+    no deferred load), e.g. an env episode's state in the middle of a day."""
+
+    soc: np.ndarray
+    """Per battery, in the codec's order (prosumers', then the community battery)."""
+    capacity_kwh: np.ndarray
+    """Per battery: usable capacity after fade."""
+    backlog_kwh: np.ndarray
+    """Per prosumer: energy its appliances deferred and still owe."""
 
 
 @dataclass
@@ -56,6 +99,8 @@ class FleetStats:
     commands_rejected: int = 0
     limit_violations: int = 0
     """Set-points a device applied beyond its own rating or SoC window: must stay 0."""
+    unsent: int = 0
+    """Messages the broker never acknowledged when the fleet left (after `DRAIN_S`): must be 0."""
     per_device: dict[str, int] = field(default_factory=dict)
 
 
@@ -69,12 +114,21 @@ class Fleet:
         domain: ReadingDomain,
         seed: str,
         start_nonces: Mapping[str, int] | None = None,
+        clock: SlotClock | None = None,
+        start: StartState | None = None,
     ):
         """`start_nonces`: each device's next registry nonce (`registration.reading_nonces`);
-        None starts every device at 0, right only on a fresh registry."""
+        None starts every device at 0, right only on a fresh registry. `clock`: slot `s` reads
+        the profile row of the quarter hour it stands for; None reads row `s`."""
         self.site = site
         self.profiles = profiles
-        b = site.batteries
+        self.clock = clock
+        self.battery_params = site.batteries.params()
+        b = self.battery_params
+        self.soc = np.array(b.soc_initial if start is None else start.soc, dtype=np.float64)
+        self.capacity_kwh = np.array(
+            b.capacity_kwh if start is None else start.capacity_kwh, dtype=np.float64
+        )
         self.devices: dict[str, VirtualDevice] = {}
         battery_index = {d: k for k, d in enumerate(site.battery_devices())}
         self.battery_index = battery_index
@@ -83,81 +137,105 @@ class Fleet:
             dev = VirtualDevice(site.site, spec, device_key(seed, spec.id), domain)
             dev.nonce = (start_nonces or {}).get(spec.id, 0)
             if k is not None:
-                dev.soc = b.soc_initial[k]
-                dev.soc_min, dev.soc_max = b.soc_min[k], b.soc_max[k]
+                dev.soc, dev.capacity_kwh = float(self.soc[k]), float(self.capacity_kwh[k])
+                dev.soc_min, dev.soc_max = float(b.soc_min[k]), float(b.soc_max[k])
+                dev.efficiency_charge = float(b.efficiency_charge[k])
+                dev.efficiency_discharge = float(b.efficiency_discharge[k])
             self.devices[spec.id] = dev
         self.backlog_kwh = np.zeros(len(site.prosumers))
+        if start is not None:
+            self.backlog_kwh = np.array(start.backlog_kwh, dtype=np.float64)
         self.stats = FleetStats()
 
-    def _battery_step(self, dev: VirtualDevice) -> float:
-        """Run the set-point for one slot; returns the power really exchanged (kW)."""
-        k = self.battery_index[dev.spec.id]
-        b = self.site.batteries
-        dt = self.site.dt_h
-        cap = max(b.capacity_kwh[k], 1e-9)
-        p = dev.setpoint_kw
-        if abs(p) > dev.spec.power_kw + 1e-9:
-            self.stats.limit_violations += 1
-        if p >= 0:
-            room = (dev.soc_max - dev.soc) * cap / (dt * b.efficiency_charge[k])
-            p = min(p, max(room, 0.0))
-            dev.soc += p * dt * b.efficiency_charge[k] / cap
-        else:
-            room = (dev.soc - dev.soc_min) * cap * b.efficiency_discharge[k] / dt
-            p = max(p, -max(room, 0.0))
-            dev.soc += p * dt / (b.efficiency_discharge[k] * cap)
-        dev.soc = min(max(dev.soc, 0.0), 1.0)
-        if dev.soc < dev.soc_min - 1e-6 or dev.soc > dev.soc_max + 1e-6:
-            self.stats.limit_violations += 1
-        return p
+    def idle(self) -> None:
+        """Drop every set-point: the devices come up doing nothing until commanded."""
+        for dev in self.devices.values():
+            dev.setpoint_kw, dev.curtailment, dev.dr_share = 0.0, 0.0, 0.0
+
+    def row(self, slot: int) -> int:
+        """The profile row of `slot`: the env's slot of the year it stands for."""
+        if self.clock is None:
+            return self.profiles.row(slot)
+        return self.profiles.row(slot_of_year(self.clock.stands_for(slot), self.site.steps_per_day))
+
+    def _batteries(self) -> np.ndarray:
+        """Run every battery's set-point for one slot (the env's model); returns the kW really
+        exchanged, in the codec's battery order."""
+        ids = self.site.battery_devices()
+        b = self.battery_params
+        setpoint = np.array([self.devices[d].setpoint_kw for d in ids])
+        self.stats.limit_violations += int((np.abs(setpoint) > b.power_kw + 1e-9).sum())
+        out = battery_step(
+            b, self.soc[None], self.capacity_kwh[None], setpoint[None], self.site.dt_h
+        )
+        self.soc, self.capacity_kwh = out.soc[0], out.capacity_kwh[0]
+        outside = (self.soc < b.soc_min - 1e-6) | (self.soc > b.soc_max + 1e-6)
+        self.stats.limit_violations += int(outside.sum())
+        for k, d in enumerate(ids):
+            self.devices[d].soc = float(self.soc[k])
+            self.devices[d].capacity_kwh = float(self.capacity_kwh[k])
+        return np.asarray(out.power_kw[0])
 
     def telemetry(self, slot: int, now_ms: int) -> list[tuple[str, str, bytes]]:
         """Every device's DDATA for `slot` (just ended): (device, topic, payload)."""
-        site, dt = self.site, self.site.dt_h
-        t = self.profiles.row(slot)
+        site, dt, prof = self.site, self.site.dt_h, self.profiles
+        t = self.row(slot)
         out: list[tuple[str, str, bytes]] = []
-        total_net = 0.0
 
         def send(dev: VirtualDevice, metrics: dict[str, object], wh: int | None = None) -> None:
             topic, payload = dev.telemetry(slot, now_ms, metrics, wh)
             out.append((dev.spec.id, topic, payload))
 
+        prosumers = [(self.devices[p.pv], self.devices[p.appliance]) for p in site.prosumers]
+        load = np.asarray(prof.load_kw[t], dtype=np.float64)
+        available = np.asarray(prof.pv_kw[t], dtype=np.float64)
+        curtailment = np.array([pv.curtailment for pv, _ in prosumers])
+        dr_share = np.array([app.dr_share for _, app in prosumers])
+        flexible = flexible_load_step(
+            load[None], self.backlog_kwh[None], dr_share[None], prof.curtailable_share,
+            prof.shiftable_share, prof.rebound_per_step, dt,
+        )  # fmt: skip
+        served = flexible.served_kw[0]
+        appliance = (prof.curtailable_share + prof.shiftable_share) * load - (
+            flexible.curtailed_kw[0] + flexible.deferred_kw[0] - flexible.rebound_kw[0]
+        )
+        self.backlog_kwh = flexible.backlog_kwh[0]
+        pv_kw = pv_output(available, curtailment)
+        battery_kw = self._batteries()
+        total_net = 0.0
         for i, p in enumerate(site.prosumers):
-            load = float(self.profiles.load_kw[t, i])
-            available = float(self.profiles.pv_kw[t, i])
-            pv_dev, app_dev = self.devices[p.pv], self.devices[p.appliance]
+            pv_dev, app_dev = prosumers[i]
             bat_dev, meter_dev = self.devices[p.battery], self.devices[p.meter]
-            # Demand response defers part of the flexible load; it returns in later slots.
-            flexible = FLEXIBLE_SHARE * load
-            deferred = app_dev.dr_share * flexible
-            rebound = REBOUND_PER_SLOT * self.backlog_kwh[i] / dt
-            self.backlog_kwh[i] += (deferred - rebound) * dt
-            appliance_kw = flexible - deferred + rebound
-            house_kw = load - flexible + appliance_kw
-            pv_kw = available * (1.0 - pv_dev.curtailment)
-            battery_kw = self._battery_step(bat_dev)
-            net = house_kw - pv_kw + battery_kw
+            # The env's metered net: served load - PV output + own battery (charging > 0).
+            net = float(served[i] - pv_kw[i] + battery_kw[i])
             total_net += net
             send(
                 pv_dev,
-                {"pv_kw": pv_kw, "available_kw": available, "curtailment": pv_dev.curtailment},
+                {
+                    "pv_kw": float(pv_kw[i]),
+                    "available_kw": float(available[i]),
+                    "curtailment": pv_dev.curtailment,
+                },
             )
             send(
                 app_dev,
                 {
-                    "load_kw": appliance_kw,
+                    "load_kw": float(appliance[i]),
                     "backlog_kwh": float(self.backlog_kwh[i]),
                     "dr_share": app_dev.dr_share,
                 },
             )
-            send(bat_dev, {"soc": bat_dev.soc, "soh": 1.0, "power_kw": battery_kw})
-            send(meter_dev, {"net_kw": net, "load_kw": house_kw}, round(net * dt * 1000))
+            k = self.battery_index[p.battery]
+            send(bat_dev, self._battery_metrics(k, float(battery_kw[k])))
+            send(meter_dev, {"net_kw": net, "load_kw": float(served[i])}, round(net * dt * 1000))
             self.stats.readings_signed += 1
         if site.community_battery is not None:
-            dev = self.devices[site.community_battery]
-            power = self._battery_step(dev)
+            k = self.battery_index[site.community_battery]
+            power = float(battery_kw[k])
             total_net += power
-            send(dev, {"soc": dev.soc, "soh": 1.0, "power_kw": power})
+            send(self.devices[site.community_battery], self._battery_metrics(k, power))
+        if prof.background_net_kw is not None:
+            total_net += float(prof.background_net_kw[t])
         sensor = self.devices[site.grid_sensor]
         loading = min(abs(total_net) / max(site.demand_reference_kw, 1e-9), 5.0)
         send(
@@ -172,6 +250,11 @@ class Fleet:
         )
         self.stats.telemetry_sent += len(out)
         return out
+
+    def _battery_metrics(self, k: int, power_kw: float) -> dict[str, object]:
+        nominal = float(self.battery_params.capacity_kwh[k])
+        soh = float(self.capacity_kwh[k]) / nominal if nominal > 0 else 1.0
+        return {"soc": float(self.soc[k]), "soh": soh, "power_kw": power_kw}
 
     def on_command(self, device: str, payload: bytes, now_ms: int) -> list[tuple[str, bytes]]:
         dev = self.devices[device]
@@ -204,9 +287,17 @@ async def simulate(
     stop: asyncio.Event | None = None,
     wall: Callable[[], float] = time.time,
     start_nonces: Mapping[str, int] | None = None,
+    first_slot: int | None = None,
+    start: StartState | None = None,
 ) -> FleetStats:
-    """Connect every device, then report each slot until `slots` slots passed or `stop` is set."""
-    fleet = Fleet(site, profiles, domain, seed, start_nonces)
+    """Connect every device, then report each slot until `slots` slots passed or `stop` is set.
+
+    The devices first report the slot before `first_slot` (default: the slot after they are all
+    connected) as they find it, idle, and obey commands from then on: set-points that arrived
+    while they were connecting are dropped, so a run starts from the state an env episode
+    starts from (batteries idle in the slot before, at their initial SoC or `start`'s).
+    """
+    fleet = Fleet(site, profiles, domain, seed, start_nonces, clock, start)
     links: dict[str, MqttLink] = {}
     stop = stop or asyncio.Event()
     for device_id, dev in fleet.devices.items():
@@ -234,7 +325,7 @@ async def simulate(
                 link.publish(topic, payload)
 
     servers = [asyncio.create_task(serve(d, link)) for d, link in links.items()]
-    first = clock.slot(wall()) + 1
+    first = clock.slot(wall()) + 1 if first_slot is None else first_slot
     try:
         slot = first
         while not stop.is_set() and (slots is None or slot < first + slots):
@@ -246,6 +337,8 @@ async def simulate(
                 if stop.is_set():
                     break
             now_ms = int(wall() * 1000)
+            if slot == first:
+                fleet.idle()
             for device_id, topic, payload in fleet.telemetry(slot - 1, now_ms):
                 links[device_id].publish(topic, payload)
             log.info("slot reported", extra={"slot": slot - 1, "devices": len(links)})
@@ -255,6 +348,10 @@ async def simulate(
     finally:
         stop.set()
         await asyncio.gather(*servers, return_exceptions=True)
+        # A device that lost the broker resends its queue after reconnecting: wait for that
+        # (paho's back-off reaches 30 s) before leaving, or its last readings would be lost.
+        unsent = await asyncio.gather(*(link.drain(DRAIN_S) for link in links.values()))
+        fleet.stats.unsent = sum(unsent)
         for device_id, link in links.items():
             dev = fleet.devices[device_id]
             await link.close(dev.goodbye(int(wall() * 1000)))

@@ -49,6 +49,10 @@ class VirtualDevice:
     soc: float = 0.5
     soc_min: float = 0.0
     soc_max: float = 1.0
+    efficiency_charge: float = 1.0
+    efficiency_discharge: float = 1.0
+    capacity_kwh: float | None = None
+    """Usable capacity now (it fades); None: the rating's."""
     applied: dict[str, str] = field(default_factory=dict)
     """command_id -> status already answered: a re-sent command is not applied twice."""
 
@@ -145,9 +149,12 @@ class VirtualDevice:
         action = cmd.action
         value: float
         if isinstance(action, BatterySetpoint) and self.spec.kind.value == "battery":
-            cap = max(self.spec.capacity_kwh, 1e-9)
-            up = max(0.0, (self.soc_max - self.soc) * cap / dt_h)
-            down = max(0.0, (self.soc - self.soc_min) * cap / dt_h)
+            # The SoC window on the energy that reaches the cells, as `envs.devices` models it.
+            cap = max(
+                self.spec.capacity_kwh if self.capacity_kwh is None else self.capacity_kwh, 1e-9
+            )
+            up = max(0.0, (self.soc_max - self.soc) * cap / (self.efficiency_charge * dt_h))
+            down = max(0.0, (self.soc - self.soc_min) * cap * self.efficiency_discharge / dt_h)
             value = min(max(action.power_kw, -self.spec.power_kw, -down), self.spec.power_kw, up)
             self.setpoint_kw = value
         elif isinstance(action, PvCurtailment) and self.spec.kind.value == "pv":

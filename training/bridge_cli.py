@@ -179,7 +179,10 @@ def devices_simulate(
         dep = load_deployment(deployment)
         secrets = json.loads(passwords.read_text())
         clock = SlotClock(
-            dep.genesis if genesis is None else genesis, slot_seconds or dep.slot_seconds
+            dep.genesis if genesis is None else genesis,
+            slot_seconds or dep.slot_seconds,
+            dep.genesis,
+            dep.slot_seconds,
         )
         nonces = None
         if rpc is not None:
@@ -190,7 +193,7 @@ def devices_simulate(
         stats = asyncio.run(
             simulate(
                 manifest,
-                Profiles(params.prosumer_load_kw, params.prosumer_pv_kw),
+                Profiles.of(params),
                 ReadingDomain(dep.chain_id, dep.addresses["DeviceRegistry"]),
                 broker_url=broker,
                 passwords=secrets,
