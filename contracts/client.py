@@ -51,7 +51,14 @@ _PANIC = keccak(text="Panic(uint256)")[:4]
 _ERROR_STRING = keccak(text="Error(string)")[:4]
 
 #: The contracts ``deploy_suite`` deploys, by artifact name.
-SUITE = ("DeviceRegistry", "EnergyTrading", "GridBalance", "RewardSystem", "RewardToken")
+SUITE = (
+    "DeviceRegistry",
+    "EnergyTrading",
+    "GridBalance",
+    "RewardSystem",
+    "RewardToken",
+    "SlotSettler",
+)
 
 
 class DeviceType(IntEnum):
@@ -563,6 +570,8 @@ class Suite:
     grid: Contract
     genesis: int
     deployment_block: int
+    settler: Contract
+    """SlotSettler: the operator's one transaction per slot (see ``ISlotSettler``)."""
     _order_domain: bytes | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- helpers
@@ -586,6 +595,7 @@ class Suite:
             "GridBalance": self.grid.address,
             "RewardSystem": self.rewards.address,
             "RewardToken": self.reward_token.address,
+            "SlotSettler": self.settler.address,
         }
 
     def slot_start(self, slot: int) -> int:
@@ -927,7 +937,10 @@ def deploy_suite(
     (local chains only). ``genesis`` (start of slot 0) defaults to the last UTC midnight, so slot
     ``s`` falls in hour ``(s % 96) // 4`` of the day, as the time-of-day multipliers assume.
     Roles: the admin holds every admin role; ``solver`` gets SOLVER_ROLE; GridBalance gets
-    EnergyTrading's PAUSER_ROLE and RewardSystem's REWARDER_ROLE.
+    EnergyTrading's PAUSER_ROLE and RewardSystem's REWARDER_ROLE. SlotSettler (the one
+    transaction per slot) gets SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading and REWARDER_ROLE
+    on RewardSystem, and ``solver`` its OPERATOR_ROLE: whoever operates it holds exactly the
+    powers of the solver plus posting prices and granting rewards.
     """
     cfg = config or SuiteConfig()
     accounts = chain.accounts
@@ -990,6 +1003,21 @@ def deploy_suite(
     chain.transact(trading, "grantRole", role["PAUSER_ROLE"], grid.address, sender=admin)
     chain.transact(rewards, "grantRole", role["REWARDER_ROLE"], grid.address, sender=admin)
     chain.transact(rewards, "grantRole", role["REWARDER_ROLE"], admin, sender=admin)
+    settler = chain.deploy(
+        "SlotSettler",
+        admin,
+        solver,
+        trading.address,
+        registry.address,
+        rewards.address,
+        sender=admin,
+    )
+    for target, name in (
+        (trading, "SOLVER_ROLE"),
+        (trading, "PARAMETER_ROLE"),
+        (rewards, "REWARDER_ROLE"),
+    ):
+        chain.transact(target, "grantRole", role_id(name), settler.address, sender=admin)
     return Suite(
         chain=chain,
         admin=admin,
@@ -1001,6 +1029,7 @@ def deploy_suite(
         grid=grid,
         genesis=genesis,
         deployment_block=first_block,
+        settler=settler,
     )
 
 
@@ -1044,7 +1073,9 @@ def deploy_governance(
 
     The timelock gets PARAMETER_ROLE on EnergyTrading and RewardSystem; the governor is its only
     proposer and canceller, anyone may execute a passed, queued operation. The deployer's own
-    PARAMETER_ROLE is left in place for simulation; a production deployment renounces it.
+    PARAMETER_ROLE (and SlotSettler's, which posts each slot's price) is left in place for
+    simulation; a production deployment renounces the one and revokes the other, and its
+    operator then runs SlotSettler without the price part.
     """
     chain, admin = suite.chain, suite.admin
     timelock = chain.deploy(

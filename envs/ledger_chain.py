@@ -1,31 +1,59 @@
-"""`ChainLedger`: the deployed contract suite as the environment's ledger.
+"""`ChainLedger`: the deployed contract suite as the environment's ledger, one transaction a slot.
 
-The same slot the mirror settles in numpy is run through the real contracts: the reference price
-is posted (``setPriceParams``), the prosumers' EIP-712 signed orders are settled in one batch
-(``settleSignedBatch``), every smart meter signs its reading and the relay submits them in one
-transaction (``DeviceRegistry.submitReadings``), and the readings reconcile the slot
-(``reconcileSlot``): four transactions a slot. Chain time advances through the slot's
-gate closure, end and reading window, so every rule about time is exercised. ``evm`` runs on
-in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally). An episode reset
-reverts to the snapshot taken after deployment instead of redeploying.
+Each step is one call of the operator's ``SlotSettler.run`` (``contracts.settler``), mined at
+the start of the next slot, that in this order
 
-After reconciliation RewardSystem grants the renewable reward of every exporting meter
-(``rewardRenewable``, from the signed readings) and, during a demand-response event, each
-participant's incentive (``grantReward``). One grid per ledger: chain state is not batched.
+1. reconciles the previous slot against its meter readings (``reconcileSlot``) and grants that
+   slot's rewards: the renewable reward of every exporting meter (``rewardRenewable``, from the
+   signed readings) and, during a demand-response event, each participant's incentive
+   (``grantReward``);
+2. posts this slot's reference price (``setPriceParams``);
+3. settles this slot's EIP-712 signed orders in one batch (``settleSignedBatch``; the gate
+   closed five minutes before the slot started);
+4. relays every smart meter's signed reading of this slot (``DeviceRegistry.submitReadings``;
+   the slot has ended and its reading window is open).
+
+A slot's readings must arrive inside its reading window and it may be reconciled only once the
+window has closed, so no single block can do both: reconciliation runs one transaction late.
+Everything else a step reports comes from its own transaction. The step's figures must still be
+reported at once (the environment's reward needs them), so the ledger predicts them with the
+mirror's rules (`envs.ledger.MirrorLedger`, the same code the `mirror` ledger runs) and checks
+every figure against the chain's events: the settlement's price, volume and fee in the same
+step, each account's imbalance, credit change and unpaid charge, the treasury's change and
+every reward one step later, when the reconciliation is mined. Any difference raises
+`LedgerError` naming the slot, the field and both values. The last slot of an episode is
+reconciled (and checked) by one extra transaction at reset or when `on_chain` reads the state.
+
+``evm`` runs on in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally).
+An episode reset reverts to the snapshot taken after deployment instead of redeploying. One
+grid per ledger: chain state is not batched.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from web3.logs import DISCARD
+from coincurve import PrivateKey
 
-from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
-from contracts.model import PriceParams, Side, SignedOrder, Trade
-from envs.accounts import meter_key, prosumer_addresses, prosumer_key
+from contracts.clearing import clear_book
+from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite, order_digest
+from contracts.model import PriceParams, Side, SignedOrder
+from contracts.settler import (
+    PART_PRICE,
+    PART_READINGS,
+    PART_RECONCILE,
+    PART_SETTLE,
+    ReadingSigner,
+    SlotSender,
+    SlotStep,
+    compact_signature,
+    decode_logs,
+)
+from envs.accounts import batch_order, meter_key, prosumer_addresses, prosumer_key
 from envs.errors import LedgerError
-from envs.ledger import Settlement, SlotInput, per_wh, units
+from envs.ledger import MirrorLedger, Settlement, SlotInput, per_wh, units
 from envs.market import BUY
 from envs.params import IntArray
 from envs.scenario import MarketConfig
@@ -35,6 +63,23 @@ _BASE_RATE = 10_000
 _FLAT_TOD = (10_000,) * 24
 #: Reward tokens put in RewardSystem's budget at deployment (far beyond any simulated year).
 _REWARD_BUDGET = 10**30
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A settled slot waiting for its reconciliation, and what the ledger reported for it."""
+
+    slot: int
+    trades: list[tuple[str, int, int, int]]
+    exporters: list[str]
+    grants: list[tuple[str, int, int]]
+    credited: IntArray
+    """(n,) expected credit change at reconciliation (reported cash less buyers' payments)."""
+    imbalance: IntArray
+    unpaid: IntArray
+    rewards: IntArray
+    treasury: int
+    """Expected charged - paid of the treasury."""
 
 
 class ChainLedger:
@@ -48,32 +93,34 @@ class ChainLedger:
         self.n = n
         self.config = config
         self.chain = chain
-        self._now = chain.timestamp()
-        self._params = self._price_params(1)
         self._rates = (per_wh(config.dr_incentive_per_kwh), per_wh(config.renewable_reward_per_kwh))
-        self.suite = deploy_suite(
+        self.suite = suite = deploy_suite(
             chain,
             config=SuiteConfig(
-                fee_bps=config.fee_bps, price=self._params, renewable_rate_per_wh=self._rates[1]
+                fee_bps=config.fee_bps,
+                price=self._price_params(1),
+                renewable_rate_per_wh=self._rates[1],
             ),
         )
-        suite = self.suite
-        self.admin = suite.admin
+        self.admin = admin = suite.admin
         self.addresses = prosumer_addresses(n)
-        self._keys = [prosumer_key(k) for k in range(n)]
-        self._meters = [meter_key(k) for k in range(n)]
+        self._order = [int(k) for k in batch_order(n)]
+        self._accounts = [self.addresses[k] for k in self._order]
+        self._position = {k: j for j, k in enumerate(self._order)}
+        self._keys = [PrivateKey(prosumer_key(k)) for k in range(n)]
+        self._meter_keys = [PrivateKey(meter_key(k)) for k in range(n)]
+        self._devices = [_address(meter_key(k)) for k in range(n)]
         initial = units(config.initial_credit)
         treasury = units(config.treasury_credit)
         total = treasury + n * initial
         token, trading = suite.payment_token, suite.trading
-        chain.transact(token, "mint", self.admin, total, sender=self.admin)
-        chain.transact(token, "approve", trading.address, total, sender=self.admin)
+        chain.transact(token, "mint", admin, total, sender=admin)
+        chain.transact(token, "approve", trading.address, total, sender=admin)
         # The admin is the treasury: its credit pays imbalance surpluses.
         if treasury:
-            suite.deposit(self.admin, treasury)
+            suite.deposit(admin, treasury)
         if initial:
-            suite.deposit_for_many(self.admin, list(self.addresses), [initial] * n)
-        self._devices = [_address(key) for key in self._meters]
+            suite.deposit_for_many(admin, list(self.addresses), [initial] * n)
         suite.register_devices(
             [
                 (self._devices[k], owner, DeviceType.METER, meter_capacity_w[k])
@@ -83,14 +130,14 @@ class ChainLedger:
         self._first_slot = suite.current_slot() + 2
         suite.fund_rewards(_REWARD_BUDGET)
         self._window = int(chain.call(suite.registry, "readingWindow"))
+        self._order_domain = suite.order_domain
+        self._readings = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
+        self._sender = SlotSender(chain, admin, suite.settler.address)
+        self._mirror = MirrorLedger(1, n, config)
+        self.treasury = self._mirror.treasury
+        """The treasury's credit (the mirror's array: predicted, checked against the chain)."""
         self._snapshot = chain.snapshot()
         self._start()
-
-    def _advance(self, timestamp: int) -> None:
-        """Move chain time forward to `timestamp` (a late settlement is still on time)."""
-        if timestamp > self._now:
-            self.chain.travel_to(timestamp)
-            self._now = timestamp
 
     def _price_params(self, reference: int) -> PriceParams:
         c = self.config
@@ -108,57 +155,37 @@ class ChainLedger:
         self._slot = self._first_slot
         self._now = int(self.chain.timestamp())
         self._nonces = [0] * self.n
-        self._credit = np.array([self._read_credits()], dtype=np.int64)
-        self.treasury = np.array([self.suite.credit_of(self.admin)], dtype=np.int64)
-
-    def _reward(self, c: int, slot: SlotInput, count: Any) -> IntArray:
-        """Grant the slot's rewards on RewardSystem; returns each prosumer's grants (events)."""
-        suite, admin = self.suite, self.admin
-        receipts = []
-        exporters = [self._devices[k] for k in range(self.n) if slot.metered_wh[0, k] < 0]
-        if exporters:  # anyone may call it: the amounts follow from the signed readings
-            receipts.append(
-                self.chain.transact(suite.rewards, "rewardRenewable", c, exporters, sender=admin)
+        self._pending: _Pending | None = None
+        self._mirror.reset(np.zeros(1, dtype=np.int64))
+        credits, treasury = self._read_chain()
+        if not (np.array_equal(credits, self._mirror.credits()) and treasury == self.treasury[0]):
+            raise LedgerError(
+                "market.ledger: the deployed ledger does not start from the scenario's "
+                "initial_credit and treasury_credit"
             )
-        if slot.dr_event[0]:
-            for k in np.flatnonzero(slot.dr_reduction_wh[0] > 0):
-                amount = int(slot.dr_reduction_wh[0, k]) * self._rates[0]
-                receipts.append(
-                    self.chain.transact(
-                        suite.rewards, "grantReward", self.addresses[k], amount,
-                        int(RewardKind.DEMAND_RESPONSE), sender=admin,
-                    )
-                )  # fmt: skip
-        granted = np.zeros(self.n, dtype=np.int64)
-        for receipt in receipts:
-            count(receipt)
-            for event in suite.rewards.events.RewardGranted().process_receipt(
-                receipt, errors=DISCARD
-            ):
-                granted[self.addresses.index(event["args"]["account"])] += int(
-                    event["args"]["amount"]
-                )
-        return granted
+
+    def _read_chain(self) -> tuple[IntArray, int]:
+        suite = self.suite
+        rows = [(a,) for a in self.addresses] + [(self.admin,)]
+        values = [int(v) for v in self.chain.call_many(suite.trading, "creditOf", rows)]
+        return np.array([values[:-1]], dtype=np.int64), values[-1]
 
     def on_chain(self) -> tuple[IntArray, int]:
-        """(credits, treasury) read from the contract: what the tracked figures must equal."""
-        credits = np.array([self._read_credits()], dtype=np.int64)
-        return credits, int(self.suite.credit_of(self.admin))
+        """(credits, treasury) read from the contract: what the reported figures must equal.
 
-    def _read_credits(self) -> list[int]:
-        suite = self.suite
-        return [
-            int(c)
-            for c in self.chain.call_many(suite.trading, "creditOf", [(a,) for a in self.addresses])
-        ]
+        Reconciles (and checks) a pending slot first, so the state is complete.
+        """
+        self._flush()
+        return self._read_chain()
 
     def reset(self, rows: IntArray) -> None:
+        self._flush()  # the episode's last slot is checked too
         self.chain.revert(self._snapshot)
         self._snapshot = self.chain.snapshot()  # anvil consumes a snapshot when reverting
         self._start()
 
     def credits(self) -> IntArray:
-        return self._credit.copy()
+        return self._mirror.credits()
 
     def settle(self, slot: SlotInput) -> Settlement:
         if slot.book.qty_wh.shape[0] != 1:
@@ -166,87 +193,195 @@ class ChainLedger:
                 f"market.ledger: {self.name} settles one grid, got a batch of "
                 f"{slot.book.qty_wh.shape[0]}; use the mirror ledger for batches"
             )
-        suite, chain, admin = self.suite, self.chain, self.admin
         c = self._slot
         self._slot += 1
-        gas = 0
-        txs = 0
-
-        def count(receipt: Any) -> None:
-            nonlocal gas, txs
-            gas += int(receipt["gasUsed"])
-            txs += 1
-
-        params = self._price_params(int(slot.reference[0]))
-        args, tod = params.as_args()
-        count(chain.transact(suite.trading, "setPriceParams", args, tod, sender=admin))
         book = slot.book
-        credit = self._credit[0]
-        orders: list[SignedOrder] = []
-        refused = 0
-        for k in range(self.n):
-            q, limit, side = int(book.qty_wh[0, k]), int(book.limit[0, k]), int(book.side[0, k])
-            if q <= 0:
+        credit = self._mirror.credits()[0]
+        treasury_before = int(self.treasury[0])
+        want = self._mirror.settle(slot)  # the figures to report; the chain must agree
+
+        # The batch: every live order the contract would accept, in (owner) batch order.
+        submitted: list[int] = []
+        for k in self._order:
+            q, side = int(book.qty_wh[0, k]), int(book.side[0, k])
+            if q <= 0 or slot.emergency[0]:
                 continue
-            if slot.emergency[0] or (side == BUY and q * limit > credit[k]):
-                refused += 1
+            if side == BUY and q * int(book.limit[0, k]) > credit[k]:
                 continue
-            orders.append(SignedOrder(self.addresses[k], c, Side(side), q, limit))
-        orders.sort(key=lambda o: o.key)
+            submitted.append(k)
+        orders = [
+            SignedOrder(
+                self.addresses[k], c, Side(int(book.side[0, k])), int(book.qty_wh[0, k]),
+                int(book.limit[0, k]),
+            )
+            for k in submitted
+        ]  # fmt: skip
+        solved = clear_book(
+            [o.energy_wh for o in orders], [o.limit_price for o in orders],
+            [int(o.side) for o in orders],
+        )  # fmt: skip
+        fills = [int(f) for f in solved.fills]
+        mirror_fills = [int(want.fill_wh[0, k]) for k in submitted]
+        if solved.price != int(want.price[0]) or fills != mirror_fills:
+            raise LedgerError(
+                f"market.ledger: slot {c}: the solver clears at {solved.price} with fills "
+                f"{fills}, the mirror at {int(want.price[0])} with {mirror_fills}"
+            )
         signatures = [
-            suite.sign_order(self._keys[self.addresses.index(o.owner)], o) for o in orders
+            compact_signature(self._keys[k], order_digest(self._order_domain, o))
+            for k, o in zip(submitted, orders, strict=True)
         ]
-        self._advance(suite.gate_closes_at(c))
-        result, receipt = suite.settle_signed_batch(admin, c, orders, signatures)
-        count(receipt)
-        settled = suite.trading.events.SignedBatchSettled().process_receipt(receipt, errors=DISCARD)
-        fee = int(settled[0]["args"]["fee"])
-        fills = np.zeros(self.n, dtype=np.int64)
-        for o, f in zip(orders, result.fills.tolist(), strict=True):
-            fills[self.addresses.index(o.owner)] = f
-        # The slot ends; every meter signs its reading, relayed by the admin.
-        self._advance(suite.slot_start(c + 1))
-        readings = [
-            (self._meters[k], c, int(slot.metered_wh[0, k]), self._nonces[k]) for k in range(self.n)
+        metered = [int(x) for x in slot.metered_wh[0]]
+        readings = [(self._devices[k], c, metered[k], self._nonces[k]) for k in range(self.n)]
+        reading_sigs = [
+            self._readings.sign(self._meter_keys[k], *readings[k]) for k in range(self.n)
         ]
-        count(suite.submit_readings(readings, sender=admin))
         self._nonces = [x + 1 for x in self._nonces]
-        self._advance(suite.slot_start(c + 1) + self._window)
-        trades = [
-            Trade(o.owner, o.side, f) for o, f in zip(orders, result.fills.tolist(), strict=True)
-        ]
-        # Credits move by what the events say: buyers pay fill x price at settlement (the price
-        # the contract verified), reconciliation reports every account's net change.
-        bought = np.where(book.side[0] == BUY, fills, -fills)
-        cash = -np.where(book.side[0] == BUY, fills, 0) * result.price
-        unpaid = np.zeros(self.n, dtype=np.int64)
-        treasury = fee
-        trading = suite.trading.events
-        for receipt in suite.reconcile_slot(admin, c, trades, members=list(self.addresses)):
-            count(receipt)
-            for event in trading.AccountReconciled().process_receipt(receipt, errors=DISCARD):
-                owner = self.addresses.index(event["args"]["account"])
-                cash[owner] += int(event["args"]["credited"])
-                unpaid[owner] = int(event["args"]["unpaid"])
-            for event in trading.SlotReconciled().process_receipt(receipt, errors=DISCARD):
-                treasury += int(event["args"]["charged"]) - int(event["args"]["paid"])
-        self._credit[0] += cash
-        self.treasury[0] += treasury
-        rewards = self._reward(c, slot, count)
+        step = SlotStep(
+            parts=PART_PRICE | PART_SETTLE | PART_READINGS,
+            price_params=self._price_params(int(slot.reference[0])).as_args(),
+            settle_slot=c,
+            price=solved.price,
+            orders=[o.as_tuple() for o in orders],
+            signatures=signatures,
+            fills=fills,
+            readings=readings,
+            reading_signatures=reading_sigs,
+        )
+        pending, self._pending = self._pending, self._pending_of(c, slot, want, treasury_before)
+        self._pending.trades.extend(
+            (o.owner, int(o.side), f, self._position[k])
+            for k, o, f in zip(submitted, orders, fills, strict=True)
+        )
+        gas = self._run(step, pending, self._suite_slot_end(c), want)
+
         one = np.ones(1, dtype=np.int64)
         return Settlement(
-            price=one * result.price,
-            volume_wh=one * result.volume,
-            fill_wh=fills[None, :],
-            cash=cash[None, :],
-            fees=one * fee,
-            imbalance_wh=(slot.metered_wh[0] - bought)[None, :],
-            unpaid=unpaid[None, :],
-            refused=one * refused,
-            rewards=rewards[None, :],
+            price=want.price,
+            volume_wh=want.volume_wh,
+            fill_wh=want.fill_wh,
+            cash=want.cash,
+            fees=want.fees,
+            imbalance_wh=want.imbalance_wh,
+            unpaid=want.unpaid,
+            refused=want.refused,
+            rewards=want.rewards,
             gas_used=one * gas,
-            transactions=one * txs,
+            transactions=one,
         )
+
+    def _suite_slot_end(self, c: int) -> int:
+        """The block time of slot `c`'s transaction: its end, inside its reading window."""
+        return self.suite.slot_start(c + 1)
+
+    def _pending_of(self, c: int, slot: SlotInput, want: Settlement, before: int) -> _Pending:
+        """What reconciling slot `c` next step must do and show, from the mirror's figures."""
+        n = self.n
+        buyer = slot.book.side[0] == BUY
+        paid = np.where(buyer, want.fill_wh[0] * want.price[0], 0)
+        dr_rate, renewable_rate = self._rates
+        exporters = [self._devices[k] for k in range(n) if slot.metered_wh[0, k] < 0]
+        grants: list[tuple[str, int, int]] = []
+        if slot.dr_event[0] and dr_rate:
+            grants = [
+                (self.addresses[k], int(slot.dr_reduction_wh[0, k]) * dr_rate,
+                 int(RewardKind.DEMAND_RESPONSE))
+                for k in range(n)
+                if slot.dr_reduction_wh[0, k] > 0
+            ]  # fmt: skip
+        return _Pending(
+            slot=c,
+            trades=[],
+            exporters=exporters if renewable_rate else [],
+            grants=grants,
+            credited=want.cash[0] + paid,
+            imbalance=want.imbalance_wh[0].copy(),
+            unpaid=want.unpaid[0].copy(),
+            rewards=want.rewards[0].copy(),
+            treasury=int(self.treasury[0]) - before - int(want.fees[0]),
+        )
+
+    def _run(
+        self,
+        step: SlotStep,
+        pending: _Pending | None,
+        timestamp: int,
+        want: Settlement | None = None,
+    ) -> int:
+        """Mine `step` (reconciling `pending` first), check the chain's events; returns gas."""
+        if pending is not None:
+            step = SlotStep(
+                **{
+                    **step.__dict__,
+                    "parts": step.parts | PART_RECONCILE,
+                    "reconcile_slot": pending.slot,
+                    "trades": pending.trades,
+                    "accounts": self._accounts,
+                    "exporters": pending.exporters,
+                    "grants": pending.grants,
+                }
+            )
+        if timestamp <= self._now:
+            raise LedgerError(f"market.ledger: chain time would go back to {timestamp}")
+        receipt = self._sender.send(step.calldata(), timestamp)
+        self._now = timestamp
+        events = decode_logs(receipt.logs)
+        if want is not None:
+            self._check_settlement(step, want, events["SignedBatchSettled"])
+        if pending is not None:
+            self._check_reconciliation(pending, events)
+        return receipt.gas_used
+
+    def _check_settlement(
+        self, step: SlotStep, want: Settlement, settled: list[dict[str, Any]]
+    ) -> None:
+        c = step.settle_slot
+        if len(settled) != 1:
+            raise LedgerError(f"market.ledger: slot {c}: {len(settled)} SignedBatchSettled events")
+        event = settled[0]
+        _same(c, "clearing price", event["price"], int(want.price[0]))
+        _same(c, "volume", event["volume"], int(want.volume_wh[0]))
+        _same(c, "fee", event["fee"], int(want.fees[0]))
+
+    def _check_reconciliation(self, p: _Pending, events: dict[str, list[dict[str, Any]]]) -> None:
+        n, index = self.n, {a: k for k, a in enumerate(self.addresses)}
+        credited = np.zeros(n, dtype=np.int64)
+        imbalance = np.zeros(n, dtype=np.int64)
+        unpaid = np.zeros(n, dtype=np.int64)
+        for e in events["AccountReconciled"]:
+            k = index[str(e["account"])]
+            credited[k], imbalance[k], unpaid[k] = e["credited"], e["imbalance"], e["unpaid"]
+        rewards = np.zeros(n, dtype=np.int64)
+        for e in events["RewardGranted"]:
+            rewards[index[str(e["account"])]] += e["amount"]
+        if len(events["SlotReconciled"]) != 1:
+            raise LedgerError(f"market.ledger: slot {p.slot} was not reconciled")
+        totals = events["SlotReconciled"][0]
+        for field, got, want in (
+            ("credit change", credited, p.credited),
+            ("imbalance", imbalance, p.imbalance),
+            ("unpaid charge", unpaid, p.unpaid),
+            ("rewards", rewards, p.rewards),
+        ):
+            if not np.array_equal(got, want):
+                k = int(np.flatnonzero(got != want)[0])
+                raise LedgerError(
+                    f"market.ledger: slot {p.slot}: {field} of prosumer {k} is {int(got[k])} on "
+                    f"chain, {int(want[k])} reported"
+                )
+        _same(p.slot, "treasury change", totals["charged"] - totals["paid"], p.treasury)
+
+    def _flush(self) -> None:
+        """Reconcile the pending slot on its own once its readings are final."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            final = self.suite.slot_start(pending.slot + 1) + self._window
+            self._run(SlotStep(parts=0), pending, max(final, self._now + 1))
+
+
+def _same(slot: int, field: str, got: int, want: int) -> None:
+    if got != want:
+        raise LedgerError(f"market.ledger: slot {slot}: {field} is {got} on chain, {want} reported")
 
 
 def _address(key: bytes) -> str:

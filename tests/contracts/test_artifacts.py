@@ -14,6 +14,7 @@ DEPLOYABLE = {
     "GridBalance",
     "RewardSystem",
     "RewardToken",
+    "SlotSettler",
     "MicrogridGovernor",
     "MicrogridTimelock",
     "MockPaymentToken",

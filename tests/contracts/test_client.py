@@ -35,6 +35,7 @@ def test_roles_are_wired(world: World) -> None:
         "GridBalance",
         "RewardSystem",
         "RewardToken",
+        "SlotSettler",
     }
 
 

@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {IDeviceRegistry} from "./IDeviceRegistry.sol";
+import {IEnergyTrading} from "./IEnergyTrading.sol";
+import {IRewardSystem} from "./IRewardSystem.sol";
+import {ISlotSettler} from "./ISlotSettler.sol";
+
+/// @title SlotSettler
+/// @notice The market operator's single entry point for a slot's routine: one transaction instead
+/// of four or five, so a simulated or live slot pays one transaction's overhead (base gas, nonce,
+/// block, receipt) and one round trip. It adds no rule of its own and bypasses none: it calls
+/// EnergyTrading, DeviceRegistry and RewardSystem exactly as the operator would, holding the
+/// roles the operator would hold (SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading, REWARDER_ROLE
+/// on RewardSystem), and only OPERATOR_ROLE may call it.
+/// @dev A slot's readings must be submitted inside its reading window and it may be reconciled
+/// only once that window has closed, so one block can never do both for the same slot: the
+/// operator reconciles slot s - 1 in the transaction that settles slot s. The reconciliation runs
+/// first, under the price parameters slot s - 1 was settled with, and so before the next slot's
+/// orders are checked against credit, exactly the order of operations of separate transactions.
+contract SlotSettler is ISlotSettler, AccessControl {
+    /// @notice Calls `run`.
+    bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
+    /// @notice `parts` bit: reconcile `step.reconciliation.slot` and grant its rewards.
+    uint8 public constant PART_RECONCILE = 1;
+    /// @notice `parts` bit: post `step.params` and `step.todMultiplierBps`.
+    uint8 public constant PART_PRICE = 2;
+    /// @notice `parts` bit: settle `step.settlement`.
+    uint8 public constant PART_SETTLE = 4;
+    /// @notice `parts` bit: relay `step.readings`.
+    uint8 public constant PART_READINGS = 8;
+    uint8 private constant ALL_PARTS = 15;
+
+    IEnergyTrading private immutable _trading;
+    IDeviceRegistry private immutable _registry;
+    IRewardSystem private immutable _rewards;
+
+    /// @param admin Receives DEFAULT_ADMIN_ROLE.
+    /// @param operator Receives OPERATOR_ROLE.
+    /// @param trading_ The EnergyTrading that settles and reconciles.
+    /// @param registry_ The DeviceRegistry the readings go to.
+    /// @param rewards_ The RewardSystem that grants rewards.
+    constructor(
+        address admin,
+        address operator,
+        IEnergyTrading trading_,
+        IDeviceRegistry registry_,
+        IRewardSystem rewards_
+    ) {
+        if (
+            admin == address(0) || operator == address(0) || address(trading_) == address(0)
+                || address(registry_) == address(0) || address(rewards_) == address(0)
+        ) revert SlotSettlerZeroAddress();
+        _trading = trading_;
+        _registry = registry_;
+        _rewards = rewards_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(OPERATOR_ROLE, operator);
+    }
+
+    /// @inheritdoc ISlotSettler
+    function run(SlotStep calldata step) external onlyRole(OPERATOR_ROLE) {
+        uint8 parts = step.parts;
+        if (parts == 0 || parts > ALL_PARTS) revert SlotSettlerInvalidParts(parts);
+        if (parts & PART_RECONCILE != 0) _reconcile(step.reconciliation);
+        if (parts & PART_PRICE != 0) _trading.setPriceParams(step.params, step.todMultiplierBps);
+        if (parts & PART_SETTLE != 0) _settle(step.settlement);
+        if (parts & PART_READINGS != 0) _registry.submitReadings(step.readings, step.readingSignatures);
+        emit SlotStepRun(parts, step.settlement.slot, step.reconciliation.slot);
+    }
+
+    /// @inheritdoc ISlotSettler
+    function suite() external view returns (IEnergyTrading trading, IDeviceRegistry registry, IRewardSystem rewards) {
+        return (_trading, _registry, _rewards);
+    }
+
+    function _reconcile(Reconciliation calldata r) private {
+        _trading.reconcileSlot(r.slot, r.trades, r.accounts, bytes32(0));
+        if (r.exporters.length != 0) _rewards.rewardRenewable(r.slot, r.exporters);
+        for (uint256 i; i < r.grants.length; ++i) {
+            Grant calldata g = r.grants[i];
+            _rewards.grantReward(g.account, g.amount, g.kind);
+        }
+    }
+
+    function _settle(Settlement calldata s) private {
+        _trading.settleSignedBatch(s.slot, s.price, s.orders, s.signatures, s.fills);
+    }
+}
