@@ -10,12 +10,14 @@ can sit in version control.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bridge.coap_resources import parse_endpoint
 from bridge.errors import ConfigError
 from bridge.topics import ID_PATTERN
 
@@ -108,6 +110,35 @@ class PolicyConfig(BaseModel):
         return v
 
 
+class CoapConfig(BaseModel):
+    """Constrained devices reached over CoAP instead of MQTT (docs/iot.md, CoAP)."""
+
+    model_config = _STRICT
+    endpoints: dict[str, str] = {}
+    """Device id, or a glob such as `bus6-*`, -> `coap://HOST:PORT` where it answers. Devices
+    not named here speak MQTT; a key that names no device of the site is refused at start."""
+    request_timeout_s: Annotated[float, Field(gt=0.0, le=300.0)] = 5.0
+    """A device that has not answered a request by then counts as `timeout` (CoAP itself
+    retransmits a confirmable request in the meantime)."""
+    retry_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 5.0
+    """How often an unreachable device is asked again to be observed."""
+    reobserve_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = 300.0
+    """An observation silent this long is registered again (a rebooted device forgets its
+    observers); a new registration costs one request and delivers nothing twice."""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, url in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.*?\[\]-]{1,64}", key):
+                raise ValueError(f"expected a device id or glob as key, got {key!r}")
+            try:
+                parse_endpoint(url)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return v
+
+
 class BridgeConfig(BaseModel):
     """`microgrid bridge run --config FILE`: everything one site's bridge needs."""
 
@@ -119,6 +150,7 @@ class BridgeConfig(BaseModel):
     chain: ChainConfig = ChainConfig()
     timing: TimingConfig = TimingConfig()
     policy: PolicyConfig = PolicyConfig()
+    coap: CoapConfig = CoapConfig()
     dry_run: bool = False
     """Shadow mode: decide and log, publish no command and send nothing to the chain."""
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] | None = 9108

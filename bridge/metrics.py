@@ -21,6 +21,7 @@ from bridge.commands import CommandState
 from bridge.validation import RejectReason
 
 if TYPE_CHECKING:
+    from bridge.coap import CoapStats
     from bridge.core import BridgeCore
 
 
@@ -100,6 +101,37 @@ class CoreCollector(Collector):
         yield missed
 
 
+class CoapCollector(Collector):
+    """Exports the CoAP shell's own counters (`bridge.coap.CoapStats`), read at scrape time."""
+
+    def __init__(self, stats: CoapStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self.stats
+        notes = CounterMetricFamily(
+            "bridge_coap_notifications", "CoAP representations handed to validation."
+        )
+        notes.add_metric([], s.notifications)
+        yield notes
+        failures = CounterMetricFamily(
+            "bridge_coap_observe_failures",
+            "Observation attempts a CoAP device did not answer, by reason.",
+            labels=["reason"],
+        )
+        for why, n in dict(s.observe_failures).items():
+            failures.add_metric([why], n)
+        yield failures
+        requests = CounterMetricFamily(
+            "bridge_coap_requests",
+            "Commands and DR events sent over CoAP, by response code, timeout or unreachable.",
+            labels=["result"],
+        )
+        for result, n in dict(s.requests).items():
+            requests.add_metric([result], n)
+        yield requests
+
+
 class BridgeMetrics:
     """One bridge's registry and the figures the shell measures itself."""
 
@@ -126,6 +158,10 @@ class BridgeMetrics:
         self.up = Gauge("bridge_broker_connected", "1 while the broker session is up.",
                         registry=self.registry)  # fmt: skip
         self.port: int | None = None
+
+    def watch_coap(self, stats: CoapStats) -> None:
+        """Export a CoAP link's counters beside the core's."""
+        self.registry.register(CoapCollector(stats))
 
     def serve(self, port: int) -> int:
         """Start the /metrics endpoint on 127.0.0.1; returns the bound port (0 picks one)."""

@@ -35,6 +35,8 @@ import numpy as np
 
 from bridge import session_store
 from bridge.clock import SlotClock, slot_of_year
+from bridge.coap import CoapLink
+from bridge.coap_resources import match_devices
 from bridge.config import BridgeConfig, Deployment
 from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
@@ -105,6 +107,9 @@ class BridgeRunner:
         self.refused: set[str] = set()
         """Registry versions that failed the parity check: not downloaded again."""
         self._rejects_logged = 0
+        # Devices on CoAP: resolved now, so a key naming no device fails before anything connects.
+        self.coap_endpoints = match_devices(cfg.coap.endpoints, [d.id for d in site.devices])
+        self.coap: CoapLink | None = None
 
     # ---- logging ---------------------------------------------------------------------------
     def _log_reject(self, reason: RejectReason, detail: str) -> None:
@@ -151,7 +156,14 @@ class BridgeRunner:
             await loop.run_in_executor(self.executor, self._outbox_pass)
             await self._sleep(period)
 
-    # ---- MQTT ------------------------------------------------------------------------------
+    # ---- MQTT and CoAP ---------------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """To a CoAP device through its link, to everyone else through the broker."""
+        if self.coap is not None and self.coap.serves(topic):
+            self.coap.publish(topic, payload, retain=retain)
+        else:
+            self.link.publish(topic, payload, retain=retain)
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), max(seconds, 0.0))
@@ -179,7 +191,7 @@ class BridgeRunner:
             for msg in batch:
                 for item in self.core.handle(msg.topic, msg.payload, int(self.wall() * 1000)):
                     if isinstance(item, Publish):
-                        self.link.publish(item.topic, item.payload, retain=item.retain)
+                        self._publish(item.topic, item.payload, retain=item.retain)
                     elif self.live:
                         work.append(item)
                 if "/DDATA/" in msg.topic:
@@ -219,12 +231,12 @@ class BridgeRunner:
         t = slot_of_year(self.clock.stands_for(slot), self.site.steps_per_day)
         decision, commands = self.core.decide(slot, int(self.wall() * 1000), t=t)
         for p in commands:
-            self.link.publish(p.topic, p.payload, retain=p.retain)
+            self._publish(p.topic, p.payload, retain=p.retain)
         events = []
         if self.live:
             events = self.dr.update(slot, decision, self.core.codec, self.core.state, self.clock)
             for e in events:
-                self.link.publish(e.publish.topic, e.publish.payload, retain=True)
+                self._publish(e.publish.topic, e.publish.payload, retain=True)
                 self.metrics.dr_events.labels(e.status).inc()
         latency = time.monotonic() - since
         self.metrics.decision_latency.observe(latency)
@@ -350,6 +362,16 @@ class BridgeRunner:
         if self.cfg.metrics_port is not None:
             self.metrics.serve(self.cfg.metrics_port)
         await self.link.connect(bridge_subscriptions(self.site.site))
+        if self.coap_endpoints:
+            c = self.cfg.coap
+            # Its notifications join the broker's queue: one receive loop, one validator.
+            self.coap = CoapLink(
+                self.site.site, self.coap_endpoints, self.link.queue,
+                request_timeout_s=c.request_timeout_s, retry_s=c.retry_s,
+                reobserve_s=c.reobserve_s,
+            )  # fmt: skip
+            self.metrics.watch_coap(self.coap.stats)
+            await self.coap.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # a clean stop: NDEATH, outbox drained
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -397,6 +419,8 @@ class BridgeRunner:
         if self.inbox is not None:
             self.inbox.close()
         self.executor.shutdown(wait=True)
+        if self.coap is not None:
+            await self.coap.close()
         death = self.core.will(int(self.wall() * 1000))
         await self.link.close((death.topic, death.payload))
         self.metrics.close()
@@ -423,4 +447,5 @@ class BridgeRunner:
             "dr_events": self.dr.published,
             "metrics_port": self.metrics.port,
             "parity": self.parity,
+            **({"coap": self.coap.summary()} if self.coap is not None else {}),
         }

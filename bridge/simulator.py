@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bridge.clock import SlotClock, slot_of_year
+from bridge.errors import BridgeError
+from bridge.coap_resources import Resource
+from bridge.coap_server import CoapDeviceServer
 from bridge.mqtt import MqttLink, Will
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -256,10 +259,12 @@ class Fleet:
         soh = float(self.capacity_kwh[k]) / nominal if nominal > 0 else 1.0
         return {"soc": float(self.soc[k]), "soh": soh, "power_kw": power_kw}
 
-    def on_command(self, device: str, payload: bytes, now_ms: int) -> list[tuple[str, bytes]]:
+    def on_command(
+        self, device: str, payload: bytes, now_ms: int, announce_accepted: bool = True
+    ) -> list[tuple[str, bytes]]:
         dev = self.devices[device]
         before = dict(dev.applied)
-        out = dev.on_command(payload, now_ms, self.site.dt_h)
+        out = dev.on_command(payload, now_ms, self.site.dt_h, announce_accepted)
         for cid, status in dev.applied.items():
             if cid not in before:
                 if status == "applied":
@@ -289,6 +294,7 @@ async def simulate(
     start_nonces: Mapping[str, int] | None = None,
     first_slot: int | None = None,
     start: StartState | None = None,
+    coap: CoapDeviceServer | None = None,
 ) -> FleetStats:
     """Connect every device, then report each slot until `slots` slots passed or `stop` is set.
 
@@ -296,12 +302,25 @@ async def simulate(
     connected) as they find it, idle, and obey commands from then on: set-points that arrived
     while they were connecting are dropped, so a run starts from the state an env episode
     starts from (batteries idle in the slot before, at their initial SoC or `start`'s).
+
+    The devices `coap` serves (already started) speak CoAP: their births, telemetry and
+    goodbyes become its resources' representations and their commands arrive through it; every
+    other device has its own MQTT connection.
     """
     fleet = Fleet(site, profiles, domain, seed, start_nonces, clock, start)
     links: dict[str, MqttLink] = {}
     stop = stop or asyncio.Event()
+    on_coap = set(coap.devices) if coap is not None else set()
+    if coap is not None:
+        coap.on_command = lambda device, payload: fleet.on_command(
+            device, payload, int(wall() * 1000), announce_accepted=False
+        )
     for device_id, dev in fleet.devices.items():
         (wt, wp), (bt, bp) = dev.connect(int(wall() * 1000))
+        if device_id in on_coap:
+            assert coap is not None
+            coap.publish(device_id, Resource.BIRTH, bp)
+            continue
         if device_id not in passwords:
             raise KeyError(f"passwords: expected an entry for device {device_id!r}")
         link = MqttLink(
@@ -327,6 +346,12 @@ async def simulate(
     servers = [asyncio.create_task(serve(d, link)) for d, link in links.items()]
     first = clock.slot(wall()) + 1 if first_slot is None else first_slot
     try:
+        late = wall() - clock.start(first)
+        if late > 0.25 * clock.slot_seconds:
+            raise BridgeError(
+                f"first_slot: expected the devices connected before slot {first} starts, "
+                f"they were {late:.1f} s late"
+            )
         slot = first
         while not stop.is_set() and (slots is None or slot < first + slots):
             delay = clock.start(slot) - wall()
@@ -340,8 +365,12 @@ async def simulate(
             if slot == first:
                 fleet.idle()
             for device_id, topic, payload in fleet.telemetry(slot - 1, now_ms):
-                links[device_id].publish(topic, payload)
-            log.info("slot reported", extra={"slot": slot - 1, "devices": len(links)})
+                if device_id in on_coap:
+                    assert coap is not None
+                    coap.publish(device_id, Resource.DATA, payload)
+                else:
+                    links[device_id].publish(topic, payload)
+            log.info("slot reported", extra={"slot": slot - 1, "devices": len(fleet.devices)})
             slot += 1
         # Let the answers to the last slot's commands go out before leaving.
         await asyncio.sleep(min(clock.slot_seconds * 0.8, 2.0))
@@ -355,4 +384,9 @@ async def simulate(
         for device_id, link in links.items():
             dev = fleet.devices[device_id]
             await link.close(dev.goodbye(int(wall() * 1000)))
+        if coap is not None:
+            for device_id in on_coap:
+                _, goodbye = fleet.devices[device_id].goodbye(int(wall() * 1000))
+                coap.publish(device_id, Resource.DEATH, goodbye)
+            coap.on_command = None
     return fleet.stats

@@ -128,9 +128,13 @@ class VirtualDevice:
         return self._topic(MessageType.DACK), encode(ack)
 
     def on_command(
-        self, payload: bytes, now_ms: int, dt_h: float = 0.25
+        self, payload: bytes, now_ms: int, dt_h: float = 0.25, announce_accepted: bool = True
     ) -> list[tuple[str, bytes]]:
-        """Accept, then apply within limits or reject; answers are DACKs (or a DBIRTH)."""
+        """Accept, then apply within limits or reject; answers are DACKs (or a DBIRTH).
+
+        `announce_accepted` False leaves out the `accepted` DACK: over CoAP the exchange itself
+        says the command arrived, and the response carries only the final answer.
+        """
         try:
             cmd = decode(Command, payload)
         except PayloadError:
@@ -142,7 +146,7 @@ class VirtualDevice:
             return [birth]
         if cmd.command_id in self.applied:
             return []  # a re-send of something already answered
-        out = [self._ack(cmd.command_id, AckStatus.ACCEPTED, now_ms)]
+        out = [self._ack(cmd.command_id, AckStatus.ACCEPTED, now_ms)] if announce_accepted else []
         if now_ms >= cmd.expires_ts:
             self.applied[cmd.command_id] = "rejected"
             return [*out, self._ack(cmd.command_id, AckStatus.REJECTED, now_ms, reason="expired")]

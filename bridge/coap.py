@@ -1,0 +1,246 @@
+"""The bridge's thin CoAP shell: observe constrained devices, send them commands, move bytes.
+
+Like `MqttLink` it decides nothing. Each notification of a device's `birth`, `death` or `data`
+resource becomes a `Received` under the MQTT topic it stands for (`bridge.coap_resources`) and
+goes into the *same* queue the MQTT shell fills, so `BridgeCore.handle` validates it with the
+same code and counts every refusal by the same reason: the core cannot tell the transports apart.
+A command (`DCMD`) is a confirmable POST to the device's `cmd` resource; the DACK in the response
+goes into the queue too, and reaches the command tracker like an MQTT DACK. A DREVENT is a PUT.
+
+What CoAP does not give, the shell counts rather than hides (`CoapStats`): a device that does not
+answer within `request_timeout_s` (`timeout`) or whose host refuses the datagram (`unreachable`)
+is retried every `retry_s`, and its missing telemetry makes the slot fall back to the rule-based
+controller exactly as stale MQTT data does; a command that got no response stays unanswered and
+the tracker counts it `expired`. An observation silent for `reobserve_s` is registered again (a
+rebooted device forgets its observers, RFC 7641 section 3.3.1).
+
+Observe transfers state: a re-registration delivers the current representation again. A payload
+identical to the last one handed on for the same device and message type is dropped here (the
+same bytes are the same message, `duplicates`); anything else, a replay of an older message
+included, goes to the validator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiocoap
+from aiocoap import error as coap_error
+from aiocoap.numbers.codes import Code
+
+from bridge.coap_resources import (
+    CONTENT_FORMAT_JSON,
+    OBSERVED,
+    Endpoint,
+    Resource,
+    code_text,
+    notification_topic,
+    outgoing,
+    response_topic,
+)
+from bridge.mqtt import Received
+
+
+@dataclass
+class CoapStats:
+    """What the CoAP shell saw; exported as `bridge_coap_*` metrics and in the run summary."""
+
+    notifications: int = 0
+    """Representations handed to the core (first responses and notifications)."""
+    duplicates: int = 0
+    """Representations identical to the last one handed on (a re-registration): dropped."""
+    observe_failures: Counter[str] = field(default_factory=Counter)
+    """Observation attempts that failed, by `timeout`, `unreachable` or the response code."""
+    reobserved: int = 0
+    """Observations registered again after `reobserve_s` of silence."""
+    requests: Counter[str] = field(default_factory=Counter)
+    """Commands and DR events sent, by outcome: the response code (`2.04`), `timeout` or
+    `unreachable`."""
+    latency_ms: list[float] = field(default_factory=list)
+    """Round trip of each answered command (POST to response), the last 1,000."""
+
+
+class CoapLink:
+    """The CoAP devices of one site: their observations in, the bridge's requests out."""
+
+    def __init__(
+        self,
+        site: str,
+        endpoints: dict[str, Endpoint],
+        queue: asyncio.Queue[Received],
+        *,
+        request_timeout_s: float = 5.0,
+        retry_s: float = 5.0,
+        reobserve_s: float = 300.0,
+    ) -> None:
+        self.site = site
+        self.endpoints = dict(endpoints)
+        self.queue = queue
+        self.request_timeout_s = request_timeout_s
+        self.retry_s = retry_s
+        self.reobserve_s = reobserve_s
+        self.stats = CoapStats()
+        self.reachable: dict[str, bool] = dict.fromkeys(self.endpoints, False)
+        """Per device, whether its last observation attempt got an answer."""
+        self._last: dict[str, bytes] = {}
+        self._context: aiocoap.Context | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def serves(self, topic_text: str) -> bool:
+        """Whether a bridge publish goes to a CoAP device (and so through `publish`)."""
+        route = outgoing(topic_text)
+        return route is not None and route[0] in self.endpoints
+
+    async def start(self) -> None:
+        """Open the client context and observe every device's resources (retrying forever)."""
+        self._context = await aiocoap.Context.create_client_context()
+        for device in self.endpoints:
+            for resource in OBSERVED:
+                self._spawn(self._observe(device, resource))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- inbound ---------------------------------------------------------------------------
+    def _deliver(self, topic_text: str, payload: bytes) -> None:
+        if not payload:
+            return  # the device has nothing to say yet (no telemetry, no goodbye)
+        if self._last.get(topic_text) == payload:
+            self.stats.duplicates += 1
+            return
+        self._last[topic_text] = payload
+        self.stats.notifications += 1
+        self.queue.put_nowait(Received(topic_text, payload, time.monotonic()))
+
+    async def _observe(self, device: str, resource: Resource) -> None:
+        """Keep one observation registered for as long as the link is open."""
+        assert self._context is not None
+        uri = self.endpoints[device].uri(self.site, device, resource)
+        topic_text = notification_topic(self.site, device, resource)
+        while not self._closing:
+            request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            try:
+                failure = await self._register(device, topic_text, request)
+                if failure is None:
+                    await self._follow(topic_text, request)
+                    continue
+            finally:
+                obs = request.observation
+                if obs is not None and not obs.cancelled:
+                    obs.cancel()
+            if self._closing:
+                return
+            self.stats.observe_failures[failure] += 1
+            self.reachable[device] = False
+            await asyncio.sleep(self.retry_s)
+
+    async def _register(self, device: str, topic_text: str, request: Any) -> str | None:
+        """The observation's first response, handed on; None, or why the device did not answer."""
+        try:
+            first = await asyncio.wait_for(request.response, self.request_timeout_s)
+        except TimeoutError:
+            return "timeout"
+        except coap_error.NetworkError:
+            return "unreachable"
+        except coap_error.Error:
+            return "error"
+        if not first.code.is_successful():
+            return code_text(int(first.code))
+        self.reachable[device] = True
+        self._deliver(topic_text, first.payload)
+        if first.opt.observe is None:  # a device without Observe: poll it instead
+            await asyncio.sleep(self.retry_s)
+            return None
+        return None
+
+    async def _follow(self, topic_text: str, request: Any) -> None:
+        """Hand on each notification until the observation ends or is silent for too long."""
+        if request.observation is None or request.observation.cancelled:
+            return
+        notifications = request.observation.__aiter__()
+        while True:
+            try:
+                note = await asyncio.wait_for(notifications.__anext__(), self.reobserve_s)
+            except TimeoutError:
+                self.stats.reobserved += 1  # a rebooted device forgot us, or nothing changed
+                return
+            except (StopAsyncIteration, coap_error.Error):
+                return  # ended by the device or the network: register again
+            self._deliver(topic_text, note.payload)
+
+    # ---- outbound --------------------------------------------------------------------------
+    def publish(self, topic_text: str, payload: bytes, *, retain: bool = False) -> None:
+        """Send a DCMD (POST) or DREVENT (PUT) to its device; the answer arrives in the queue."""
+        route = outgoing(topic_text)
+        if route is None or route[0] not in self.endpoints:
+            raise ValueError(
+                f"coap: expected a DCMD or DREVENT for a CoAP device, got {topic_text}"
+            )
+        device, resource, method = route
+        self._spawn(self._send(device, resource, method, payload))
+
+    async def _send(self, device: str, resource: Resource, method: str, payload: bytes) -> None:
+        assert self._context is not None
+        message = aiocoap.Message(
+            code=Code.POST if method == "POST" else Code.PUT,
+            uri=self.endpoints[device].uri(self.site, device, resource),
+            payload=payload,
+            content_format=CONTENT_FORMAT_JSON,
+        )
+        started = time.monotonic()
+        try:
+            response = await asyncio.wait_for(
+                self._context.request(message).response, self.request_timeout_s
+            )
+        except TimeoutError:
+            self.stats.requests["timeout"] += 1
+            return
+        except coap_error.Error as exc:
+            unreachable = isinstance(exc, coap_error.NetworkError)
+            self.stats.requests["unreachable" if unreachable else "error"] += 1
+            return
+        code = int(response.code)
+        self.stats.requests[code_text(code)] += 1
+        if resource is Resource.CMD:
+            self.stats.latency_ms = [
+                *self.stats.latency_ms[-999:],
+                (time.monotonic() - started) * 1000,
+            ]
+            answer = response_topic(self.site, device, code)
+            if answer is not None:
+                self._deliver(answer, response.payload)
+
+    # ---- the end ---------------------------------------------------------------------------
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._context is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._context.shutdown(), 5)
+            self._context = None
+
+    def summary(self) -> dict[str, object]:
+        s = self.stats
+        lat = sorted(s.latency_ms)
+        return {
+            "devices": len(self.endpoints),
+            "reachable": sum(self.reachable.values()),
+            "notifications": s.notifications,
+            "duplicates": s.duplicates,
+            "reobserved": s.reobserved,
+            "observe_failures": dict(s.observe_failures),
+            "requests": dict(s.requests),
+            "command_latency_ms_p50": round(lat[len(lat) // 2], 3) if lat else None,
+        }

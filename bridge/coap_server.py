@@ -1,0 +1,180 @@
+"""The simulator's CoAP side: some virtual devices served as CoAP resources (aiocoap) on UDP.
+
+A constrained device is a CoAP *server*: it holds its birth, its last goodbye and its latest
+telemetry as observable resources and takes commands on a POST resource (the layout is in
+`bridge.coap_resources`). One server here answers for every device the simulator puts on CoAP,
+each under its own path, as a gateway for a handful of sensors would; the payloads are the very
+bytes the MQTT devices publish (same model, same EIP-712 signature), so only the transport
+differs. Like the MQTT shell it moves bytes and decides nothing: what a command does is the
+`VirtualDevice`'s business, reached through `on_command`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+
+import aiocoap
+import aiocoap.resource as coap_resource
+from aiocoap.numbers.codes import Code
+
+from bridge.coap_resources import (
+    BAD_REQUEST,
+    CHANGED,
+    CONTENT,
+    CONTENT_FORMAT_JSON,
+    CREATED,
+    NOT_FOUND,
+    OBSERVED,
+    UNSUPPORTED_CONTENT_FORMAT,
+    Resource,
+    ack_code,
+    code_number,
+    resource_path,
+)
+from bridge.errors import BridgeError
+from bridge.messages import MAX_PAYLOAD_BYTES, AckStatus
+from bridge.topics import MessageType, parse_topic
+
+CommandHandler = Callable[[str, bytes], list[tuple[str, bytes]]]
+"""(device, command payload) -> the device's answers as (topic, payload), as over MQTT."""
+
+
+def _reply(code: tuple[int, int], payload: bytes = b"") -> aiocoap.Message:
+    return aiocoap.Message(
+        code=Code(code_number(code)), payload=payload, content_format=CONTENT_FORMAT_JSON
+    )
+
+
+def _json_only(request: aiocoap.Message) -> aiocoap.Message | None:
+    """A refusal for a request body that is not JSON or too large; None when acceptable."""
+    if request.opt.content_format not in (None, CONTENT_FORMAT_JSON):
+        return _reply(UNSUPPORTED_CONTENT_FORMAT)
+    if len(request.payload) > MAX_PAYLOAD_BYTES:
+        return _reply(BAD_REQUEST, f"at most {MAX_PAYLOAD_BYTES} bytes".encode())
+    return None
+
+
+class Representation(coap_resource.ObservableResource):
+    """One observable device resource: its latest payload; observers hear of every change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.payload = b""
+        """Empty until the device has something to say (no birth yet, no telemetry yet)."""
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return _reply(CONTENT, self.payload)
+
+    def set(self, payload: bytes) -> None:
+        self.payload = payload
+        self.updated_state()
+
+
+class CommandResource(coap_resource.Resource):
+    """POST a DCMD; the response is the DACK (applied / rejected) or, for rebirth, a DBIRTH."""
+
+    def __init__(self, server: CoapDeviceServer, device: str) -> None:
+        super().__init__()
+        self.server = server
+        self.device = device
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        refusal = _json_only(request)
+        if refusal is not None:
+            return refusal
+        return self.server.command(self.device, request.payload)
+
+
+class DrEventResource(coap_resource.Resource):
+    """PUT the consumer's current demand-response event (MQTT retains it; here the device does)."""
+
+    def __init__(self, server: CoapDeviceServer, device: str) -> None:
+        super().__init__()
+        self.server = server
+        self.device = device
+
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        refusal = _json_only(request)
+        if refusal is not None:
+            return refusal
+        self.server.dr_events[self.device] = request.payload
+        return _reply(CHANGED)
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return _reply(CONTENT, self.server.dr_events.get(self.device, b""))
+
+
+class CoapDeviceServer:
+    """The CoAP resources of a set of devices, served on one UDP port."""
+
+    def __init__(self, site: str, devices: Iterable[str]) -> None:
+        self.site = site
+        self.devices = tuple(devices)
+        self.on_command: CommandHandler | None = None
+        """Set by the simulator: the virtual device's own command logic."""
+        self.dr_events: dict[str, bytes] = {}
+        self.commands = 0
+        self._observable: dict[tuple[str, Resource], Representation] = {}
+        self._root = coap_resource.Site()
+        for device in self.devices:
+            for resource in OBSERVED:
+                rep = Representation()
+                self._observable[device, resource] = rep
+                self._root.add_resource(resource_path(site, device, resource), rep)
+            self._root.add_resource(
+                resource_path(site, device, Resource.CMD), CommandResource(self, device)
+            )
+            self._root.add_resource(
+                resource_path(site, device, Resource.DR), DrEventResource(self, device)
+            )
+        self._root.add_resource(
+            (".well-known", "core"),
+            coap_resource.WKCResource(self._root.get_resources_as_linkheader),
+        )
+        self._context: aiocoap.Context | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 5683) -> None:
+        """Bind the UDP port and serve. The port must be given: the bridge's config names it."""
+        if not 0 < port < 65_536:
+            raise BridgeError(f"coap port: expected 1..65535, got {port}")
+        try:
+            self._context = await aiocoap.Context.create_server_context(
+                self._root, bind=(host, port)
+            )
+        except OSError as exc:
+            raise BridgeError(
+                f"coap bind {host}:{port}: expected a free UDP port ({exc})"
+            ) from None
+        self.port = port
+
+    def publish(self, device: str, resource: Resource, payload: bytes) -> None:
+        """A new representation of an observed resource; its observers are notified."""
+        self._observable[device, resource].set(payload)
+
+    def command(self, device: str, payload: bytes) -> aiocoap.Message:
+        """The device's answer to a command, as a CoAP response (see `bridge.coap_resources`)."""
+        if self.on_command is None:
+            return _reply(NOT_FOUND)
+        self.commands += 1
+        answers = self.on_command(device, payload)
+        final = b""
+        for topic_text, answer in answers:
+            kind = parse_topic(topic_text).message_type
+            if kind is MessageType.DBIRTH:  # rebirth: a new session, told to every observer too
+                self.publish(device, Resource.BIRTH, answer)
+                return _reply(CREATED, answer)
+            final = answer
+        if not final:
+            # Unparseable, for another device, or already answered: an MQTT device stays silent.
+            return _reply(BAD_REQUEST, b"expected a new, well-formed command for this device")
+        status = AckStatus(json.loads(final)["status"])
+        return _reply(ack_code(status), final)
+
+    async def close(self) -> None:
+        if self._context is not None:
+            await self._context.shutdown()
+            self._context = None
+        await asyncio.sleep(0)
