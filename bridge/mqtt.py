@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,11 @@ class MqttLink:
         self._subscriptions: list[str] = []
         self.birth = birth
         """Published on every (re)connect: a broker restarted without persistence forgot it."""
+        self._unconfirmed: set[int] = set()
+        """Packet ids of QoS 1 publishes the broker has not acknowledged (`drain` waits)."""
+        self._early: set[int] = set()
+        """Acknowledged before `publish` returned (paho's thread is faster than ours)."""
+        self._ack_lock = threading.Lock()
         self.connects = 0
         self.session_resumed = 0
         """Connects on which the broker still held our session (queued messages follow)."""
@@ -109,6 +115,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
 
     # ---- paho thread -> event loop ---------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -131,6 +138,13 @@ class MqttLink:
     ) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.connected.clear)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._ack_lock:
+            if mid in self._unconfirmed:
+                self._unconfirmed.discard(mid)
+            else:
+                self._early.add(mid)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         assert self._loop is not None
@@ -168,8 +182,31 @@ class MqttLink:
             )
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:
-        """Queue a publish (paho sends it from its thread); returns paho's MessageInfo."""
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Queue a publish (paho sends it from its thread); returns paho's MessageInfo.
+
+        Published while the broker is away, a QoS 1 message waits in paho's queue and goes out
+        after the reconnect; `drain` waits for that before a link is closed.
+        """
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            with self._ack_lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                else:
+                    self._unconfirmed.add(info.mid)
+        return info
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait until the broker has acknowledged every QoS 1 publish, or `timeout_s` passed.
+
+        Closing a link drops whatever paho still queues: after a broker restart a device's
+        readings wait for paho's reconnect back-off (up to 30 s), and leaving before it would
+        lose them. Returns how many publishes are still unacknowledged (0: nothing lost).
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._unconfirmed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._unconfirmed)
 
     def ack(self, msg: Received) -> None:
         """Tell the broker `msg` is safe with us; before this it would be delivered again.

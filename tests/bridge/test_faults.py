@@ -39,9 +39,6 @@ from tests.bridge.test_run import SLOT_S, Setup, finish, setup, start_bridge, wr
 
 __all__ = ["setup"]  # the module-scoped stack of test_run, one per module and worker
 
-# ~2 min on 2 cores, and the broker-restart case still loses readings when the machine is
-# loaded (the full bridge suite on 2 workers): behind --runslow until that is fixed.
-pytestmark = pytest.mark.slow
 
 #: Refusals a fault may cause: telemetry that arrives too late to act on (its reading is still
 #: relayed) and messages the broker delivers twice (QoS 1 is at-least-once).
@@ -108,15 +105,32 @@ async def _in_process(
     await asyncio.sleep(1.0)  # subscribed before the devices' births
     out = await _fleet(s, slots, lambda: fault(runner))
     await asyncio.sleep(SLOT_S)  # the last slot's telemetry and acks arrive
+    await _until_on_chain(s, out)
     runner.stop.set()
     out.summaries.append(await serving)
     return out
+
+
+async def _until_on_chain(s: Setup, out: Outcome, timeout_s: float = 60.0) -> None:
+    """Wait until every signed reading is on chain, or `timeout_s` passed (`_check` then says
+    what is missing). "0 lost" is an eventual property: after a fault the bridge relays a
+    backlog, and on a loaded machine that takes longer than a slot; stopping it earlier would
+    leave readings durable in its outbox, not lost, but not checkable either."""
+    meters = [p.meter for p in s.site.prosumers]
+    target = sum(out.start_nonces[m] for m in meters) + out.fleet.readings_signed
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = await asyncio.to_thread(reading_nonces, s.chain, s.registry, s.site)
+        if sum(now[m] for m in meters) >= target:
+            return
+        await asyncio.sleep(0.5)
 
 
 def _check(s: Setup, out: Outcome, reasons: set[str] = EXPECTED_REASONS) -> dict[str, int]:
     """0 lost, 0 duplicated, 0 limit violations, every refusal named; the refusals by reason."""
     fleet, summary = out.fleet, out.summaries[-1]
     assert fleet.limit_violations == 0
+    assert fleet.unsent == 0  # the broker acknowledged every message the devices sent
     registry = s.chain.contract("DeviceRegistry", s.registry)
     meters = [p.meter for p in s.site.prosumers]
     now = reading_nonces(s.chain, s.registry, s.site)
@@ -140,7 +154,7 @@ def test_broker_restart_mid_run_loses_nothing(setup: Setup) -> None:
     async def restart(runner: BridgeRunner) -> None:
         await asyncio.sleep(3 * SLOT_S)
         connects = runner.link.connects
-        await asyncio.to_thread(s.broker.restart, 2 * SLOT_S)
+        await asyncio.to_thread(s.broker.restart, 5 * SLOT_S)
         deadline = time.monotonic() + 30
         while runner.link.connects == connects and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -210,6 +224,7 @@ def test_bridge_sigkill_and_restart_loses_nothing(setup: Setup) -> None:
     async def both() -> Outcome:
         out = await _fleet(s, 12, kill_and_restart)
         await asyncio.sleep(SLOT_S)  # the last slot's telemetry reaches the bridge
+        await _until_on_chain(s, out)
         out.summaries.append(await asyncio.to_thread(finish, restarted[0], 60, True))
         return out
 
