@@ -217,7 +217,25 @@ class CoapLink:
             ]
             answer = response_topic(self.site, device, code)
             if answer is not None:
+                birth = notification_topic(self.site, device, Resource.BIRTH)
+                if answer != birth and birth not in self._last:
+                    await self._fetch(device, Resource.BIRTH)
                 self._deliver(answer, response.payload)
+
+    async def _fetch(self, device: str, resource: Resource) -> None:
+        """One plain GET, handed on: a birth the observation has not brought yet.
+
+        Notifications and responses travel apart, so an acknowledgement from a device that just
+        came up can overtake its birth notification; MQTT keeps them in order, and the validator
+        refuses an ack outside a known session. Fetching the birth first restores the order.
+        """
+        assert self._context is not None
+        uri = self.endpoints[device].uri(self.site, device, resource)
+        request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri))
+        with contextlib.suppress(TimeoutError, coap_error.Error):
+            response = await asyncio.wait_for(request.response, self.request_timeout_s)
+            if response.code.is_successful():
+                self._deliver(notification_topic(self.site, device, resource), response.payload)
 
     # ---- the end ---------------------------------------------------------------------------
     async def close(self) -> None:

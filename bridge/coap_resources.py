@@ -21,7 +21,8 @@ validator, where a replayed old one is still refused as `replayed`.
 A command's answer is the exchange itself: the device acknowledges the confirmable POST
 (`accepted`) and its response carries the DACK with the final `applied` or `rejected` (2.04
 Changed, or 4.03 Forbidden for a refusal), or a new DBIRTH for `rebirth` (2.01 Created). A
-device that cannot parse the command answers 4.00 Bad Request, as an MQTT device ignores it.
+device that cannot parse the command answers 4.00 Bad Request, as an MQTT device ignores it; one
+that is not up (before its birth, after its goodbye) answers 5.03 Service Unavailable.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ CHANGED = (2, 4)
 CREATED = (2, 1)
 BAD_REQUEST = (4, 0)
 FORBIDDEN = (4, 3)
-NOT_FOUND = (4, 4)
 UNSUPPORTED_CONTENT_FORMAT = (4, 15)
+SERVICE_UNAVAILABLE = (5, 3)
 
 
 def code_number(code: tuple[int, int]) -> int:

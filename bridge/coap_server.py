@@ -25,8 +25,8 @@ from bridge.coap_resources import (
     CONTENT,
     CONTENT_FORMAT_JSON,
     CREATED,
-    NOT_FOUND,
     OBSERVED,
+    SERVICE_UNAVAILABLE,
     UNSUPPORTED_CONTENT_FORMAT,
     Resource,
     ack_code,
@@ -116,6 +116,8 @@ class CoapDeviceServer:
         """Set by the simulator: the virtual device's own command logic."""
         self.dr_events: dict[str, bytes] = {}
         self.commands = 0
+        self.online: set[str] = set()
+        """Devices between their birth and their goodbye: only they take commands."""
         self._observable: dict[tuple[str, Resource], Representation] = {}
         self._root = coap_resource.Site()
         for device in self.devices:
@@ -151,13 +153,21 @@ class CoapDeviceServer:
         self.port = port
 
     def publish(self, device: str, resource: Resource, payload: bytes) -> None:
-        """A new representation of an observed resource; its observers are notified."""
+        """A new representation of an observed resource; its observers are notified.
+
+        A birth brings the device online, a goodbye takes it off: in between it takes commands.
+        """
+        if resource is Resource.BIRTH:
+            self.online.add(device)
+        elif resource is Resource.DEATH:
+            self.online.discard(device)
         self._observable[device, resource].set(payload)
 
     def command(self, device: str, payload: bytes) -> aiocoap.Message:
         """The device's answer to a command, as a CoAP response (see `bridge.coap_resources`)."""
-        if self.on_command is None:
-            return _reply(NOT_FOUND)
+        if self.on_command is None or device not in self.online:
+            # Not up (yet, or any more): an MQTT device would not be subscribed either.
+            return _reply(SERVICE_UNAVAILABLE)
         self.commands += 1
         answers = self.on_command(device, payload)
         final = b""

@@ -1,0 +1,249 @@
+"""A mixed site end to end: some devices on MQTT (a real mosquitto with TLS, passwords and the
+ACL), the others on CoAP (a real aiocoap server on a free loopback UDP port), one bridge for all
+of them, and a real anvil with the suite deployed, for a few accelerated slots. No mocks.
+
+The simulator and the bridge run in the test's event loop, so the test can put a forged and a
+malformed representation on a CoAP device's telemetry resource, as a tampered device or a
+spoofing neighbour would, and check that the bridge refuses each under the reason an MQTT
+message would get. A second run points the bridge at a CoAP device nobody serves: it is counted
+unreachable and the slots fall back to the rule-based controller, naming it, as for stale data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.baselines import RuleBasedPolicy
+from bridge.clock import SlotClock
+from bridge.coap_resources import Resource
+from bridge.coap_server import CoapDeviceServer
+from bridge.config import BridgeConfig, Deployment, load_deployment
+from bridge.policy_source import LoadedPolicy
+from bridge.registration import reading_nonces, register_site
+from bridge.runner import BridgeRunner
+from bridge.signing import ReadingDomain
+from bridge.simulator import FleetStats, Profiles, simulate
+from bridge.site import SiteManifest
+from contracts.client import Chain, SuiteConfig, deploy_suite, deployment_manifest
+from tests.bridge.broker import Broker, mosquitto
+from tests.bridge.helpers import SEED, telemetry
+from tests.bridge.services import ANVIL_KEYS, anvil
+
+SLOT_S = 1.5
+SLOTS = 6
+#: The CoAP half of the site: one prosumer's meter, inverter, battery and appliance.
+COAP = "bus2-*"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    broker: Broker
+    chain: Chain
+    registry: str
+    deployment: Deployment
+    files: Path
+    genesis: float
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, site: SiteManifest) -> Iterator[Stack]:
+    files = tmp_path_factory.mktemp("coap")
+    mqtt_ids = [d.id for d in site.devices if not d.id.startswith("bus2-")]
+    with anvil() as url, mosquitto(files / "mosquitto", mqtt_ids) as broker:
+        chain = Chain.rpc(url)
+        now = chain.timestamp()
+        # As in test_run: registered in chain slot 50, the chain then at ~250, the bridge's
+        # accelerated slots ~100-110: ended, after registration, inside the reading window.
+        suite = deploy_suite(
+            chain, genesis=now - 50 * 900, config=SuiteConfig(reading_window_seconds=10**8)
+        )
+        (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
+        register_site(chain, suite.registry.address, site)
+        chain.travel_to(now + 200 * 900)
+        (files / "bridge.password").write_text(broker.passwords["bridge"])
+        (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
+        wall = time.time()
+        genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
+        dep = load_deployment(files / "deployment.json")
+        yield Stack(broker, chain, suite.registry.address, dep, files, genesis)
+
+
+def _config(s: Stack, coap_url: str, name: str, **extra: Any) -> BridgeConfig:
+    raw: dict[str, Any] = {
+        "site": str(s.files / "site.json"),
+        "broker": {
+            "url": s.broker.url,
+            "ca_file": str(s.broker.ca_file),
+            "password_file": str(s.files / "bridge.password"),
+        },
+        "chain": {
+            "deployment": str(s.files / "deployment.json"),
+            "rpc_url": s.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+            "key_file": str(s.files / "relayer.key"),
+            "outbox": str(s.files / f"{name}.db"),
+        },
+        "timing": {"slot_seconds": SLOT_S, "genesis": s.genesis, "decide_deadline": 0.6},
+        "coap": {
+            "endpoints": {COAP: coap_url},
+            "request_timeout_s": 1.0,
+            "retry_s": 0.3,
+            "reobserve_s": 3.0,
+        },
+        "metrics_port": None,
+        **extra,
+    }
+    return BridgeConfig.model_validate(raw)
+
+
+def _profiles(site: SiteManifest) -> Profiles:
+    t = np.arange(96)
+    load = np.stack([1.2 + 0.3 * np.sin(t / 15), 0.9 + 0.2 * np.cos(t / 11)], axis=1)
+    pv = np.clip(np.sin((t - 24) / 48 * np.pi), 0.0, None)[:, None] * np.array([[2.0, 1.5]])
+    return Profiles(load, pv)
+
+
+async def _run(
+    s: Stack,
+    site: SiteManifest,
+    cfg: BridgeConfig,
+    server: CoapDeviceServer | None,
+    during: Any = None,
+) -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
+    """The bridge, then the fleet for SLOTS slots (`during` runs beside it); both summaries."""
+    codec = site.make_codec()
+    runner = BridgeRunner(cfg, site, s.deployment, LoadedPolicy(RuleBasedPolicy(codec), "rb"))
+    refusals: list[str] = []
+    runner.core.validator.on_reject = lambda reason, detail: refusals.append(f"{reason}: {detail}")
+    serving = asyncio.create_task(runner.run())
+    await asyncio.sleep(1.0)  # subscribed before the MQTT devices' births
+    nonces = reading_nonces(s.chain, s.registry, site)
+    fleet = asyncio.create_task(
+        simulate(
+            site, _profiles(site), ReadingDomain(s.deployment.chain_id, s.registry),
+            broker_url=s.broker.url, passwords=s.broker.passwords, ca_file=s.broker.ca_file,
+            clock=SlotClock(s.genesis, SLOT_S), seed=SEED, slots=SLOTS, start_nonces=nonces,
+            coap=server,
+        )
+    )  # fmt: skip
+    if during is not None:
+        await during(runner)
+    stats = await fleet
+    await asyncio.sleep(SLOT_S)  # the last slot's telemetry and acks arrive
+    runner.stop.set()
+    summary = await serving
+    summary["refusals"] = refusals  # the detail of each, for the assertion messages
+    return stats, summary, runner
+
+
+def _forged_and_malformed(
+    server: CoapDeviceServer, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> Any:
+    async def inject(runner: BridgeRunner) -> None:
+        await asyncio.sleep(3.3 * SLOT_S)  # just after the third slot's telemetry
+        v = runner.core.validator
+        session = v.sessions["bus2-meter"]
+        now_ms = int(time.time() * 1000)
+        forged = telemetry(
+            site, domain, keys["bus2-meter"], "bus2-meter",
+            bd_seq=session.bd_seq, seq=session.last_seq + 100, ts=now_ms,
+            slot=runner.clock.slot(now_ms / 1000) - 1,
+            nonce=v.last_nonce.get("bus2-meter", -1) + 1, signer=keys["bus1-meter"],
+        )  # fmt: skip
+        server.publish("bus2-meter", Resource.DATA, json.dumps(forged).encode())
+        await asyncio.sleep(0.2)
+        server.publish("bus2-meter", Resource.DATA, b'{"device": "bus2-meter", "seq": "7"')
+        await asyncio.sleep(0.2)
+
+    return inject
+
+
+def test_mixed_site_mqtt_and_coap_end_to_end(
+    stack: Stack, site: SiteManifest, keys: dict[str, bytes]
+) -> None:
+    s = stack
+    site.save(s.files / "site.json")
+    coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
+    domain = ReadingDomain(s.deployment.chain_id, s.registry)
+
+    async def scenario() -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
+        port = free_udp_port()
+        server = CoapDeviceServer(site.site, coap_ids)
+        await server.start("127.0.0.1", port)
+        try:
+            cfg = _config(s, f"coap://127.0.0.1:{port}", "mixed")
+            inject = _forged_and_malformed(server, site, domain, keys)
+            return await _run(s, site, cfg, server, inject)
+        finally:
+            await server.close()
+
+    first_block = int(s.chain.w3.eth.block_number) + 1
+    fleet, summary, runner = asyncio.run(scenario())
+    # Both forgeries refused and counted under the reasons MQTT messages get; nothing else.
+    assert summary["rejected"] == {"bad_signature": 1, "malformed": 1}, summary["refusals"]
+    registry = runner.metrics.registry
+    assert registry.get_sample_value("bridge_rejected_total", {"reason": "bad_signature"}) == 1
+    # Every device reported through its own transport and was validated.
+    coap = summary["coap"]
+    assert coap["devices"] == len(coap_ids) == coap["reachable"] == 4, coap
+    assert coap["observe_failures"] == {}, coap
+    assert int(summary["telemetry_accepted"]) >= 4 * len(site.devices), summary
+    for device in coap_ids:
+        assert runner.core.state.latest[device].slot >= runner.clock.slot(time.time()) - 3
+    assert registry.get_sample_value("bridge_coap_notifications_total") == coap["notifications"]
+    # Decisions made with every device's data, and their commands applied on both transports:
+    # three per slot go over CoAP (bus2's inverter, battery and appliance).
+    decisions = summary["decisions"]
+    assert decisions.get("policy", 0) >= SLOTS - 2, summary
+    commands = summary["commands"]
+    per_slot = 2 * len(site.prosumers) + len(site.battery_devices())
+    assert commands["applied"] >= per_slot * (decisions["policy"] - 1), summary
+    assert coap["requests"].get("2.04", 0) >= 3 * (decisions["policy"] - 1), coap
+    assert coap["command_latency_ms_p50"] is not None
+    assert fleet.commands_applied >= commands["applied"] and fleet.limit_violations == 0
+    # Every reading on the chain once, the CoAP meter's included.
+    queued = int(summary["readings_queued"])
+    assert summary["outbox"] == {"confirmed": queued}, summary
+    logs = s.chain.contract("DeviceRegistry", s.registry).events.ReadingRecorded()
+    keys_seen = [
+        (e["args"]["device"], e["args"]["slot"]) for e in logs.get_logs(from_block=first_block)
+    ]
+    assert len(keys_seen) == len(set(keys_seen)) == queued == fleet.readings_signed
+    meter = site.device("bus2-meter")
+    assert meter is not None
+    assert sum(d.lower() == meter.address.lower() for d, _ in keys_seen) >= SLOTS - 1
+
+
+def test_unreachable_coap_device_falls_back_like_stale_data(
+    stack: Stack, site: SiteManifest
+) -> None:
+    """bus2's devices configured on a port nobody serves: counted, and every slot falls back."""
+    s = stack
+    site.save(s.files / "site.json")
+    cfg = _config(s, f"coap://127.0.0.1:{free_udp_port()}", "unreachable", dry_run=True)
+    # The CoAP devices run, but their server is never bound: nobody answers on that port.
+    unbound = CoapDeviceServer(site.site, [d.id for d in site.devices if d.id.startswith("bus2-")])
+    _, summary, runner = asyncio.run(_run(s, site, cfg, unbound))
+    coap = summary["coap"]
+    assert coap["reachable"] == 0 and coap["observe_failures"]["unreachable"] >= 12, coap
+    assert summary["decisions"] == {"fallback": summary["slots_decided"]}, summary
+    assert summary["fallbacks"] == {"stale_data": summary["slots_decided"]}, summary
+    # While the MQTT devices reported, the fallback named exactly the unreachable ones.
+    details = [d.detail or "" for _, d in runner.core.decisions]
+    assert any("bus2-meter" in d and "bus1" not in d for d in details), details
+    assert summary["rejected"] == {}, summary
