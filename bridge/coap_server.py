@@ -12,8 +12,9 @@ differs. Like the MQTT shell it moves bytes and decides nothing: what a command 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiocoap
 import aiocoap.resource as coap_resource
@@ -188,3 +189,20 @@ class CoapDeviceServer:
             await self._context.shutdown()
             self._context = None
         await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    site: str, devices: Iterable[str], host: str, port: int
+) -> AsyncIterator[CoapDeviceServer | None]:
+    """A started server for `devices` (None when there are none), closed on the way out."""
+    ids = list(devices)
+    if not ids:
+        yield None
+        return
+    server = CoapDeviceServer(site, ids)
+    await server.start(host, port)
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -152,16 +152,31 @@ def devices_simulate(
         str | None,
         typer.Option(help="JSON-RPC URL: start each device's reading nonce at the registry's."),
     ] = None,
+    coap_device: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--coap-device",
+            help="Serve this device over CoAP instead of MQTT: an id or a glob such as "
+            "'bus6-*' (repeatable). The bridge config names the same devices under coap.endpoints.",
+        ),
+    ] = None,
+    coap_bind: Annotated[
+        str,
+        typer.Option(help="HOST:PORT (UDP) where the CoAP devices answer, all on one port."),
+    ] = "127.0.0.1:5683",
     as_json: JsonOpt = False,
 ) -> None:
-    """Run every device of the site on the broker, each with its own key and password, driven by
-    the scenario's load and PV profiles; each obeys commands within its limits."""
+    """Run every device of the site, driven by the scenario's load and PV profiles; each obeys
+    commands within its limits. Devices speak MQTT on the broker (each with its own key and
+    password), or CoAP on --coap-bind for those picked with --coap-device."""
     from bridge.clock import SlotClock
+    from bridge.coap_resources import match_devices
+    from bridge.coap_server import serving
     from bridge.config import load_deployment
     from bridge.errors import BridgeError
     from bridge.logs import setup_json_logging
     from bridge.signing import ReadingDomain
-    from bridge.simulator import Profiles, simulate
+    from bridge.simulator import FleetStats, Profiles, simulate
     from bridge.site import load_site
     from bridge.site_builder import build_site
     from contracts.errors import ChainError
@@ -177,7 +192,13 @@ def devices_simulate(
                 f"got {manifest.grid_code!r}"
             )
         dep = load_deployment(deployment)
-        secrets = json.loads(passwords.read_text())
+        on_coap = match_devices(
+            dict.fromkeys(coap_device or [], f"coap://{coap_bind}"),
+            [d.id for d in manifest.devices],
+            field="--coap-device",
+        )
+        everyone_on_coap = len(on_coap) == len(manifest.devices)
+        secrets = {} if everyone_on_coap else json.loads(passwords.read_text())
         clock = SlotClock(
             dep.genesis if genesis is None else genesis,
             slot_seconds or dep.slot_seconds,
@@ -190,27 +211,38 @@ def devices_simulate(
             from contracts.client import Chain
 
             nonces = reading_nonces(Chain.rpc(rpc), dep.addresses["DeviceRegistry"], manifest)
-        stats = asyncio.run(
-            simulate(
-                manifest,
-                Profiles.of(params),
-                ReadingDomain(dep.chain_id, dep.addresses["DeviceRegistry"]),
-                broker_url=broker,
-                passwords=secrets,
-                ca_file=ca_file,
-                clock=clock,
-                seed=seed,
-                slots=slots,
-                start_nonces=nonces,
-            )
-        )
+
+        async def run() -> tuple[FleetStats, int]:
+            endpoint = next(iter(on_coap.values()), None)
+            host, port = (endpoint.host, endpoint.port) if endpoint else ("", 0)
+            async with serving(manifest.site, on_coap, host, port) as coap:
+                stats = await simulate(
+                    manifest,
+                    Profiles.of(params),
+                    ReadingDomain(dep.chain_id, dep.addresses["DeviceRegistry"]),
+                    broker_url=broker,
+                    passwords=secrets,
+                    ca_file=ca_file,
+                    clock=clock,
+                    seed=seed,
+                    slots=slots,
+                    start_nonces=nonces,
+                    coap=coap,
+                )
+                return stats, 0 if coap is None else coap.commands
+
+        stats, coap_commands = asyncio.run(run())
     except (MicrogridError, ChainError, OSError, KeyError, json.JSONDecodeError) as err:
         _fail(err)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     _show(
         f"simulated site {manifest.site}",
-        {k: v for k, v in stats.__dict__.items() if k != "per_device"},
+        {
+            **{k: v for k, v in stats.__dict__.items() if k != "per_device"},
+            "coap_devices": len(on_coap),
+            "coap_commands": coap_commands,
+        },
         as_json,
     )
 
