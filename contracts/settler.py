@@ -19,20 +19,26 @@ a receipt poll and an event decode, several HTTP round trips on a node. Here a s
 
 from __future__ import annotations
 
+import functools
+import http.client
 import itertools
+import json
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
-import requests
 from coincurve import PrivateKey
+from Crypto.Hash import keccak as _keccak_impl
 from eth_abi import encode
 from eth_utils import keccak, to_checksum_address
 
 from contracts.client import CLEARING_GAS, Chain, _abi_type
 from contracts.compile import load_artifact
 from contracts.errors import ChainError, UnknownRevert
+from contracts.model import SignedOrder
 
 #: ``SlotStep.parts`` bits, as ``SlotSettler.PART_*``.
 PART_RECONCILE = 1
@@ -42,6 +48,10 @@ PART_READINGS = 8
 
 _DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+_ORDER_TYPEHASH = keccak(
+    text="SignedOrder(address owner,uint64 slot,uint8 side,uint64 energyWh,uint64 limitPrice,"
+    "uint8 nonce)"
 )
 _READING_TYPEHASH = keccak(text="Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)")
 
@@ -123,6 +133,17 @@ def _encode_sequence(items: Sequence[_Encoder], values: Sequence[Any]) -> bytes:
 _STEP_ABI, _STEP_TYPE, _RUN_SELECTOR = _run_abi()
 _STEP_ENCODER = _Encoder(_STEP_ABI)
 _NO_PRICE: tuple[Sequence[int], Sequence[int]] = ((0, 0, 0, 0, 0, 0), (0,) * 24)
+
+
+def keccak256(data: bytes) -> bytes:
+    """Keccak-256 straight from pycryptodome: eth_utils' dispatch layers double its cost, and a
+    slot hashes ~50 times."""
+    return bytes(_keccak_impl.new(digest_bits=256, data=data).digest())
+
+
+#: Checksummed spelling of a 20-byte address: the ledger sees the same few dozen addresses in
+#: every slot's logs, and each spelling costs a keccak.
+_checksum = functools.lru_cache(maxsize=65_536)(to_checksum_address)
 
 
 def _event_topic(signature: str) -> bytes:
@@ -218,13 +239,31 @@ class ReadingSigner:
         """``DeviceRegistry.readingDigest`` of the reading."""
         words = _READING_TYPEHASH + int(device, 16).to_bytes(32, "big")
         words += slot.to_bytes(32, "big") + energy_wh.to_bytes(32, "big", signed=True)
-        struct = keccak(words + nonce.to_bytes(32, "big"))
-        return keccak(b"\x19\x01" + self.domain + struct)
+        struct = keccak256(words + nonce.to_bytes(32, "big"))
+        return keccak256(b"\x19\x01" + self.domain + struct)
 
     def sign(self, key: PrivateKey, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
         """The 65-byte (r, s, v) signature ``submitReadings`` takes."""
         r, s, v = _sign(key, self.digest(device, slot, energy_wh, nonce))
         return r + s.to_bytes(32, "big") + bytes([27 + v])
+
+
+class OrderSigner:
+    """Signs EnergyTrading's signed orders for one deployment (``order_domain``): the same
+    digest as :func:`contracts.client.order_digest`, hashed without eth_utils' layers."""
+
+    def __init__(self, domain: bytes) -> None:
+        self.domain = domain
+
+    def digest(self, order: SignedOrder) -> bytes:
+        """``EnergyTrading.signedOrderDigest`` of ``order``."""
+        fields = (int(order.owner, 16), order.slot, int(order.side), order.energy_wh)
+        words = b"".join(v.to_bytes(32, "big") for v in (*fields, order.limit_price, order.nonce))
+        return keccak256(b"\x19\x01" + self.domain + keccak256(_ORDER_TYPEHASH + words))
+
+    def sign(self, key: PrivateKey, order: SignedOrder) -> tuple[bytes, bytes]:
+        """The compact (r, vs) signature ``settleSignedBatch`` takes."""
+        return compact_signature(key, self.digest(order))
 
 
 @dataclass(frozen=True)
@@ -277,7 +316,7 @@ def decode_logs(logs: Sequence[Log]) -> dict[str, list[dict[str, Any]]]:
             event = {"price": w[0], "volume": w[1], "count": w[2], "fee": w[3], "held": w[4]}
         elif name == "AccountReconciled":
             event = {
-                "account": to_checksum_address(log.topics[2][12:]),
+                "account": _checksum(log.topics[2][12:]),
                 "imbalance": _signed(w[0]),
                 "credited": _signed(w[1]),
                 "unpaid": w[2],
@@ -285,7 +324,7 @@ def decode_logs(logs: Sequence[Log]) -> dict[str, list[dict[str, Any]]]:
         elif name == "SlotReconciled":
             event = {"charged": w[1], "paid": w[2], "unpaid": w[3], "complete": bool(w[4])}
         else:
-            event = {"account": to_checksum_address(log.topics[1][12:]), "amount": w[0]}
+            event = {"account": _checksum(log.topics[1][12:]), "amount": w[0]}
         event["slot"] = int.from_bytes(log.topics[1], "big") if name != "RewardGranted" else None
         out[name].append(event)
     return out
@@ -301,7 +340,7 @@ class SlotSender:
         self._to = to_checksum_address(settler)
         self._tester = chain._tester() if chain.is_tester else None
         self._url = "" if chain.is_tester else str(cast(Any, chain.w3.provider).endpoint_uri)
-        self._session = requests.Session()
+        self._http: http.client.HTTPConnection | None = None
         self._ids = itertools.count(1)
         self._sync = True
 
@@ -364,15 +403,46 @@ class SlotSender:
         raise ChainError(f"no receipt for SlotSettler.run {tx_hash} within 30 s")
 
     def _post(self, calls: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-        """One JSON-RPC batch over the persistent session; answers in request order."""
+        """One JSON-RPC batch over a persistent connection; answers in request order.
+
+        http.client with TCP_NODELAY and the body in the same send as the headers: urllib3
+        (under requests and web3) sends them apart, and Nagle's algorithm with delayed ACKs then
+        stalls every request by milliseconds on loopback.
+        """
         ids = [next(self._ids) for _ in calls]
-        body = [
-            {"jsonrpc": "2.0", "id": i, "method": m, "params": p}
-            for i, (m, p) in zip(ids, calls, strict=True)
-        ]
-        answer = self._session.post(self._url, json=body, timeout=30).json()
+        body = json.dumps(
+            [
+                {"jsonrpc": "2.0", "id": i, "method": m, "params": p}
+                for i, (m, p) in zip(ids, calls, strict=True)
+            ]
+        ).encode()
+        try:
+            answer = self._exchange(body)
+        except (OSError, http.client.HTTPException):
+            self._close()
+            answer = self._exchange(body)  # a keep-alive connection the node closed: once more
         by_id = {a.get("id"): a for a in answer}
         return [by_id[i] for i in ids]
+
+    def _exchange(self, body: bytes) -> Any:
+        if self._http is None:
+            url = urlsplit(self._url)
+            conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._http, self._path = conn, url.path or "/"
+        self._http.request("POST", self._path, body, {"Content-Type": "application/json"})
+        response = self._http.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise ChainError(f"JSON-RPC node answered HTTP {response.status}: {data[:200]!r}")
+        return json.loads(data)
+
+    def _close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     def _explain(self, tx: dict[str, Any], block: int, gas_used: int) -> None:
         """A mined revert: replay it on the parent block for the custom error, then raise."""

@@ -38,17 +38,17 @@ import numpy as np
 from coincurve import PrivateKey
 
 from contracts.clearing import clear_book
-from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite, order_digest
+from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
 from contracts.model import PriceParams, Side, SignedOrder
 from contracts.settler import (
     PART_PRICE,
     PART_READINGS,
     PART_RECONCILE,
     PART_SETTLE,
+    OrderSigner,
     ReadingSigner,
     SlotSender,
     SlotStep,
-    compact_signature,
     decode_logs,
 )
 from envs.accounts import batch_order, meter_key, prosumer_addresses, prosumer_key
@@ -130,7 +130,7 @@ class ChainLedger:
         self._first_slot = suite.current_slot() + 2
         suite.fund_rewards(_REWARD_BUDGET)
         self._window = int(chain.call(suite.registry, "readingWindow"))
-        self._order_domain = suite.order_domain
+        self._orders = OrderSigner(suite.order_domain)
         self._readings = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
         self._sender = SlotSender(chain, admin, suite.settler.address)
         self._mirror = MirrorLedger(1, n, config)
@@ -228,8 +228,7 @@ class ChainLedger:
                 f"{fills}, the mirror at {int(want.price[0])} with {mirror_fills}"
             )
         signatures = [
-            compact_signature(self._keys[k], order_digest(self._order_domain, o))
-            for k, o in zip(submitted, orders, strict=True)
+            self._orders.sign(self._keys[k], o) for k, o in zip(submitted, orders, strict=True)
         ]
         metered = [int(x) for x in slot.metered_wh[0]]
         readings = [(self._devices[k], c, metered[k], self._nonces[k]) for k in range(self.n)]

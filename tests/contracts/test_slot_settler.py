@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from coincurve import PrivateKey
 from eth_account import Account
+from eth_typing import HexStr
 from eth_utils import to_checksum_address
 
 from contracts.clearing import clear_book
@@ -34,6 +35,7 @@ from contracts.settler import (
     PART_READINGS,
     PART_RECONCILE,
     PART_SETTLE,
+    OrderSigner,
     ReadingSigner,
     SlotSender,
     SlotStep,
@@ -157,7 +159,7 @@ def test_the_constructor_refuses_zero_addresses(world: World) -> None:
         data = _bytecode() + chain.w3.codec.encode(["address"] * 5, args).hex()
         with pytest.raises(ContractRevert, match="SlotSettlerZeroAddress"):
             try:
-                chain.w3.eth.call({"from": world.admin, "data": data})
+                chain.w3.eth.call({"from": world.admin, "data": HexStr(data)})
             except Exception as exc:
                 raise chain.decode(exc) from exc
 
@@ -290,5 +292,7 @@ def test_fast_signatures_are_eth_accounts_and_the_contracts(
     order = SignedOrder(m.address, 12, Side.SELL, 250, 10**14, 7)
     want = sign_order(m.key, suite.order_domain, order)
     got = compact_signature(PrivateKey(m.key), order_digest(suite.order_domain, order))
-    assert got == want.as_tuple()
+    assert got == want.as_tuple() == OrderSigner(suite.order_domain).sign(PrivateKey(m.key), order)
+    onchain = chain.call(suite.trading, "signedOrderDigest", order.as_tuple())
+    assert bytes(onchain) == OrderSigner(suite.order_domain).digest(order)
     assert to_checksum_address(m.address) == m.address
