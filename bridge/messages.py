@@ -149,6 +149,10 @@ class ApplianceMetrics(_Payload):
     """Deferred energy still to serve."""
     dr_share: Fraction
     """Share of the flexible load currently called off by demand response."""
+    demand_kw: NonNegative | None = None
+    """The flexible load the household asked for in the slot, before demand response dropped
+    or deferred any of it (rebound not included): with it the bridge sees the household's
+    demand, as the policy was trained to, and not what demand response left of it."""
 
 
 class GridSensorMetrics(_Payload):

@@ -96,6 +96,16 @@ class ObservationBuilder:
         self._last[device] = m
         return m
 
+    def _demand_kw(self, meter: Metrics | None, appliance: Metrics | None) -> float:
+        """The household's demand in the slot: what its meter served, with the flexible load
+        its appliances report asked for in place of what demand response left of it (the env's
+        `load` is the demand; a meter alone sees only what was served)."""
+        if not isinstance(meter, MeterMetrics):
+            return 0.0
+        if isinstance(appliance, ApplianceMetrics) and appliance.demand_kw is not None:
+            return meter.load_kw - appliance.load_kw + appliance.demand_kw
+        return meter.load_kw
+
     def persistence(self, state: SiteState, slot: int) -> Forecast:
         """Every lead repeats the last slot (the env's `persistence` forecast mode)."""
         load = np.zeros(self.n)
@@ -104,8 +114,9 @@ class ObservationBuilder:
         for i, p in enumerate(self.site.prosumers):
             meter = state.metrics(p.meter, slot) or self._last.get(p.meter)
             inverter = state.metrics(p.pv, slot) or self._last.get(p.pv)
+            appliance = state.metrics(p.appliance, slot) or self._last.get(p.appliance)
+            load[i] = self._demand_kw(meter, appliance)
             if isinstance(meter, MeterMetrics):
-                load[i] = meter.load_kw
                 net += meter.net_kw
             if isinstance(inverter, PvMetrics):
                 pv[i] = inverter.available_kw
@@ -153,8 +164,7 @@ class ObservationBuilder:
             meter = self._get(state, p.meter, slot, missing)
             inverter = self._get(state, p.pv, slot, missing)
             appliance = self._get(state, p.appliance, slot, missing)
-            if isinstance(meter, MeterMetrics):
-                load[i] = meter.load_kw
+            load[i] = self._demand_kw(meter, appliance)
             if isinstance(inverter, PvMetrics):
                 pv[i] = inverter.available_kw
             if isinstance(appliance, ApplianceMetrics):

@@ -199,7 +199,8 @@ class Fleet:
             prof.shiftable_share, prof.rebound_per_step, dt,
         )  # fmt: skip
         served = flexible.served_kw[0]
-        appliance = (prof.curtailable_share + prof.shiftable_share) * load - (
+        flexible_demand = (prof.curtailable_share + prof.shiftable_share) * load
+        appliance = flexible_demand - (
             flexible.curtailed_kw[0] + flexible.deferred_kw[0] - flexible.rebound_kw[0]
         )
         self.backlog_kwh = flexible.backlog_kwh[0]
@@ -226,6 +227,7 @@ class Fleet:
                     "load_kw": float(appliance[i]),
                     "backlog_kwh": float(self.backlog_kwh[i]),
                     "dr_share": app_dev.dr_share,
+                    "demand_kw": float(flexible_demand[i]),
                 },
             )
             k = self.battery_index[p.battery]

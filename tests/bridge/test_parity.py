@@ -101,6 +101,26 @@ SHARE_TOL = 1e-6
 OBS_TOL = 1e-5
 
 
+class CallsEveryAction(RuleBasedPolicy):
+    """The rule-based controller, plus a demand-response call (06:00-07:30) and PV curtailment
+    (07:00-08:00) on every prosumer, read from the observation's time of day: deterministic, and
+    it moves every command the bridge sends and the flexible loads' backlog and rebound."""
+
+    name = "rule-based+dr"
+
+    def predict(self, obs: np.ndarray) -> np.ndarray:
+        a = np.array(super().predict(obs), dtype=np.float32)
+        raw = self.codec.decode_observation(obs)
+        sin, cos = raw["time_of_day"][0]
+        hour = (np.arctan2(sin, cos) / (2 * np.pi) * 24.0) % 24.0
+        n = self.n_prosumer
+        pv = slice(self.n_battery, self.n_battery + n)
+        dr = slice(self.n_battery + n, self.n_battery + 2 * n)
+        a[dr] = 0.6 if 6.0 - 1e-6 <= hour < 7.5 - 1e-6 else 0.0
+        a[pv] = 0.25 if 7.0 - 1e-6 <= hour < 8.0 - 1e-6 else 0.0
+        return a
+
+
 def parity_scenario() -> Scenario:
     """The default scenario with the forecast the bridge has: persistence of the last slot."""
     s = load_scenario()
@@ -133,11 +153,13 @@ class EnvDay:
     """The state at the first recorded step: where the devices start."""
 
 
-def run_env(scenario: Scenario, day: int, begin: int, steps: int) -> EnvDay:
+def run_env(
+    scenario: Scenario, day: int, begin: int, steps: int, policy_class: type[RuleBasedPolicy]
+) -> EnvDay:
     """The day from 00:00 in the env; records steps `begin` .. `begin` + `steps` - 1."""
     env = MicrogridEnv(scenario, split="test")
     codec, params = env.codec, env.params
-    policy = RuleBasedPolicy(codec)
+    policy = policy_class(codec)
     shield = Shield.from_params(params, codec)
     n_bat = params.batteries.n
     power = np.asarray(codec.battery_power_kw)
@@ -274,7 +296,13 @@ def recorded_readings(s: Stack, slots: range) -> int:
     return sum(1 for e in logs if e["args"]["slot"] in slots)
 
 
-async def run_live(s: Stack, begin: int, steps: int, start: StartState | None) -> LiveDay:
+async def run_live(
+    s: Stack,
+    begin: int,
+    steps: int,
+    start: StartState | None,
+    policy_class: type[RuleBasedPolicy],
+) -> LiveDay:
     """The bridge in process, the simulated devices beside it: the day's slots `begin` ..
     `begin` + `steps` - 1, the devices starting from `start`."""
     first = s.first + begin
@@ -283,7 +311,8 @@ async def run_live(s: Stack, begin: int, steps: int, start: StartState | None) -
     cfg = load_bridge_config(write_config(s, genesis))
     dep = load_deployment(cfg.chain.deployment)
     codec = s.site.make_codec()
-    runner = BridgeRunner(cfg, s.site, dep, LoadedPolicy(RuleBasedPolicy(codec), "rule-based"))
+    policy = policy_class(codec)
+    runner = BridgeRunner(cfg, s.site, dep, LoadedPolicy(policy, policy.name))
     live = LiveDay()
     build = runner.core.builder.build
 
@@ -406,9 +435,11 @@ def compare(s: Stack, begin: int, env: EnvDay, live: LiveDay) -> list[str]:
     return out
 
 
-def check_parity(s: Stack, begin: int, steps: int) -> None:
-    env = run_env(s.scenario, s.day, begin, steps)
-    live = asyncio.run(run_live(s, begin, steps, env.start))
+def check_parity(
+    s: Stack, begin: int, steps: int, policy_class: type[RuleBasedPolicy] = RuleBasedPolicy
+) -> None:
+    env = run_env(s.scenario, s.day, begin, steps, policy_class)
+    live = asyncio.run(run_live(s, begin, steps, env.start, policy_class))
     problems = compare(s, begin, env, live)
     assert not problems, (
         f"{len(problems)} divergence(s) between env and bridge; the first: {problems[0]}\n"
@@ -421,7 +452,7 @@ def test_parity_four_hours_of_a_test_day(stack: Stack) -> None:
     """05:00-09:00 of the sunniest test day: household batteries turn from discharging to
     charging, the community battery takes the community's surplus until its SoC limit stops it
     (08:30); the devices start from the env's state at 05:00."""
-    check_parity(stack, FAST_BEGIN, FAST_SLOTS)
+    check_parity(stack, FAST_BEGIN, FAST_SLOTS, CallsEveryAction)
 
 
 @pytest.mark.slow
