@@ -7,9 +7,12 @@ environment equal to N single ones, step for step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numba
 import numpy as np
 
 from envs.codec import Codec, DecodedAction
@@ -24,9 +27,32 @@ from envs.kernel import (
     outcome_from_matrix,
     step_kernel,
 )
-from envs.kpis import outcome_matrix
+from envs.kpis import MARKET_INFO, OUTCOME_FIELDS, EpisodeKpis, MarketKpis, outcome_matrix
+from envs.ledger import treasury_short
+from envs.market_kernel import fused_step, fused_step_parallel
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
+
+if TYPE_CHECKING:
+    from envs.exchange import Exchange
+
+#: Batches of at least this many grids run the fused step on all of numba's threads (below it,
+#: starting the threads costs more than they save). `NUMBA_NUM_THREADS=1` keeps it on one core.
+PARALLEL_ROWS = 128
+
+
+@dataclass(frozen=True)
+class FusedStep:
+    """What one fused step returns; the state, ledger and episode totals changed in place."""
+
+    obs: np.ndarray
+    """(B, obs_dim) float32: the observation after the step."""
+    outcome: FloatArray
+    """(B, len(OUTCOME_FIELDS)): the step's figures, as `Engine.step`'s matrix."""
+    market: FloatArray | None
+    """(B, len(MARKET_INFO)): the slot's market figures, None without a market."""
+    clip: FloatArray
+    """(B, 2): action components clipped, and the summed distance they were clipped by."""
 
 
 def resolve_scenario(scenario: Scenario | str | Path | None) -> Scenario:
@@ -57,6 +83,18 @@ class Engine:
         self._starts = field_starts(self.codec.field_sizes())
         self._scaling = self.codec.scaling()
         self._allowed_days = set(self.split_days.tolist())
+        self._no_market: dict[int, tuple[Any, ...]] = {}
+        c = self.compiled
+        self._fixed: tuple[Any, ...] = ()
+        if c is not None:
+            self._fixed = (
+                c.scalars, c.battery, c.base_mva, c.zt_re, c.zt_im, c.w_re, c.w_im, c.y_re,
+                c.y_im, c.y_out_ref, c.v_ref, c.i_scale, c.sizes, c.v_lim, c.lead_scale,
+                float(c.lead_scale[0]), c.forecast_mode, c.noise, c.stride,
+                float(max(self.params.n_days, 1)),
+                np.asarray(self.codec.battery_power_kw, dtype=np.float64),
+                float(self.codec.signal_range), self._starts, self._scaling,
+            )  # fmt: skip
 
     # ---- reset -------------------------------------------------------------------------
     def parse_options(self, options: dict[str, Any] | None) -> tuple[int | None, FloatArray | None]:
@@ -91,8 +129,12 @@ class Engine:
         return day, soc_arr
 
     def draw_start(self, rng: np.random.Generator, day: int | None) -> tuple[int, int]:
-        """Day and forecast-noise offset of a new episode, always drawn in this order."""
-        drawn = int(rng.choice(self.split_days))
+        """Day and forecast-noise offset of a new episode, always drawn in this order.
+
+        `integers(0, n)` then indexing is what `rng.choice(days)` does, draw for draw, at a
+        fifth of its cost (the vector env draws for every grid it resets).
+        """
+        drawn = int(self.split_days[rng.integers(0, self.split_days.shape[0])])
         offset = int(rng.integers(NOISE_TABLE_SIZE))
         return (drawn if day is None else day), offset
 
@@ -136,3 +178,82 @@ class Engine:
         if self.compiled is not None:
             return observe_kernel(self.compiled, self.params, state, self._starts, self._scaling)
         return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+
+    # ---- the fused step ----------------------------------------------------------------
+    def fuses(self, exchange: Exchange | None) -> bool:
+        """Whether `step_fused` can run this env: the compiled kernel and no chain ledger."""
+        return self.compiled is not None and (exchange is None or exchange.fuses)
+
+    def step_fused(
+        self,
+        state: GridState,
+        actions: np.ndarray,
+        kpis: EpisodeKpis,
+        market_kpis: MarketKpis,
+        exchange: Exchange | None,
+    ) -> FusedStep:
+        """Decode, gate, physics, settlement, episode totals and observation in one call.
+
+        Equal to `decode`, `Exchange.open`, `step`, `Exchange.close`, the totals' `add` and
+        `observe` in turn (the same compiled row functions run), but one numba dispatch
+        instead of a dozen and no per-step Python beyond packing the arguments. `state`, the
+        mirror ledger's accounts and the totals change in place. A bad action raises
+        `ActionError` before anything changes.
+        """
+        a = actions
+        if not (
+            isinstance(a, np.ndarray)
+            and a.ndim == 2
+            and a.shape[1] == self.codec.act_dim
+            and a.dtype in (np.float32, np.float64)
+            and a.flags.c_contiguous
+        ):
+            a = np.ascontiguousarray(a, dtype=np.float64)
+            if a.ndim != 2 or a.shape[1] != self.codec.act_dim:
+                self.decode(a)  # raises the error that names the expected layout
+        b = a.shape[0]
+        p = self.params
+        s = state
+        out = np.empty((b, len(OUTCOME_FIELDS)), dtype=np.float64)
+        obs = np.empty((b, self.codec.obs_dim), dtype=np.float32)
+        clip = np.empty((b, 2), dtype=np.float64)
+        mout = np.empty((b, len(MARKET_INFO)), dtype=np.float64)
+        short = np.zeros(b, dtype=np.bool_)
+        if exchange is not None:
+            mcfg, rates, order, credit, treasury, tokens = exchange.fused_accounts()
+            market = (True, mcfg, rates, order, credit, treasury, tokens)
+            msum, priced = market_kpis.sums, market_kpis.priced
+        else:
+            market, msum, priced = self._market_stand_in(b)
+        parallel = b >= PARALLEL_ROWS and numba.get_num_threads() > 1
+        run: Callable[..., bool] = fused_step_parallel if parallel else fused_step
+        ok = run(
+            *self._fixed,
+            p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
+            p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
+            p.background_load_pv_kw, p.prosumer_pq, p.battery_pq, p.import_price,
+            p.tod_multiplier,
+            s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid, s.last_load_kw,
+            s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
+            *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
+            a, out, mout, obs, clip, short,
+        )  # fmt: skip
+        if not ok:
+            self.decode(a)  # raises the error that names the non-finite components
+            raise ActionError("action: non-finite values")
+        if exchange is not None and short.any():
+            raise treasury_short(int(np.flatnonzero(short)[0]))
+        return FusedStep(obs, out, mout if exchange is not None else None, clip)
+
+    def _market_stand_in(self, b: int) -> tuple[tuple[Any, ...], FloatArray, FloatArray]:
+        """Arrays of the right types for the fused step's market arguments, market off."""
+        if b not in self._no_market:
+            n = self.params.n_prosumer
+            ints = np.zeros((b, n), dtype=np.int64)
+            market = (
+                False, np.zeros(6), np.zeros(4, dtype=np.int64), np.arange(n, dtype=np.int64),
+                ints, np.zeros(b, dtype=np.int64), ints.copy(),
+            )  # fmt: skip
+            self._no_market[b] = (market, np.zeros((b, len(MARKET_INFO))), np.zeros(b))
+        market, msum, priced = self._no_market[b]
+        return market, msum, priced

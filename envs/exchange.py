@@ -71,6 +71,21 @@ class Exchange:
     def reset(self, rows: IntArray) -> None:
         self.ledger.reset(rows)
 
+    def fused_accounts(self) -> tuple[FloatArray, IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """(market config, rates, order, credit, treasury, reward tokens) for the fused step.
+
+        Only a mirror ledger settles inside the compiled step; a chain ledger raises here and the
+        environments run `open`, `Engine.step` and `close` in turn instead (`fuses`).
+        """
+        if not isinstance(self.ledger, MirrorLedger):
+            raise TypeError(f"the {self.ledger.name!r} ledger settles outside the compiled step")
+        return (self._mcfg, *self.ledger.accounts())
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the fused step can settle this market (the mirror ledger does)."""
+        return isinstance(self.ledger, MirrorLedger)
+
     def reference(self, state: GridState) -> IntArray:
         """The coming slot's reference price (money units per Wh, >= 1), as `open` fixes it."""
         return np.maximum(to_units(state.community_price), 1)

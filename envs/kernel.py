@@ -131,7 +131,29 @@ def _step_batch(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     battery_kw, curtail, dr, price_mult, out,
 ):  # fmt: skip
-    b = slot.shape[0]
+    step_rows(
+        0, slot.shape[0], sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref,
+        i_scale, sizes, v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof,
+        bg_pv_prof, bg_sto_prof, prosumer_pq, battery_pq, import_price, tod, slot, step, soc,
+        cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price, battery_kw,
+        curtail, dr, price_mult, out,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def step_rows(
+    lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
+    v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof,
+    bg_sto_prof, prosumer_pq, battery_pq, import_price, tod,
+    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
+    battery_kw, curtail, dr, price_mult, out,
+):  # fmt: skip
+    """Advance rows [lo, hi) of the state by one slot.
+
+    The decoded action (`battery_kw`, `curtail`, `dr`, `price_mult`) is indexed from `lo`
+    (row i at i - lo), so a caller can decode one chunk of rows at a time; the state and
+    `out` are indexed by row.
+    """
     dt = sc[0]
     n_b = bat.shape[1]
     n_p = load_prof.shape[1]
@@ -147,7 +169,8 @@ def _step_batch(
     scratch = np.empty((2, n_pq), dtype=np.complex128)
     outc = np.empty(m, dtype=np.complex128)
     rs = np.empty((8, max(n_pq, m)), dtype=np.float64)
-    for i in range(b):
+    for i in range(lo, hi):
+        r = i - lo
         s_pq = scratch[0]
         v = scratch[1]
         t = slot[i]
@@ -161,7 +184,7 @@ def _step_batch(
         backlog_sum = 0.0
         for k in range(n_p):
             load = load_prof[t, k]
-            d = dr[i, k]
+            d = dr[r, k]
             curtailed = d * sc[1] * load
             deferred = d * sc[2] * load
             rebound = (1.0 - d) * sc[3] * backlog[i, k] / dt
@@ -169,7 +192,7 @@ def _step_batch(
             backlog[i, k] = backlog[i, k] + (deferred - rebound) * dt
             backlog_sum += backlog[i, k]
             q_ratio = served / load if load > 0.0 else 1.0
-            pv = pv_prof[t, k] * (1.0 - curtail[i, k])
+            pv = pv_prof[t, k] * (1.0 - curtail[r, k])
             pv_cut += pv_prof[t, k] - pv
             served_sum += served
             pv_sum += pv
@@ -191,10 +214,10 @@ def _step_batch(
             eta_d = bat[3, k]
             max_ch = min(bat[1, k], (bat[5, k] - soc[i, k]) * cp / (eta_c * dt))
             max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * eta_d / dt)
-            lo = -max_dis if max_dis > 0.0 else 0.0
-            hi = max_ch if max_ch > 0.0 else 0.0
-            sp = battery_kw[i, k]
-            pw = min(max(sp, lo), hi)
+            lo_k = -max_dis if max_dis > 0.0 else 0.0
+            hi_k = max_ch if max_ch > 0.0 else 0.0
+            sp = battery_kw[r, k]
+            pw = min(max(sp, lo_k), hi_k)
             limited += abs(sp - pw)
             cell = (pw * eta_c if pw > 0.0 else pw / eta_d) * dt
             if c0 > 0.0:
@@ -351,7 +374,7 @@ def _step_batch(
             penalty = sc[15]
         demand = max(p_import / sc[9], DEMAND_FACTOR_FLOOR)
         stress = max(grid[i, 3] - sc[8], 0.0) / max(1.0 - sc[8], 1e-9)
-        price = sc[7] * (demand + stress) * tod[sod] * price_mult[i]
+        price = sc[7] * (demand + stress) * tod[sod] * price_mult[r]
         community_price[i] = price
         slot[i] = t + 1
         step[i] = new_step
@@ -437,14 +460,27 @@ def _observe_batch(
     n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
     noise_offset, starts, scaling, buf,
 ):  # fmt: skip
-    b = slot.shape[0]
+    observe_rows(
+        0, slot.shape[0], sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof,
+        import_price, cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
+        community_price, noise_offset, starts, scaling, buf,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def observe_rows(
+    lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
+    cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
+    noise_offset, starts, scaling, buf,
+):  # fmt: skip
+    """Encode rows [lo, hi) of the state into the same rows of `buf`."""
     row = np.empty(buf.shape[1], dtype=np.float64)  # one raw row, reused: stays in cache
     h = sizes[2]
     n_p = load_prof.shape[1]
     n_b = soc.shape[1]
     spd = int(sc[17])
     two_pi = 2.0 * math.pi
-    for i in range(b):
+    for i in range(lo, hi):
         t = slot[i]
         sod = t % spd
         o = starts[0]

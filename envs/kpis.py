@@ -72,15 +72,25 @@ class EpisodeKpis:
 
     def row(self, i: int) -> dict[str, float]:
         """The finished episode of row `i` as plain floats (what `info` carries)."""
-        out = {k: float(self.sums[i, _COL[k]]) for k in SUMMED}
-        out["peak_kw"] = float(self.peak_kw[i])
-        out["steps"] = float(self.steps[i])
-        load = out["load_kwh"]
-        out["self_sufficiency"] = (
-            float(np.clip(1.0 - out["import_kwh"] / load, 0.0, 1.0)) if load > 0 else 1.0
+        return self.rows(np.array([i]))[0]
+
+    def rows(self, rows: np.ndarray) -> list[dict[str, float]]:
+        """`row` of each of `rows`, computed for all of them at once (the vector env's resets)."""
+        sums = self.sums[rows]
+        load = sums[:, _COL["load_kwh"]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.clip(1.0 - sums[:, _COL["import_kwh"]] / load, 0.0, 1.0)
+        extra = np.stack(
+            [
+                self.peak_kw[rows],
+                self.steps[rows],
+                np.where(load > 0, ratio, 1.0),
+                sums[:, _COL["voltage_violations"]] + sums[:, _COL["thermal_violations"]],
+            ],
+            axis=1,
         )
-        out["violations"] = out["voltage_violations"] + out["thermal_violations"]
-        return out
+        values = np.concatenate([sums[:, _SUMMED_COLS], extra], axis=1).tolist()
+        return [dict(zip(_ROW_KEYS, v, strict=True)) for v in values]
 
 
 @dataclass
@@ -109,16 +119,36 @@ class MarketKpis:
         self.priced[rows] = 0.0
 
     def row(self, i: int) -> dict[str, float]:
-        out = {k: float(self.sums[i, j]) for j, k in enumerate(MARKET_INFO) if k != "market_price"}
-        traded = out["market_traded_kwh"]
-        out["market_mean_price"] = float(self.priced[i] / traded) if traded > 0 else 0.0
-        out["dr_event_slots"] = out.pop("dr_event")
-        out["emergency_slots"] = out.pop("emergency")
-        return out
+        return self.rows(np.array([i]))[0]
+
+    def rows(self, rows: np.ndarray) -> list[dict[str, float]]:
+        """`row` of each of `rows`, computed for all of them at once."""
+        sums = self.sums[rows]
+        traded = sums[:, _TRADED]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(traded > 0, self.priced[rows] / traded, 0.0)
+        values = np.concatenate(
+            [sums[:, _MARKET_COLS[:-2]], mean[:, None], sums[:, _MARKET_COLS[-2:]]], axis=1
+        ).tolist()
+        return [dict(zip(_MARKET_KEYS, v, strict=True)) for v in values]
 
 
 _COL = {name: i for i, name in enumerate(OUTCOME_FIELDS)}
 _IMPORT_KW = _COL["import_kw"]
+_SUMMED_COLS = [_COL[k] for k in SUMMED]
+_ROW_KEYS = (*SUMMED, "peak_kw", "steps", "self_sufficiency", "violations")
+# Market episode keys in `MarketKpis.row`'s order: the summed columns but the price, the mean
+# price, then the event counts under their episode names.
+_EVENTS = ("dr_event", "emergency")
+_MARKET_COLS = [j for j, k in enumerate(MARKET_INFO) if k not in ("market_price", *_EVENTS)]
+_MARKET_COLS += [MARKET_INFO.index(k) for k in _EVENTS]
+_MARKET_KEYS = (
+    *(MARKET_INFO[j] for j in _MARKET_COLS[:-2]),
+    "market_mean_price",
+    "dr_event_slots",
+    "emergency_slots",
+)
+_TRADED = MARKET_INFO.index("market_traded_kwh")
 
 
 def outcome_matrix(o: StepOutcome) -> FloatArray:

@@ -103,6 +103,14 @@ class Ledger(Protocol):
         """(B, n) free credit of every prosumer."""
 
 
+def treasury_short(row: int) -> LedgerError:
+    """The error of a slot whose surpluses the treasury of grid `row` cannot pay."""
+    return LedgerError(
+        f"market.treasury_credit: the treasury of grid {row} cannot pay this slot's "
+        f"surpluses (EnergyTradingTreasuryShort); raise treasury_credit"
+    )
+
+
 def units(amount: float) -> int:
     """Currency (or tokens) -> integer money units."""
     return round(amount * MONEY_UNITS)
@@ -147,6 +155,11 @@ class MirrorLedger:
     def credits(self) -> IntArray:
         return self._credit.copy()
 
+    def accounts(self) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """(rates, batch order, credit, treasury, reward tokens): the arrays the fused step
+        (`envs.market_kernel.fused_step`) settles on in place, exactly as `settle` does."""
+        return self._rates, self.order, self._credit, self.treasury, self.reward_tokens
+
     def settle(self, slot: SlotInput) -> Settlement:
         b, n = self.batch, self.n
         out = {k: np.zeros((b, n), dtype=np.int64) for k in ("fill", "cash", "imb", "unp", "rew")}
@@ -158,10 +171,7 @@ class MirrorLedger:
             row["fees"], out["imb"], out["unp"], row["ref"], out["rew"],
         )  # fmt: skip
         if short >= 0:
-            raise LedgerError(
-                f"market.treasury_credit: the treasury of grid {short} cannot pay this slot's "
-                f"surpluses (EnergyTradingTreasuryShort); raise treasury_credit"
-            )
+            raise treasury_short(short)
         self.reward_tokens += out["rew"]
         zeros = np.zeros(b, dtype=np.int64)
         return Settlement(

@@ -9,10 +9,12 @@ loops over the batch rows; rows are independent. The rules are documented where 
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
-from envs.kernel import forecast_value
+from envs.kernel import forecast_value, observe_rows, step_rows
 
 BUY = 0
 SELL = 1
@@ -147,26 +149,43 @@ def gate_rows(
     mcfg: band_low_bps, band_high_bps, markup, dr_loading, dr_voltage_pu, emergency_loading.
     The book is written only when `use_rule` (otherwise the caller supplies it).
     """
+    gate_range(
+        0, slot.shape[0], mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
+        slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
+        battery_kw, curtail, dr, use_rule, reference, dr_event, emergency, reduction, qty,
+        limit, side,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def gate_range(
+    lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
+    slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
+    battery_kw, curtail, dr, use_rule,
+    reference, dr_event, emergency, reduction, qty, limit, side,
+):  # fmt: skip
+    """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`."""
     n = load_prof.shape[1]
     dt = sc[0]
     share = sc[1] + sc[2]
     noise_size = noise.shape[0] - stride
-    for i in range(slot.shape[0]):
+    for i in range(lo, hi):
+        r = i - lo
         t = slot[i]
         ref = max(np.int64(np.rint(community_price[i] * _PRICE_UNITS_PER_KWH)), np.int64(1))
-        reference[i] = ref
+        reference[r] = ref
         dev = max(abs(grid[i, 0] - 1.0), abs(grid[i, 1] - 1.0))
-        dr_event[i] = grid[i, 3] > mcfg[3] or dev > mcfg[4]
-        emergency[i] = grid[i, 3] > mcfg[5]
+        dr_event[r] = grid[i, 3] > mcfg[3] or dev > mcfg[4]
+        emergency[r] = grid[i, 3] > mcfg[5]
         for k in range(n):
-            reduction[i, k] = np.int64(np.rint(dr[i, k] * share * load_prof[t, k] * dt * 1000.0))
+            reduction[r, k] = np.int64(np.rint(dr[r, k] * share * load_prof[t, k] * dt * 1000.0))
         if not use_rule:
             continue
         low = max(ref * np.int64(mcfg[0]) // 10_000, np.int64(1))
         high = ref * np.int64(mcfg[1]) // 10_000
         off = (noise_offset[i] + step[i] * stride) % noise_size
         for k in range(n):
-            d = dr[i, k]
+            d = dr[r, k]
             load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
             pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
             served = load * (1.0 - d * share) + (1.0 - d) * sc[3] * backlog[i, k] / dt
@@ -174,18 +193,18 @@ def gate_rows(
             cp = cap[i, k] if cap[i, k] > 1e-12 else 1e-12
             max_ch = min(bat[1, k], (bat[5, k] - soc[i, k]) * cp / (bat[2, k] * dt))
             max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * bat[3, k] / dt)
-            lo = -max_dis if max_dis > 0.0 else 0.0
-            hi = max_ch if max_ch > 0.0 else 0.0
-            pw = min(max(battery_kw[i, k], lo), hi)
-            net = served - pv * (1.0 - curtail[i, k]) + pw
-            qty[i, k] = np.int64(np.rint(abs(net) * dt * 1000.0))
+            lo_k = -max_dis if max_dis > 0.0 else 0.0
+            hi_k = max_ch if max_ch > 0.0 else 0.0
+            pw = min(max(battery_kw[r, k], lo_k), hi_k)
+            net = served - pv * (1.0 - curtail[r, k]) + pw
+            qty[r, k] = np.int64(np.rint(abs(net) * dt * 1000.0))
             if net > 0.0:
-                side[i, k] = BUY
+                side[r, k] = BUY
                 price = np.int64(np.rint(ref * (1.0 + mcfg[2])))
             else:
-                side[i, k] = SELL
+                side[r, k] = SELL
                 price = np.int64(np.rint(ref * (1.0 - mcfg[2])))
-            limit[i, k] = min(max(price, low), high)
+            limit[r, k] = min(max(price, low), high)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -200,6 +219,20 @@ def settle_rows(
     is the batch order (prosumers sorted by account address), which decides pro-rata rounding.
     Returns the index of the first row whose treasury could not pay the surpluses, or -1.
     """
+    return settle_range(
+        0, qty.shape[0], rates, order, qty, limit, side, reference, metered, dr_event,
+        reduction, emergency, credit, treasury, price, volume, fills, cash, fees, imbalance,
+        unpaid, refused, rewards,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def settle_range(
+    lo, hi, rates, order, qty, limit, side, reference, metered, dr_event, reduction, emergency,
+    credit, treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
+):  # fmt: skip
+    """`settle_rows` for rows [lo, hi): `credit` and `treasury` are indexed by row, every
+    other array from `lo`."""
     n = qty.shape[1]
     fee_bps = rates[0]
     penalty = rates[1]
@@ -209,66 +242,73 @@ def settle_rows(
     bf = np.empty(n, dtype=np.int64)
     held = np.empty(n, dtype=np.int64)
     short_row = -1
-    for i in range(qty.shape[0]):
+    for i in range(lo, hi):
+        r = i - lo
         # Orders the contract would refuse never reach the batch: escrow beyond credit, or a
         # paused market.
         n_refused = 0
         for j in range(n):
             k = order[j]
-            q = qty[i, k]
-            ok = q > 0 and not emergency[i]
-            if ok and side[i, k] == BUY and q * limit[i, k] > credit[i, k]:
+            q = qty[r, k]
+            ok = q > 0 and not emergency[r]
+            if ok and side[r, k] == BUY and q * limit[r, k] > credit[i, k]:
                 ok = False
             if q > 0 and not ok:
                 n_refused += 1
             bq[j] = q if ok else 0
-            bp[j] = limit[i, k]
-            bs[j] = side[i, k]
+            bp[j] = limit[r, k]
+            bs[j] = side[r, k]
             bf[j] = 0
-        refused[i] = n_refused
+        refused[r] = n_refused
         p, v = clear_row(bq, bp, bs, bf)
-        price[i] = p
-        volume[i] = v
+        price[r] = p
+        volume[r] = v
         # settleSignedBatch: buyers pay at once, sellers' proceeds net of fee are held.
         fee_sum = 0
         for j in range(n):
             k = order[j]
-            fills[i, k] = bf[j]
+            fills[r, k] = bf[j]
             value = bf[j] * p
-            cash[i, k] = credit[i, k]  # the credit before the slot, for the change below
-            if side[i, k] == BUY:
+            cash[r, k] = credit[i, k]  # the credit before the slot, for the change below
+            if side[r, k] == BUY:
                 credit[i, k] -= value
                 held[k] = 0
-                imbalance[i, k] = metered[i, k] - bf[j]
+                imbalance[r, k] = metered[r, k] - bf[j]
             else:
                 fee = value * fee_bps // 10_000
                 fee_sum += fee
                 held[k] = value - fee
-                imbalance[i, k] = metered[i, k] + bf[j]
-        fees[i] = fee_sum
+                imbalance[r, k] = metered[r, k] + bf[j]
+        fees[r] = fee_sum
         treasury[i] += fee_sum
         # reconcileSlot: a shortfall pays the short price from credit + held proceeds as far as
         # they go (the rest is recorded unpaid); a surplus is paid the long price by the treasury.
-        ref = reference[i]
-        short_price = ref * (10_000 + penalty) // 10_000
-        long_price = ref * (10_000 - penalty) // 10_000
+        # Both from the worse, for the account, of the grid and clearing prices (when energy
+        # traded): selling beyond one's metered export never pays (`imbalancePrices`).
+        high = reference[r]
+        low = high
+        if v > 0:
+            high = max(high, p)
+            low = min(low, p)
+        short_price = high * (10_000 + penalty) // 10_000
+        long_price = low * (10_000 - penalty) // 10_000
         charged = 0
         paid = 0
         for k in range(n):
-            imb = imbalance[i, k]
+            imb = imbalance[r, k]
             charge = imb * short_price if imb > 0 else 0
             payout = -imb * long_price if imb < 0 else 0
             funds = credit[i, k] + held[k] + payout
             collected = min(charge, funds)
             credit[i, k] = funds - collected
-            unpaid[i, k] = charge - collected
+            unpaid[r, k] = charge - collected
             charged += collected
             paid += payout
-            cash[i, k] = credit[i, k] - cash[i, k]
-            r = -metered[i, k] * rates[3] if metered[i, k] < 0 else 0
-            if dr_event[i]:
-                r += reduction[i, k] * rates[2]
-            rewards[i, k] = r
+            cash[r, k] = credit[i, k] - cash[r, k]
+            rew = -metered[r, k] * rates[3] if metered[r, k] < 0 else 0
+            if dr_event[r]:
+                rew += reduction[r, k] * rates[2]
+            rewards[r, k] = rew
         if treasury[i] + charged < paid and short_row < 0:
             short_row = i
         treasury[i] += charged - paid
@@ -296,3 +336,239 @@ def summarise_rows(
         out[i, 7] = txs[i]
         out[i, 8] = 1.0 if dr_event[i] else 0.0
         out[i, 9] = 1.0 if emergency[i] else 0.0
+
+
+# ---- the fused step ------------------------------------------------------------------------
+# The environments step through one compiled call: decode the action, close the gate (market
+# on), advance the physics, meter and settle on the mirror ledger, add the step to the episode
+# totals and encode the next observation. It runs the same range functions as the separate
+# kernels above (which tests hold equal to the numpy references), chunk by chunk of rows, so it
+# computes exactly what calling them in turn computes. Rows are independent: a large batch runs
+# its chunks on all of numba's threads; a row's arithmetic does not depend on its chunk, so a
+# batched row equals the single environment bit for bit.
+
+#: Rows per chunk: the chunk's scratch stays in cache, and 1,024 rows give 16 chunks to share.
+CHUNK_ROWS = 64
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_sum(x):
+    """numpy's sum of a short contiguous row (8 partial sums below 128 entries), same rounding."""
+    n = x.shape[0]
+    if n < 8:
+        res = 0.0
+        for j in range(n):
+            res += x[j]
+        return res
+    r = np.empty(8, dtype=np.float64)
+    for j in range(8):
+        r[j] = x[j]
+    j = 8
+    while j < n - (n % 8):
+        for u in range(8):
+            r[u] += x[j + u]
+        j += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while j < n:
+        res += x[j]
+        j += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip):
+    """`Codec.decode_action` for rows [lo, hi): the decoded parts are indexed from `lo`, the
+    actions and `clip` (components clipped, summed clip distance) by row."""
+    n_a = actions.shape[1]
+    clipped = np.empty(n_a, dtype=np.float64)
+    diff = np.empty(n_a, dtype=np.float64)
+    for i in range(lo, hi):
+        r = i - lo
+        n_clipped = 0
+        for j in range(n_a):
+            x = np.float64(actions[i, j])
+            c = min(max(x, -1.0), 1.0)
+            clipped[j] = c
+            diff[j] = abs(x - c)
+            if diff[j] > 0.0:
+                n_clipped += 1
+        clip[i, 0] = n_clipped
+        clip[i, 1] = _pairwise_sum(diff)
+        for k in range(n_b):
+            bkw[r, k] = clipped[k] * power[k]
+        for k in range(n_p):
+            curt[r, k] = max(clipped[n_b + k], 0.0)
+            drs[r, k] = max(clipped[n_b + n_p + k], 0.0)
+        mult[r] = signal_range ** clipped[n_a - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _fused_chunk(
+    lo, hi, sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
+    sizes,
+    v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+    load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
+    import_price, tod,
+    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
+    noise_offset,
+    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    actions, out, mout, obs, clip, short,
+):  # fmt: skip
+    """Rows [lo, hi) of `fused_step` (arguments as there)."""
+    m = hi - lo
+    n_b = bat.shape[1]
+    n_p = load.shape[1]
+    dt = sc[0]
+    bkw = np.empty((m, n_b), dtype=np.float64)
+    curt = np.empty((m, n_p), dtype=np.float64)
+    drs = np.empty((m, n_p), dtype=np.float64)
+    mult = np.empty(m, dtype=np.float64)
+    decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip)
+    if market:
+        reference = np.empty(m, dtype=np.int64)
+        event = np.empty(m, dtype=np.bool_)
+        emerg = np.empty(m, dtype=np.bool_)
+        books = np.empty((10, m, n_p), dtype=np.int64)
+        reduction, qty, limit, side = books[0], books[1], books[2], books[3]
+        gate_range(
+            lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, sizes[2], load, pv, slot, step,
+            soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset, bkw,
+            curt, drs, True, reference, event, emerg, reduction, qty, limit, side,
+        )  # fmt: skip
+    step_rows(
+        lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
+        sizes, v_lim, base_mva, load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, prosumer_pq,
+        battery_pq, import_price, tod, slot, step, soc, cap, backlog, v_pq, grid, last_load,
+        last_pv, last_net, community_price, bkw, curt, drs, mult, out,
+    )  # fmt: skip
+    for i in range(lo, hi):
+        for j in range(out.shape[1]):
+            ksum[i, j] += out[i, j]
+        peak[i] = max(peak[i], out[i, 6])
+        steps[i] += 1.0
+    if market:
+        metered, fills, cash, imbalance, unpaid, rewards = (
+            books[4],
+            books[5],
+            books[6],
+            books[7],
+            books[8],
+            books[9],
+        )
+        price = np.empty(m, dtype=np.int64)
+        volume = np.empty(m, dtype=np.int64)
+        fees = np.empty(m, dtype=np.int64)
+        refused = np.empty(m, dtype=np.int64)
+        for i in range(lo, hi):
+            for k in range(n_p):
+                metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
+        settle_range(
+            lo, hi, rates, order, qty, limit, side, reference, metered, event, reduction, emerg,
+            credit, treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused,
+            rewards,
+        )  # fmt: skip
+        for i in range(lo, hi):
+            r = i - lo
+            for k in range(n_p):
+                tokens[i, k] += rewards[r, k]
+            imb = 0
+            rew = 0
+            for k in range(n_p):
+                imb += abs(imbalance[r, k])
+                rew += rewards[r, k]
+            o = mout[i]
+            o[0] = price[r] * (1000.0 / MONEY_UNITS)
+            o[1] = volume[r] / 1000.0
+            o[2] = fees[r] / MONEY_UNITS
+            o[3] = imb / 1000.0
+            o[4] = refused[r]
+            o[5] = rew / MONEY_UNITS
+            o[6] = 0.0
+            o[7] = 0.0
+            o[8] = 1.0 if event[r] else 0.0
+            o[9] = 1.0 if emerg[r] else 0.0
+            for j in range(o.shape[0]):
+                msum[i, j] += o[j]
+            priced[i] += o[0] * o[1]
+    observe_rows(
+        lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
+        bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
+        community_price, noise_offset, starts, scaling, obs,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def _all_finite(actions):
+    for i in range(actions.shape[0]):
+        for j in range(actions.shape[1]):
+            if not math.isfinite(actions[i, j]):
+                return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def fused_step(
+    sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
+    v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+    load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
+    import_price, tod,
+    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
+    noise_offset,
+    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    actions, out, mout, obs, clip, short,
+):  # fmt: skip
+    """One step of every row, on one core. Returns False, having changed nothing, when an
+    action is not finite.
+
+    Parameters: the compiled params, profiles and state `Engine.step_fused` passes; `market`
+    (bool) with the mirror ledger's arrays (`credit`, `treasury`, reward `tokens` change in
+    place); the episode totals (`ksum`, `peak`, `steps`, `msum`, `priced`, in place); the
+    actions, and outputs `out` (outcome matrix), `mout` (market matrix), `obs`, `clip` and
+    `short` (the treasury could not pay the row's surpluses).
+    """
+    if not _all_finite(actions):
+        return False
+    _fused_chunk(
+        0, actions.shape[0],
+        sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
+        v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+        load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
+        import_price, tod,
+        slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
+        noise_offset,
+        market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+        actions, out, mout, obs, clip, short,
+    )  # fmt: skip
+    return True
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def fused_step_parallel(
+    sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
+    v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+    load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
+    import_price, tod,
+    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
+    noise_offset,
+    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    actions, out, mout, obs, clip, short,
+):  # fmt: skip
+    """`fused_step` with the rows in chunks of `CHUNK_ROWS` across numba's threads."""
+    if not _all_finite(actions):
+        return False
+    b = actions.shape[0]
+    for c in numba.prange((b + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        _fused_chunk(
+            c * CHUNK_ROWS, min(b, (c + 1) * CHUNK_ROWS),
+            sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
+            sizes,
+            v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+            load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
+            import_price, tod,
+            slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
+            community_price,
+            noise_offset,
+            market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+            actions, out, mout, obs, clip, short,
+        )  # fmt: skip
+    return True

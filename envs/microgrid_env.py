@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any, SupportsFloat
 
@@ -12,19 +13,37 @@ from gymnasium import spaces
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
 from envs.exchange import Exchange, market_matrix
-from envs.kpis import MARKET_INFO, STEP_INFO, EpisodeKpis, MarketKpis
+from envs.kpis import (
+    MARKET_INFO,
+    OUTCOME_FIELDS,
+    STEP_INFO,
+    EpisodeKpis,
+    MarketKpis,
+    outcome_matrix,
+)
 from envs.scenario import Scenario
 
 
 def outcome_info(o: StepOutcome, i: int) -> dict[str, Any]:
     """Row `i` of a step outcome as the plain-float `info` dict."""
-    info: dict[str, Any] = {k: float(getattr(o, k)[i]) for k in STEP_INFO}
-    info["reward_terms"] = {
-        "energy_cost": -float(o.cost[i]),
-        "penalties": -float(o.penalty_cost[i]),
-    }
-    info["power_flow_converged"] = not bool(o.diverged[i])
-    if o.diverged[i]:
+    return row_info(outcome_matrix(o)[i].tolist())
+
+
+_INFO_GET = operator.itemgetter(*(OUTCOME_FIELDS.index(k) for k in STEP_INFO))
+_COST = OUTCOME_FIELDS.index("cost")
+_PENALTY = OUTCOME_FIELDS.index("penalty_cost")
+_DIVERGED = OUTCOME_FIELDS.index("diverged")
+_TRUNCATED = OUTCOME_FIELDS.index("truncated")
+_REWARD = OUTCOME_FIELDS.index("reward")
+
+
+def row_info(row: list[float]) -> dict[str, Any]:
+    """One row of the outcome matrix (as a list) as the plain-float `info` dict."""
+    info: dict[str, Any] = dict(zip(STEP_INFO, _INFO_GET(row), strict=True))
+    info["reward_terms"] = {"energy_cost": -row[_COST], "penalties": -row[_PENALTY]}
+    diverged = row[_DIVERGED] > 0.5
+    info["power_flow_converged"] = not diverged
+    if diverged:
         info["truncation_reason"] = "power_flow_diverged"
     return info
 
@@ -141,6 +160,7 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         self._state: GridState | None = None
         self._kpis = EpisodeKpis(1)
         self._market_kpis = MarketKpis(1)
+        self._nominal_kwh = np.maximum(self.params.batteries.capacity_kwh, 1e-12)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -162,30 +182,41 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         if self._state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        decoded = self.engine.decode(np.asarray(action)[None, :])
-        gate = None
-        if self.exchange is not None:
-            gate = self.exchange.open(self._state, decoded)
-        self._state, out, matrix = self.engine.step(self._state, decoded)
-        self._kpis.add_matrix(matrix)
-        obs = self.engine.observe(self._state)[0]
-        info = outcome_info(out, 0)
-        info["action_clipped"] = int(decoded.clipped[0])
-        info["action_clip_amount"] = float(decoded.clip_amount[0])
+        actions = np.asarray(action)[None, :]
+        market: np.ndarray | None = None
+        if self.engine.fuses(self.exchange):
+            # One compiled call: decode, market, physics, settlement, totals, observation.
+            r = self.engine.step_fused(
+                self._state, actions, self._kpis, self._market_kpis, self.exchange
+            )
+            obs, matrix, market = r.obs[0], r.outcome, r.market
+            n_clipped, clip_amount = r.clip[0].tolist()
+        else:
+            decoded = self.engine.decode(actions)
+            gate = None
+            if self.exchange is not None:
+                gate = self.exchange.open(self._state, decoded)
+            self._state, _, matrix = self.engine.step(self._state, decoded)
+            self._kpis.add_matrix(matrix)
+            obs = self.engine.observe(self._state)[0]
+            if gate is not None and self.exchange is not None:
+                market = market_matrix(self.exchange.close(gate, self._state), gate)
+                self._market_kpis.add(market)
+            n_clipped, clip_amount = float(decoded.clipped[0]), float(decoded.clip_amount[0])
+        row = matrix[0].tolist()
+        info = row_info(row)
+        info["action_clipped"] = int(n_clipped)
+        info["action_clip_amount"] = clip_amount
         info["soc"] = self._state.soc[0].copy()
-        info["state_of_health"] = self._state.capacity_kwh[0] / np.maximum(
-            self.params.batteries.capacity_kwh, 1e-12
-        )
-        if gate is not None and self.exchange is not None:
-            matrix = market_matrix(self.exchange.close(gate, self._state), gate)
-            self._market_kpis.add(matrix)
-            info.update(zip(MARKET_INFO, matrix[0].tolist(), strict=True))
-        truncated = bool(out.truncated[0])
+        info["state_of_health"] = self._state.capacity_kwh[0] / self._nominal_kwh
+        if market is not None:
+            info.update(zip(MARKET_INFO, market[0].tolist(), strict=True))
+        truncated = row[_TRUNCATED] > 0.5
         if truncated:
             info["episode_kpis"] = self._kpis.row(0)
             if self.exchange is not None:
                 info["episode_kpis"].update(self._market_kpis.row(0))
-        return obs, float(out.reward[0]), False, truncated, info
+        return obs, row[_REWARD], False, truncated, info
 
     @property
     def state(self) -> GridState:

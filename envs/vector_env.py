@@ -22,11 +22,16 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.dynamics import GridState, Solver, with_rows
+from envs.dynamics import GridState, Solver
 from envs.engine import Engine
 from envs.exchange import Exchange, market_columns, market_matrix
-from envs.kpis import STEP_INFO, EpisodeKpis, MarketKpis
+from envs.kpis import OUTCOME_FIELDS, STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
+
+_INFO_COLUMNS = tuple((key, OUTCOME_FIELDS.index(key)) for key in STEP_INFO)
+_REWARD = OUTCOME_FIELDS.index("reward")
+_TRUNCATED = OUTCOME_FIELDS.index("truncated")
+_DIVERGED = OUTCOME_FIELDS.index("diverged")
 
 
 class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
@@ -99,55 +104,80 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if self._state is None:
             raise RuntimeError("call reset() before step()")
+        obs, matrix, market, clipped = self._advance(actions)
+        every = np.ones(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for key, col in _INFO_COLUMNS:
+            infos[key] = matrix[:, col]  # columns of a fresh matrix: no copy needed
+            infos[f"_{key}"] = every
+        infos["action_clipped"] = clipped
+        infos["_action_clipped"] = every
+        if market is not None:
+            for key, column in market_columns(market).items():
+                infos[key] = column
+                infos[f"_{key}"] = every
+        truncated = matrix[:, _TRUNCATED] > 0.5
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        done_rows = np.flatnonzero(truncated)
+        if done_rows.size:
+            self._autoreset(done_rows, obs, matrix, infos)
+        return obs, matrix[:, _REWARD].copy(), terminated, truncated, infos
+
+    def _advance(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Step every grid: (observations, outcome matrix, market matrix, components clipped)."""
+        assert self._state is not None
+        if self.engine.fuses(self.exchange):
+            # One compiled call: decode, market, physics, settlement, totals, observation.
+            r = self.engine.step_fused(
+                self._state, actions, self._kpis, self._market_kpis, self.exchange
+            )
+            return r.obs, r.outcome, r.market, r.clip[:, 0]
         decoded = self.engine.decode(actions)
         gate = None
         if self.exchange is not None:
             gate = self.exchange.open(self._state, decoded)
-        self._state, out, matrix = self.engine.step(self._state, decoded)
+        self._state, _, matrix = self.engine.step(self._state, decoded)
         self._kpis.add_matrix(matrix)
         obs = self.engine.observe(self._state)
-        every = np.ones(self.num_envs, dtype=bool)
-        infos: dict[str, Any] = {}
-        for key in STEP_INFO:
-            infos[key] = getattr(out, key)  # columns of a fresh matrix: no copy needed
-            infos[f"_{key}"] = every
-        infos["action_clipped"] = decoded.clipped
-        infos["_action_clipped"] = every
+        market = None
         if gate is not None and self.exchange is not None:
-            matrix = market_matrix(self.exchange.close(gate, self._state), gate)
-            self._market_kpis.add(matrix)
-            for key, column in market_columns(matrix).items():
-                infos[key] = column
-                infos[f"_{key}"] = every
-        truncated = out.truncated.copy()
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        done_rows = np.flatnonzero(truncated)
-        if done_rows.size:
-            final_obs = np.full(self.num_envs, None, dtype=object)
-            final_info = np.full(self.num_envs, None, dtype=object)
-            for i in done_rows:
-                final_obs[i] = obs[i].copy()
-                kpis = self._kpis.row(int(i))
-                if self.exchange is not None:
-                    kpis.update(self._market_kpis.row(int(i)))
-                final_info[i] = {
-                    "episode_kpis": kpis,
-                    "truncation_reason": (
-                        "power_flow_diverged" if out.diverged[i] else "end_of_episode"
-                    ),
-                }
-            mask = truncated.copy()
-            infos.update(
-                final_obs=final_obs, _final_obs=mask, final_info=final_info, _final_info=mask
-            )
-            fresh = self._fresh(done_rows, None, None)
-            self._state = with_rows(self._state, done_rows, fresh)
-            self._kpis.reset_rows(done_rows)
-            self._market_kpis.reset_rows(done_rows)
-            if self.exchange is not None:
-                self.exchange.reset(done_rows)
-            obs[done_rows] = self.engine.observe(fresh)
-        return obs, out.reward.copy(), terminated, truncated, infos
+            market = market_matrix(self.exchange.close(gate, self._state), gate)
+            self._market_kpis.add(market)
+        return obs, matrix, market, decoded.clipped
+
+    def _autoreset(
+        self, done_rows: np.ndarray, obs: np.ndarray, matrix: np.ndarray, infos: dict[str, Any]
+    ) -> None:
+        """Same-step autoreset of `done_rows`: final observation and info, then a new episode."""
+        assert self._state is not None
+        n = self.num_envs
+        final_obs = np.full(n, None, dtype=object)
+        final_info = np.full(n, None, dtype=object)
+        kpis = self._kpis.rows(done_rows)
+        if self.exchange is not None:
+            for row, extra in zip(kpis, self._market_kpis.rows(done_rows), strict=True):
+                row.update(extra)
+        diverged = matrix[done_rows, _DIVERGED] > 0.5
+        for j, i in enumerate(done_rows.tolist()):
+            final_obs[i] = obs[i].copy()
+            final_info[i] = {
+                "episode_kpis": kpis[j],
+                "truncation_reason": "power_flow_diverged" if diverged[j] else "end_of_episode",
+            }
+        mask = np.zeros(n, dtype=bool)
+        mask[done_rows] = True
+        infos.update(final_obs=final_obs, _final_obs=mask, final_info=final_info, _final_info=mask)
+        fresh = self._fresh(done_rows, None, None)
+        # The kernels advance the state in place; a reset row is written in place too.
+        for name in GridState.__dataclass_fields__:
+            getattr(self._state, name)[done_rows] = getattr(fresh, name)
+        self._kpis.reset_rows(done_rows)
+        self._market_kpis.reset_rows(done_rows)
+        if self.exchange is not None:
+            self.exchange.reset(done_rows)
+        obs[done_rows] = self.engine.observe(fresh)
 
     @property
     def state(self) -> GridState:
