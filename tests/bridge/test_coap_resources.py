@@ -102,3 +102,8 @@ def test_bridge_config_names_the_bad_coap_field(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump({"coap": bad}))
         with pytest.raises(ConfigError, match=field):
             load_bridge_config(path)
+
+
+def test_the_shipped_coap_example_config_loads() -> None:
+    cfg = load_bridge_config(Path(__file__).resolve().parents[2] / "configs/bridge/local-coap.yaml")
+    assert cfg.coap.endpoints == {"*-battery": "coap://127.0.0.1:5683"}
