@@ -2,10 +2,11 @@
 real mosquitto (TLS, a password per device, the ACL), the bridge's run loop and anvil with the
 suite deployed, with the same frozen policy, gives the same commands and the same settlements.
 
-Both paths start from the same state (the test day's first slot, batteries at their initial SoC
-and idle in the slot before) and run the builtin rule-based policy (the bridge's fallback, so
-the bridge can load it without a model file) behind the same shield. Per slot, in order, the test
-compares:
+Both paths start from the same state (the env's state at the first slot compared; the devices
+idle in the slot before) and run the same deterministic policy behind the same shield: the
+bridge's `builtin:rule-based` controller for the whole day, and for the default run that
+controller plus a demand-response call and PV curtailment, so that every kind of command and the
+flexible loads' backlog and rebound are compared too. Per slot, in order, the test compares:
 
 * how the bridge decided: by the policy, with every device's telemetry (a fallback is a
   divergence: the env never falls back);
@@ -16,7 +17,8 @@ compares:
   rights) against the env's shielded action: battery set-points in kW, PV curtailment and
   demand-response shares;
 * every household's reading as the registry recorded it on chain (`netMeteredWh` of its owner
-  account) against the Wh the env metered to its ledger for that prosumer.
+  account) against the Wh the env's market meters for that prosumer (the bridge submits
+  readings only: no orders or clearing, so the readings are all it settles).
 
 Tolerances. Commands: 1e-6 x the battery's rating (kW) and 1e-6 for the shares. The policy reads
 a float32 observation (relative resolution 2**-24, ~6e-8); the two paths compute the same
@@ -43,8 +45,8 @@ Different by design, left out of the comparison: the `grid` field (voltages and 
 simulator's grid sensor is a stand-in, not a power flow) and `community_price` (the env's seed
 formula reads the power flow's transformer loading; the bridge uses the tariff).
 
-The default run covers 16 slots (05:00-09:00; the devices start from the env's state at 05:00);
-`--runslow` runs the whole day from 00:00.
+The default run covers 16 slots (05:00-09:00 of the sunniest test day; the devices start from the
+env's state at 05:00), ~45 s; `--runslow` also runs the whole day from 00:00, ~4 minutes.
 """
 
 from __future__ import annotations
