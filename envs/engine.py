@@ -139,8 +139,51 @@ class Engine:
         return (drawn if day is None else day), offset
 
     def reset(self, days: np.ndarray, soc: FloatArray | None, offsets: np.ndarray) -> GridState:
-        kwargs = {} if self.solver is None else {"solver": self.solver}
-        return reset_state(self.params, days, soc, offsets, **kwargs)
+        """Fresh state at the start of `days`: `dynamics.reset_state`, compiled where it can be.
+
+        The reset's power flow (the slot before, batteries idle, no demand response) is one
+        pass of the compiled step kernel over that slot with a zero action, from a cold start,
+        row by row; so a reset row does not depend on which other rows reset with it. A row
+        whose fixed point does not settle gets `reset_state` (with its Newton-Raphson fallback).
+        """
+        if self.compiled is None:
+            kwargs = {} if self.solver is None else {"solver": self.solver}
+            return reset_state(self.params, days, soc, offsets, **kwargs)
+        p = self.params
+        bat = p.batteries
+        b, n_p = days.shape[0], p.n_prosumer
+        slot = days.astype(np.int64) * p.steps_per_day
+        soc0 = np.broadcast_to(bat.soc_initial, (b, bat.n)).copy() if soc is None else soc.copy()
+        state = GridState(
+            slot=np.maximum(slot - 1, 0),
+            step=np.zeros(b, dtype=np.int64),
+            soc=soc0.copy(),
+            capacity_kwh=np.broadcast_to(bat.capacity_kwh, (b, bat.n)).copy(),
+            backlog_kwh=np.zeros((b, n_p)),
+            v_pq=np.broadcast_to(p.network.w_pq, (b, p.network.pq.shape[0])).copy(),
+            grid=np.tile(np.array([1.0, 1.0, 0.0, 0.0]), (b, 1)),
+            last_load_kw=np.empty((b, n_p)),
+            last_pv_kw=np.empty((b, n_p)),
+            last_net_kw=np.empty((b, n_p)),
+            community_price=np.empty(b),
+            noise_offset=offsets.astype(np.int64) % NOISE_TABLE_SIZE,
+        )
+        zeros = np.zeros((b, n_p))
+        _, diverged = step_kernel(
+            self.compiled, p, state, np.zeros((b, bat.n)), zeros, zeros, np.ones(b)
+        )
+        # Undo what stepping did besides solving: the episode starts at `slot`, untouched.
+        state.slot[:] = slot
+        state.step[:] = 0
+        state.soc[:] = soc0
+        state.capacity_kwh[:] = bat.capacity_kwh
+        state.backlog_kwh[:] = 0.0
+        if diverged.any():
+            rows = np.flatnonzero(diverged)
+            fallback = reset_state(p, days[rows], soc0[rows], offsets[rows])
+            for name in GridState.__dataclass_fields__:
+                getattr(state, name)[rows] = getattr(fallback, name)
+        return state
 
     # ---- step --------------------------------------------------------------------------
     def decode(self, actions: np.ndarray) -> DecodedAction:
