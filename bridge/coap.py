@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,11 @@ from bridge.coap_resources import (
     Endpoint,
     Resource,
     code_text,
+    log_query,
     notification_topic,
     outgoing,
     response_topic,
+    split_log,
 )
 from bridge.mqtt import Received
 
@@ -58,6 +60,10 @@ class CoapStats:
     observe_failures: Counter[str] = field(default_factory=Counter)
     """Observation attempts that failed, by `timeout`, `unreachable` or the response code."""
     reobserved: int = 0
+    backlog: int = 0
+    """Telemetry fetched from devices' `log` after a (re-)registration (before duplicates)."""
+    backlog_failures: int = 0
+    """`log` requests that got no usable answer (the bridge goes on with the current state)."""
     """Observations registered again after `reobserve_s` of silence."""
     requests: Counter[str] = field(default_factory=Counter)
     """Commands and DR events sent, by outcome: the response code (`2.04`), `timeout` or
@@ -78,13 +84,17 @@ class CoapLink:
         request_timeout_s: float = 5.0,
         retry_s: float = 5.0,
         reobserve_s: float = 300.0,
+        resume_after: Callable[[str], int] | None = None,
     ) -> None:
+        """`resume_after(device)`: the last reading nonce the bridge holds for it (-1: none);
+        None fetches no backlog."""
         self.site = site
         self.endpoints = dict(endpoints)
         self.queue = queue
         self.request_timeout_s = request_timeout_s
         self.retry_s = retry_s
         self.reobserve_s = reobserve_s
+        self.resume_after = resume_after
         self.stats = CoapStats()
         self.reachable: dict[str, bool] = dict.fromkeys(self.endpoints, False)
         """Per device, whether its last observation attempt got an answer."""
@@ -128,10 +138,13 @@ class CoapLink:
         topic_text = notification_topic(self.site, device, resource)
         while not self._closing:
             request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            # Listen before the first response: a notification is not replayed to a late listener.
+            notifications = request.observation.__aiter__() if request.observation else None
             try:
-                failure = await self._register(device, topic_text, request)
+                failure = await self._register(device, resource, topic_text, request)
                 if failure is None:
-                    await self._follow(topic_text, request)
+                    if notifications is not None:
+                        await self._follow(topic_text, notifications)
                     continue
             finally:
                 obs = request.observation
@@ -143,8 +156,14 @@ class CoapLink:
             self.reachable[device] = False
             await asyncio.sleep(self.retry_s)
 
-    async def _register(self, device: str, topic_text: str, request: Any) -> str | None:
-        """The observation's first response, handed on; None, or why the device did not answer."""
+    async def _register(
+        self, device: str, resource: Resource, topic_text: str, request: Any
+    ) -> str | None:
+        """The observation's first response, handed on; None, or why the device did not answer.
+
+        Registering `data` again means notifications may have been missed: the device's backlog
+        of signed telemetry since the last reading the bridge holds goes first, oldest first.
+        """
         try:
             first = await asyncio.wait_for(request.response, self.request_timeout_s)
         except TimeoutError:
@@ -156,17 +175,35 @@ class CoapLink:
         if not first.code.is_successful():
             return code_text(int(first.code))
         self.reachable[device] = True
+        if resource is Resource.DATA and self.resume_after is not None:
+            await self._backlog(device, topic_text, self.resume_after(device))
         self._deliver(topic_text, first.payload)
         if first.opt.observe is None:  # a device without Observe: poll it instead
             await asyncio.sleep(self.retry_s)
-            return None
         return None
 
-    async def _follow(self, topic_text: str, request: Any) -> None:
-        """Hand on each notification until the observation ends or is silent for too long."""
-        if request.observation is None or request.observation.cancelled:
+    async def _backlog(self, device: str, topic_text: str, after: int) -> None:
+        """`GET log?after=N`: the signed telemetry the bridge has not seen, handed on in order."""
+        assert self._context is not None
+        uri = self.endpoints[device].uri(self.site, device, Resource.LOG)
+        message = aiocoap.Message(code=Code.GET, uri=uri)
+        message.opt.uri_query = (log_query(after),)
+        try:
+            response = await asyncio.wait_for(
+                self._context.request(message).response, self.request_timeout_s
+            )
+        except (TimeoutError, coap_error.Error):
+            self.stats.backlog_failures += 1
             return
-        notifications = request.observation.__aiter__()
+        if not response.code.is_successful():
+            self.stats.backlog_failures += 1
+            return
+        for payload in split_log(response.payload):
+            self.stats.backlog += 1
+            self._deliver(topic_text, payload)
+
+    async def _follow(self, topic_text: str, notifications: Any) -> None:
+        """Hand on each notification until the observation ends or is silent for too long."""
         while True:
             try:
                 note = await asyncio.wait_for(notifications.__anext__(), self.reobserve_s)
@@ -258,6 +295,7 @@ class CoapLink:
             "notifications": s.notifications,
             "duplicates": s.duplicates,
             "reobserved": s.reobserved,
+            "backlog": s.backlog,
             "observe_failures": dict(s.observe_failures),
             "requests": dict(s.requests),
             "command_latency_ms_p50": round(lat[len(lat) // 2], 3) if lat else None,

@@ -12,11 +12,19 @@ a socket: a device's resources live under ``/mgv1/<site>/<id>/``, each the twin 
 | ``data`` | ``DDATA`` | GET, Observe | the telemetry of the slot that just ended |
 | ``cmd`` | ``DCMD`` -> ``DACK`` | POST | a command in; the device's acknowledgement out |
 | ``dr`` | ``DREVENT`` | PUT | the consumer's current demand-response event |
+| ``log`` | ``DDATA`` | GET ``?after=N`` | the signed telemetry with a reading nonce above N |
 
 Observe (RFC 7641) transfers *state*, not events: a re-registered observation delivers the
 current representation again. The bridge's shell drops a representation identical to the last
 one it handed on (the same bytes are the same message), so only a new message reaches the
 validator, where a replayed old one is still refused as `replayed`.
+
+Observe cannot queue what the bridge missed while it was away, as a broker does, and the
+registry takes each device's readings only in nonce order. So a device keeps its recent signed
+telemetry in ``log``: ``GET log?after=N`` answers every DDATA whose reading nonce is above N,
+oldest first, one JSON object per line (the bytes as first sent). The bridge asks for it with
+the last nonce it holds each time it (re-)registers its observation of ``data``, and the
+validator relays those readings as it relays stale MQTT telemetry.
 
 A command's answer is the exchange itself: the device acknowledges the confirmable POST
 (`accepted`) and its response carries the DACK with the final `applied` or `rejected` (2.04
@@ -70,6 +78,7 @@ class Resource(StrEnum):
     DATA = "data"
     CMD = "cmd"
     DR = "dr"
+    LOG = "log"
 
 
 #: Resources the bridge observes, and the message type each notification is.
@@ -133,6 +142,28 @@ def response_topic(site: str, device: str, code: int) -> str | None:
     if code == code_number(CREATED):
         return topic(site, MessageType.DBIRTH, device)
     return None
+
+
+def log_query(after: int) -> str:
+    """The Uri-Query of a backlog request: telemetry with a reading nonce above `after`."""
+    return f"after={after}"
+
+
+def parse_log_query(queries: Iterable[str]) -> int:
+    """`after` of a backlog request (-1: everything kept); a ValueError names what was wrong."""
+    for q in queries:
+        name, _, value = q.partition("=")
+        if name == "after":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"after: expected an integer nonce, got {value!r}") from None
+    return -1
+
+
+def split_log(payload: bytes) -> list[bytes]:
+    """The DDATA payloads of a backlog response, oldest first (compact JSON has no newline)."""
+    return [line for line in payload.split(b"\n") if line.strip()]
 
 
 def ack_code(status: AckStatus) -> tuple[int, int]:

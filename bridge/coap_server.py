@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiocoap
@@ -32,11 +33,15 @@ from bridge.coap_resources import (
     Resource,
     ack_code,
     code_number,
+    parse_log_query,
     resource_path,
 )
 from bridge.errors import BridgeError
 from bridge.messages import MAX_PAYLOAD_BYTES, AckStatus
 from bridge.topics import MessageType, parse_topic
+
+#: Signed telemetry a device keeps for a bridge that was away: a day of 15-minute slots.
+LOG_KEPT = 96
 
 CommandHandler = Callable[[str, bytes], list[tuple[str, bytes]]]
 """(device, command payload) -> the device's answers as (topic, payload), as over MQTT."""
@@ -71,6 +76,26 @@ class Representation(coap_resource.ObservableResource):
     def set(self, payload: bytes) -> None:
         self.payload = payload
         self.updated_state()
+
+
+class LogResource(coap_resource.Resource):
+    """GET `?after=N`: the kept telemetry whose reading nonce is above N, one per line."""
+
+    def __init__(self, server: CoapDeviceServer, device: str) -> None:
+        super().__init__()
+        self.server = server
+        self.device = device
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        try:
+            after = parse_log_query(request.opt.uri_query)
+        except ValueError as exc:
+            return _reply(BAD_REQUEST, str(exc).encode())
+        kept = self.server.logs.get(self.device, ())
+        lines = [payload for nonce, payload in kept if nonce > after]
+        return aiocoap.Message(
+            code=Code(code_number(CONTENT)), payload=b"\n".join(lines), content_format=0
+        )
 
 
 class CommandResource(coap_resource.Resource):
@@ -119,6 +144,10 @@ class CoapDeviceServer:
         self.commands = 0
         self.online: set[str] = set()
         """Devices between their birth and their goodbye: only they take commands."""
+        self.logs: dict[str, deque[tuple[int, bytes]]] = {
+            d: deque(maxlen=LOG_KEPT) for d in self.devices
+        }
+        """Per device, (reading nonce, DDATA) of its recent signed telemetry (`log`)."""
         self._observable: dict[tuple[str, Resource], Representation] = {}
         self._root = coap_resource.Site()
         for device in self.devices:
@@ -131,6 +160,9 @@ class CoapDeviceServer:
             )
             self._root.add_resource(
                 resource_path(site, device, Resource.DR), DrEventResource(self, device)
+            )
+            self._root.add_resource(
+                resource_path(site, device, Resource.LOG), LogResource(self, device)
             )
         self._root.add_resource(
             (".well-known", "core"),
@@ -162,7 +194,20 @@ class CoapDeviceServer:
             self.online.add(device)
         elif resource is Resource.DEATH:
             self.online.discard(device)
+        elif resource is Resource.DATA:
+            self._keep(device, payload)
         self._observable[device, resource].set(payload)
+
+    def _keep(self, device: str, payload: bytes) -> None:
+        """Signed telemetry joins the device's backlog until LOG_KEPT newer ones push it out."""
+        try:
+            reading = json.loads(payload).get("reading")
+            nonce = int(reading["nonce"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # no reading (or not the device's own JSON): nothing owed to the chain
+        log = self.logs[device]
+        if not log or nonce > log[-1][0]:  # the same reading notified again is kept once
+            log.append((nonce, payload))
 
     def command(self, device: str, payload: bytes) -> aiocoap.Message:
         """The device's answer to a command, as a CoAP response (see `bridge.coap_resources`)."""

@@ -369,6 +369,9 @@ class BridgeRunner:
                 self.site.site, self.coap_endpoints, self.link.queue,
                 request_timeout_s=c.request_timeout_s, retry_s=c.retry_s,
                 reobserve_s=c.reobserve_s,
+                # A (re-)registration first fetches the signed telemetry missed since the last
+                # reading held (the validator's, restored from the outbox after a restart).
+                resume_after=lambda device: self.core.validator.last_nonce.get(device, -1),
             )  # fmt: skip
             self.metrics.watch_coap(self.coap.stats)
             await self.coap.start()

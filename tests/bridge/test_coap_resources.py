@@ -16,13 +16,16 @@ from bridge.coap_resources import (
     ack_code,
     code_number,
     code_text,
+    log_query,
     match_devices,
     notification_topic,
     outgoing,
     parse_endpoint,
+    parse_log_query,
     parse_path,
     resource_path,
     response_topic,
+    split_log,
 )
 from bridge.config import load_bridge_config
 from bridge.errors import ConfigError, TopicError
@@ -66,6 +69,13 @@ def test_response_codes_carry_the_ack_model() -> None:
     assert response_topic("s", "d1", code_number(CREATED)) == "mgv1/s/DBIRTH/d1"
     assert response_topic("s", "d1", code_number((4, 0))) is None
     assert response_topic("s", "d1", code_number((5, 3))) is None
+
+
+def test_backlog_query_and_lines() -> None:
+    assert parse_log_query([log_query(41)]) == 41 and parse_log_query([]) == -1
+    with pytest.raises(ValueError, match="after: expected an integer nonce"):
+        parse_log_query(["after=x"])
+    assert split_log(b'{"a":1}\n{"b":2}\n') == [b'{"a":1}', b'{"b":2}'] and split_log(b"") == []
 
 
 def test_endpoints_parse_with_the_default_port() -> None:
