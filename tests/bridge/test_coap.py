@@ -247,3 +247,46 @@ def test_unreachable_coap_device_falls_back_like_stale_data(
     details = [d.detail or "" for _, d in runner.core.decisions]
     assert any("bus2-meter" in d and "bus1" not in d for d in details), details
     assert summary["rejected"] == {}, summary
+
+
+def test_coap_outage_loses_no_reading(stack: Stack, site: SiteManifest) -> None:
+    """The CoAP devices' server goes away for two slots (a gateway reboot, a cut link) while
+    the devices go on measuring and signing. The bridge counts them unreachable and falls back;
+    when they answer again it registers again, fetches each meter's `log` from the last reading
+    it holds, and relays the missed readings: every reading signed reaches the chain, once."""
+    s = stack
+    site.save(s.files / "site.json")
+    coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
+
+    async def scenario() -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
+        port = free_udp_port()
+        server = CoapDeviceServer(site.site, coap_ids)
+        await server.start("127.0.0.1", port)
+
+        async def outage(runner: BridgeRunner) -> None:
+            await asyncio.sleep(2.5 * SLOT_S)
+            await server.close()
+            await asyncio.sleep(2.5 * SLOT_S)
+            await server.start("127.0.0.1", port)
+
+        try:
+            cfg = _config(s, f"coap://127.0.0.1:{port}", "outage")
+            return await _run(s, site, cfg, server, outage)
+        finally:
+            await server.close()
+
+    first_block = int(s.chain.w3.eth.block_number) + 1
+    fleet, summary, _ = asyncio.run(scenario())
+    coap = summary["coap"]
+    assert coap["observe_failures"].get("unreachable", 0) >= 1, coap
+    assert coap["backlog"] >= 1 and summary["relayed_readings"] >= 1, summary
+    # What was missed is too old to act on (stale), its readings relayed; nothing else refused.
+    assert set(summary["rejected"]) <= {"stale"}, summary["refusals"]
+    assert summary["fallbacks"].get("stale_data", 0) >= 1, summary
+    # 0 lost, 0 duplicated: every reading the fleet signed is on the chain once.
+    queued = int(summary["readings_queued"])
+    assert summary["outbox"] == {"confirmed": queued}, summary
+    logs = s.chain.contract("DeviceRegistry", s.registry).events.ReadingRecorded()
+    seen = [(e["args"]["device"], e["args"]["slot"]) for e in logs.get_logs(from_block=first_block)]
+    assert len(seen) == len(set(seen)) == queued == fleet.readings_signed, (seen, fleet)
+    assert fleet.limit_violations == 0
