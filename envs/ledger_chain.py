@@ -25,12 +25,17 @@ every reward one step later, when the reconciliation is mined. Any difference ra
 reconciled (and checked) by one extra transaction at reset or when `on_chain` reads the state.
 
 ``evm`` runs on in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally).
+On ``rpc`` a slot's transaction is sent from a worker thread and its receipt collected and
+checked when the next slot is settled, so the node executes while the environment steps on: a
+revert then raises one step later, and a step's ``gas_used`` is that of the transaction mined
+during it (the previous slot's). ``evm`` (py-evm, under the GIL) waits for each transaction.
 An episode reset reverts to the snapshot taken after deployment instead of redeploying. One
 grid per ledger: chain state is not batched.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +52,7 @@ from contracts.settler import (
     PART_SETTLE,
     OrderSigner,
     ReadingSigner,
+    SlotReceipt,
     SlotSender,
     SlotStep,
     decode_logs,
@@ -80,6 +86,10 @@ class _Pending:
     rewards: IntArray
     treasury: int
     """Expected charged - paid of the treasury."""
+
+
+#: A sent transaction: its receipt to come, the step, the slot it reconciles, the figures reported.
+_InFlight = tuple["Future[SlotReceipt]", SlotStep, "_Pending | None", "Settlement | None"]
 
 
 class ChainLedger:
@@ -133,6 +143,11 @@ class ChainLedger:
         self._orders = OrderSigner(suite.order_domain)
         self._readings = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
         self._sender = SlotSender(chain, admin, suite.settler.address)
+        # On a node the transaction runs in another process: send it from a thread and let the
+        # environment step on meanwhile. py-evm runs in this process, under the GIL: no gain.
+        self._overlap = not chain.is_tester
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-tx")
+        self._inflight: _InFlight | None = None
         self._mirror = MirrorLedger(1, n, config)
         self.treasury = self._mirror.treasury
         """The treasury's credit (the mirror's array: predicted, checked against the chain)."""
@@ -252,6 +267,7 @@ class ChainLedger:
             (o.owner, int(o.side), f, self._position[k])
             for k, o, f in zip(submitted, orders, fills, strict=True)
         )
+        # With overlap (rpc) this is the gas of the previous slot's transaction, mined meanwhile.
         gas = self._run(step, pending, self._suite_slot_end(c), want)
 
         one = np.ones(1, dtype=np.int64)
@@ -307,7 +323,8 @@ class ChainLedger:
         timestamp: int,
         want: Settlement | None = None,
     ) -> int:
-        """Mine `step` (reconciling `pending` first), check the chain's events; returns gas."""
+        """Send `step` (reconciling `pending` first); with overlap, return without waiting (0),
+        else wait, check the chain's events and return the gas."""
         if pending is not None:
             step = SlotStep(
                 **{
@@ -322,8 +339,23 @@ class ChainLedger:
             )
         if timestamp <= self._now:
             raise LedgerError(f"market.ledger: chain time would go back to {timestamp}")
-        receipt = self._sender.send(step.calldata(), timestamp)
+        calldata = step.calldata()
+        previous = self._collect() if self._inflight is not None else 0
+        if self._overlap:
+            future = self._pool.submit(self._sender.send, calldata, timestamp)
+        else:
+            future = Future()
+            future.set_result(self._sender.send(calldata, timestamp))
         self._now = timestamp
+        self._inflight = (future, step, pending, want)
+        return previous if self._overlap else self._collect()
+
+    def _collect(self) -> int:
+        """Wait for the transaction in flight, check its events; returns its gas (0 if none)."""
+        if self._inflight is None:
+            return 0
+        (future, step, pending, want), self._inflight = self._inflight, None
+        receipt = future.result()
         events = decode_logs(receipt.logs)
         if want is not None:
             self._check_settlement(step, want, events["SignedBatchSettled"])
@@ -371,11 +403,14 @@ class ChainLedger:
         _same(p.slot, "treasury change", totals["charged"] - totals["paid"], p.treasury)
 
     def _flush(self) -> None:
-        """Reconcile the pending slot on its own once its readings are final."""
+        """Check the transaction in flight, then reconcile the pending slot on its own once its
+        readings are final."""
+        self._collect()
         pending, self._pending = self._pending, None
         if pending is not None:
             final = self.suite.slot_start(pending.slot + 1) + self._window
             self._run(SlotStep(parts=0), pending, max(final, self._now + 1))
+            self._collect()
 
 
 def _same(slot: int, field: str, got: int, want: int) -> None:
