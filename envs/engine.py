@@ -7,6 +7,9 @@ environment equal to N single ones, step for step.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,17 @@ if TYPE_CHECKING:
 #: Batches of at least this many grids run the fused step on all of numba's threads (below it,
 #: starting the threads costs more than they save). `NUMBA_NUM_THREADS=1` keeps it on one core.
 PARALLEL_ROWS = 128
+# numba's threads: the `workqueue` layer unless the user chose one. The default (GNU OpenMP
+# here) spins its threads while they wait; on this shared 2-core machine that made a batch of
+# 1,024 slower on two threads than on one (20-24k vs 25-31k env-steps/s under load), where
+# workqueue gained (32-46k). workqueue must not be entered from two threads at once: the
+# lock below serialises parallel steps of environments stepped from different threads.
+_PARALLEL_LOCK = threading.Lock()
+
+
+def _choose_threading_layer() -> None:
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -268,19 +282,22 @@ class Engine:
             msum, priced = market_kpis.sums, market_kpis.priced
         else:
             market, msum, priced = self._market_stand_in(b)
+        if b >= PARALLEL_ROWS:
+            _choose_threading_layer()  # before numba starts its threads (get_num_threads does)
         parallel = b >= PARALLEL_ROWS and numba.get_num_threads() > 1
         run: Callable[..., bool] = fused_step_parallel if parallel else fused_step
-        ok = run(
-            *self._fixed,
-            p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
-            p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
-            p.background_load_pv_kw, p.prosumer_pq, p.battery_pq, p.import_price,
-            p.tod_multiplier,
-            s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid, s.last_load_kw,
-            s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
-            *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
-            a, out, mout, obs, clip, short,
-        )  # fmt: skip
+        with _PARALLEL_LOCK if parallel else contextlib.nullcontext():
+            ok = run(
+                *self._fixed,
+                p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
+                p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
+                p.background_load_pv_kw, p.prosumer_pq, p.battery_pq, p.import_price,
+                p.tod_multiplier,
+                s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid,
+                s.last_load_kw, s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
+                *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
+                a, out, mout, obs, clip, short,
+            )  # fmt: skip
         if not ok:
             self.decode(a)  # raises the error that names the non-finite components
             raise ActionError("action: non-finite values")
