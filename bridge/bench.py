@@ -86,6 +86,9 @@ def synthetic_site(devices: int, *, site: str = "site1", seed: str = SEED) -> Si
         pv_scale_kw=rng.uniform(2.0, 6.0, n),
         import_price=price,
         feed_in_price=0.08,
+        tod_multiplier=np.ones(96),
+        base_rate=0.25,
+        stress_threshold=0.8,
         demand_reference_kw=5.0 * n,
         batteries=BatteryParams(
             capacity_kwh=power * 2.0,

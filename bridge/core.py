@@ -158,6 +158,15 @@ class BridgeCore:
         ]
 
     # ---- once per slot ---------------------------------------------------------------------
+    def _price_multiplier(self, slot: int) -> float:
+        """The price signal decided for `slot` (1.0 if this bridge did not decide it)."""
+        for decided, decision in reversed(self.decisions):
+            if decided == slot:
+                return float(self.codec.decode_action(decision.action).price_multiplier)
+            if decided < slot:
+                break
+        return 1.0
+
     def decide(
         self,
         slot: int,
@@ -174,6 +183,12 @@ class BridgeCore:
         if t is None:
             t = self.builder.slot_of_year(now_ms // 1000)
         price = community_price
+        if price is None:
+            # The env observes the seed formula's price of the slot just ended, under the price
+            # signal decided for it; the tariff only where the site or its sensor lack it.
+            price = self.builder.community_price(
+                self.state, slot - 1, t - 1, self._price_multiplier(slot - 1)
+            )
         if price is None:
             price = float(self.site.import_price[t % self.site.steps_per_day])
         obs = self.builder.build(self.state, slot - 1, t, price)

@@ -25,6 +25,7 @@ from bridge.messages import (
 )
 from bridge.site import SiteManifest
 from envs.codec import Codec
+from envs.pricing import DEMAND_FACTOR_FLOOR
 
 Metrics = MeterMetrics | PvMetrics | BatteryMetrics | ApplianceMetrics | GridSensorMetrics
 
@@ -105,6 +106,27 @@ class ObservationBuilder:
         if isinstance(appliance, ApplianceMetrics) and appliance.demand_kw is not None:
             return meter.load_kw - appliance.load_kw + appliance.demand_kw
         return meter.load_kw
+
+    def community_price(
+        self, state: SiteState, slot: int, t: int, multiplier: float = 1.0
+    ) -> float | None:
+        """The seed formula's price of `slot` (the env's `community_price` after that slot),
+        from the grid sensor's transformer flow and loading and the price signal that was in
+        force (`multiplier`); `t` is the env's slot of the year of `slot`. None without the
+        formula in the manifest or a transformer flow from the sensor."""
+        seed = self.site.seed_price
+        sensor = state.metrics(self.site.grid_sensor, slot)
+        if seed is None or not isinstance(sensor, GridSensorMetrics):
+            return None
+        if sensor.trafo_net_kw is None:
+            return None
+        # envs.pricing.seed_price, restated for one site (tests/bridge/test_parity.py).
+        demand = max(sensor.trafo_net_kw / self.site.demand_reference_kw, DEMAND_FACTOR_FLOOR)
+        stress = max(sensor.trafo_loading - seed.stress_threshold, 0.0) / max(
+            1.0 - seed.stress_threshold, 1e-9
+        )
+        tod = seed.time_of_day_multiplier[t % self.site.steps_per_day]
+        return seed.base_rate * (demand + stress) * tod * multiplier
 
     def persistence(self, state: SiteState, slot: int) -> Forecast:
         """Every lead repeats the last slot (the env's `persistence` forecast mode)."""

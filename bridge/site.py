@@ -73,6 +73,18 @@ class BatterySpec(BaseModel):
         return cls(**{k: [float(x) for x in getattr(b, k)] for k in cls.model_fields})
 
 
+class SeedPrice(BaseModel):
+    """The community price's seed formula (`envs.pricing.seed_price`), as the env computes the
+    `community_price` the policy observes:
+    base_rate x (demand factor + grid stress factor) x time-of-day multiplier x price signal."""
+
+    model_config = _CONFIG
+    base_rate: float
+    stress_threshold: Annotated[float, Field(ge=0.0, lt=1.0)]
+    time_of_day_multiplier: list[float]
+    """Per slot of the day."""
+
+
 class SiteManifest(BaseModel):
     """Everything about the site the bridge and the device simulator agree on."""
 
@@ -87,6 +99,8 @@ class SiteManifest(BaseModel):
     """Per slot of the day (currency/kWh)."""
     feed_in_price: float
     demand_reference_kw: Positive
+    seed_price: SeedPrice | None = None
+    """None (a manifest from before it was recorded): the bridge observes the tariff instead."""
     codec: dict[str, Any]
     batteries: BatterySpec
     prosumers: list[Prosumer]
@@ -121,6 +135,14 @@ class SiteManifest(BaseModel):
                 raise ValueError(
                     f"{where}: expected the id of a {kind.value} in devices, got {device!r}"
                 )
+        if (
+            self.seed_price is not None
+            and len(self.seed_price.time_of_day_multiplier) != self.steps_per_day
+        ):
+            raise ValueError(
+                f"seed_price.time_of_day_multiplier: expected {self.steps_per_day} values (one "
+                f"per slot of the day), got {len(self.seed_price.time_of_day_multiplier)}"
+            )
         if len(self.import_price) != self.steps_per_day:
             raise ValueError(
                 f"import_price: expected {self.steps_per_day} values (one per slot of the day), "

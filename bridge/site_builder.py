@@ -12,7 +12,7 @@ from eth_utils import keccak
 
 from bridge.messages import DeviceKind
 from bridge.signing import address_of
-from bridge.site import BatterySpec, Prosumer, SiteDevice, SiteManifest
+from bridge.site import BatterySpec, Prosumer, SeedPrice, SiteDevice, SiteManifest
 from envs.codec import Codec
 from envs.params import GridParams
 
@@ -87,6 +87,11 @@ def build_site(params: GridParams, *, site: str = "site1", seed: str = "0") -> S
         import_price=[float(x) for x in params.import_price],
         feed_in_price=float(params.feed_in_price),
         demand_reference_kw=float(params.demand_reference_kw),
+        seed_price=SeedPrice(
+            base_rate=float(params.base_rate),
+            stress_threshold=float(params.stress_threshold),
+            time_of_day_multiplier=[float(x) for x in params.tod_multiplier],
+        ),
         codec=codec.to_dict(),
         batteries=BatterySpec.of(b),
         prosumers=prosumers,
