@@ -90,11 +90,17 @@ def price_band(params: PriceParams, slot: int) -> tuple[int, int]:
     return ref * params.band_low_bps // 10_000, ref * params.band_high_bps // 10_000
 
 
-def imbalance_prices(params: PriceParams, slot: int) -> tuple[int, int]:
-    """Per-Wh (shortfall, surplus) prices of a metering imbalance, as ``imbalancePrices``."""
-    ref = grid_price(params, slot)
+def imbalance_prices(
+    params: PriceParams, slot: int, cleared_price: int = 0, volume_wh: int = 0
+) -> tuple[int, int]:
+    """Per-Wh (shortfall, surplus) prices of a metering imbalance, as ``imbalancePrices``: from
+    the worse, for the account, of the grid price and the slot's clearing price (when energy
+    traded), so selling beyond one's metered export never pays."""
+    high = low = grid_price(params, slot)
+    if volume_wh:
+        high, low = max(high, cleared_price), min(low, cleared_price)
     penalty = params.imbalance_penalty_bps
-    return ref * (10_000 + penalty) // 10_000, ref * (10_000 - penalty) // 10_000
+    return high * (10_000 + penalty) // 10_000, low * (10_000 - penalty) // 10_000
 
 
 @dataclass(frozen=True)
@@ -529,6 +535,13 @@ class MarketModel:
 
     # ------------------------------------------------------------------ metering
 
+    def imbalance_prices(self, slot: int) -> tuple[int, int]:
+        """``imbalancePrices(slot)``: the current price parameters and the slot's clearing."""
+        result = self.results.get(slot)
+        if result is None:
+            return imbalance_prices(self.price, slot)
+        return imbalance_prices(self.price, slot, result.price, result.volume_wh)
+
     def readings_final_at(self, slot: int) -> int:
         """Timestamp from which ``slot``'s readings are final (``readingsFinalAt``)."""
         return self.slot_start(slot + 1) + self.reading_window_seconds
@@ -571,7 +584,7 @@ class MarketModel:
                 if result.signed_batch:
                     value = trade.fill_wh * result.price
                     held[trade.owner] += value - value * result.fee_bps // 10_000
-        short_price, long_price = imbalance_prices(self.price, slot)
+        short_price, long_price = self.imbalance_prices(slot)
         credits = dict(self.credits)
         credited: dict[str, int] = {}
         unpaid: dict[str, int] = {}

@@ -790,12 +790,22 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     }
 
     /// @notice Per-Wh prices of a metering imbalance in `slot`: a shortfall pays `shortPrice`,
-    /// a surplus earns `longPrice`.
+    /// a surplus earns `longPrice`. Each starts from the worse, for the account, of the grid
+    /// price and the slot's clearing price (when energy traded), so a Wh sold but not metered
+    /// costs its seller more than the sale earned at any clearing price the band allows: selling
+    /// beyond one's metered export never pays, and neither does buying beyond one's use.
     function imbalancePrices(uint64 slot) public view returns (uint256 shortPrice, uint256 longPrice) {
-        uint256 ref = gridPrice(slot);
+        uint256 high = gridPrice(slot);
+        uint256 low = high;
+        SlotResult storage result = _results[slot];
+        if (result.volumeWh != 0) {
+            uint256 cleared = result.price;
+            if (cleared > high) high = cleared;
+            else low = cleared;
+        }
         uint256 penalty = _priceParams.imbalancePenaltyBps;
-        shortPrice = ref * (10_000 + penalty) / 10_000;
-        longPrice = ref * (10_000 - penalty) / 10_000;
+        shortPrice = high * (10_000 + penalty) / 10_000;
+        longPrice = low * (10_000 - penalty) / 10_000;
     }
 
     /// @notice The payment token.

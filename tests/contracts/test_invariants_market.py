@@ -38,7 +38,6 @@ from contracts.model import (
     PriceParams,
     Side,
     SignedOrder,
-    imbalance_prices,
     reconciliation_args,
 )
 from tests.contracts.helpers import (
@@ -335,7 +334,7 @@ class MarketMachine(RuleBasedStateMachine):
             return
         suite.reconcile_slot(self.d.solver, slot, trades, members)
         assert suite.slot_result(slot).reconciled
-        short, long = imbalance_prices(self.model.price, slot)
+        short, long = self.model.imbalance_prices(slot)
         for account in accounts:  # property 2: money follows metered energy
             net_bought = sum(
                 t.fill_wh if t.side == Side.BUY else -t.fill_wh

@@ -352,7 +352,7 @@ def test_reconciliation_settles_imbalances_like_the_model(
     outcome = model.reconcile_slot(slot, world.chain.timestamp() + 1, metered)
     (receipt,) = suite.reconcile_slot(world.solver, slot, trades)
     logged = {e["account"]: e for e in events(suite.trading, "AccountReconciled", receipt)}
-    short, long = imbalance_prices(model.price, slot)
+    short, long = model.imbalance_prices(slot)
     for owner, order in by_owner.items():
         imbalance = outcome.imbalance_wh[owner]
         assert logged[owner]["imbalanceWh"] == imbalance
@@ -371,6 +371,37 @@ def test_reconciliation_settles_imbalances_like_the_model(
     assert suite.slot_result(slot).reconciled
     with reverts("EnergyTradingSlotAlreadyReconciled", slot=slot):
         suite.reconcile_slot(world.solver, slot, trades)
+
+
+def test_selling_beyond_the_metered_export_never_pays(world: World, people: list[Prosumer]) -> None:
+    """Property 2 in money: two sellers with the same order; one exports what it sold, the
+    other half of it. At a clearing price far above the grid price (the band allows up to
+    its high end), the short seller must still earn less per Wh it delivered: the shortfall is
+    charged from the clearing price, not from the grid price alone."""
+    suite = world.suite
+    batch = _batch(world, people, [S.BUY, S.SELL, S.BUY, S.SELL], [900, 400, 900, 400])
+    world.chain.travel_to(suite.gate_closes_at(batch.slot))
+    result, _ = suite.settle_signed_batch(world.solver, batch.slot, batch.orders, batch.signatures)
+    trades = _trades(batch, result.fills.tolist())
+    short, _ = world.chain.call(suite.trading, "imbalancePrices", batch.slot)
+    grid = world.chain.call(suite.trading, "gridPrice", batch.slot)
+    penalty = world.chain.call(suite.trading, "priceParams")[0][5]
+    assert result.price > grid * (10_000 + penalty) // 10_000  # the old rule's loophole
+    assert short == result.price * (10_000 + penalty) // 10_000
+    sellers = sorted(t.owner for t in trades if t.side == S.SELL and t.fill_wh == 400)
+    honest, short_seller = sellers
+    metered = {p.address: 0 for p in people}
+    for t in trades:
+        if t.side == S.BUY:
+            metered[t.owner] = t.fill_wh
+    metered[honest], metered[short_seller] = -400, -200
+    _read(world, people, batch.slot, [metered[p.address] for p in people])
+    world.chain.travel_to(suite.slot_start(batch.slot + 1) + 600)
+    suite.reconcile_slot(world.solver, batch.slot, trades)
+    gain = {a: suite.credit_of(a) - FUNDS for a in (honest, short_seller)}
+    assert gain[honest] > 0
+    assert gain[short_seller] / 200 < gain[honest] / 400  # less per delivered Wh
+    assert gain[short_seller] < gain[honest] / 2
 
 
 def test_reconciliation_refuses_a_tampered_trade_list(
@@ -423,7 +454,7 @@ def test_unfunded_charges_stay_unpaid_and_surplus_needs_the_treasury(
     suite.submit_reading(member_meter, slot, 1_000, sender=world.admin)
     metered[member] = 1_000
     world.chain.travel_to(suite.slot_start(slot + 1) + 600)
-    short, long = imbalance_prices(model.price, slot)
+    short, long = model.imbalance_prices(slot)
     suite.withdraw(world.treasury, suite.credit_of(world.treasury))
     model.withdraw(world.treasury, model.credit_of(world.treasury))
     with reverts("EnergyTradingTreasuryShort", needed=200 * long, available=0):
@@ -505,10 +536,16 @@ def test_a_book_slot_reconciles_against_its_committed_trades(
     assert seller_before > 0  # a book slot pays sellers at clearing, as before
     world.chain.travel_to(suite.slot_start(slot + 1) + 600)
     (receipt,) = suite.reconcile_slot(world.solver, slot, trades)
-    short, long = imbalance_prices(MarketModel(suite.genesis, world.treasury).price, slot)
+    short, long = imbalance_prices(
+        MarketModel(suite.genesis, world.treasury).price, slot, result.price, result.volume
+    )
     # no meters: the seller delivered nothing (short), the buyer took nothing (long)
-    assert suite.credit_of(seller) == seller_before - 300 * short
+    # The shortfall costs more than the sale earned (the short price starts from the clearing
+    # price when that is above the grid's): what the credit cannot cover is recorded unpaid.
     logged = {e["account"]: e for e in events(suite.trading, "AccountReconciled", receipt)}
+    assert 300 * short > 300 * result.price
+    assert suite.credit_of(seller) == max(seller_before - 300 * short, 0)
+    assert logged[seller]["unpaid"] == max(300 * short - seller_before, 0)
     assert logged[buyer]["credited"] == 300 * long
     assert not suite.slot_result(slot).signed_batch
 
