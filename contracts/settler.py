@@ -385,6 +385,9 @@ class SlotSender:
                 raise self.chain.decode_revert(bytes.fromhex(data[2:]))
             raise ChainError(f"SlotSettler.run was refused: {err}")
         receipt = sent["result"] if self._sync else self._poll(sent["result"])
+        mined_at = receipt.get("blockTimestamp")  # anvil's receipts carry it
+        if mined_at is not None and _int(mined_at) != timestamp:
+            raise ChainError(f"SlotSettler.run was mined at {_int(mined_at)}, not {timestamp}")
         if _int(receipt["status"]) != 1:
             self._explain(tx, _int(receipt["blockNumber"]), _int(receipt["gasUsed"]))
         logs = [
