@@ -15,7 +15,17 @@ import functools
 from dataclasses import dataclass, field
 
 import coincurve
-from eth_utils import keccak, to_checksum_address
+from Crypto.Hash import keccak as _keccak
+from eth_utils import to_checksum_address
+
+
+def keccak(data: bytes = b"", *, text: str | None = None) -> bytes:
+    """keccak-256 straight from pycryptodome: eth_utils' dispatch around the same call costs
+    more than the hash itself, and a reading check takes two."""
+    if text is not None:
+        data = text.encode()
+    return bytes(_keccak.new(digest_bits=256, data=data).digest())
+
 
 DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
@@ -29,6 +39,7 @@ def _word(value: int, *, signed: bool = False) -> bytes:
     return value.to_bytes(32, "big", signed=signed)
 
 
+@functools.lru_cache(maxsize=65_536)
 def _address_word(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(address[2:])
 
