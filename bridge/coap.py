@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -84,10 +85,11 @@ class CoapLink:
         request_timeout_s: float = 5.0,
         retry_s: float = 5.0,
         reobserve_s: float = 300.0,
-        resume_after: Callable[[str], int] | None = None,
+        resume_after: Callable[[str], int | None] | None = None,
     ) -> None:
-        """`resume_after(device)`: the last reading nonce the bridge holds for it (-1: none);
-        None fetches no backlog."""
+        """`resume_after(device)`: the last reading nonce the bridge holds for the device, or
+        None when it holds none (then, as on a fresh MQTT session, nothing older is fetched:
+        what came before this bridge may already be on the chain)."""
         self.site = site
         self.endpoints = dict(endpoints)
         self.queue = queue
@@ -110,7 +112,9 @@ class CoapLink:
 
     async def start(self) -> None:
         """Open the client context and observe every device's resources (retrying forever)."""
-        self._context = await aiocoap.Context.create_client_context()
+        self._context = await aiocoap.Context.create_client_context(
+            transports=["udp6" if sys.platform == "linux" else "simple6"]
+        )
         for device in self.endpoints:
             for resource in OBSERVED:
                 self._spawn(self._observe(device, resource))
@@ -175,8 +179,9 @@ class CoapLink:
         if not first.code.is_successful():
             return code_text(int(first.code))
         self.reachable[device] = True
-        if resource is Resource.DATA and self.resume_after is not None:
-            await self._backlog(device, topic_text, self.resume_after(device))
+        after = None if self.resume_after is None else self.resume_after(device)
+        if resource is Resource.DATA and after is not None:
+            await self._backlog(device, topic_text, after)
         self._deliver(topic_text, first.payload)
         if first.opt.observe is None:  # a device without Observe: poll it instead
             await asyncio.sleep(self.retry_s)

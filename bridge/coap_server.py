@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -176,8 +177,11 @@ class CoapDeviceServer:
         if not 0 < port < 65_536:
             raise BridgeError(f"coap port: expected 1..65535, got {port}")
         try:
+            # UDP only: aiocoap's default would also listen on TCP and TLS ports beside it.
             self._context = await aiocoap.Context.create_server_context(
-                self._root, bind=(host, port)
+                self._root,
+                bind=(host, port),
+                transports=["udp6" if sys.platform == "linux" else "simplesocketserver"],
             )
         except OSError as exc:
             raise BridgeError(

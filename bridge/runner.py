@@ -371,7 +371,7 @@ class BridgeRunner:
                 reobserve_s=c.reobserve_s,
                 # A (re-)registration first fetches the signed telemetry missed since the last
                 # reading held (the validator's, restored from the outbox after a restart).
-                resume_after=lambda device: self.core.validator.last_nonce.get(device, -1),
+                resume_after=self.core.validator.last_nonce.get,
             )  # fmt: skip
             self.metrics.watch_coap(self.coap.stats)
             await self.coap.start()
