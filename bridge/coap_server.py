@@ -210,8 +210,11 @@ class CoapDeviceServer:
         except (ValueError, TypeError, KeyError, AttributeError):
             return  # no reading (or not the device's own JSON): nothing owed to the chain
         log = self.logs[device]
-        if not log or nonce > log[-1][0]:  # the same reading notified again is kept once
-            log.append((nonce, payload))
+        if log and nonce <= log[-1][0]:
+            if nonce == log[-1][0]:
+                log[-1] = (nonce, payload)  # the same reading notified again: kept once
+            return
+        log.append((nonce, payload))
 
     def command(self, device: str, payload: bytes) -> aiocoap.Message:
         """The device's answer to a command, as a CoAP response (see `bridge.coap_resources`)."""

@@ -258,8 +258,9 @@ def bridge_run(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve the configured policy against the site's devices until stopped (Ctrl-C); JSON logs
-    go to stderr, a summary to stdout at the end."""
+    """Serve the configured policy against the site's devices until stopped (Ctrl-C): over MQTT,
+    and over CoAP for the devices the config names under coap.endpoints. JSON logs go to stderr,
+    a summary to stdout at the end."""
     from bridge.config import load_bridge_config, load_deployment
     from bridge.errors import BridgeError
     from bridge.logs import setup_json_logging
