@@ -17,7 +17,9 @@ rebooted device forgets its observers, RFC 7641 section 3.3.1).
 Observe transfers state: a re-registration delivers the current representation again. A payload
 identical to the last one handed on for the same device and message type is dropped here (the
 same bytes are the same message, `duplicates`); anything else, a replay of an older message
-included, goes to the validator.
+included, goes to the validator. Nor does Observe queue what was missed while the bridge or the
+device was away: each (re-)registration of `data` first fetches the device's `log` of signed
+telemetry after the last reading the bridge holds, so those readings still reach the chain.
 """
 
 from __future__ import annotations
