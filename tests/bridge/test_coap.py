@@ -5,8 +5,10 @@ of them, and a real anvil with the suite deployed, for a few accelerated slots. 
 The simulator and the bridge run in the test's event loop, so the test can put a forged and a
 malformed representation on a CoAP device's telemetry resource, as a tampered device or a
 spoofing neighbour would, and check that the bridge refuses each under the reason an MQTT
-message would get. A second run points the bridge at a CoAP device nobody serves: it is counted
-unreachable and the slots fall back to the rule-based controller, naming it, as for stale data.
+message would get. A second run takes the CoAP devices' server away for two slots: the readings
+they sign meanwhile come back from their `log` and reach the chain, none lost. A third points
+the bridge at CoAP devices nobody serves: they are counted unreachable and the slots fall back
+to the rule-based controller, naming them, as for stale data.
 """
 
 from __future__ import annotations
