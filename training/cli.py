@@ -160,6 +160,24 @@ def bench_chain_cmd(as_json: JsonOpt = False) -> None:
     console.print(table)
 
 
+@bench_app.command("coap")
+def bench_coap_cmd(
+    devices: Annotated[int, typer.Option(min=1, help="CoAP devices behind one port.")] = 14,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds: telemetry burst + commands.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """What CoAP adds: each round every device notifies telemetry, then gets a command; reading
+    latency (notification to the bridge's queue) and command round trip (POST to DACK), the
+    simulator's aiocoap server and the bridge's CoapLink on loopback (docs/iot.md, CoAP)."""
+    from bridge.bench_coap import bench_coap
+
+    result = bench_coap(devices, rounds)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(_table(f"CoAP transport, {devices} devices x {rounds} rounds", result))
+
+
 @app.command()
 def demo(
     timesteps: Annotated[int, typer.Option(min=0, help="PPO steps (0: baselines only).")] = 120_000,

@@ -182,3 +182,12 @@ def test_registration_fetches_the_signed_backlog_in_order(
             await server.close()
 
     asyncio.run(scenario())
+
+
+def test_bench_coap_reports_its_figures() -> None:
+    from bridge.bench_coap import bench_coap
+
+    result = bench_coap(devices=2, rounds=3)
+    assert result["messages"] == 2 * 3 * 3
+    for key in ("reading_latency_ms", "command_round_trip_ms"):
+        assert 0 < result[f"{key}_p50"] <= result[f"{key}_p99"] <= result[f"{key}_max"]
