@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from stable_baselines3 import PPO
 
@@ -71,3 +72,24 @@ def test_ppo_learns_a_few_hundred_steps_on_the_adapter() -> None:
     model.learn(256)
     action, _ = model.predict(env.reset(), deterministic=True)
     assert action.shape == (4, env.action_space.shape[0])
+
+
+def test_threaded_batch_equals_the_one_core_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches from `PARALLEL_ROWS` up step on numba's threads; rows must not notice."""
+    from envs import engine
+
+    n = engine.PARALLEL_ROWS
+    threaded, serial = MicrogridVectorEnv(n), MicrogridVectorEnv(n)
+    assert np.array_equal(threaded.reset(seed=3)[0], serial.reset(seed=3)[0])
+    rng = np.random.default_rng(0)
+    for t in range(100):
+        actions = rng.uniform(-1.2, 1.2, (n, threaded.codec.act_dim)).astype(np.float32)
+        monkeypatch.setattr(engine, "PARALLEL_ROWS", n)
+        obs, reward, _, truncated, info = threaded.step(actions)
+        monkeypatch.setattr(engine, "PARALLEL_ROWS", n + 1)
+        obs_s, reward_s, _, truncated_s, info_s = serial.step(actions)
+        assert np.array_equal(obs, obs_s) and np.array_equal(reward, reward_s), f"step {t}"
+        assert np.array_equal(truncated, truncated_s)
+        for key in MARKET_INFO:
+            assert np.array_equal(info[key], info_s[key]), f"{key} at step {t}"
+    assert np.array_equal(threaded.exchange.ledger.credits(), serial.exchange.ledger.credits())
