@@ -7,7 +7,6 @@ environment equal to N single ones, step for step.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -48,6 +47,8 @@ PARALLEL_ROWS = 128
 # workqueue gained (32-46k). workqueue must not be entered from two threads at once: the
 # lock below serialises parallel steps of environments stepped from different threads.
 _PARALLEL_LOCK = threading.Lock()
+_STEP: Callable[..., bool] = fused_step
+_STEP_PARALLEL: Callable[..., bool] = fused_step_parallel
 
 
 def _choose_threading_layer() -> None:
@@ -98,6 +99,7 @@ class Engine:
         self._scaling = self.codec.scaling()
         self._allowed_days = set(self.split_days.tolist())
         self._no_market: dict[int, tuple[Any, ...]] = {}
+        self._args_cache: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None
         c = self.compiled
         self._fixed: tuple[Any, ...] = ()
         if c is not None:
@@ -262,48 +264,70 @@ class Engine:
             isinstance(a, np.ndarray)
             and a.ndim == 2
             and a.shape[1] == self.codec.act_dim
-            and a.dtype in (np.float32, np.float64)
+            and a.dtype.char in "fd"
             and a.flags.c_contiguous
         ):
             a = np.ascontiguousarray(a, dtype=np.float64)
             if a.ndim != 2 or a.shape[1] != self.codec.act_dim:
                 self.decode(a)  # raises the error that names the expected layout
         b = a.shape[0]
-        p = self.params
-        s = state
         out = np.empty((b, len(OUTCOME_FIELDS)), dtype=np.float64)
         obs = np.empty((b, self.codec.obs_dim), dtype=np.float32)
         clip = np.empty((b, 2), dtype=np.float64)
         mout = np.empty((b, len(MARKET_INFO)), dtype=np.float64)
         short = np.zeros(b, dtype=np.bool_)
-        if exchange is not None:
-            mcfg, rates, order, credit, treasury, tokens = exchange.fused_accounts()
-            market = (True, mcfg, rates, order, credit, treasury, tokens)
-            msum, priced = market_kpis.sums, market_kpis.priced
-        else:
-            market, msum, priced = self._market_stand_in(b)
+        args = self._arguments(state, kpis, market_kpis, exchange)
         if b >= PARALLEL_ROWS:
             _choose_threading_layer()  # before numba starts its threads (get_num_threads does)
-        parallel = b >= PARALLEL_ROWS and numba.get_num_threads() > 1
-        run: Callable[..., bool] = fused_step_parallel if parallel else fused_step
-        with _PARALLEL_LOCK if parallel else contextlib.nullcontext():
-            ok = run(
-                *self._fixed,
-                p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
-                p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
-                p.background_load_pv_kw, p.prosumer_pq, p.battery_pq, p.import_price,
-                p.tod_multiplier,
-                s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid,
-                s.last_load_kw, s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
-                *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
-                a, out, mout, obs, clip, short,
-            )  # fmt: skip
+        if b >= PARALLEL_ROWS and numba.get_num_threads() > 1:
+            with _PARALLEL_LOCK:
+                ok = _STEP_PARALLEL(*args, a, out, mout, obs, clip, short)
+        else:
+            ok = _STEP(*args, a, out, mout, obs, clip, short)
         if not ok:
             self.decode(a)  # raises the error that names the non-finite components
             raise ActionError("action: non-finite values")
         if exchange is not None and short.any():
             raise treasury_short(int(np.flatnonzero(short)[0]))
         return FusedStep(obs, out, mout if exchange is not None else None, clip)
+
+    def _arguments(
+        self,
+        state: GridState,
+        kpis: EpisodeKpis,
+        market_kpis: MarketKpis,
+        exchange: Exchange | None,
+    ) -> tuple[Any, ...]:
+        """`fused_step`'s arguments before the per-step ones, rebuilt only when an object changed.
+
+        Collecting ~60 attributes cost more than the compiled step of a single grid. The cache
+        holds the objects themselves and compares by identity (`is`), so a new state, params
+        (tests swap `engine.params`), totals or ledger is always seen.
+        """
+        p = self.params
+        key = (state, p, kpis, market_kpis, exchange)
+        cached = self._args_cache
+        if cached is not None and all(x is y for x, y in zip(cached[0], key, strict=True)):
+            return cached[1]
+        s = state
+        if exchange is not None:
+            mcfg, rates, order, credit, treasury, tokens = exchange.fused_accounts()
+            market = (True, mcfg, rates, order, credit, treasury, tokens)
+            msum, priced = market_kpis.sums, market_kpis.priced
+        else:
+            market, msum, priced = self._market_stand_in(s.slot.shape[0])
+        args = (
+            *self._fixed,
+            p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
+            p.background_load_kw, p.background_pv_kw, p.background_storage_kw,
+            p.background_load_pv_kw, p.prosumer_pq, p.battery_pq, p.import_price,
+            p.tod_multiplier,
+            s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid,
+            s.last_load_kw, s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
+            *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
+        )  # fmt: skip
+        self._args_cache = (key, args)
+        return args
 
     def _market_stand_in(self, b: int) -> tuple[tuple[Any, ...], FloatArray, FloatArray]:
         """Arrays of the right types for the fused step's market arguments, market off."""
