@@ -152,7 +152,13 @@ def test_broker_restart_mid_run_loses_nothing(setup: Setup) -> None:
     s = setup
 
     async def restart(runner: BridgeRunner) -> None:
-        await asyncio.sleep(3 * SLOT_S)
+        # The devices connect one by one (TLS each): on a loaded machine that can take longer
+        # than a few slots, and a restart then would refuse a device its first CONNACK. Their
+        # first telemetry says they are all up.
+        deadline = time.monotonic() + 60
+        while runner.core.validator.telemetry_accepted == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2 * SLOT_S)
         connects = runner.link.connects
         await asyncio.to_thread(s.broker.restart, 5 * SLOT_S)
         deadline = time.monotonic() + 30
