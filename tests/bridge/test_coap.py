@@ -31,15 +31,15 @@ from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
 from bridge.config import BridgeConfig, Deployment, load_deployment
 from bridge.policy_source import LoadedPolicy
-from bridge.registration import reading_nonces, register_site
+from bridge.registration import reading_nonces
 from bridge.runner import BridgeRunner
 from bridge.signing import ReadingDomain
 from bridge.simulator import FleetStats, Profiles, simulate
 from bridge.site import SiteManifest
-from contracts.client import Chain, SuiteConfig, deploy_suite, deployment_manifest
-from tests.bridge.broker import Broker, mosquitto
+from contracts.client import Chain
+from tests.bridge.broker import Broker
 from tests.bridge.helpers import SEED, telemetry
-from tests.bridge.services import ANVIL_KEYS, anvil
+from tests.bridge.stack import bridge_config, live_stack
 
 SLOT_S = 1.5
 SLOTS = 6
@@ -67,49 +67,29 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, site: SiteManifest) -> Iterator[Stack]:
     files = tmp_path_factory.mktemp("coap")
     mqtt_ids = [d.id for d in site.devices if not d.id.startswith("bus2-")]
-    with anvil() as url, mosquitto(files / "mosquitto", mqtt_ids) as broker:
-        chain = Chain.rpc(url)
-        now = chain.timestamp()
-        # As in test_run: registered in chain slot 50, the chain then at ~250, the bridge's
-        # accelerated slots ~100-110: ended, after registration, inside the reading window.
-        suite = deploy_suite(
-            chain, genesis=now - 50 * 900, config=SuiteConfig(reading_window_seconds=10**8)
-        )
-        (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
-        register_site(chain, suite.registry.address, site)
-        chain.travel_to(now + 200 * 900)
-        (files / "bridge.password").write_text(broker.passwords["bridge"])
-        (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
+    # As in test_run: registered in chain slot 50, the chain then at ~250, the bridge's
+    # accelerated slots ~100-110: ended, after registration, inside the reading window.
+    with live_stack(files, site, mqtt_ids, lambda now: now - 50 * 900) as live:
+        live.chain.travel_to(live.deployed_at + 200 * 900)
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
         dep = load_deployment(files / "deployment.json")
-        yield Stack(broker, chain, suite.registry.address, dep, files, genesis)
+        registry = live.suite.registry.address
+        yield Stack(live.broker, live.chain, registry, dep, files, genesis)
 
 
 def _config(s: Stack, coap_url: str, name: str, **extra: Any) -> BridgeConfig:
-    raw: dict[str, Any] = {
-        "site": str(s.files / "site.json"),
-        "broker": {
-            "url": s.broker.url,
-            "ca_file": str(s.broker.ca_file),
-            "password_file": str(s.files / "bridge.password"),
-        },
-        "chain": {
-            "deployment": str(s.files / "deployment.json"),
-            "rpc_url": s.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
-            "key_file": str(s.files / "relayer.key"),
-            "outbox": str(s.files / f"{name}.db"),
-        },
-        "timing": {"slot_seconds": SLOT_S, "genesis": s.genesis, "decide_deadline": 0.6},
-        "coap": {
+    raw = bridge_config(
+        s.files, s.broker, s.chain, slot_seconds=SLOT_S, genesis=s.genesis,
+        decide_deadline=0.6, outbox=f"{name}.db",
+        coap={
             "endpoints": {COAP: coap_url},
             "request_timeout_s": 1.0,
             "retry_s": 0.3,
             "reobserve_s": 3.0,
         },
-        "metrics_port": None,
         **extra,
-    }
+    )  # fmt: skip
     return BridgeConfig.model_validate(raw)
 
 

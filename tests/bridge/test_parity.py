@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import datetime
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,20 +83,20 @@ from bridge.messages import (
 from bridge.mqtt import MqttLink
 from bridge.observation import Observation, ObservationBuilder, SiteState
 from bridge.policy_source import LoadedPolicy
-from bridge.registration import owner_of, register_site
+from bridge.registration import owner_of
 from bridge.runner import BridgeRunner
 from bridge.signing import ReadingDomain
 from bridge.simulator import Profiles, StartState, simulate
 from bridge.site import SiteManifest, load_site
 from bridge.site_builder import build_site
-from contracts.client import Chain, SuiteConfig, deploy_suite, deployment_manifest
+from contracts.client import Chain
 from envs import MicrogridEnv, load_scenario
 from envs.grid import build_grid
 from envs.params import GridParams
 from envs.pricing import seed_price
 from envs.scenario import Scenario
-from tests.bridge.broker import Broker, mosquitto
-from tests.bridge.services import ANVIL_KEYS, anvil
+from tests.bridge.broker import Broker
+from tests.bridge.stack import bridge_config, live_stack
 
 #: Wall-clock seconds per slot: long enough for 54 devices' telemetry, the decision and the
 #: commands to cross the broker inside one slot on a loaded 2-core machine.
@@ -243,22 +242,19 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     day = sunniest_test_day(params)
     build_site(params, site="site1", seed="0").save(tmp_path / "site.json")
     site = load_site(tmp_path / "site.json")
-    with anvil() as url, mosquitto(tmp_path / "mosquitto", [d.id for d in site.devices]) as broker:
-        chain = Chain.rpc(url)
-        now = chain.timestamp()
+
+    def genesis(now: int) -> int:
+        """Slot `first` stands for the day's 00:00; the registration (now) falls ~10 slots
+        after genesis, well before it."""
         start = day_start(day, now)
-        # Slot `first` stands for the day's 00:00; the registration (now) falls ~10 slots
-        # after genesis, well before it.
-        first = -(-(start - now) // 900) + 10
-        suite = deploy_suite(
-            chain, genesis=start - first * 900, config=SuiteConfig(reading_window_seconds=10**8)
-        )
-        (tmp_path / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
-        register_site(chain, suite.registry.address, site)
-        chain.travel_to(start + (DAY_SLOTS + 4) * 900)  # every slot of the day has ended
-        (tmp_path / "bridge.password").write_text(broker.passwords["bridge"])
-        (tmp_path / "relayer.key").write_text(ANVIL_KEYS[1].hex())
-        yield Stack(site, broker, chain, suite.registry.address, tmp_path, first, day, scenario)
+        return start - (-(-(start - now) // 900) + 10) * 900
+
+    with live_stack(tmp_path, site, [d.id for d in site.devices], genesis) as live:
+        start = day_start(day, live.deployed_at)
+        first = (start - live.suite.genesis) // 900
+        live.chain.travel_to(start + (DAY_SLOTS + 4) * 900)  # every slot of the day has ended
+        registry = live.suite.registry.address
+        yield Stack(site, live.broker, live.chain, registry, tmp_path, first, day, scenario)
 
 
 @dataclass
@@ -276,23 +272,10 @@ class LiveDay:
 
 
 def write_config(s: Stack, genesis: float) -> Path:
-    cfg = {
-        "site": "site.json",
-        "broker": {
-            "url": s.broker.url,
-            "ca_file": str(s.broker.ca_file),
-            "password_file": "bridge.password",
-        },
-        "chain": {
-            "deployment": "deployment.json",
-            "rpc_url": s.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
-            "key_file": "relayer.key",
-            "outbox": "outbox.db",
-        },
-        # Decide when every device has reported; the deadline only for a device far too late.
-        "timing": {"slot_seconds": SLOT_S, "genesis": genesis, "decide_deadline": 0.9},
-        "metrics_port": None,
-    }
+    # Decide when every device has reported; the deadline only for a device far too late.
+    cfg = bridge_config(
+        s.files, s.broker, s.chain, slot_seconds=SLOT_S, genesis=genesis, decide_deadline=0.9
+    )
     path = s.files / "bridge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

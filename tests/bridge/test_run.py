@@ -19,18 +19,20 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from bridge.registration import owner_of, register_site
+from bridge.registration import owner_of
 from bridge.site import SiteManifest, load_site
 from bridge.site_builder import build_site
-from contracts.client import Chain, SuiteConfig, deploy_suite, deployment_manifest
+from contracts.client import Chain
 from envs import load_scenario
 from envs.grid import build_grid
-from tests.bridge.broker import Broker, mosquitto
-from tests.bridge.services import ANVIL_KEYS, REPO, anvil, free_port
+from tests.bridge.broker import Broker
+from tests.bridge.services import REPO, free_port
+from tests.bridge.stack import bridge_config, live_stack
 
 SLOT_S = 1.5
 
@@ -57,43 +59,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     files = tmp_path_factory.mktemp("site")
     build_site(build_grid(load_scenario()), site="site1", seed="0").save(files / "site.json")
     site = load_site(files / "site.json")
-    with anvil() as url, mosquitto(files / "mosquitto", [d.id for d in site.devices]) as broker:
-        chain = Chain.rpc(url)
-        now = chain.timestamp()
-        # Registration happens in chain slot 50; the chain then jumps to slot ~250; the bridge's
-        # accelerated slots are numbered ~100-200: ended, after registration, inside the window.
-        suite = deploy_suite(
-            chain, genesis=now - 50 * 900, config=SuiteConfig(reading_window_seconds=10**8)
-        )
-        (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
-        register_site(chain, suite.registry.address, site)
-        chain.travel_to(now + 200 * 900)
-        (files / "passwords.json").write_text(json.dumps(broker.passwords))
-        (files / "bridge.password").write_text(broker.passwords["bridge"])
-        (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
+    # Registration happens in chain slot 50; the chain then jumps to slot ~250; the bridge's
+    # accelerated slots are numbered ~100-200: ended, after registration, inside the window.
+    with live_stack(files, site, [d.id for d in site.devices], lambda now: now - 50 * 900) as live:
+        live.chain.travel_to(live.deployed_at + 200 * 900)
+        (files / "passwords.json").write_text(json.dumps(live.broker.passwords))
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
-        yield Setup(site, broker, chain, suite.registry.address, files, genesis)
+        registry = live.suite.registry.address
+        yield Setup(site, live.broker, live.chain, registry, files, genesis)
 
 
-def write_config(s: Setup, port: int, **extra: object) -> Path:
-    cfg = {
-        "site": "site.json",
-        "broker": {
-            "url": s.broker.url,
-            "ca_file": str(s.broker.ca_file),
-            "password_file": "bridge.password",
-        },
-        "chain": {
-            "deployment": "deployment.json",
-            "rpc_url": s.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
-            "key_file": "relayer.key",
-            "outbox": "outbox.db",
-        },
-        "timing": {"slot_seconds": SLOT_S, "genesis": s.genesis, "decide_deadline": 0.6},
-        "metrics_port": port,
-        **extra,
-    }
+def write_config(s: Setup, port: int, **extra: Any) -> Path:
+    cfg = bridge_config(
+        s.files, s.broker, s.chain, slot_seconds=SLOT_S, genesis=s.genesis,
+        decide_deadline=0.6, metrics_port=port, **extra,
+    )  # fmt: skip
     path = s.files / f"bridge-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
