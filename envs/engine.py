@@ -20,6 +20,7 @@ import numpy as np
 from envs.codec import Codec, DecodedAction
 from envs.dynamics import GridState, Solver, StepOutcome, observe, reset_state, step
 from envs.errors import ActionError
+from envs.exchange import market_matrix
 from envs.forecast import NOISE_TABLE_SIZE
 from envs.grid import build_grid
 from envs.kernel import (
@@ -54,6 +55,23 @@ _STEP_PARALLEL: Callable[..., bool] = fused_step_parallel
 def _choose_threading_layer() -> None:
     if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """What `Engine.advance` returns: the state after the step and its figures."""
+
+    state: GridState
+    obs: np.ndarray
+    """(B, obs_dim) float32."""
+    outcome: FloatArray
+    """(B, len(OUTCOME_FIELDS))."""
+    market: FloatArray | None
+    """(B, len(MARKET_INFO)), None without a market."""
+    clipped: np.ndarray
+    """(B,) action components clipped."""
+    clip_amount: np.ndarray
+    """(B,) the summed distance they were clipped by."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +255,32 @@ class Engine:
         if self.compiled is not None:
             return observe_kernel(self.compiled, self.params, state, self._starts, self._scaling)
         return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+
+    # ---- one step, fused where it can be -----------------------------------------------
+    def advance(
+        self,
+        state: GridState,
+        actions: np.ndarray,
+        kpis: EpisodeKpis,
+        market_kpis: MarketKpis,
+        exchange: Exchange | None,
+    ) -> Advanced:
+        """Step every row: by `step_fused` where it can run, else stage by stage (chain
+        ledgers, custom solvers) with the same result. The single and the batched env both
+        step through here; the episode totals and the ledger change in place."""
+        if self.fuses(exchange):
+            r = self.step_fused(state, actions, kpis, market_kpis, exchange)
+            return Advanced(state, r.obs, r.outcome, r.market, r.clip[:, 0], r.clip[:, 1])
+        decoded = self.decode(actions)
+        gate = exchange.open(state, decoded) if exchange is not None else None
+        state, _, matrix = self.step(state, decoded)
+        kpis.add_matrix(matrix)
+        obs = self.observe(state)
+        market = None
+        if gate is not None and exchange is not None:
+            market = market_matrix(exchange.close(gate, state), gate)
+            market_kpis.add(market)
+        return Advanced(state, obs, matrix, market, decoded.clipped, decoded.clip_amount)
 
     # ---- the fused step ----------------------------------------------------------------
     def fuses(self, exchange: Exchange | None) -> bool:

@@ -12,7 +12,7 @@ from gymnasium import spaces
 
 from envs.dynamics import GridState, Solver, StepOutcome
 from envs.engine import Engine
-from envs.exchange import Exchange, market_matrix
+from envs.exchange import Exchange
 from envs.kpis import (
     MARKET_INFO,
     OUTCOME_FIELDS,
@@ -183,26 +183,9 @@ class MicrogridEnv(gym.Env[np.ndarray, np.ndarray]):
         if self._state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         actions = np.asarray(action)[None, :]
-        market: np.ndarray | None = None
-        if self.engine.fuses(self.exchange):
-            # One compiled call: decode, market, physics, settlement, totals, observation.
-            r = self.engine.step_fused(
-                self._state, actions, self._kpis, self._market_kpis, self.exchange
-            )
-            obs, matrix, market = r.obs[0], r.outcome, r.market
-            n_clipped, clip_amount = r.clip[0].tolist()
-        else:
-            decoded = self.engine.decode(actions)
-            gate = None
-            if self.exchange is not None:
-                gate = self.exchange.open(self._state, decoded)
-            self._state, _, matrix = self.engine.step(self._state, decoded)
-            self._kpis.add_matrix(matrix)
-            obs = self.engine.observe(self._state)[0]
-            if gate is not None and self.exchange is not None:
-                market = market_matrix(self.exchange.close(gate, self._state), gate)
-                self._market_kpis.add(market)
-            n_clipped, clip_amount = float(decoded.clipped[0]), float(decoded.clip_amount[0])
+        a = self.engine.advance(self._state, actions, self._kpis, self._market_kpis, self.exchange)
+        self._state, obs, matrix, market = a.state, a.obs[0], a.outcome, a.market
+        n_clipped, clip_amount = float(a.clipped[0]), float(a.clip_amount[0])
         row = matrix[0].tolist()
         info = row_info(row)
         info["action_clipped"] = int(n_clipped)

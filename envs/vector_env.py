@@ -24,7 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.dynamics import GridState, Solver
 from envs.engine import Engine
-from envs.exchange import Exchange, market_columns, market_matrix
+from envs.exchange import Exchange, market_columns
 from envs.kpis import OUTCOME_FIELDS, STEP_INFO, EpisodeKpis, MarketKpis
 from envs.scenario import Scenario
 
@@ -128,24 +128,9 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """Step every grid: (observations, outcome matrix, market matrix, components clipped)."""
         assert self._state is not None
-        if self.engine.fuses(self.exchange):
-            # One compiled call: decode, market, physics, settlement, totals, observation.
-            r = self.engine.step_fused(
-                self._state, actions, self._kpis, self._market_kpis, self.exchange
-            )
-            return r.obs, r.outcome, r.market, r.clip[:, 0]
-        decoded = self.engine.decode(actions)
-        gate = None
-        if self.exchange is not None:
-            gate = self.exchange.open(self._state, decoded)
-        self._state, _, matrix = self.engine.step(self._state, decoded)
-        self._kpis.add_matrix(matrix)
-        obs = self.engine.observe(self._state)
-        market = None
-        if gate is not None and self.exchange is not None:
-            market = market_matrix(self.exchange.close(gate, self._state), gate)
-            self._market_kpis.add(market)
-        return obs, matrix, market, decoded.clipped
+        a = self.engine.advance(self._state, actions, self._kpis, self._market_kpis, self.exchange)
+        self._state = a.state
+        return a.obs, a.outcome, a.market, a.clipped
 
     def _autoreset(
         self, done_rows: np.ndarray, obs: np.ndarray, matrix: np.ndarray, infos: dict[str, Any]
