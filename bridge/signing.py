@@ -2,7 +2,8 @@
 
 `contracts.client.sign_reading` builds the typed-data message through eth-account, which is right
 and slow (~1 ms). The bridge checks every reading and the simulator signs one per device per
-slot, so here the domain separator is hashed once, a digest is two keccaks and recovery goes
+slot, so here (through `contracts.settler.ReadingSigner`) the domain separator is hashed once,
+a digest is two keccaks and recovery goes
 straight to coincurve (~0.2 ms a check on this machine, 0.15 ms of it libsecp256k1 itself).
 The rules are the contract's own (OpenZeppelin ECDSA): v is 27/28 (or 0/1), s in the lower half
 of the curve order, r and s non-zero. A signature the chain would refuse is refused here too, so
@@ -15,63 +16,29 @@ import functools
 from dataclasses import dataclass, field
 
 import coincurve
-from Crypto.Hash import keccak as _keccak
 from eth_utils import to_checksum_address
 
+from contracts.settler import ReadingSigner, keccak256
 
-def keccak(data: bytes = b"", *, text: str | None = None) -> bytes:
-    """keccak-256 straight from pycryptodome: eth_utils' dispatch around the same call costs
-    more than the hash itself, and a reading check takes two."""
-    if text is not None:
-        data = text.encode()
-    return bytes(_keccak.new(digest_bits=256, data=data).digest())
-
-
-DOMAIN_TYPEHASH = keccak(
-    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
-READING_TYPEHASH = keccak(text="Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)")
 #: secp256k1 group order; OpenZeppelin's ECDSA refuses s above half of it (malleability).
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
-def _word(value: int, *, signed: bool = False) -> bytes:
-    return value.to_bytes(32, "big", signed=signed)
-
-
-@functools.lru_cache(maxsize=65_536)
-def _address_word(address: str) -> bytes:
-    return bytes(12) + bytes.fromhex(address[2:])
-
-
 @dataclass(frozen=True)
 class ReadingDomain:
-    """The EIP-712 domain of one deployed DeviceRegistry: what binds a reading to it."""
+    """The EIP-712 domain of one deployed DeviceRegistry: what binds a reading to it. The
+    digest is `contracts.settler.ReadingSigner`'s, the one the chain ledger signs with."""
 
     chain_id: int
     registry: str
-    separator: bytes = field(init=False, repr=False)
+    _signer: ReadingSigner = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        sep = keccak(
-            DOMAIN_TYPEHASH
-            + keccak(text="DeviceRegistry")
-            + keccak(text="1")
-            + _word(self.chain_id)
-            + _address_word(self.registry)
-        )
-        object.__setattr__(self, "separator", sep)
+        object.__setattr__(self, "_signer", ReadingSigner(self.chain_id, self.registry))
 
     def digest(self, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
         """The hash DeviceRegistry.readingDigest returns for this reading."""
-        struct = keccak(
-            READING_TYPEHASH
-            + _address_word(device)
-            + _word(slot)
-            + _word(energy_wh, signed=True)
-            + _word(nonce)
-        )
-        return keccak(b"\x19\x01" + self.separator + struct)
+        return self._signer.digest(device, slot, energy_wh, nonce)
 
     def recover(self, device: str, slot: int, energy_wh: int, nonce: int, signature: bytes) -> str:
         """The checksum address that signed this reading, or "" where the chain would refuse it."""
@@ -102,7 +69,7 @@ class ReadingDomain:
 @functools.lru_cache(maxsize=65_536)
 def _address_of_public(uncompressed: bytes) -> str:
     """Cached: a site has a fixed set of device keys, and this keccak is a fifth of a check."""
-    return str(to_checksum_address(keccak(uncompressed[1:])[-20:]))
+    return str(to_checksum_address(keccak256(uncompressed[1:])[-20:]))
 
 
 @functools.lru_cache(maxsize=65_536)

@@ -522,19 +522,22 @@ _SIGNED_ORDER_TYPEHASH = keccak(
 )
 
 
-def order_domain(chain_id: int, trading: str) -> bytes:
-    """EnergyTrading's EIP-712 domain separator on chain ``chain_id`` at address ``trading``.
-
-    Binding both is what makes a signed order worthless on another chain or contract.
-    """
+def eip712_domain(name: str, chain_id: int, contract: str) -> bytes:
+    """The EIP-712 domain separator (name, version "1", chain id, verifying contract) the
+    suite's contracts use: binding chain and address makes a signature worthless elsewhere."""
     words = [
         _DOMAIN_TYPEHASH,
-        keccak(text="EnergyTrading"),
+        keccak(text=name),
         keccak(text="1"),
         chain_id.to_bytes(32, "big"),
-        int(trading, 16).to_bytes(32, "big"),
+        int(contract, 16).to_bytes(32, "big"),
     ]
     return keccak(b"".join(words))
+
+
+def order_domain(chain_id: int, trading: str) -> bytes:
+    """EnergyTrading's EIP-712 domain separator on chain ``chain_id`` at address ``trading``."""
+    return eip712_domain("EnergyTrading", chain_id, trading)
 
 
 def order_digest(domain: bytes, order: SignedOrder) -> bytes:

@@ -35,7 +35,7 @@ from Crypto.Hash import keccak as _keccak_impl
 from eth_abi import encode
 from eth_utils import keccak, to_checksum_address
 
-from contracts.client import CLEARING_GAS, Chain, _abi_type
+from contracts.client import CLEARING_GAS, Chain, _abi_type, eip712_domain
 from contracts.compile import load_artifact
 from contracts.errors import ChainError, UnknownRevert
 from contracts.model import SignedOrder
@@ -46,9 +46,6 @@ PART_PRICE = 2
 PART_SETTLE = 4
 PART_READINGS = 8
 
-_DOMAIN_TYPEHASH = keccak(
-    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
 _ORDER_TYPEHASH = keccak(
     text="SignedOrder(address owner,uint64 slot,uint8 side,uint64 energyWh,uint64 limitPrice,"
     "uint8 nonce)"
@@ -226,14 +223,7 @@ class ReadingSigner:
     """Signs meter readings for one DeviceRegistry: domain separator computed once."""
 
     def __init__(self, chain_id: int, registry: str) -> None:
-        words = [
-            _DOMAIN_TYPEHASH,
-            keccak(text="DeviceRegistry"),
-            keccak(text="1"),
-            chain_id.to_bytes(32, "big"),
-            int(registry, 16).to_bytes(32, "big"),
-        ]
-        self.domain = keccak(b"".join(words))
+        self.domain = eip712_domain("DeviceRegistry", chain_id, registry)
 
     def digest(self, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
         """``DeviceRegistry.readingDigest`` of the reading."""
