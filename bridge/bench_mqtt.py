@@ -35,6 +35,7 @@ from bridge.bench import (
     birth_payloads,
     checked,
     decision_figures,
+    ingest_figures,
     make_core,
     now_ms,
     synthetic_site,
@@ -42,7 +43,6 @@ from bridge.bench import (
 )
 from bridge.core import Publish
 from bridge.errors import BridgeError
-from bridge.messages import DeviceKind
 from bridge.mqtt import MqttLink
 from bridge.signing import ReadingDomain
 from bridge.topics import bridge_subscriptions
@@ -159,24 +159,9 @@ async def _run(
                 gen.kill()
                 await gen.wait()
             await link.close()
-    v = core.validator
-    messages_total = n_slots * n
-    if v.telemetry_accepted != messages_total or any(v.rejected.values()):
-        raise BridgeError(
-            f"bench: expected all {messages_total} messages accepted, got "
-            f"{v.telemetry_accepted} and refusals {dict(v.rejected)}"
-        )
-    signed = sum(d.kind in (DeviceKind.METER, DeviceKind.BATTERY) for d in site.devices)
     result: dict[str, Any] = {
-        "mode": "mqtt",
-        "devices": n,
-        "prosumers": len(site.prosumers),
-        "slots": n_slots,
-        "messages": messages_total,
-        "signed_share": round(signed / n, 3),
-        "ingest_msg_per_s": messages_total / ingest_s,
-        "ingest_us_per_msg": ingest_s / messages_total * 1e6,
-        "generator_msg_per_s": messages_total / generator_s,
+        **ingest_figures("mqtt", core, site, n_slots, ingest_s),
+        "generator_msg_per_s": n_slots * n / generator_s,
         **decision_figures(latencies, commands, n_slots, core.policy_name),
     }
     return checked(result)
