@@ -941,9 +941,10 @@ def deploy_suite(
     ``s`` falls in hour ``(s % 96) // 4`` of the day, as the time-of-day multipliers assume.
     Roles: the admin holds every admin role; ``solver`` gets SOLVER_ROLE; GridBalance gets
     EnergyTrading's PAUSER_ROLE and RewardSystem's REWARDER_ROLE. SlotSettler (the one
-    transaction per slot) gets SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading and REWARDER_ROLE
-    on RewardSystem, and ``solver`` its OPERATOR_ROLE: whoever operates it holds exactly the
-    powers of the solver plus posting prices and granting rewards.
+    transaction per slot) gets SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading, REWARDER_ROLE
+    on RewardSystem and EMERGENCY_ROLE on GridBalance, and ``solver`` its OPERATOR_ROLE: whoever
+    operates it holds exactly the powers of the solver plus posting prices, granting rewards and
+    declaring and ending emergencies.
     """
     cfg = config or SuiteConfig()
     accounts = chain.accounts
@@ -1013,12 +1014,14 @@ def deploy_suite(
         trading.address,
         registry.address,
         rewards.address,
+        grid.address,
         sender=admin,
     )
     for target, name in (
         (trading, "SOLVER_ROLE"),
         (trading, "PARAMETER_ROLE"),
         (rewards, "REWARDER_ROLE"),
+        (grid, "EMERGENCY_ROLE"),
     ):
         chain.transact(target, "grantRole", role_id(name), settler.address, sender=admin)
     return Suite(

@@ -462,8 +462,9 @@ class MarketModel:
         :meth:`reconcile_slot`. Checks run in the contract's order, so the first broken rule
         raises the contract's error.
         """
-        self._require_not_paused()
         n = len(orders)
+        if n:  # an empty batch closes the slot even while paused (its meters go on)
+            self._require_not_paused()
         if n > MAX_SIGNED_BATCH:
             raise self._revert("EnergyTradingBatchTooLarge", count=n, max=MAX_SIGNED_BATCH)
         on_book = len(self.books.get(slot, []))
@@ -559,9 +560,9 @@ class MarketModel:
         missing = 0, as a meter without a reading). The accounts are every owner with a fill
         plus ``members``. Imbalance = metered - net bought; a shortfall pays the shortfall price
         to the treasury from credit + held proceeds + surplus payment as far as they go, a
-        surplus is paid the surplus price by the treasury (which must afford it).
+        surplus is paid the surplus price by the treasury (which must afford it). Allowed while
+        paused: an emergency stops trading, not the settlement of what was metered.
         """
-        self._require_not_paused()
         if slot not in self.results:
             raise self._revert("EnergyTradingSlotNotCleared", slot=slot)
         if slot in self.reconciled:

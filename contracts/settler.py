@@ -45,6 +45,8 @@ PART_RECONCILE = 1
 PART_PRICE = 2
 PART_SETTLE = 4
 PART_READINGS = 8
+PART_RECOVER = 16
+PART_EMERGENCY = 32
 
 _ORDER_TYPEHASH = keccak(
     text="SignedOrder(address owner,uint64 slot,uint8 side,uint64 energyWh,uint64 limitPrice,"
@@ -155,6 +157,8 @@ TOPICS = {
     "AccountReconciled": _event_topic("AccountReconciled(uint64,address,int256,int256,uint256)"),
     "SlotReconciled": _event_topic("SlotReconciled(uint64,uint32,uint256,uint256,uint256,bool)"),
     "RewardGranted": _event_topic("RewardGranted(address,uint8,uint256)"),
+    "EmergencyDeclared": _event_topic("EmergencyDeclared(bytes32,address)"),
+    "Recovered": _event_topic("Recovered(address)"),
 }
 _NAMES = {topic: name for name, topic in TOPICS.items()}
 
@@ -313,6 +317,8 @@ def decode_logs(logs: Sequence[Log]) -> dict[str, list[dict[str, Any]]]:
             }
         elif name == "SlotReconciled":
             event = {"charged": w[1], "paid": w[2], "unpaid": w[3], "complete": bool(w[4])}
+        elif name in ("EmergencyDeclared", "Recovered"):
+            event = {"by": _checksum(log.topics[1][12:])}
         else:
             event = {"account": _checksum(log.topics[1][12:]), "amount": w[0]}
         event["slot"] = int.from_bytes(log.topics[1], "big") if name != "RewardGranted" else None

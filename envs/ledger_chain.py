@@ -3,10 +3,14 @@
 Each step is one call of the operator's ``SlotSettler.run`` (``contracts.settler``), mined at
 the start of the next slot, that in this order
 
+0. ends an emergency (``GridBalance.recover``) when this slot's grid is no longer stressed;
 1. reconciles the previous slot against its meter readings (``reconcileSlot``) and grants that
    slot's rewards: the renewable reward of every exporting meter (``rewardRenewable``, from the
    signed readings) and, during a demand-response event, each participant's incentive
-   (``grantReward``);
+   (``grantReward``); then declares an emergency (``GridBalance.declareEmergency``, which
+   pauses the market) when this slot's grid stress crossed the emergency threshold: the slot
+   trades nothing (its batch is empty, as the mirror refuses every order) while its meters are
+   settled as in any slot;
 2. posts this slot's reference price (``setPriceParams``);
 3. settles this slot's EIP-712 signed orders in one batch (``settleSignedBatch``; the gate
    closed five minutes before the slot started);
@@ -46,9 +50,11 @@ from contracts.clearing import clear_book
 from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
 from contracts.model import PriceParams, Side, SignedOrder
 from contracts.settler import (
+    PART_EMERGENCY,
     PART_PRICE,
     PART_READINGS,
     PART_RECONCILE,
+    PART_RECOVER,
     PART_SETTLE,
     OrderSigner,
     ReadingSigner,
@@ -170,6 +176,7 @@ class ChainLedger:
         self._slot = self._first_slot
         self._now = int(self.chain.timestamp())
         self._nonces = [0] * self.n
+        self._paused = False  # GridBalance's emergency, as the last step left it
         self._pending: _Pending | None = None
         self._mirror.reset(np.zeros(1, dtype=np.int64))
         credits, treasury = self._read_chain()
@@ -251,8 +258,13 @@ class ChainLedger:
             self._readings.sign(self._meter_keys[k], *readings[k]) for k in range(self.n)
         ]
         self._nonces = [x + 1 for x in self._nonces]
+        parts = PART_PRICE | PART_SETTLE | PART_READINGS
+        emergency = bool(slot.emergency[0])
+        if emergency != self._paused:
+            parts |= PART_EMERGENCY if emergency else PART_RECOVER
+            self._paused = emergency
         step = SlotStep(
-            parts=PART_PRICE | PART_SETTLE | PART_READINGS,
+            parts=parts,
             price_params=self._price_params(int(slot.reference[0])).as_args(),
             settle_slot=c,
             price=solved.price,
@@ -357,6 +369,12 @@ class ChainLedger:
         (future, step, pending, want), self._inflight = self._inflight, None
         receipt = future.result()
         events = decode_logs(receipt.logs)
+        for name, part in (("EmergencyDeclared", PART_EMERGENCY), ("Recovered", PART_RECOVER)):
+            if len(events[name]) != bool(step.parts & part):
+                raise LedgerError(
+                    f"market.ledger: slot {step.settle_slot}: {len(events[name])} {name} events, "
+                    f"{int(bool(step.parts & part))} expected"
+                )
         if want is not None:
             self._check_settlement(step, want, events["SignedBatchSettled"])
         if pending is not None:

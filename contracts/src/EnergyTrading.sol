@@ -311,7 +311,10 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         SignedOrder[] calldata orders,
         Signature[] calldata signatures,
         uint64[] calldata fills
-    ) external onlyRole(SOLVER_ROLE) whenNotPaused nonReentrant {
+    ) external onlyRole(SOLVER_ROLE) nonReentrant {
+        // While paused only an empty batch settles: it closes the slot with no trade, so that
+        // its metering can still be reconciled (an emergency stops trading, not the meters).
+        if (orders.length != 0) _requireNotPaused();
         if (orders.length > MAX_SIGNED_BATCH) revert EnergyTradingBatchTooLarge(orders.length, MAX_SIGNED_BATCH);
         if (signatures.length != orders.length || fills.length != orders.length) {
             revert EnergyTradingBatchLengthMismatch(orders.length, signatures.length, fills.length);
@@ -368,10 +371,11 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     /// shortfall (> 0) pays gridPrice * (1e4 + penalty) / 1e4 per Wh to the treasury, a surplus
     /// (< 0) is paid gridPrice * (1e4 - penalty) / 1e4 by it. A charge beyond an account's funds
     /// (credit + held proceeds + surplus payment) stays unpaid.
+    /// Deliberately not `whenNotPaused`: in an emergency trading stops but the meters go on, and
+    /// what they metered is settled as in any other slot.
     function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts, bytes32 rest)
         external
         onlyRole(SOLVER_ROLE)
-        whenNotPaused
         nonReentrant
     {
         SlotResult storage result = _results[slot];

@@ -246,7 +246,8 @@ interface IEnergyTrading {
     function reconcileSlot(uint64 slot, Trade[] calldata trades, address[] calldata accounts, bytes32 rest)
         external;
 
-    /// @notice Pause trading (deposits, orders, clearing); withdrawals continue.
+    /// @notice Pause trading (deposits, orders, clearing trades); withdrawals continue, and so do
+    /// the meters: an empty signed batch still closes a slot and slots still reconcile.
     function pause() external;
 
     /// @notice Resume trading.

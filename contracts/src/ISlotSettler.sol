@@ -3,12 +3,14 @@ pragma solidity ^0.8.24;
 
 import {IDeviceRegistry} from "./IDeviceRegistry.sol";
 import {IEnergyTrading} from "./IEnergyTrading.sol";
+import {IGridBalance} from "./IGridBalance.sol";
 import {IRewardSystem} from "./IRewardSystem.sol";
 
 /// @title ISlotSettler
-/// @notice The market operator's one transaction per slot: reconcile an earlier slot and grant its
-/// rewards, post the price parameters, settle a slot's signed batch and relay the meters' signed
-/// readings, in that order, through the suite's own entry points (every check of theirs holds).
+/// @notice The market operator's one transaction per slot: end an emergency, reconcile an earlier
+/// slot and grant its rewards, declare an emergency, post the price parameters, settle a slot's
+/// signed batch and relay the meters' signed readings, in that order, through the suite's own
+/// entry points (every check of theirs holds).
 interface ISlotSettler {
     /// @notice A signed-batch settlement (the arguments of `IEnergyTrading.settleSignedBatch`).
     struct Settlement {
@@ -37,7 +39,7 @@ interface ISlotSettler {
     }
 
     /// @notice What one call does: the parts whose bits are set in `parts`, in the order
-    /// reconcile, price, settle, readings.
+    /// recover, reconcile, emergency, price, settle, readings.
     struct SlotStep {
         uint8 parts;
         Reconciliation reconciliation;
@@ -63,4 +65,7 @@ interface ISlotSettler {
 
     /// @notice The contracts the settler drives: (EnergyTrading, DeviceRegistry, RewardSystem).
     function suite() external view returns (IEnergyTrading trading, IDeviceRegistry registry, IRewardSystem rewards);
+
+    /// @notice The GridBalance whose emergencies the settler declares and ends.
+    function gridBalance() external view returns (IGridBalance);
 }

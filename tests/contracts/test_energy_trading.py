@@ -309,6 +309,13 @@ def test_pause_stops_trading_but_not_withdrawals(
     _close_gate(world, slot)
     with reverts("EnforcedPause"):
         suite.clear_slot(world.solver, slot, 0, [0])
+    # Nor do the meters: an empty signed batch still closes a slot, which then reconciles.
+    quiet = slot + 1
+    world.chain.travel_to(suite.gate_closes_at(quiet))
+    suite.settle_signed_batch(world.solver, quiet, [], [])
+    world.chain.travel_to(suite.slot_start(quiet + 1) + 601)  # the reading window has closed
+    suite.reconcile_slot(world.solver, quiet, [], [world.users[0]])
+    assert suite.slot_result(quiet).reconciled
     world.chain.transact(suite.trading, "unpause", sender=world.admin)
     suite.clear_slot(world.solver, slot, low, [0])
 

@@ -2,7 +2,8 @@
 
 The settler adds no rule of its own: every test here either checks its own two guards (the
 operator role, the parts mask) or that the suite's rules still hold through it, with their own
-custom errors. The client path (hand-rolled ABI encoding, coincurve signatures over
+custom errors (an emergency declared through it pauses the market as GridBalance's own call
+does). The client path (hand-rolled ABI encoding, coincurve signatures over
 precomputed EIP-712 digests, raw logs) is held bit for bit to eth_abi, eth-account and the
 contracts' own digests.
 """
@@ -31,9 +32,11 @@ from contracts.client import (
 from contracts.errors import ContractRevert
 from contracts.model import PriceParams, Side, SignedOrder
 from contracts.settler import (
+    PART_EMERGENCY,
     PART_PRICE,
     PART_READINGS,
     PART_RECONCILE,
+    PART_RECOVER,
     PART_SETTLE,
     OrderSigner,
     ReadingSigner,
@@ -82,8 +85,10 @@ def _sender(world: World, operator: str | None = None) -> SlotSender:
     return SlotSender(world.chain, operator or world.solver, world.suite.settler.address)
 
 
-def _step(world: World, members: list[Member], slot: int, metered: list[int]) -> SlotStep:
-    """Price, settle (one buyer, one seller) and readings of `slot`."""
+def _step(
+    world: World, members: list[Member], slot: int, metered: list[int], nonce: int = 0
+) -> SlotStep:
+    """Price, settle (one buyer, one seller) and readings of `slot` (the meters' `nonce`)."""
     suite = world.suite
     low, high = suite.price_band(slot)
     sides = [Side.BUY, Side.SELL, Side.SELL]
@@ -95,7 +100,7 @@ def _step(world: World, members: list[Member], slot: int, metered: list[int]) ->
         [o.energy_wh for o in orders], [o.limit_price for o in orders], [int(s) for s in sides[:2]]
     )
     signer = ReadingSigner(int(world.chain.w3.eth.chain_id), suite.registry.address)
-    readings = [(m.meter, slot, wh, 0) for m, wh in zip(members, metered, strict=True)]
+    readings = [(m.meter, slot, wh, nonce) for m, wh in zip(members, metered, strict=True)]
     return SlotStep(
         parts=PART_PRICE | PART_SETTLE | PART_READINGS,
         price_params=PriceParams().as_args(),
@@ -120,6 +125,8 @@ def test_deploy_suite_wires_the_settlers_roles(world: World) -> None:
     assert chain.call(suite.trading, "hasRole", role_id("SOLVER_ROLE"), settler)
     assert chain.call(suite.trading, "hasRole", role_id("PARAMETER_ROLE"), settler)
     assert chain.call(suite.rewards, "hasRole", role_id("REWARDER_ROLE"), settler)
+    assert chain.call(suite.grid, "hasRole", role_id("EMERGENCY_ROLE"), settler)
+    assert chain.call(suite.settler, "gridBalance") == suite.grid.address
     assert chain.call(suite.settler, "hasRole", role_id("OPERATOR_ROLE"), world.solver)
     assert not chain.call(suite.settler, "hasRole", role_id("OPERATOR_ROLE"), world.stranger)
     assert chain.call(suite.settler, "suite") == [
@@ -144,7 +151,7 @@ def test_only_the_operator_may_run_a_step(world: World, reverts: Any) -> None:
         )
 
 
-@pytest.mark.parametrize("parts", [0, 16, 255])
+@pytest.mark.parametrize("parts", [0, 64, 255])
 def test_parts_must_select_something_that_exists(world: World, reverts: Any, parts: int) -> None:
     with reverts("SlotSettlerInvalidParts", parts=parts):
         _sender(world).send(SlotStep(parts=parts).calldata(), world.chain.timestamp() + 5)
@@ -153,10 +160,10 @@ def test_parts_must_select_something_that_exists(world: World, reverts: Any, par
 def test_the_constructor_refuses_zero_addresses(world: World) -> None:
     suite, chain = world.suite, world.chain
     good = [world.admin, world.solver, suite.trading.address, suite.registry.address]
-    good.append(suite.rewards.address)
+    good += [suite.rewards.address, suite.grid.address]
     for i in range(len(good)):
         args = [*good[:i], ZERO, *good[i + 1 :]]
-        data = _bytecode() + chain.w3.codec.encode(["address"] * 5, args).hex()
+        data = _bytecode() + chain.w3.codec.encode(["address"] * 6, args).hex()
         with pytest.raises(ContractRevert, match="SlotSettlerZeroAddress"):
             try:
                 chain.w3.eth.call({"from": world.admin, "data": HexStr(data)})
@@ -251,6 +258,56 @@ def test_readings_and_reconciliation_of_one_slot_never_share_a_block(
         _sender(world).send(
             SlotStep(**{**ahead.__dict__, "parts": PART_SETTLE}).calldata(), final_at + 1
         )
+
+
+def test_an_emergency_stops_trading_but_not_the_meters(
+    world: World, members: list[Member], reverts: Any
+) -> None:
+    """Declared in a step, the emergency pauses the market before that step's settlement: only
+    an empty batch settles, yet readings go in and the slot reconciles while paused; the next
+    calm step ends it first, and trading resumes in the same transaction."""
+    suite, chain = world.suite, world.chain
+    sender = _sender(world)
+    slot = suite.current_slot() + 2
+    calm = _step(world, members, slot, [0, 0, 0])
+    with reverts("EnforcedPause"):  # a batch with orders cannot settle in an emergency
+        sender.send(
+            SlotStep(**{**calm.__dict__, "parts": calm.parts | PART_EMERGENCY}).calldata(),
+            suite.slot_start(slot + 1),
+        )
+    empty = SlotStep(
+        **{**calm.__dict__, "parts": calm.parts | PART_EMERGENCY, "price": 0}
+        | {"orders": [], "signatures": [], "fills": []}
+    )
+    declared_at = suite.slot_start(slot + 1) + 1
+    receipt = sender.send(empty.calldata(), declared_at)
+    events = decode_logs(receipt.logs)
+    assert len(events["EmergencyDeclared"]) == 1 and events["SignedBatchSettled"][0]["volume"] == 0
+    assert chain.call(suite.grid, "paused") and chain.call(suite.trading, "paused")
+    assert world.chain.call(suite.registry, "readingOf", members[0].meter, slot) == [0, True]
+
+    with reverts("GridBalanceRecoveryTooEarly"):  # GridBalance's minimum emergency holds
+        sender.send(SlotStep(parts=PART_RECOVER).calldata(), declared_at + 700)
+
+    # Still stressed: the emergency slot reconciles while the market stays paused.
+    still = SlotStep(
+        parts=PART_RECONCILE,
+        reconcile_slot=slot,
+        accounts=[m.address for m in members],
+    )
+    receipt = sender.send(still.calldata(), suite.slot_start(slot + 2))
+    assert decode_logs(receipt.logs)["SlotReconciled"][0]["complete"]
+    assert chain.call(suite.trading, "paused")
+
+    # Calm again: recover first, then this step's orders trade.
+    later = _step(world, members, slot + 3, [0, 0, 0], nonce=1)
+    receipt = sender.send(
+        SlotStep(**{**later.__dict__, "parts": later.parts | PART_RECOVER}).calldata(),
+        suite.slot_start(slot + 4),
+    )
+    events = decode_logs(receipt.logs)
+    assert len(events["Recovered"]) == 1 and events["SignedBatchSettled"][0]["volume"] == 300
+    assert not chain.call(suite.grid, "paused") and not chain.call(suite.trading, "paused")
 
 
 def test_fast_calldata_is_eth_abis(world: World, members: list[Member]) -> None:

@@ -2,7 +2,10 @@
 
 An env on the `mirror` ledger and an env on the `evm` (py-evm) or `rpc` (anvil) ledger take the
 same actions; every step their market figures, every prosumer's credit and the treasury must be
-identical. A difference fails with the first diverging step and field. The chain ledger reports
+identical. A difference fails with the first diverging step and field. The default runs set the
+grid-stress thresholds low (`STRESSED`), so demand-response events and emergencies come and go
+all day: an emergency is declared and ended on chain (GridBalance pauses the market) and the
+chain must show it exactly in the slots the mirror refused every order. The chain ledger reports
 a step's figures at once and checks them against the chain's events, the reconciliation's one
 step later (`envs.ledger_chain`): a difference there raises `LedgerError` naming slot and field.
 The default run covers a whole day with a few prosumers on anvil and short episodes on py-evm
@@ -28,6 +31,8 @@ from envs.vector_env import MicrogridVectorEnv
 #: Figures only a chain has.
 CHAIN_ONLY = ("market_gas_used", "market_transactions")
 SMALL = {"mode": "buses", "buses": [1, 2, 3, 5]}
+#: Thresholds the small feeder crosses often: DR and emergency slots come and go all day.
+STRESSED = {"dr_loading": 0.1, "emergency_loading": 0.15}
 
 
 def _run_pair(
@@ -44,6 +49,7 @@ def _run_pair(
     )
     assert chain.exchange is not None and mirror.exchange is not None
     rng = np.random.default_rng(seed)
+    stressed = {"emergency": 0, "calm": 0, "dr_event": 0}
     for episode, length in enumerate(steps):  # later episodes start from the reverted snapshot
         mirror.reset(seed=seed + episode)
         chain.reset(seed=seed + episode)
@@ -60,6 +66,8 @@ def _run_pair(
             first = t == 0 and bool(rpc)
             assert got["market_transactions"] == 1 and got["market_gas_used"] < 16_777_216
             assert (got["market_gas_used"] == 0) if first else got["market_gas_used"] > 0
+            stressed["emergency" if got["emergency"] else "calm"] += 1
+            stressed["dr_event"] += bool(got["dr_event"])
             credits = chain.exchange.ledger.credits(), mirror.exchange.ledger.credits()
             assert np.array_equal(*credits), f"credits differ first at {where}"
             treasury = chain.exchange.ledger.treasury, mirror.exchange.ledger.treasury
@@ -68,6 +76,11 @@ def _run_pair(
         on_chain, treasury_on_chain = chain.exchange.ledger.on_chain()
         assert np.array_equal(on_chain, mirror.exchange.ledger.credits()), f"episode {episode}"
         assert treasury_on_chain == mirror.exchange.ledger.treasury[0]
+        ledger: Any = chain.exchange.ledger
+        paused = ledger.chain.call(ledger.suite.grid, "paused")
+        assert paused == bool(got["emergency"]), f"GridBalance.paused() after episode {episode}"
+    if market.get("emergency_loading") == STRESSED["emergency_loading"]:
+        assert min(stressed.values()) > 0, f"the stressed run did not exercise {stressed}"
 
 
 markets = st.fixed_dictionaries(
@@ -83,14 +96,14 @@ markets = st.fixed_dictionaries(
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(markets, st.integers(0, 10_000))
 def test_mirror_and_evm_settle_alike(market: dict[str, Any], seed: int) -> None:
-    _run_pair(market, SMALL, seed, steps=(4, 3))
+    _run_pair({**market, **STRESSED}, SMALL, seed, steps=(4, 3))
 
 
 @settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
 @given(markets, st.integers(0, 10_000))
 def test_mirror_and_anvil_settle_alike_over_a_whole_day(market: dict[str, Any], seed: int) -> None:
     with local_anvil() as url:
-        _run_pair(market, SMALL, seed, steps=(96, 3), rpc=url)
+        _run_pair({**market, **STRESSED}, SMALL, seed, steps=(96, 3), rpc=url)
 
 
 @pytest.mark.slow
