@@ -36,7 +36,6 @@ def build_site(
     """The site of `params`: devices ``<prosumer>-{meter,pv,battery,appliance}``, a community
     battery ``community-battery`` if the scenario has one, and one ``feeder-sensor``; the
     scenario's `market` (default: `MarketConfig()`) for the bridge's orders."""
-    m = market or MarketConfig()
     codec = Codec.from_params(params)
     b = params.batteries
     devices: list[SiteDevice] = []
@@ -101,19 +100,27 @@ def build_site(
             stress_threshold=float(params.stress_threshold),
             time_of_day_multiplier=[float(x) for x in params.tod_multiplier],
         ),
-        market=SiteMarket(
-            band_low_bps=m.band_low_bps,
-            band_high_bps=m.band_high_bps,
-            bid_markup=m.bid_markup,
-            imbalance_penalty_bps=m.imbalance_penalty_bps,
-            emergency_loading=m.emergency_loading,
-            flexible_share=float(params.curtailable_share + params.shiftable_share),
-            rebound_per_step=float(params.rebound_per_step),
-        ),
+        market=_market(params, market or MarketConfig()),
         codec=codec.to_dict(),
         batteries=BatterySpec.of(b),
         prosumers=prosumers,
         community_battery=community,
         grid_sensor=sensor,
         devices=devices,
+    )
+
+
+def _market(params: GridParams, m: MarketConfig) -> SiteMarket | None:
+    """The manifest's market section; None for a stand-in without the flexible load's
+    parameters (the ingest benchmark's tiny site, which trades nothing)."""
+    if not hasattr(params, "rebound_per_step"):
+        return None
+    return SiteMarket(
+        band_low_bps=m.band_low_bps,
+        band_high_bps=m.band_high_bps,
+        bid_markup=m.bid_markup,
+        imbalance_penalty_bps=m.imbalance_penalty_bps,
+        emergency_loading=m.emergency_loading,
+        flexible_share=float(params.curtailable_share + params.shiftable_share),
+        rebound_per_step=float(params.rebound_per_step),
     )
