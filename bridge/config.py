@@ -70,6 +70,10 @@ class ChainConfig(BaseModel):
     """Hex private key of the relaying account (needs gas); required with `rpc_url`."""
     outbox: Path = Path("bridge-outbox.db")
     """The durable SQLite outbox; keep it on a disk that survives reboots."""
+    prosumer_keys: Path | None = None
+    """JSON {prosumer name: hex private key} of the accounts that sign the prosumers' orders
+    (`microgrid devices register` writes it for a simulated site); None: the bridge submits
+    readings only, no orders. The relaying account then needs SlotSettler's OPERATOR_ROLE."""
 
 
 class TimingConfig(BaseModel):
@@ -179,6 +183,7 @@ class BridgeConfig(BaseModel):
                         "deployment": fix(self.chain.deployment),
                         "key_file": fix(self.chain.key_file),
                         "outbox": fix(self.chain.outbox),
+                        "prosumer_keys": fix(self.chain.prosumer_keys),
                     }
                 ),
             }

@@ -21,7 +21,7 @@ from bridge.commands import CommandTracker, commands_for
 from bridge.decision import Decision, FallbackReason, Source, decide
 from bridge.messages import Ack, NodeBirth, NodeDeath, Rebirth, Telemetry, encode
 from bridge.messages import Command as CommandMsg
-from bridge.observation import ObservationBuilder, SiteState
+from bridge.observation import Observation, ObservationBuilder, SiteState
 from bridge.site import SiteManifest
 from bridge.topics import MessageType, TopicError, parse_topic, topic
 from bridge.validation import Rejected, RejectReason, TelemetryValidator
@@ -88,6 +88,8 @@ class BridgeCore:
         self.last_setpoint_kw: np.ndarray | None = None
         self.decisions: deque[tuple[int, Decision]] = deque(maxlen=decisions_kept)
         self.observations: deque[np.ndarray] = deque(maxlen=decisions_kept)
+        self.last_observation: Observation | None = None
+        """What the last decision saw (the slot's orders are bid from it)."""
         """Recent encoded observations: the set a new policy must answer before a hot reload."""
 
     # ---- session of the bridge itself ------------------------------------------------------
@@ -191,7 +193,7 @@ class BridgeCore:
             )
         if price is None:
             price = float(self.site.import_price[t % self.site.steps_per_day])
-        obs = self.builder.build(self.state, slot - 1, t, price)
+        obs = self.last_observation = self.builder.build(self.state, slot - 1, t, price)
         if not obs.missing:
             self.observations.append(obs.obs)
         decision = decide(obs, self.policy, self.fallback, self.shield, self.last_setpoint_kw)

@@ -198,6 +198,19 @@ class Outbox:
         ).fetchone()
         return None if r is None else Row(r[0], RowState(r[1]), r[2], r[3], r[4], r[5])
 
+    def args(self, key: str) -> list[Any] | None:
+        """The stored arguments of the row `key` (None if there is none)."""
+        r = self.db.execute("SELECT args FROM outbox WHERE key = ?", (key,)).fetchone()
+        return None if r is None else _decode_args(r[0])
+
+    def unfinished_args(self, prefix: str) -> list[list[Any]]:
+        """The stored arguments of the rows keyed `prefix`... not yet confirmed or failed."""
+        rows = self.db.execute(
+            "SELECT args FROM outbox WHERE key >= ? AND key < ? AND state IN (?, ?) ORDER BY id",
+            (prefix, prefix + "\uffff", RowState.PENDING.value, RowState.SIGNED.value),
+        ).fetchall()
+        return [_decode_args(r[0]) for r in rows]
+
     def counts(self) -> dict[RowState, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         return {RowState(s): n for s, n in rows}

@@ -15,7 +15,7 @@ from bridge.messages import DeviceKind
 from bridge.signing import address_of
 from bridge.site import SiteManifest
 from bridge.site_builder import device_key
-from contracts.client import Chain, DeviceType
+from contracts.client import Chain, DeviceType, role_id
 from contracts.errors import ChainError, ContractRevert
 
 DEVICE_TYPES = {
@@ -78,6 +78,38 @@ def _send_signed(chain: Chain, contract: Contract, key: bytes, args: tuple[objec
     )
     if receipt["status"] != 1:
         raise ChainError(f"registerDevice({args[0]}) reverted (gas used {receipt['gasUsed']})")
+
+
+def prosumer_keys(site: SiteManifest, seed: str = "0") -> dict[str, bytes]:
+    """The private key of each prosumer's account (`owner_of`) of a simulated site, by name: the
+    households' wallets, which sign their orders (a real site's households keep their own)."""
+    return {p.name: device_key(seed, f"owner:{site.site}:{p.name}") for p in site.prosumers}
+
+
+def enrol_market(
+    chain: Chain,
+    addresses: dict[str, str],
+    site: SiteManifest,
+    operator: str,
+    credit: int,
+    seed: str = "0",
+) -> None:
+    """Let the bridge trade for a simulated site on a local chain: its relaying account
+    `operator` gets SlotSettler's OPERATOR_ROLE (the one transaction per slot), and every
+    prosumer's account `credit` money units of deposit in EnergyTrading (buy orders need the
+    escrow), minted as MockPaymentToken by the node's first account (the suite's admin)."""
+    admin = chain.accounts[0]
+    settler = chain.contract("SlotSettler", addresses["SlotSettler"])
+    chain.transact(settler, "grantRole", role_id("OPERATOR_ROLE"), operator, sender=admin)
+    if credit <= 0:
+        return
+    owners = [owner_of(site, p.name, admin, seed) for p in site.prosumers]
+    token = chain.contract("MockPaymentToken", addresses["PaymentToken"])
+    trading = chain.contract("EnergyTrading", addresses["EnergyTrading"])
+    total = credit * len(owners)
+    chain.transact(token, "mint", admin, total, sender=admin)
+    chain.transact(token, "approve", trading.address, total, sender=admin)
+    chain.transact(trading, "depositFor", owners, [credit] * len(owners), sender=admin)
 
 
 def reading_nonces(chain: Chain, registry: str, site: SiteManifest) -> dict[str, int]:

@@ -44,10 +44,12 @@ from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
+from bridge.settlement import RETRY_ON, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
 from bridge.validation import RejectReason, TelemetryValidator, ValidationLimits
+from contracts.client import CLEARING_GAS
 
 log = logging.getLogger("bridge.run")
 
@@ -110,6 +112,9 @@ class BridgeRunner:
         # Devices on CoAP: resolved now, so a key naming no device fails before anything connects.
         self.coap_endpoints = match_devices(cfg.coap.endpoints, [d.id for d in site.devices])
         self.coap: CoapLink | None = None
+        self.market: SlotSettlement | None = None
+        """Live with `chain.prosumer_keys`: each slot's orders go to the chain (one row)."""
+        self.slots_enqueued = 0
 
     # ---- logging ---------------------------------------------------------------------------
     def _log_reject(self, reason: RejectReason, detail: str) -> None:
@@ -137,11 +142,46 @@ class BridgeRunner:
 
         self.worker = self.executor.submit(make).result()
         self.inbox = Outbox(c.outbox, self.worker.chain, addresses, key)
+        if c.prosumer_keys is not None:
+            market = SlotSettlement(
+                self.site, self.deployment, load_prosumer_keys(c.prosumer_keys, self.site)
+            )
+            self.executor.submit(self._start_credit, market).result()
+            self.market = market
         # Before connecting: the broker delivers what we had not acknowledged right away.
         sessions, nonces = session_store.load(self.inbox.db)
         self.core.validator.restore(sessions, nonces)
         if sessions:
             log.info("device sessions restored", extra={"devices": len(sessions)})
+
+    def _start_credit(self, market: SlotSettlement) -> None:
+        """Executor thread: the accounts' credit on chain, less what this outbox's slot rows
+        not yet mined will charge (see `bridge.settlement`)."""
+        assert self.worker is not None
+        chain = self.worker.chain
+        trading = chain.contract("EnergyTrading", self.deployment.addresses["EnergyTrading"])
+        credit = chain.call_many(trading, "creditOf", [(a,) for a in market.accounts])
+        unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
+        market.start_credit([int(c) for c in credit], unconfirmed)
+
+    def _enqueue_slot(self, slot: int) -> None:
+        """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable
+        ``SlotSettler.run`` row keyed ``slot:<n>`` (a key already there: nothing happens)."""
+        market, obs = self.market, self.core.last_observation
+        if market is None or self.inbox is None or obs is None:
+            return
+        key = f"slot:{slot}"
+        if self.inbox.row(key) is not None:
+            return  # decided again after a restart: settled once already
+        _, decision = self.core.decisions[-1]
+        book = market.book(obs, decision, self.core.codec)
+        batch = market.batch(slot, book)
+        step = market.step(batch, book)
+        if self.inbox.enqueue(
+            key, "SlotSettler", "run", (step.value(),), gas=CLEARING_GAS, retry_on=RETRY_ON
+        ):
+            market.charge(batch)
+            self.slots_enqueued += 1
 
     def _outbox_pass(self) -> None:
         assert self.worker is not None
@@ -234,6 +274,7 @@ class BridgeRunner:
             self._publish(p.topic, p.payload, retain=p.retain)
         events = []
         if self.live:
+            self._enqueue_slot(slot)
             events = self.dr.update(slot, decision, self.core.codec, self.core.state, self.clock)
             for e in events:
                 self._publish(e.publish.topic, e.publish.payload, retain=True)
@@ -443,6 +484,7 @@ class BridgeRunner:
             "commands_sent": core.stats.commands_sent,
             "commands": {k.value: n for k, n in core.tracker.finished.items()},
             "readings_queued": core.stats.readings_queued,
+            "slots_enqueued": self.slots_enqueued,
             "relayed_readings": v.relayed_readings,
             "broker_sessions_resumed": self.link.session_resumed,
             "outbox": dict(self.metrics.outbox.rows),

@@ -85,6 +85,23 @@ class SeedPrice(BaseModel):
     """Per slot of the day."""
 
 
+class SiteMarket(BaseModel):
+    """What the env's default bidding rule and the slot's price parameters need of the scenario
+    (`envs.scenario.MarketConfig` and the flexible load), so the bridge bids as the env does
+    (`envs.market.rule_book`) and posts the same reference price and band."""
+
+    model_config = _CONFIG
+    band_low_bps: Annotated[int, Field(ge=0, le=10_000)]
+    band_high_bps: Annotated[int, Field(ge=10_000, le=100_000)]
+    bid_markup: Annotated[float, Field(ge=0.0, le=1.0)]
+    imbalance_penalty_bps: Annotated[int, Field(ge=0, le=10_000)]
+    emergency_loading: Annotated[float, Field(gt=0.0)]
+    """Transformer loading above which nobody trades (emergency mode)."""
+    flexible_share: Annotated[float, Field(ge=0.0, le=1.0)]
+    """Curtailable plus shiftable share of a household's load (what demand response reaches)."""
+    rebound_per_step: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class SiteManifest(BaseModel):
     """Everything about the site the bridge and the device simulator agree on."""
 
@@ -101,6 +118,8 @@ class SiteManifest(BaseModel):
     demand_reference_kw: Positive
     seed_price: SeedPrice | None = None
     """None (a manifest from before it was recorded): the bridge observes the tariff instead."""
+    market: SiteMarket | None = None
+    """None: the bridge submits no orders (a manifest from before the market was recorded)."""
     codec: dict[str, Any]
     batteries: BatterySpec
     prosumers: list[Prosumer]

@@ -12,9 +12,10 @@ from eth_utils import keccak
 
 from bridge.messages import DeviceKind
 from bridge.signing import address_of
-from bridge.site import BatterySpec, Prosumer, SeedPrice, SiteDevice, SiteManifest
+from bridge.site import BatterySpec, Prosumer, SeedPrice, SiteDevice, SiteManifest, SiteMarket
 from envs.codec import Codec
 from envs.params import GridParams
+from envs.scenario import MarketConfig
 
 #: Headroom of a meter's registered capacity over the prosumer's peak net flow.
 METER_HEADROOM = 1.5
@@ -25,9 +26,16 @@ def device_key(seed: str, device_id: str) -> bytes:
     return keccak(text=f"microgrid-sim:{seed}:{device_id}")
 
 
-def build_site(params: GridParams, *, site: str = "site1", seed: str = "0") -> SiteManifest:
+def build_site(
+    params: GridParams,
+    *,
+    site: str = "site1",
+    seed: str = "0",
+    market: MarketConfig | None = None,
+) -> SiteManifest:
     """The site of `params`: devices ``<prosumer>-{meter,pv,battery,appliance}``, a community
-    battery ``community-battery`` if the scenario has one, and one ``feeder-sensor``."""
+    battery ``community-battery`` if the scenario has one, and one ``feeder-sensor``; the
+    scenario's `market` (default: `MarketConfig()`) for the bridge's orders."""
     codec = Codec.from_params(params)
     b = params.batteries
     devices: list[SiteDevice] = []
@@ -92,10 +100,27 @@ def build_site(params: GridParams, *, site: str = "site1", seed: str = "0") -> S
             stress_threshold=float(params.stress_threshold),
             time_of_day_multiplier=[float(x) for x in params.tod_multiplier],
         ),
+        market=_market(params, market or MarketConfig()),
         codec=codec.to_dict(),
         batteries=BatterySpec.of(b),
         prosumers=prosumers,
         community_battery=community,
         grid_sensor=sensor,
         devices=devices,
+    )
+
+
+def _market(params: GridParams, m: MarketConfig) -> SiteMarket | None:
+    """The manifest's market section; None for a stand-in without the flexible load's
+    parameters (the ingest benchmark's tiny site, which trades nothing)."""
+    if not hasattr(params, "rebound_per_step"):
+        return None
+    return SiteMarket(
+        band_low_bps=m.band_low_bps,
+        band_high_bps=m.band_high_bps,
+        bid_markup=m.bid_markup,
+        imbalance_penalty_bps=m.imbalance_penalty_bps,
+        emergency_loading=m.emergency_loading,
+        flexible_share=float(params.curtailable_share + params.shiftable_share),
+        rebound_per_step=float(params.rebound_per_step),
     )

@@ -202,6 +202,10 @@ class SlotStep:
             list(self.reading_signatures),
         )  # fmt: skip
 
+    def value(self) -> tuple[Any, ...]:
+        """``run``'s one argument as web3 takes it (a client such as the bridge's outbox)."""
+        return self._value()
+
     def calldata(self) -> bytes:
         """``run(step)``'s calldata, by the compiled encoder."""
         return _RUN_SELECTOR + _encode_sequence([_STEP_ENCODER], [self._value()])

@@ -46,16 +46,12 @@ from typing import Any
 import numpy as np
 from coincurve import PrivateKey
 
-from contracts.clearing import clear_book
 from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
-from contracts.model import PriceParams, Side, SignedOrder
+from contracts.model import PriceParams
 from contracts.settler import (
     PART_EMERGENCY,
-    PART_PRICE,
-    PART_READINGS,
     PART_RECONCILE,
     PART_RECOVER,
-    PART_SETTLE,
     OrderSigner,
     ReadingSigner,
     SlotReceipt,
@@ -63,6 +59,7 @@ from contracts.settler import (
     SlotStep,
     decode_logs,
 )
+from contracts.slot_batch import Bid, price_params, signed_batch, slot_step
 from envs.accounts import batch_order, meter_key, prosumer_addresses, prosumer_key
 from envs.errors import LedgerError
 from envs.ledger import MirrorLedger, Settlement, SlotInput, per_wh, units
@@ -70,9 +67,6 @@ from envs.market import BUY
 from envs.params import IntArray
 from envs.scenario import MarketConfig
 
-#: The posted reference price is the demand factor: baseRate 1e4 x bps x 1e4 / 1e8 = bps.
-_BASE_RATE = 10_000
-_FLAT_TOD = (10_000,) * 24
 #: Reward tokens put in RewardSystem's budget at deployment (far beyond any simulated year).
 _REWARD_BUDGET = 10**30
 
@@ -162,15 +156,7 @@ class ChainLedger:
 
     def _price_params(self, reference: int) -> PriceParams:
         c = self.config
-        return PriceParams(
-            base_rate=_BASE_RATE,
-            demand_factor_bps=int(reference),
-            grid_stress_factor_bps=0,
-            band_low_bps=c.band_low_bps,
-            band_high_bps=c.band_high_bps,
-            imbalance_penalty_bps=c.imbalance_penalty_bps,
-            tod_multiplier_bps=_FLAT_TOD,
-        )
+        return price_params(reference, c.band_low_bps, c.band_high_bps, c.imbalance_penalty_bps)
 
     def _start(self) -> None:
         self._slot = self._first_slot
@@ -222,63 +208,42 @@ class ChainLedger:
         treasury_before = int(self.treasury[0])
         want = self._mirror.settle(slot)  # the figures to report; the chain must agree
 
-        # The batch: every live order the contract would accept, in (owner) batch order.
-        submitted: list[int] = []
-        for k in self._order:
-            q, side = int(book.qty_wh[0, k]), int(book.side[0, k])
-            if q <= 0 or slot.emergency[0]:
-                continue
-            if side == BUY and q * int(book.limit[0, k]) > credit[k]:
-                continue
-            submitted.append(k)
-        orders = [
-            SignedOrder(
-                self.addresses[k], c, Side(int(book.side[0, k])), int(book.qty_wh[0, k]),
-                int(book.limit[0, k]),
-            )
-            for k in submitted
-        ]  # fmt: skip
-        solved = clear_book(
-            [o.energy_wh for o in orders], [o.limit_price for o in orders],
-            [int(o.side) for o in orders],
+        # The batch and the step: the code the bridge builds its slot transaction with.
+        order = self._order
+        batch = signed_batch(
+            c,
+            [
+                Bid(self.addresses[k], int(book.side[0, k]), int(book.qty_wh[0, k]),
+                    int(book.limit[0, k]))
+                for k in order
+            ],
+            [int(credit[k]) for k in order],
+            bool(slot.emergency[0]),
+            [self._keys[k] for k in order],
+            self._orders,
         )  # fmt: skip
-        fills = [int(f) for f in solved.fills]
+        submitted = [order[j] for j in batch.submitted]
+        fills = batch.fills
         mirror_fills = [int(want.fill_wh[0, k]) for k in submitted]
-        if solved.price != int(want.price[0]) or fills != mirror_fills:
+        if batch.price != int(want.price[0]) or fills != mirror_fills:
             raise LedgerError(
-                f"market.ledger: slot {c}: the solver clears at {solved.price} with fills "
+                f"market.ledger: slot {c}: the solver clears at {batch.price} with fills "
                 f"{fills}, the mirror at {int(want.price[0])} with {mirror_fills}"
             )
-        signatures = [
-            self._orders.sign(self._keys[k], o) for k, o in zip(submitted, orders, strict=True)
-        ]
         metered = [int(x) for x in slot.metered_wh[0]]
         readings = [(self._devices[k], c, metered[k], self._nonces[k]) for k in range(self.n)]
         reading_sigs = [
             self._readings.sign(self._meter_keys[k], *readings[k]) for k in range(self.n)
         ]
         self._nonces = [x + 1 for x in self._nonces]
-        parts = PART_PRICE | PART_SETTLE | PART_READINGS
         emergency = bool(slot.emergency[0])
-        if emergency != self._paused:
-            parts |= PART_EMERGENCY if emergency else PART_RECOVER
-            self._paused = emergency
-        step = SlotStep(
-            parts=parts,
-            price_params=self._price_params(int(slot.reference[0])).as_args(),
-            settle_slot=c,
-            price=solved.price,
-            orders=[o.as_tuple() for o in orders],
-            signatures=signatures,
-            fills=fills,
-            readings=readings,
-            reading_signatures=reading_sigs,
-        )
+        change, self._paused = emergency != self._paused, emergency
+        step = slot_step(
+            self._price_params(int(slot.reference[0])), batch, readings, reading_sigs,
+            declare_emergency=change and emergency, recover=change and not emergency,
+        )  # fmt: skip
         pending, self._pending = self._pending, self._pending_of(c, slot, want, treasury_before)
-        self._pending.trades.extend(
-            (o.owner, int(o.side), f, self._position[k])
-            for k, o, f in zip(submitted, orders, fills, strict=True)
-        )
+        self._pending.trades.extend(batch.trades(self._accounts))
         # With overlap (rpc) this is the gas of the previous slot's transaction, mined meanwhile.
         gas = self._run(step, pending, self._suite_slot_end(c), want)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.market_kernel import BUY, MONEY_UNITS, SELL, clear_rows
-from envs.params import FloatArray, IntArray
+from envs.market_kernel import BUY, MONEY_UNITS, SELL, clear_rows, rule_book_row
+from envs.params import BatteryParams, FloatArray, IntArray
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,9 @@ def to_units(price_per_kwh: FloatArray) -> IntArray:
     return np.rint(np.asarray(price_per_kwh) * (MONEY_UNITS / 1000)).astype(np.int64)
 
 
-__all__ = ["BUY", "MONEY_UNITS", "SELL", "Book", "Cleared", "band", "clear_books", "to_units"]
+__all__ = [
+    "BUY", "MONEY_UNITS", "SELL", "Book", "Cleared", "band", "clear_books", "rule_book", "to_units",
+]  # fmt: skip
 
 
 def band(reference: IntArray, low_bps: int, high_bps: int) -> tuple[IntArray, IntArray]:
@@ -83,3 +85,71 @@ def clear_books(book: Book) -> Cleared:
     fills = np.zeros_like(qty)
     clear_rows(qty, limit, side, price, volume, fills)
     return Cleared(price=price, volume_wh=volume, fill_wh=fills)
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What the default bidding rule of one grid reads at gate closure, per prosumer (n,)."""
+
+    load_kw: FloatArray
+    """Forecast load of the coming slot (the first lead)."""
+    pv_kw: FloatArray
+    """Forecast available PV of the coming slot."""
+    dr_share: FloatArray
+    curtailment: FloatArray
+    backlog_kwh: FloatArray
+    soc: FloatArray
+    capacity_kwh: FloatArray
+    battery_kw: FloatArray
+    """The decided set-points (the rule holds them within what SoC allows)."""
+
+
+def rule_book(
+    inputs: RuleInputs,
+    reference: int,
+    *,
+    batteries: BatteryParams,
+    dt_h: float,
+    flexible_share: float,
+    rebound_per_step: float,
+    bid_markup: float,
+    band_low_bps: int,
+    band_high_bps: int,
+) -> Book:
+    """One grid's book by the env's default bidding rule (`market_kernel.rule_order`, the code
+    `Exchange.open` runs at every gate): for a caller that holds the inputs itself rather than
+    an env's state, such as the bridge with live telemetry. `flexible_share` is the curtailable
+    plus the shiftable share of the load; `batteries` may hold more entries than prosumers (the
+    community battery last), only the first n are read."""
+    n = np.asarray(inputs.load_kw).shape[0]
+    bat = np.ascontiguousarray(
+        np.stack(
+            [
+                batteries.capacity_kwh[:n],
+                batteries.power_kw[:n],
+                batteries.efficiency_charge[:n],
+                batteries.efficiency_discharge[:n],
+                batteries.soc_min[:n],
+                batteries.soc_max[:n],
+            ]
+        ),
+        dtype=np.float64,
+    )
+    qty = np.zeros(n, dtype=np.int64)
+    limit = np.zeros(n, dtype=np.int64)
+    side = np.zeros(n, dtype=np.int64)
+    f = [
+        np.ascontiguousarray(getattr(inputs, k), dtype=np.float64)
+        for k in (
+            "load_kw", "pv_kw", "dr_share", "curtailment", "backlog_kwh", "soc", "capacity_kwh",
+            "battery_kw",
+        )
+    ]  # fmt: skip
+    for name, a in zip(RuleInputs.__dataclass_fields__, f, strict=True):
+        if a.shape != (n,):
+            raise ValueError(f"rule inputs: {name}: expected shape ({n},), got {a.shape}")
+    rule_book_row(  # type: ignore[call-arg]
+        *f, bat, float(dt_h), float(flexible_share), float(rebound_per_step), int(reference),
+        float(bid_markup), int(band_low_bps), int(band_high_bps), qty, limit, side,
+    )  # fmt: skip
+    return Book(qty[None], limit[None], side[None])

@@ -185,26 +185,63 @@ def gate_range(
         high = ref * np.int64(mcfg[1]) // 10_000
         off = (noise_offset[i] + step[i] * stride) % noise_size
         for k in range(n):
-            d = dr[r, k]
             load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
             pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
-            served = load * (1.0 - d * share) + (1.0 - d) * sc[3] * backlog[i, k] / dt
-            # The battery set-point within what SoC allows, as the device model limits it.
-            cp = cap[i, k] if cap[i, k] > 1e-12 else 1e-12
-            max_ch = min(bat[1, k], (bat[5, k] - soc[i, k]) * cp / (bat[2, k] * dt))
-            max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * bat[3, k] / dt)
-            lo_k = -max_dis if max_dis > 0.0 else 0.0
-            hi_k = max_ch if max_ch > 0.0 else 0.0
-            pw = min(max(battery_kw[r, k], lo_k), hi_k)
-            net = served - pv * (1.0 - curtail[r, k]) + pw
-            qty[r, k] = np.int64(np.rint(abs(net) * dt * 1000.0))
-            if net > 0.0:
-                side[r, k] = BUY
-                price = np.int64(np.rint(ref * (1.0 + mcfg[2])))
-            else:
-                side[r, k] = SELL
-                price = np.int64(np.rint(ref * (1.0 - mcfg[2])))
-            limit[r, k] = min(max(price, low), high)
+            q, p, sd = rule_order(
+                load, pv, dr[r, k], curtail[r, k], backlog[i, k], soc[i, k], cap[i, k],
+                battery_kw[r, k], bat[1, k], bat[2, k], bat[3, k], bat[4, k], bat[5, k], dt,
+                share, sc[3], ref, mcfg[2], low, high,
+            )  # fmt: skip
+            qty[r, k] = q
+            limit[r, k] = p
+            side[r, k] = sd
+
+
+@numba.njit(cache=True, nogil=True)
+def rule_order(
+    load, pv, d, curtail, backlog, soc, cap, battery_kw, power, eff_ch, eff_dis, soc_min,
+    soc_max, dt, share, rebound, ref, markup, low, high,
+):  # fmt: skip
+    """The default bidding rule for one prosumer: (quantity Wh, limit price, side).
+
+    Its expected net position = forecast load (less demand response, plus the backlog's
+    rebound) - forecast PV after curtailment + the battery set-point within what SoC allows;
+    buyers bid the reference x (1 + markup), sellers ask x (1 - markup), inside [low, high].
+    The env's gate (`gate_range`) and the bridge (`envs.market.rule_book`) both call it.
+    """
+    served = load * (1.0 - d * share) + (1.0 - d) * rebound * backlog / dt
+    # The battery set-point within what SoC allows, as the device model limits it.
+    cp = cap if cap > 1e-12 else 1e-12
+    max_ch = min(power, (soc_max - soc) * cp / (eff_ch * dt))
+    max_dis = min(power, (soc - soc_min) * cp * eff_dis / dt)
+    lo_k = -max_dis if max_dis > 0.0 else 0.0
+    hi_k = max_ch if max_ch > 0.0 else 0.0
+    pw = min(max(battery_kw, lo_k), hi_k)
+    net = served - pv * (1.0 - curtail) + pw
+    qty = np.int64(np.rint(abs(net) * dt * 1000.0))
+    if net > 0.0:
+        side = BUY
+        price = np.int64(np.rint(ref * (1.0 + markup)))
+    else:
+        side = SELL
+        price = np.int64(np.rint(ref * (1.0 - markup)))
+    return qty, min(max(price, low), high), np.int64(side)
+
+
+@numba.njit(cache=True, nogil=True)
+def rule_book_row(
+    load, pv, dr, curtail, backlog, soc, cap, battery_kw, bat, dt, share, rebound, ref, markup,
+    low_bps, high_bps, qty, limit, side,
+):  # fmt: skip
+    """`rule_order` for every prosumer of one grid, the band from the reference as at the gate."""
+    low = max(ref * np.int64(low_bps) // 10_000, np.int64(1))
+    high = ref * np.int64(high_bps) // 10_000
+    for k in range(load.shape[0]):
+        qty[k], limit[k], side[k] = rule_order(
+            load[k], pv[k], dr[k], curtail[k], backlog[k], soc[k], cap[k], battery_kw[k],
+            bat[1, k], bat[2, k], bat[3, k], bat[4, k], bat[5, k], dt, share, rebound, ref,
+            markup, low, high,
+        )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.registration import register_site
+from bridge.registration import enrol_market, prosumer_keys, register_site
 from bridge.site import SiteManifest
 from contracts.client import Chain, Suite, SuiteConfig, deploy_suite, deployment_manifest
 from tests.bridge.broker import Broker, mosquitto
@@ -39,7 +39,8 @@ def live_stack(
 ) -> Iterator[Live]:
     """Start both services, deploy the suite with genesis `genesis(now)` and a reading window
     long enough for accelerated slots, register `site`, and write `deployment.json`,
-    `bridge.password` and `relayer.key` into `files`; stop everything afterwards."""
+    `bridge.password`, `relayer.key` and `prosumers.json` (the households' order keys) into
+    `files`; stop everything afterwards."""
     with anvil() as url, mosquitto(files / "mosquitto", broker_users) as broker:
         chain = Chain.rpc(url)
         now = chain.timestamp()
@@ -48,6 +49,10 @@ def live_stack(
         )
         (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
         register_site(chain, suite.registry.address, site)
+        # The bridge (ANVIL_KEYS[1]) settles each slot's orders, signed with the households' keys.
+        enrol_market(chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9)
+        keys = {name: key.hex() for name, key in prosumer_keys(site).items()}
+        (files / "prosumers.json").write_text(json.dumps(keys))
         (files / "bridge.password").write_text(broker.passwords["bridge"])
         (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
         yield Live(broker, chain, suite, now)
@@ -80,6 +85,7 @@ def bridge_config(
             "rpc_url": chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
             "key_file": str(files / "relayer.key"),
             "outbox": str(files / outbox),
+            "prosumer_keys": str(files / "prosumers.json"),
         },
         "timing": {
             "slot_seconds": slot_seconds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,15 @@ from bridge.simulator import FleetStats, Profiles, simulate
 from envs import load_scenario
 from envs.grid import build_grid
 from tests.bridge.services import ANVIL_PROCESSES, free_port
-from tests.bridge.test_run import SLOT_S, Setup, finish, setup, start_bridge, write_config
+from tests.bridge.test_run import (
+    SLOT_S,
+    Setup,
+    finish,
+    settled_batches,
+    setup,
+    start_bridge,
+    write_config,
+)
 
 __all__ = ["setup"]  # the module-scoped stack of test_run, one per module and worker
 
@@ -142,6 +151,12 @@ def _check(s: Setup, out: Outcome, reasons: set[str] = EXPECTED_REASONS) -> dict
     keys = [(e["args"]["device"], e["args"]["slot"]) for e in logs]
     assert len(keys) == len(set(keys)) == fleet.readings_signed  # 0 duplicate settlements
     assert set(summary["outbox"]) <= {"confirmed"}, summary  # nothing failed or left behind
+    # Every slot the bridge (or its killed predecessor) queued settled on chain, once.
+    with sqlite3.connect(s.files / "outbox.db") as db:
+        rows = db.execute("SELECT key, state FROM outbox WHERE key LIKE 'slot:%'").fetchall()
+    assert rows and {state for _, state in rows} == {"confirmed"}, rows  # 0 lost slots
+    batches = settled_batches(s.chain, s.files / "deployment.json")  # 0 settled twice
+    assert sorted(batches) == sorted(int(key.split(":")[1]) for key, _ in rows)
     rejected: dict[str, int] = dict(summary["rejected"])
     assert set(rejected) <= reasons, summary
     assert summary["relayed_readings"] <= rejected.get("stale", 0) + rejected.get("no_session", 0)

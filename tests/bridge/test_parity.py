@@ -82,20 +82,25 @@ from bridge.messages import (
 )
 from bridge.mqtt import MqttLink
 from bridge.observation import Observation, ObservationBuilder, SiteState
+from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy
 from bridge.registration import owner_of
 from bridge.runner import BridgeRunner
+from bridge.settlement import step_of_args
 from bridge.signing import ReadingDomain
 from bridge.simulator import Profiles, StartState, simulate
 from bridge.site import SiteManifest, load_site
 from bridge.site_builder import build_site
+from contracts import clearing
 from contracts.client import Chain
 from envs import MicrogridEnv, load_scenario
 from envs.grid import build_grid
+from envs.market import BUY, Book
 from envs.params import GridParams
 from envs.pricing import seed_price
 from envs.scenario import Scenario
 from tests.bridge.broker import Broker
+from tests.bridge.services import ANVIL_KEYS
 from tests.bridge.stack import bridge_config, live_stack
 
 #: Wall-clock seconds per slot: long enough for 54 devices' telemetry, the decision and the
@@ -171,6 +176,8 @@ class EnvDay:
     """The metered energy before rounding to Wh."""
     start: StartState | None = None
     """The state at the first recorded step: where the devices start."""
+    books: list[Book] = field(default_factory=list)
+    """The orders the env's gate fixed (its default bidding rule) for each recorded step."""
 
 
 def run_env(
@@ -199,6 +206,8 @@ def run_env(
         stepped = action.astype(np.float64)
         stepped[:n_bat] = np.asarray(report.applied_kw) / power
         if k >= begin:
+            assert env.exchange is not None
+            out.books.append(env.exchange.open(state, codec.decode_action(stepped[None])).book)
             out.obs.append(obs)
             out.battery_kw.append(np.asarray(report.applied_kw, dtype=np.float64))
             out.pv_curtailment.append(np.asarray(decoded.pv_curtailment, dtype=np.float64))
@@ -220,6 +229,7 @@ class Stack:
     broker: Broker
     chain: Chain
     registry: str
+    trading: str
     files: Path
     first: int
     """The bridge slot that stands for the test day's 00:00 UTC."""
@@ -253,8 +263,10 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         start = day_start(day, live.deployed_at)
         first = (start - live.suite.genesis) // 900
         live.chain.travel_to(start + (DAY_SLOTS + 4) * 900)  # every slot of the day has ended
-        registry = live.suite.registry.address
-        yield Stack(site, live.broker, live.chain, registry, tmp_path, first, day, scenario)
+        registry, trading = live.suite.registry.address, live.suite.trading.address
+        yield Stack(
+            site, live.broker, live.chain, registry, trading, tmp_path, first, day, scenario
+        )
 
 
 @dataclass
@@ -299,6 +311,19 @@ def recorded_readings(s: Stack, slots: range) -> int:
     registry = s.chain.contract("DeviceRegistry", s.registry)
     logs = registry.events.ReadingRecorded().get_logs(from_block=0)
     return sum(1 for e in logs if e["args"]["slot"] in slots)
+
+
+def settled(s: Stack, slots: range) -> dict[int, dict[str, int]]:
+    """The SignedBatchSettled event of each slot in `slots` settled on chain (a slot settled
+    twice fails here)."""
+    trading = s.chain.contract("EnergyTrading", s.trading)
+    out: dict[int, dict[str, int]] = {}
+    for e in trading.events.SignedBatchSettled().get_logs(from_block=0):
+        slot = int(e["args"]["slot"])
+        assert slot not in out, f"slot {slot} settled twice"
+        if slot in slots:
+            out[slot] = {k: int(v) for k, v in e["args"].items() if k != "batchHash"}
+    return out
 
 
 async def run_live(
@@ -360,7 +385,10 @@ async def run_live(
     slots = range(first - 1, first + steps)
     expected = len(s.site.prosumers) * len(slots)
     deadline = time.monotonic() + 120
-    while recorded_readings(s, slots) < expected and time.monotonic() < deadline:
+    settle = range(first, first + steps)
+    while time.monotonic() < deadline and (
+        recorded_readings(s, slots) < expected or len(settled(s, settle)) < len(settle)
+    ):
         await asyncio.sleep(0.5)
     runner.stop.set()
     live.summary = await serving
@@ -390,6 +418,8 @@ def compare(
         compared[codec.obs_slice(f)] = False
     registry = s.chain.contract("DeviceRegistry", s.registry)
     owners = [owner_of(site, p.name, s.chain.accounts[0]) for p in site.prosumers]
+    batches = settled(s, range(s.first + begin, s.first + begin + len(env.obs)))
+    outbox = Outbox(s.files / "outbox.db", s.chain, {}, ANVIL_KEYS[1])
     power = np.asarray(codec.battery_power_kw)
     out: list[str] = []
     notes: list[str] = []
@@ -446,7 +476,55 @@ def compare(
             near_half = abs(abs(exact - np.floor(exact)) - 0.5) < 1e-3
             if c != e and not (near_half and abs(c - e) == 1):
                 out.append(f"{at}: {p.meter} reading: env {e} Wh, chain {c} Wh")
+        out += compare_settlement(s, at, slot, env.books[k], owners, batches, outbox)
     return out, notes
+
+
+def compare_settlement(
+    s: Stack,
+    at: str,
+    slot: int,
+    book: Book,
+    owners: list[str],
+    batches: dict[int, dict[str, int]],
+    outbox: Outbox,
+) -> list[str]:
+    """The slot's settlement on chain against the env's: the same orders (each household's side,
+    Wh and limit price by the env's bidding rule), cleared at the same price with the same
+    fills, volume and fee; the chain checked the fills itself (a wrong one reverts)."""
+    event = batches.get(slot)
+    args = outbox.args(f"slot:{slot}")
+    if event is None or args is None:
+        return [f"{at}: settlement: the slot was not settled on chain"]
+    step = step_of_args(args)
+    prosumer = {o: i for i, o in enumerate(owners)}
+    chain_orders = {prosumer[o[0]]: (int(o[2]), int(o[3]), int(o[4])) for o in step.orders}
+    out = []
+    live = [i for i in range(len(owners)) if book.qty_wh[0, i] > 0]
+    for i in sorted(set(live) | set(chain_orders)):
+        want = (int(book.side[0, i]), int(book.qty_wh[0, i]), int(book.limit[0, i]))
+        got = chain_orders.get(i)
+        if got != want:
+            out.append(f"{at}: order of {s.site.prosumers[i].name}: env {want}, chain {got}")
+    if out:
+        return out
+    # The env's book cleared by the solver's function, in the chain's batch order.
+    batch = sorted(live, key=lambda i: int(owners[i], 16))
+    solved = clearing.clear_book(
+        [int(book.qty_wh[0, i]) for i in batch], [int(book.limit[0, i]) for i in batch],
+        [int(book.side[0, i]) for i in batch],
+    )  # fmt: skip
+    fills = [int(f) for f in solved.fills]
+    volume = sum(f for i, f in zip(batch, fills, strict=True) if book.side[0, i] == BUY)
+    for name, env_value, chain_value in (
+        ("clearing price", int(solved.price), event["price"]),
+        ("fills", fills, list(step.fills)),
+        ("volume", volume, event["volumeWh"]),
+        ("orders", len(batch), event["orderCount"]),
+    ):
+        if env_value != chain_value:
+            out.append(f"{at}: settlement {name}: env {env_value}, chain {chain_value}")
+    return out
 
 
 def check_parity(

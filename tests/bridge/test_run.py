@@ -133,6 +133,20 @@ def finish(
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+def settled_batches(chain: Chain, deployment: Path) -> dict[int, int]:
+    """Slot -> orders of every signed batch settled on chain (a slot twice would fail the
+    caller's count: the dict keeps one entry a slot)."""
+    address = json.loads(deployment.read_text())["addresses"]["EnergyTrading"]
+    trading = chain.contract("EnergyTrading", address)
+    logs = trading.events.SignedBatchSettled().get_logs(from_block=0)
+    out: dict[int, int] = {}
+    for e in logs:
+        slot = int(e["args"]["slot"])
+        assert slot not in out, f"slot {slot} settled twice"
+        out[slot] = int(e["args"]["orderCount"])
+    return out
+
+
 def test_simulated_site_through_broker_bridge_and_chain(setup: Setup) -> None:
     s = setup
     port = free_port()
@@ -171,11 +185,17 @@ def test_simulated_site_through_broker_bridge_and_chain(setup: Setup) -> None:
     # Every reading the bridge queued is on the chain, once.
     queued = int(summary["readings_queued"])  # type: ignore[call-overload]
     assert queued >= 4 * len(s.site.prosumers)
-    assert summary["outbox"] == {"confirmed": queued}, summary
+    # ... and every slot it decided settled on chain, once: one SlotSettler.run a slot.
+    settled = int(summary["slots_enqueued"])  # type: ignore[call-overload]
+    assert settled >= 6
+    assert summary["outbox"] == {"confirmed": queued + settled}, summary
     registry = s.chain.contract("DeviceRegistry", s.registry)
     logs = registry.events.ReadingRecorded().get_logs(from_block=0)
     keys = [(e["args"]["device"], e["args"]["slot"]) for e in logs]
     assert len(keys) == len(set(keys)) == queued
+    batches = settled_batches(s.chain, s.files / "deployment.json")
+    assert len(batches) == settled
+    assert sum(count for count in batches.values()) > 0  # households traded
     # Metered to the household's account, as registered.
     # (One slot's net can be exactly 0 Wh, e.g. PV matching load: look across the slots.)
     owner = owner_of(s.site, s.site.prosumers[0].name, s.chain.accounts[0])

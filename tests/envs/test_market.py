@@ -17,7 +17,7 @@ from contracts.model import MarketModel, PriceParams, Side, SignedOrder
 from envs import MicrogridEnv, Scenario
 from envs.accounts import prosumer_addresses
 from envs.ledger import MirrorLedger, SlotInput, units
-from envs.market import BUY, MONEY_UNITS, SELL, Book, clear_books
+from envs.market import BUY, MONEY_UNITS, SELL, Book, RuleInputs, clear_books, rule_book
 from envs.scenario import MarketConfig
 from envs.vector_env import MicrogridVectorEnv
 
@@ -240,3 +240,42 @@ def test_market_can_be_switched_off() -> None:
     env.reset(seed=0)
     _, _, _, _, info = env.step(env.action_space.sample())
     assert env.exchange is None and "market_price" not in info
+
+
+def test_rule_book_is_the_gates_book() -> None:
+    """`rule_book` (what the bridge calls with live telemetry) gives the book the env's gate
+    builds with its default rule, slot after slot, under random actions and a persistence
+    forecast (the last slot's load and PV, which the bridge also holds)."""
+    s = Scenario()
+    env = MicrogridEnv(
+        s.model_copy(update={"forecast": s.forecast.model_copy(update={"mode": "persistence"})})
+    )
+    ex = env.exchange
+    assert ex is not None
+    p, n = env.params, env.params.n_prosumer
+    rng = np.random.default_rng(7)
+    env.reset(seed=3)
+    compared = 0
+    for _ in range(40):
+        action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        state = env.state
+        decoded = env.codec.decode_action(action[None])
+        want = ex.open(state, decoded).book
+        got = rule_book(
+            RuleInputs(
+                load_kw=state.last_load_kw[0], pv_kw=state.last_pv_kw[0],
+                dr_share=decoded.dr_share[0], curtailment=decoded.pv_curtailment[0],
+                backlog_kwh=state.backlog_kwh[0], soc=state.soc[0, :n],
+                capacity_kwh=state.capacity_kwh[0, :n], battery_kw=decoded.battery_kw[0, :n],
+            ),
+            int(ex.reference(state)[0]),
+            batteries=p.batteries, dt_h=p.dt_h,
+            flexible_share=p.curtailable_share + p.shiftable_share,
+            rebound_per_step=p.rebound_per_step, bid_markup=s.market.bid_markup,
+            band_low_bps=s.market.band_low_bps, band_high_bps=s.market.band_high_bps,
+        )  # fmt: skip
+        for field in ("qty_wh", "limit", "side"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+        compared += int(want.live.sum())
+        env.step(action)
+    assert compared > 0

@@ -1,0 +1,208 @@
+"""The prosumers' orders of each slot, settled on chain in one ``SlotSettler.run`` per slot.
+
+The env's market, restated nowhere: when the bridge has decided slot `s`, each household bids
+by the env's default rule (`envs.market.rule_book`, the code the env's gate runs) on what the
+bridge holds at that moment, the same inputs the env's gate reads:
+
+* forecast load and PV of the slot: the first lead of the observation's forecasts (with the
+  bridge's persistence forecast, the last slot's telemetry, as the env's `persistence` mode);
+* SoC, capacity and backlog from the devices' telemetry; the decided battery set-points (the
+  shield's kW), PV curtailment and demand-response shares;
+* the reference price: the `community_price` the policy observed, in contract units; emergency
+  mode (no trading) when the grid sensor's transformer loading is above the scenario's limit.
+
+The orders are then signed with the households' keys, the ones the contract would refuse left
+out (escrow beyond credit), cleared with ``contracts.clearing`` and put with the slot's price
+parameters into one ``SlotSettler.run`` step by ``contracts.slot_batch``: the code the env's
+chain ledger builds its step with, so the transaction tested against py-evm and anvil in
+tests/envs is the one the bridge sends.
+
+Why at the decision and not a slot later: the slot's gate closed five minutes before it began,
+so its orders can be settled as soon as they are known, which is when the commands go out; the
+transaction needs nothing the slot's end brings. The meters' readings stay in their own
+outbox rows (``reading:<device>:<slot>``): each is signed by its device and owed to the chain
+whenever it arrives inside its reading window, also after a drop-out, a broker restart or a
+bridge restart (the broker redelivers it); bundling them into the slot's transaction would
+either hold the settlement back for the last late meter or drop that meter's reading.
+
+Reconciliation (``reconcileSlot``: traded against metered energy, imbalance charges, seller
+proceeds released) is not sent by the bridge yet: the settled slots wait for it on chain.
+
+Exactly once: the row's key is ``slot:<n>`` and it is enqueued in the same SQLite transaction
+as nothing else, at the decision; a bridge restarted mid-slot that decides the slot again finds
+the key and adds nothing, and the outbox sends the stored signed bytes with their nonce (see
+`bridge.outbox`). The contract is the last guard: a slot is cleared once
+(``EnergyTradingSlotAlreadyCleared``), so even a second transaction could not settle it twice.
+
+Credit: a buy order whose escrow exceeds the buyer's free credit makes the whole batch revert,
+so such orders are left out, as the env's ledger refuses them. The bridge reads the accounts'
+credit once at start, less what its own unconfirmed slot transactions will charge, and then
+deducts every batch's payments itself (buyers pay fill x price at settlement; sellers' proceeds
+wait for reconciliation), so a slot never waits on a chain read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from coincurve import PrivateKey
+
+from bridge.config import Deployment
+from bridge.decision import Decision
+from bridge.errors import ConfigError
+from bridge.observation import Observation
+from bridge.signing import address_of
+from bridge.site import SiteManifest, SiteMarket
+from contracts.client import order_domain
+from contracts.model import Side
+from contracts.settler import OrderSigner, SlotStep
+from contracts.slot_batch import Bid, SignedBatch, price_params, signed_batch, slot_step
+from envs.codec import Codec
+from envs.market import Book, RuleInputs, rule_book, to_units
+
+#: A slot row that reaches the node before the slot's gate closed on chain waits and retries.
+RETRY_ON = ("EnergyTradingGateOpen",)
+
+
+def load_prosumer_keys(path: Path, site: SiteManifest) -> dict[str, bytes]:
+    """`chain.prosumer_keys`: {prosumer name: hex key}, one for every prosumer of the site."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"chain.prosumer_keys: expected a JSON file of prosumer keys at {path} ({exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("chain.prosumer_keys: expected a mapping {prosumer name: hex key}")
+    missing = [p.name for p in site.prosumers if p.name not in raw]
+    if missing:
+        raise ConfigError(
+            f"chain.prosumer_keys: expected a key for every prosumer, {missing[:5]} have none"
+        )
+    try:
+        return {p.name: bytes.fromhex(str(raw[p.name]).removeprefix("0x")) for p in site.prosumers}
+    except ValueError:
+        raise ConfigError("chain.prosumer_keys: expected hex private keys") from None
+
+
+@dataclass(frozen=True)
+class SlotBook:
+    """One slot's orders by the env's rule, in prosumer (codec) order, and what fixed them."""
+
+    book: Book
+    reference: int
+    """Money units per Wh (>= 1)."""
+    emergency: bool
+
+
+class SlotSettlement:
+    """Builds each slot's ``SlotSettler.run`` for one site (see the module docstring)."""
+
+    def __init__(
+        self, site: SiteManifest, deployment: Deployment, keys: Mapping[str, bytes]
+    ) -> None:
+        if site.market is None:
+            raise ConfigError(
+                "site: expected a `market` section to submit orders (write the manifest again "
+                "with `microgrid devices site`), or leave chain.prosumer_keys unset"
+            )
+        if "SlotSettler" not in deployment.addresses:
+            raise ConfigError("chain.deployment: expected a SlotSettler address to submit orders")
+        self.site = site
+        self.market: SiteMarket = site.market
+        self.n = n = len(site.prosumers)
+        owners = [address_of(keys[p.name]) for p in site.prosumers]
+        self.order = sorted(range(n), key=lambda k: int(owners[k], 16))
+        """Batch order: prosumers (codec indices) by increasing owner address."""
+        self.accounts = [owners[k] for k in self.order]
+        self.keys = [PrivateKey(keys[site.prosumers[k].name]) for k in self.order]
+        trading = deployment.addresses["EnergyTrading"]
+        self.signer = OrderSigner(order_domain(deployment.chain_id, trading))
+        self.batteries = site.batteries.params()
+        self.credit = np.zeros(n, dtype=np.int64)
+        """Free credit by batch position, as the chain will hold it after every row enqueued."""
+
+    def book(self, obs: Observation, decision: Decision, codec: Codec) -> SlotBook:
+        """The slot's orders by the env's default rule on the decision's inputs."""
+        n, m, h = self.n, self.market, self.site.horizon
+        raw = obs.raw
+        action = codec.decode_action(np.asarray(decision.action, dtype=np.float64)[None])
+        reference = max(int(to_units(np.asarray(raw["community_price"][0, 0]))), 1)
+        inputs = RuleInputs(
+            load_kw=np.asarray(raw["load_forecast"]).reshape(n, h)[:, 0],
+            pv_kw=np.asarray(raw["pv_forecast"]).reshape(n, h)[:, 0],
+            dr_share=action.dr_share[0],
+            curtailment=action.pv_curtailment[0],
+            backlog_kwh=raw["backlog"][0],
+            soc=obs.soc[:n],
+            capacity_kwh=obs.capacity_kwh[:n],
+            battery_kw=np.asarray(decision.report.applied_kw, dtype=np.float64)[:n],
+        )
+        book = rule_book(
+            inputs, reference, batteries=self.batteries, dt_h=self.site.dt_h,
+            flexible_share=m.flexible_share, rebound_per_step=m.rebound_per_step,
+            bid_markup=m.bid_markup, band_low_bps=m.band_low_bps, band_high_bps=m.band_high_bps,
+        )  # fmt: skip
+        emergency = bool(raw["grid"][0, 3] > m.emergency_loading)
+        return SlotBook(book, reference, emergency)
+
+    def batch(self, slot: int, b: SlotBook) -> SignedBatch:
+        """Sign and clear the slot's orders in batch order against the tracked credit."""
+        book = b.book
+        bids = [
+            Bid(self.accounts[j], int(book.side[0, k]), int(book.qty_wh[0, k]),
+                int(book.limit[0, k]))
+            for j, k in enumerate(self.order)
+        ]  # fmt: skip
+        return signed_batch(
+            slot, bids, [int(c) for c in self.credit], b.emergency, self.keys, self.signer
+        )
+
+    def step(self, batch: SignedBatch, b: SlotBook) -> SlotStep:
+        """The slot's ``run`` step: post its reference price, settle its batch."""
+        m = self.market
+        params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
+        return slot_step(params, batch)
+
+    def charge(self, batch: SignedBatch) -> None:
+        """Deduct what the batch's buyers pay at settlement from the tracked credit."""
+        bids = [(o.owner, int(o.side)) for o in batch.orders]
+        self.credit -= payments(bids, batch.fills, batch.price, self.accounts)
+
+    def start_credit(self, on_chain: Sequence[int], unconfirmed: Sequence[SlotStep]) -> None:
+        """The accounts' credit (batch order) as read from the chain, less what the outbox's
+        slot steps not yet mined will charge."""
+        self.credit = np.asarray([int(c) for c in on_chain], dtype=np.int64)
+        for step in unconfirmed:
+            bids = [(str(o[0]), int(o[2])) for o in step.orders]
+            self.credit -= payments(bids, step.fills, step.price, self.accounts)
+
+
+def payments(
+    bids: Sequence[tuple[str, int]], fills: Sequence[int], price: int, accounts: Sequence[str]
+) -> np.ndarray:
+    """What each account (position in `accounts`) pays at settlement for (owner, side) bids:
+    fill x price for a buy; a sale's proceeds wait for the slot's reconciliation."""
+    index = {a: j for j, a in enumerate(accounts)}
+    out = np.zeros(len(accounts), dtype=np.int64)
+    for (owner, side), fill in zip(bids, fills, strict=True):
+        if side == int(Side.BUY):
+            out[index[owner]] += int(fill) * int(price)
+    return out
+
+
+def step_of_args(args: Sequence[Any]) -> SlotStep:
+    """The `SlotStep` an outbox row of ``SlotSettler.run`` holds (its stored args)."""
+    value: Sequence[Any] = args[0]
+    parts, params, tod, settle = value[0], value[2], value[3], value[4]
+    slot, price, orders, signatures, fills = settle
+    return SlotStep(
+        parts=int(parts), price_params=(params, tod), settle_slot=int(slot), price=int(price),
+        orders=[tuple(o) for o in orders], signatures=[tuple(s) for s in signatures],
+        fills=[int(f) for f in fills],
+    )  # fmt: skip

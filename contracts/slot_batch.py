@@ -1,0 +1,174 @@
+"""One slot's ``SlotSettler.run`` step, built by one piece of code for every operator.
+
+The env's chain ledger (``envs.ledger_chain``) and the live bridge (``bridge.settlement``)
+settle a slot the same way: the prosumers' orders in batch order (by owner address), the ones
+the contract would refuse left out, the rest signed with the owners' keys (EIP-712) and cleared
+with ``contracts.clearing`` (the solver's function, whose fills the contract re-checks), the
+reference price posted as ``PriceParams`` and, when due, an earlier slot's reconciliation
+first. Both build the step here, so the transaction the env tests against py-evm and anvil is
+the transaction the bridge sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from coincurve import PrivateKey
+
+from contracts.clearing import clear_book
+from contracts.model import PriceParams, Side, SignedOrder
+from contracts.settler import (
+    PART_EMERGENCY,
+    PART_PRICE,
+    PART_READINGS,
+    PART_RECONCILE,
+    PART_RECOVER,
+    PART_SETTLE,
+    OrderSigner,
+    SlotStep,
+)
+
+#: The posted reference price is the demand factor: baseRate 1e4 x bps x 1e4 / 1e8 = bps.
+BASE_RATE = 10_000
+FLAT_TOD = (10_000,) * 24
+
+
+def price_params(
+    reference: int, band_low_bps: int, band_high_bps: int, imbalance_penalty_bps: int
+) -> PriceParams:
+    """The price parameters that make the contract's reference price `reference` (money units
+    per Wh): band and imbalance settlement then follow the scenario's bps."""
+    return PriceParams(
+        base_rate=BASE_RATE,
+        demand_factor_bps=int(reference),
+        grid_stress_factor_bps=0,
+        band_low_bps=band_low_bps,
+        band_high_bps=band_high_bps,
+        imbalance_penalty_bps=imbalance_penalty_bps,
+        tod_multiplier_bps=FLAT_TOD,
+    )
+
+
+@dataclass(frozen=True)
+class Bid:
+    """One prosumer's order for the slot: side (0 buy, 1 sell), Wh (0: none), limit price."""
+
+    owner: str
+    side: int
+    energy_wh: int
+    limit_price: int
+
+
+@dataclass(frozen=True)
+class SignedBatch:
+    """A slot's accepted orders, signed and cleared (what ``settleSignedBatch`` takes)."""
+
+    slot: int
+    submitted: list[int]
+    """Indices (into the bids given) of the orders in the batch, in batch order."""
+    orders: list[SignedOrder]
+    signatures: list[tuple[bytes, bytes]]
+    price: int
+    fills: list[int]
+
+    def trades(self, accounts: Sequence[str]) -> list[tuple[str, int, int, int]]:
+        """(owner, side, fill, index in `accounts`) of every order: what reconciling the slot
+        restates (``accounts`` sorted by address, as ``reconcileSlot`` takes them)."""
+        index = {a: j for j, a in enumerate(accounts)}
+        return [
+            (o.owner, int(o.side), f, index[o.owner])
+            for o, f in zip(self.orders, self.fills, strict=True)
+        ]
+
+
+def signed_batch(
+    slot: int,
+    bids: Sequence[Bid],
+    credit: Sequence[int],
+    emergency: bool,
+    keys: Sequence[PrivateKey],
+    signer: OrderSigner,
+) -> SignedBatch:
+    """The slot's batch from `bids` in batch order (owners by increasing address), `credit` and
+    `keys` index-aligned with them.
+
+    Left out, as the contract would refuse them: empty orders, every order in emergency mode,
+    and buy orders whose escrow (Wh x limit) exceeds the owner's free `credit`.
+    """
+    submitted = [
+        j
+        for j, b in enumerate(bids)
+        if b.energy_wh > 0
+        and not emergency
+        and not (b.side == int(Side.BUY) and b.energy_wh * b.limit_price > credit[j])
+    ]
+    orders = [
+        SignedOrder(bids[j].owner, slot, Side(bids[j].side), bids[j].energy_wh, bids[j].limit_price)
+        for j in submitted
+    ]
+    solved = clear_book(
+        [o.energy_wh for o in orders], [o.limit_price for o in orders],
+        [int(o.side) for o in orders],
+    )  # fmt: skip
+    signatures = [signer.sign(keys[j], o) for j, o in zip(submitted, orders, strict=True)]
+    return SignedBatch(
+        slot, submitted, orders, signatures, int(solved.price), [int(f) for f in solved.fills]
+    )
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """An earlier slot's reconciliation and its rewards (``SlotStep``'s first part)."""
+
+    slot: int
+    trades: Sequence[tuple[str, int, int, int]]
+    accounts: Sequence[str]
+    """Every account to reconcile, by increasing address."""
+    exporters: Sequence[str] = ()
+    grants: Sequence[tuple[str, int, int]] = field(default_factory=list)
+
+
+def slot_step(
+    params: PriceParams | None = None,
+    batch: SignedBatch | None = None,
+    readings: Sequence[tuple[str, int, int, int]] = (),
+    reading_signatures: Sequence[bytes] = (),
+    reconcile: Reconciliation | None = None,
+    *,
+    declare_emergency: bool = False,
+    recover: bool = False,
+) -> SlotStep:
+    """The ``run`` step of the parts given: end an emergency (`recover`), reconcile, declare an
+    emergency (`declare_emergency`: the batch must then be empty), post prices, settle, relay
+    readings."""
+    parts = (
+        (PART_RECOVER if recover else 0)
+        | (PART_EMERGENCY if declare_emergency else 0)
+        | (PART_RECONCILE if reconcile is not None else 0)
+        | (PART_PRICE if params is not None else 0)
+        | (PART_SETTLE if batch is not None else 0)
+        | (PART_READINGS if readings else 0)
+    )
+    fields: dict[str, object] = {"parts": parts}
+    if reconcile is not None:
+        fields |= {
+            "reconcile_slot": reconcile.slot,
+            "trades": list(reconcile.trades),
+            "accounts": list(reconcile.accounts),
+            "exporters": list(reconcile.exporters),
+            "grants": list(reconcile.grants),
+        }
+    if params is not None:
+        fields["price_params"] = params.as_args()
+    if batch is not None:
+        fields |= {
+            "settle_slot": batch.slot,
+            "price": batch.price,
+            "orders": [o.as_tuple() for o in batch.orders],
+            "signatures": batch.signatures,
+            "fills": batch.fills,
+        }
+    if readings:
+        fields |= {"readings": list(readings), "reading_signatures": list(reading_signatures)}
+    return SlotStep(**fields)  # type: ignore[arg-type]
