@@ -9,10 +9,11 @@ a receipt poll and an event decode, several HTTP round trips on a node. Here a s
   :func:`contracts.client.order_digest` for orders); tests check them bit for bit against
   eth-account's typed-data signing and the contracts' own digests;
 * the calldata is one ``eth_abi`` encode of the whole step (:meth:`SlotStep.calldata`);
-* :class:`SlotSender` sends it with a fixed gas limit (no estimation): straight into eth-tester
-  on py-evm, or as one JSON-RPC batch (next block's timestamp + ``eth_sendTransaction``) plus a
-  receipt request over one persistent HTTP session on a node, the node's unlocked account
-  signing (nothing to sign in Python, as for every other transaction of ``Chain``);
+* :class:`SlotSender` sends it with a fixed gas limit (no estimation): straight into revm
+  (``contracts.revm``) or eth-tester on py-evm in process, or as one JSON-RPC batch (next
+  block's timestamp + ``eth_sendTransaction``) plus a receipt request over one persistent HTTP
+  session on a node, the node's unlocked account signing (nothing to sign in Python, as for
+  every other transaction of ``Chain``);
 * the receipt's logs come back raw and :func:`decode_logs` reads the few events the ledger
   needs by topic, without web3's event processing.
 """
@@ -39,6 +40,7 @@ from contracts.client import CLEARING_GAS, Chain, _abi_type, eip712_domain
 from contracts.compile import load_artifact
 from contracts.errors import ChainError, UnknownRevert
 from contracts.model import SignedOrder
+from contracts.revm import Reverted, RevmChain
 
 #: ``SlotStep.parts`` bits, as ``SlotSettler.PART_*``.
 PART_RECONCILE = 1
@@ -328,18 +330,32 @@ class SlotSender:
         self.gas = gas
         self._sender = to_checksum_address(sender)
         self._to = to_checksum_address(settler)
-        self._tester = chain._tester() if chain.is_tester else None
-        self._url = "" if chain.is_tester else str(cast(Any, chain.w3.provider).endpoint_uri)
+        self._engine = chain.engine
+        self._tester = chain._tester() if self._engine == "py-evm" else None
+        self._url = "" if self._engine != "rpc" else str(cast(Any, chain.w3.provider).endpoint_uri)
         self._http: http.client.HTTPConnection | None = None
         self._ids = itertools.count(1)
         self._sync = True
 
     def send(self, calldata: bytes, timestamp: int) -> SlotReceipt:
         """Mine ``calldata`` in a block at ``timestamp``; raise the decoded error on revert."""
+        if self._engine == "revm":
+            return self._send_revm(calldata, timestamp)
         tx = {"from": self._sender, "to": self._to, "gas": self.gas, "data": "0x" + calldata.hex()}
         if self._tester is not None:
             return self._send_tester(tx, timestamp)
         return self._send_rpc(tx, timestamp)
+
+    def _send_revm(self, calldata: bytes, timestamp: int) -> SlotReceipt:
+        # In-process revm (contracts.revm.RevmChain): the raw calldata straight in, raw logs out.
+        chain = cast(RevmChain, self.chain)
+        try:
+            done = chain.execute(self._sender, self._to, calldata, self.gas, timestamp)
+        except Reverted as exc:
+            settler = self.chain.contract("SlotSettler", self._to)
+            raise self.chain.decode_revert(exc.data, settler) from exc
+        logs = [Log(address, topics, data) for address, topics, data in done.logs]
+        return SlotReceipt(done.gas_used, logs)
 
     def _send_tester(self, tx: dict[str, Any], timestamp: int) -> SlotReceipt:
         tester = self._tester
