@@ -238,6 +238,12 @@ class Chain:
         return isinstance(self.w3.provider, EthereumTesterProvider)
 
     @property
+    def engine(self) -> str:
+        """What executes the contracts: ``py-evm`` (eth-tester), ``revm`` (``contracts.revm``)
+        or ``rpc`` (a node over JSON-RPC)."""
+        return "py-evm" if self.is_tester else "rpc"
+
+    @property
     def accounts(self) -> list[str]:
         """The node's unlocked accounts."""
         return [str(a) for a in self.w3.eth.accounts]

@@ -28,11 +28,12 @@ every reward one step later, when the reconciliation is mined. Any difference ra
 `LedgerError` naming the slot, the field and both values. The last slot of an episode is
 reconciled (and checked) by one extra transaction at reset or when `on_chain` reads the state.
 
-``evm`` runs on in-process py-evm (eth-tester); ``rpc`` on any JSON-RPC node (anvil locally).
+``evm`` runs in process on revm (``contracts.revm``, the default) or py-evm (eth-tester), as
+``market.evm_engine`` says; ``rpc`` on any JSON-RPC node (anvil locally).
 On ``rpc`` a slot's transaction is sent from a worker thread and its receipt collected and
 checked when the next slot is settled, so the node executes while the environment steps on: a
 revert then raises one step later, and a step's ``gas_used`` is that of the transaction mined
-during it (the previous slot's). ``evm`` (py-evm, under the GIL) waits for each transaction.
+during it (the previous slot's). ``evm`` runs in this process and waits for each transaction.
 An episode reset reverts to the snapshot taken after deployment instead of redeploying. One
 grid per ledger: chain state is not batched.
 """
@@ -48,6 +49,7 @@ from coincurve import PrivateKey
 
 from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
 from contracts.model import PriceParams
+from contracts.revm import RevmChain
 from contracts.settler import (
     PART_EMERGENCY,
     PART_RECONCILE,
@@ -98,7 +100,7 @@ class ChainLedger:
     def __init__(
         self, n: int, config: MarketConfig, chain: Chain, meter_capacity_w: list[int]
     ) -> None:
-        self.name = "evm" if chain.is_tester else "rpc"
+        self.name = "rpc" if chain.engine == "rpc" else "evm"
         self.batch = 1
         self.n = n
         self.config = config
@@ -144,8 +146,8 @@ class ChainLedger:
         self._readings = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
         self._sender = SlotSender(chain, admin, suite.settler.address)
         # On a node the transaction runs in another process: send it from a thread and let the
-        # environment step on meanwhile. py-evm runs in this process, under the GIL: no gain.
-        self._overlap = not chain.is_tester
+        # environment step on meanwhile. revm and py-evm run in this process: no gain.
+        self._overlap = chain.engine == "rpc"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-tx")
         self._inflight: _InFlight | None = None
         self._mirror = MirrorLedger(1, n, config)
@@ -408,6 +410,10 @@ def _address(key: bytes) -> str:
 
 
 def open_chain_ledger(n: int, config: MarketConfig, meter_capacity_w: list[int]) -> ChainLedger:
-    """Deploy the suite on the chain `config.ledger` names: in-process py-evm or `rpc_url`."""
-    chain = Chain.in_process() if config.ledger == "evm" else Chain.rpc(config.rpc_url)
+    """Deploy the suite on the chain `config.ledger` names: in process on `config.evm_engine`
+    (revm or py-evm), or on the node at `rpc_url`."""
+    if config.ledger == "rpc":
+        chain = Chain.rpc(config.rpc_url)
+    else:
+        chain = RevmChain() if config.evm_engine == "revm" else Chain.in_process()
     return ChainLedger(n, config, chain, meter_capacity_w)

@@ -187,8 +187,12 @@ class MarketConfig(_Strict):
     enabled: bool = True
     ledger: Literal["mirror", "evm", "rpc"] = "mirror"
     """Which ledger settles trades: `mirror` (the contracts' rules in numpy, for training),
-    `evm` (the contracts on in-process py-evm) or `rpc` (the contracts on the node at `rpc_url`).
-    The chain ledgers settle one grid each: single envs only."""
+    `evm` (the contracts on an in-process EVM, see `evm_engine`) or `rpc` (the contracts on the
+    node at `rpc_url`). The chain ledgers settle one grid each: single envs only."""
+    evm_engine: Literal["revm", "py-evm"] = "revm"
+    """What runs the contracts of the `evm` ledger in process: `revm` (Rust, through pyrevm:
+    training speed; its gas figures read low, see docs/trading.md) or `py-evm` (pure Python,
+    exact gas, about a second a slot)."""
     rpc_url: str = "http://127.0.0.1:8545"
     """JSON-RPC node for the `rpc` ledger (e.g. anvil); the suite is deployed there at env build."""
     fee_bps: Annotated[int, Field(ge=0, le=1_000)] = 50

@@ -60,10 +60,12 @@ def bench_env(
     progress: Progress | None = None,
     ledger: str | None = None,
     rpc_url: str | None = None,
+    evm_engine: str | None = None,
 ) -> dict[str, Any]:
     """Single-env steps/s (with the market on `ledger`), batched env-steps/s and the
     pandapower-stepped env, one run. The batched env always settles on the mirror: the chain
-    ledgers settle one grid each. Without `rpc_url`, the `rpc` ledger runs on a local anvil.
+    ledgers settle one grid each. Without `rpc_url`, the `rpc` ledger runs on a local anvil;
+    `evm_engine` overrides the scenario's engine of the `evm` ledger.
     """
     from envs.grid.reference import PandapowerSolver  # imports pandapower: only when asked
 
@@ -73,6 +75,8 @@ def bench_env(
     market = sc.market.model_dump()
     if ledger is not None:
         market["ledger"] = ledger
+    if evm_engine is not None:
+        market["evm_engine"] = evm_engine
     sc = Scenario.model_validate({**sc.model_dump(), "market": {**market, "ledger": "mirror"}})
     task = progress.add_task("bench env", total=4) if progress else None
 

@@ -86,11 +86,16 @@ def bench_env_cmd(
     ledger: Annotated[
         str | None,
         typer.Option(
-            help="Ledger of the single env: mirror, evm (py-evm) or rpc (anvil, or --rpc-url)."
+            help="Ledger of the single env: mirror, evm (in process on the scenario's "
+            "market.evm_engine: revm, or py-evm) or rpc (anvil, or --rpc-url)."
         ),
     ] = None,
     rpc_url: Annotated[
         str | None, typer.Option(help="JSON-RPC node for --ledger rpc (default: a local anvil).")
+    ] = None,
+    evm_engine: Annotated[
+        str | None,
+        typer.Option(help="What runs --ledger evm: revm or py-evm (default: the scenario's)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -102,10 +107,19 @@ def bench_env_cmd(
 
     if ledger not in (None, "mirror", "evm", "rpc"):
         _fail(ValueError(f"--ledger: expected mirror, evm or rpc, got {ledger!r}"))
+    if evm_engine not in (None, "revm", "py-evm"):
+        _fail(ValueError(f"--evm-engine: expected revm or py-evm, got {evm_engine!r}"))
     try:
         with _progress() as progress:
             result = bench_env(
-                scenario, grid, batch, seconds, progress=progress, ledger=ledger, rpc_url=rpc_url
+                scenario,
+                grid,
+                batch,
+                seconds,
+                progress=progress,
+                ledger=ledger,
+                rpc_url=rpc_url,
+                evm_engine=evm_engine,
             )
     except (MicrogridError, ChainError) as err:
         _fail(err)

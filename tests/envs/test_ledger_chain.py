@@ -1,16 +1,17 @@
 """Differential tests: the mirror ledger and the deployed contracts settle every slot alike.
 
-An env on the `mirror` ledger and an env on the `evm` (py-evm) or `rpc` (anvil) ledger take the
-same actions; every step their market figures, every prosumer's credit and the treasury must be
-identical. A difference fails with the first diverging step and field. The default runs set the
-grid-stress thresholds low (`STRESSED`), so demand-response events and emergencies come and go
-all day: an emergency is declared and ended on chain (GridBalance pauses the market) and the
-chain must show it exactly in the slots the mirror refused every order. The chain ledger reports
-a step's figures at once and checks them against the chain's events, the reconciliation's one
-step later (`envs.ledger_chain`): a difference there raises `LedgerError` naming slot and field.
-The default run covers a whole day with a few prosumers on anvil and short episodes on py-evm
-(which interprets every opcode in Python: a slot costs about half a second); `--runslow` runs
-whole days of the full scenario.
+An env on the `mirror` ledger and an env on the `evm` (revm or py-evm) or `rpc` (anvil) ledger
+take the same actions; every step their market figures, every prosumer's credit and the
+treasury must be identical. A difference fails with the first diverging step and field. The
+default runs on the small feeder set the grid-stress thresholds low (`STRESSED`), so
+demand-response events and emergencies come and go all day: an emergency is declared and ended
+on chain (GridBalance pauses the market) and the chain must show it exactly in the slots the
+mirror refused every order. The chain ledger reports a step's figures at once and checks them
+against the chain's events, the reconciliation's one step later (`envs.ledger_chain`): a
+difference there raises `LedgerError` naming slot and field.
+The default run covers whole days on revm (the full scenario and a few prosumers) and on anvil,
+and short episodes on py-evm (which interprets every opcode in Python: a slot costs about half a
+second); `--runslow` runs whole days of the full scenario on py-evm.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from contracts.anvil import local_anvil
 from envs import MicrogridEnv, Scenario
@@ -36,11 +38,16 @@ STRESSED = {"dr_loading": 0.1, "emergency_loading": 0.15}
 
 
 def _run_pair(
-    market: dict[str, Any], prosumers: Any, seed: int, steps: tuple[int, ...], rpc: str = ""
+    market: dict[str, Any],
+    prosumers: Any,
+    seed: int,
+    steps: tuple[int, ...],
+    rpc: str = "",
+    engine: str = "revm",
 ) -> None:
     """Step a mirror env and a chain env alike for episodes of `steps` steps each."""
     base = Scenario(prosumers=prosumers or {}, market=market)
-    chain_market = {**market, "ledger": "rpc" if rpc else "evm"}
+    chain_market = {**market, "ledger": "rpc" if rpc else "evm", "evm_engine": engine}
     if rpc:
         chain_market["rpc_url"] = rpc
     mirror = MicrogridEnv(base)
@@ -93,10 +100,24 @@ markets = st.fixed_dictionaries(
 )
 
 
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(markets, st.integers(0, 10_000))
+def test_mirror_and_revm_settle_alike_over_a_whole_day(market: dict[str, Any], seed: int) -> None:
+    _run_pair({**market, **STRESSED}, SMALL, seed, steps=(96, 3))
+
+
+@settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
+@given(markets, st.integers(0, 10_000))
+def test_mirror_and_revm_settle_alike_over_whole_days_of_the_full_scenario(
+    market: dict[str, Any], seed: int
+) -> None:
+    _run_pair(market, None, seed, steps=(96, 96))
+
+
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(markets, st.integers(0, 10_000))
-def test_mirror_and_evm_settle_alike(market: dict[str, Any], seed: int) -> None:
-    _run_pair({**market, **STRESSED}, SMALL, seed, steps=(4, 3))
+def test_mirror_and_pyevm_settle_alike(market: dict[str, Any], seed: int) -> None:
+    _run_pair({**market, **STRESSED}, SMALL, seed, steps=(4, 3), engine="py-evm")
 
 
 @settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
@@ -109,8 +130,8 @@ def test_mirror_and_anvil_settle_alike_over_a_whole_day(market: dict[str, Any], 
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(markets, st.integers(0, 10_000))
-def test_mirror_and_evm_settle_alike_over_whole_days(market: dict[str, Any], seed: int) -> None:
-    _run_pair(market, None, seed, steps=(96, 96))
+def test_mirror_and_pyevm_settle_alike_over_whole_days(market: dict[str, Any], seed: int) -> None:
+    _run_pair(market, None, seed, steps=(96, 96), engine="py-evm")
 
 
 def test_chain_ledgers_refuse_batches() -> None:
@@ -127,3 +148,28 @@ def test_a_figure_the_chain_contradicts_fails_one_step_later() -> None:
     ledger._pending.credited[0] += 1  # as if the mirror's rules had drifted from the contracts'
     with pytest.raises(LedgerError, match=r"slot \d+: credit change of prosumer 0"):
         env.step(action)
+
+
+def test_the_evm_engine_is_validated() -> None:
+    with pytest.raises(ValidationError, match=r"market\.evm_engine[\s\S]*'revm' or 'py-evm'"):
+        Scenario(market={"ledger": "evm", "evm_engine": "geth"})
+
+
+def test_both_engines_run_the_same_contracts() -> None:
+    """One slot on each engine: same figures, real gas on both (revm's reads low: its journal
+    keeps storage warm across transactions, see contracts.revm)."""
+    envs = {
+        engine: MicrogridEnv(
+            Scenario(prosumers=SMALL, market={"ledger": "evm", "evm_engine": engine})
+        )
+        for engine in ("revm", "py-evm")
+    }
+    action = np.full(envs["revm"].action_space.shape, 0.5, dtype=np.float32)
+    infos = {}
+    for engine, env in envs.items():
+        env.reset(seed=5)
+        infos[engine] = env.step(action)[4]
+    for key in MARKET_INFO:
+        if key not in CHAIN_ONLY:
+            assert infos["revm"][key] == infos["py-evm"][key], key
+    assert 0 < infos["revm"]["market_gas_used"] <= infos["py-evm"]["market_gas_used"]
