@@ -50,7 +50,10 @@ def live_stack(
         (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
         register_site(chain, suite.registry.address, site)
         # The bridge (ANVIL_KEYS[1]) settles each slot's orders, signed with the households' keys.
-        enrol_market(chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9)
+        enrol_market(
+            chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9,
+            treasury_credit=100_000 * 10**9,
+        )  # fmt: skip
         keys = {name: key.hex() for name, key in prosumer_keys(site).items()}
         (files / "prosumers.json").write_text(json.dumps(keys))
         (files / "bridge.password").write_text(broker.passwords["bridge"])
