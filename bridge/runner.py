@@ -9,6 +9,9 @@ Three tasks share one event loop and one BridgeCore (so no locks):
   and the device sessions it moved are written in one SQLite transaction, and only then is each
   message acknowledged to the broker (a persistent MQTT session, manual acks). A crash before
   the commit leaves the messages unacknowledged, and the broker delivers them again.
+* **the slot's market**: with `chain.prosumer_keys`, each decision also queues the slot's orders,
+  clearing and the previous slot's reconciliation as one durable ``SlotSettler.run`` row
+  (`bridge.settlement`), after the commands are out.
 * **clock**: a slot whose devices have not all reported by `decide_deadline` x slot length is
   decided anyway; the core falls back to the rule-based controller and says which devices were
   missing.
@@ -312,13 +315,14 @@ class BridgeRunner:
             self._publish(p.topic, p.payload, retain=p.retain)
         events = []
         if self.live:
-            self._enqueue_slot(slot)
             events = self.dr.update(slot, decision, self.core.codec, self.core.state, self.clock)
             for e in events:
                 self._publish(e.publish.topic, e.publish.payload, retain=True)
                 self.metrics.dr_events.labels(e.status).inc()
         latency = time.monotonic() - since
         self.metrics.decision_latency.observe(latency)
+        if self.live:  # after the commands: chain work is not the decision's latency
+            self._enqueue_slot(slot)
         level = logging.INFO if decision.reason is None else logging.WARNING
         log.log(
             level,

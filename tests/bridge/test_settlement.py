@@ -20,9 +20,10 @@ import pytest
 from coincurve import PrivateKey
 
 from bridge.config import Deployment
+from bridge.errors import ConfigError
 from bridge.outbox import Outbox, RowState
 from bridge.registration import enrol_market, owner_of, prosumer_keys, register_site
-from bridge.settlement import RETRY_ON, SlotBook, SlotSettlement, step_of_args
+from bridge.settlement import RETRY_ON, SlotBook, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.site import SiteManifest
 from bridge.site_builder import build_site, device_key
 from contracts.client import CLEARING_GAS, Chain, Suite, deploy_suite, deployment_manifest
@@ -157,3 +158,20 @@ def test_slot_rows_reconcile_the_previous_slot_and_settle_as_the_mirror(
     assert on_chain == [int(x) for x in mirror.credits()[0]]
     assert len(set(on_chain)) > 1  # trading and imbalances moved the credits apart
     assert suite.credit_of(chain.accounts[0]) == int(mirror.treasury[0])
+
+
+def test_order_keys_need_a_trading_site_and_a_key_per_household(
+    site: SiteManifest, tmp_path: Path
+) -> None:
+    """Bad input is refused before anything connects, naming the field."""
+    dep = Deployment.model_validate(
+        {"chainId": 1, "addresses": {"DeviceRegistry": "0x" + "1" * 40, "SlotSettler": "0x"
+         + "2" * 40, "EnergyTrading": "0x" + "3" * 40}, "genesis": 0, "slotSeconds": 900}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="expected a `market` section"):
+        SlotSettlement(site, dep, prosumer_keys(site))  # the tiny stand-in site trades nothing
+    full = build_site(build_grid(load_scenario()), site="site1", seed="0")
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({full.prosumers[0].name: "ab" * 32}))
+    with pytest.raises(ConfigError, match=r"chain\.prosumer_keys: expected a key for every"):
+        load_prosumer_keys(path, full)
