@@ -88,9 +88,9 @@ class BridgeCore:
         self.last_setpoint_kw: np.ndarray | None = None
         self.decisions: deque[tuple[int, Decision]] = deque(maxlen=decisions_kept)
         self.observations: deque[np.ndarray] = deque(maxlen=decisions_kept)
+        """Recent encoded observations: the set a new policy must answer before a hot reload."""
         self.last_observation: Observation | None = None
         """What the last decision saw (the slot's orders are bid from it)."""
-        """Recent encoded observations: the set a new policy must answer before a hot reload."""
 
     # ---- session of the bridge itself ------------------------------------------------------
     def birth(self, now_ms: int) -> Publish:

@@ -3,8 +3,8 @@
 Why each piece is there:
 
 * **Idempotency keys.** Work enters with a caller-chosen key (``reading:<device>:<slot>``,
-  ``order:<slot>:<prosumer>``); a second `enqueue` with the same key is a no-op, so a bridge
-  that re-derives its work after a restart adds nothing twice.
+  ``slot:<n>`` for a slot's market transaction); a second `enqueue` with the same key is a
+  no-op, so a bridge that re-derives its work after a restart adds nothing twice.
 * **Sign, persist, then send.** A row gets its nonce and its signed raw transaction in one SQLite
   transaction *before* anything goes on the wire. After a crash the same bytes are re-broadcast:
   the same hash, the same nonce, so the chain executes it at most once, whether the crash came
@@ -345,7 +345,10 @@ class Outbox:
             try:  # pre-flight: never burn a nonce on a call that reverts now
                 if self._chain_id is None:
                     self._chain_id = int(w3.eth.chain_id)
-                call.call({"from": self.account.address})
+                # On the pending state: a row signed and sent just before (the same device's
+                # previous reading, the previous slot's settlement) counts even while the node
+                # is still mining it, as it will when this one is mined after it.
+                call.call({"from": self.account.address}, block_identifier="pending")
             except Exception as exc:
                 err = self.chain.decode(exc)
                 if isinstance(err, ContractRevert):

@@ -93,23 +93,28 @@ def enrol_market(
     operator: str,
     credit: int,
     seed: str = "0",
+    treasury_credit: int = 0,
 ) -> None:
     """Let the bridge trade for a simulated site on a local chain: its relaying account
     `operator` gets SlotSettler's OPERATOR_ROLE (the one transaction per slot), and every
     prosumer's account `credit` money units of deposit in EnergyTrading (buy orders need the
-    escrow), minted as MockPaymentToken by the node's first account (the suite's admin)."""
+    escrow), minted as MockPaymentToken by the node's first account (the suite's admin), which is
+    also the treasury and deposits `treasury_credit` (it pays imbalance surpluses out of it)."""
     admin = chain.accounts[0]
     settler = chain.contract("SlotSettler", addresses["SlotSettler"])
     chain.transact(settler, "grantRole", role_id("OPERATOR_ROLE"), operator, sender=admin)
-    if credit <= 0:
-        return
     owners = [owner_of(site, p.name, admin, seed) for p in site.prosumers]
     token = chain.contract("MockPaymentToken", addresses["PaymentToken"])
     trading = chain.contract("EnergyTrading", addresses["EnergyTrading"])
-    total = credit * len(owners)
+    total = credit * len(owners) + treasury_credit
+    if total <= 0:
+        return
     chain.transact(token, "mint", admin, total, sender=admin)
     chain.transact(token, "approve", trading.address, total, sender=admin)
-    chain.transact(trading, "depositFor", owners, [credit] * len(owners), sender=admin)
+    if credit > 0:
+        chain.transact(trading, "depositFor", owners, [credit] * len(owners), sender=admin)
+    if treasury_credit > 0:
+        chain.transact(trading, "deposit", treasury_credit, sender=admin)
 
 
 def reading_nonces(chain: Chain, registry: str, site: SiteManifest) -> dict[str, int]:

@@ -9,6 +9,9 @@ Three tasks share one event loop and one BridgeCore (so no locks):
   and the device sessions it moved are written in one SQLite transaction, and only then is each
   message acknowledged to the broker (a persistent MQTT session, manual acks). A crash before
   the commit leaves the messages unacknowledged, and the broker delivers them again.
+* **the slot's market**: with `chain.prosumer_keys`, each decision also queues the slot's orders,
+  clearing and the previous slot's reconciliation as one durable ``SlotSettler.run`` row
+  (`bridge.settlement`), after the commands are out.
 * **clock**: a slot whose devices have not all reported by `decide_deadline` x slot length is
   decided anyway; the core falls back to the rule-based controller and says which devices were
   missing.
@@ -42,7 +45,7 @@ from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
 from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, RowState
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
 from bridge.settlement import RETRY_ON, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.signing import ReadingDomain
@@ -50,6 +53,7 @@ from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
 from bridge.validation import RejectReason, TelemetryValidator, ValidationLimits
 from contracts.client import CLEARING_GAS
+from contracts.errors import ChainError
 
 log = logging.getLogger("bridge.run")
 
@@ -115,6 +119,8 @@ class BridgeRunner:
         self.market: SlotSettlement | None = None
         """Live with `chain.prosumer_keys`: each slot's orders go to the chain (one row)."""
         self.slots_enqueued = 0
+        self._synced = 0
+        """`slots_enqueued` when the tracked credit was last read from the chain."""
 
     # ---- logging ---------------------------------------------------------------------------
     def _log_reject(self, reason: RejectReason, detail: str) -> None:
@@ -155,14 +161,36 @@ class BridgeRunner:
             log.info("device sessions restored", extra={"devices": len(sessions)})
 
     def _start_credit(self, market: SlotSettlement) -> None:
-        """Executor thread: the accounts' credit on chain, less what this outbox's slot rows
-        not yet mined will charge (see `bridge.settlement`)."""
+        """Executor thread: whether slots reconcile (the chain's reading window), and the
+        accounts' credit on chain less what this outbox's slot rows not yet mined will charge
+        (see `bridge.settlement`)."""
+        assert self.worker is not None
+        chain = self.worker.chain
+        registry = chain.contract("DeviceRegistry", self.deployment.addresses["DeviceRegistry"])
+        market.configure(int(chain.call(registry, "readingWindow")), self.deployment.slot_seconds)
+        unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
+        market.start_credit(self._chain_credit(market), unconfirmed)
+
+    def _chain_credit(self, market: SlotSettlement) -> list[int]:
         assert self.worker is not None
         chain = self.worker.chain
         trading = chain.contract("EnergyTrading", self.deployment.addresses["EnergyTrading"])
-        credit = chain.call_many(trading, "creditOf", [(a,) for a in market.accounts])
-        unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
-        market.start_credit([int(c) for c in credit], unconfirmed)
+        return [
+            int(c) for c in chain.call_many(trading, "creditOf", [(a,) for a in market.accounts])
+        ]
+
+    def _sync_credit(self) -> None:
+        """Executor thread: with every slot row mined, the tracked credit becomes the chain's
+        (a reconciliation's charges and payouts are known only once mined)."""
+        market, worker, before = self.market, self.worker, self.slots_enqueued
+        if market is None or worker is None or self._synced == before:
+            return
+        if worker.unfinished_args("slot:"):
+            return
+        credit = self._chain_credit(market)
+        if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
+            market.credit = np.asarray(credit, dtype=np.int64)
+            self._synced = before
 
     def _enqueue_slot(self, slot: int) -> None:
         """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable
@@ -175,8 +203,19 @@ class BridgeRunner:
             return  # decided again after a restart: settled once already
         _, decision = self.core.decisions[-1]
         book = market.book(obs, decision, self.core.codec)
-        batch = market.batch(slot, book)
-        step = market.step(batch, book)
+        # The previous slot's row, reconciled first in this one (unless it failed for good).
+        previous = None
+        row = self.inbox.row(f"slot:{slot - 1}")
+        args = self.inbox.args(f"slot:{slot - 1}")
+        if row is not None and args is not None and row.state is not RowState.FAILED:
+            previous = step_of_args(args)
+        metered: dict[str, int] = {}
+        for meter, owner in market.meters.items():
+            msg = self.core.state.latest.get(meter)
+            if msg is not None and msg.reading is not None and msg.reading.slot == slot - 1:
+                metered[owner] = msg.reading.energy_wh
+        batch = market.batch(slot, book, previous, metered)
+        step = market.step(batch, book, previous)
         if self.inbox.enqueue(
             key, "SlotSettler", "run", (step.value(),), gas=CLEARING_GAS, retry_on=RETRY_ON
         ):
@@ -186,6 +225,8 @@ class BridgeRunner:
     def _outbox_pass(self) -> None:
         assert self.worker is not None
         self.worker.step()
+        with contextlib.suppress(ChainError, OSError):  # node away: the tracked credit stands
+            self._sync_credit()
         self.metrics.outbox.rows = {s.value: n for s, n in self.worker.counts().items()}
         self.metrics.outbox.retries = self.worker.retries()
 
@@ -274,13 +315,14 @@ class BridgeRunner:
             self._publish(p.topic, p.payload, retain=p.retain)
         events = []
         if self.live:
-            self._enqueue_slot(slot)
             events = self.dr.update(slot, decision, self.core.codec, self.core.state, self.clock)
             for e in events:
                 self._publish(e.publish.topic, e.publish.payload, retain=True)
                 self.metrics.dr_events.labels(e.status).inc()
         latency = time.monotonic() - since
         self.metrics.decision_latency.observe(latency)
+        if self.live:  # after the commands: chain work is not the decision's latency
+            self._enqueue_slot(slot)
         level = logging.INFO if decision.reason is None else logging.WARNING
         log.log(
             level,

@@ -17,28 +17,43 @@ parameters into one ``SlotSettler.run`` step by ``contracts.slot_batch``: the co
 chain ledger builds its step with, so the transaction tested against py-evm and anvil in
 tests/envs is the one the bridge sends.
 
-Why at the decision and not a slot later: the slot's gate closed five minutes before it began,
-so its orders can be settled as soon as they are known, which is when the commands go out; the
-transaction needs nothing the slot's end brings. The meters' readings stay in their own
-outbox rows (``reading:<device>:<slot>``): each is signed by its device and owed to the chain
-whenever it arrives inside its reading window, also after a drop-out, a broker restart or a
-bridge restart (the broker redelivers it); bundling them into the slot's transaction would
-either hold the settlement back for the last late meter or drop that meter's reading.
+When, and which slot it reconciles: the row for slot `n` is queued at `n`'s decision (its gate
+closed five minutes before it began, so its orders can be settled as soon as they are known)
+and, as the env's chain ledger does, it first reconciles slot n - 1 (``reconcileSlot``: traded
+against metered energy, imbalance charges and payouts, the sellers' held proceeds released),
+under the price parameters n - 1 was settled with, before posting n's. The contract takes that
+only once n - 1's reading window has closed, which is some minutes into slot n: the outbox's
+pre-flight meets ``EnergyTradingReadingsNotFinal`` until then and retries with backoff (a "not
+yet", like the gate), then signs and sends. A chain whose reading window is longer than a slot
+(the integration tests' accelerated clock, whose window spans years) cannot do this inside a
+slot: there the rows settle only (`SlotSettlement.configure`). The previous slot's trades come
+from its own stored row, so a restarted bridge reconciles what its predecessor settled; a row
+that failed for good is not reconciled (its slot was never cleared). Renewable and
+demand-response rewards (``rewardRenewable``, ``grantReward``) are not granted by these rows.
 
-Reconciliation (``reconcileSlot``: traded against metered energy, imbalance charges, seller
-proceeds released) is not sent by the bridge yet: the settled slots wait for it on chain.
+The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
+signed by its device and owed to the chain whenever it arrives inside its reading window, also
+after a drop-out, a broker restart or a bridge restart (the broker redelivers it); bundling
+them into the slot's transaction would either hold the settlement back for the last late meter
+or drop that meter's reading. Nothing is lost by the split: the chain holds the next slot's
+reconciliation back until the window closed, when no further reading of the slot can count.
 
-Exactly once: the row's key is ``slot:<n>`` and it is enqueued in the same SQLite transaction
-as nothing else, at the decision; a bridge restarted mid-slot that decides the slot again finds
-the key and adds nothing, and the outbox sends the stored signed bytes with their nonce (see
-`bridge.outbox`). The contract is the last guard: a slot is cleared once
-(``EnergyTradingSlotAlreadyCleared``), so even a second transaction could not settle it twice.
+Exactly once: the row's key is ``slot:<n>``, queued durably at the decision; a bridge restarted
+mid-slot that decides the slot again finds the key and adds nothing, and the outbox sends the
+stored signed bytes with their nonce (see `bridge.outbox`). The contract is the last guard: a
+slot is cleared once (``EnergyTradingSlotAlreadyCleared``) and reconciled once
+(``EnergyTradingSlotAlreadyReconciled``), so even a second transaction could not do either
+twice.
 
 Credit: a buy order whose escrow exceeds the buyer's free credit makes the whole batch revert,
-so such orders are left out, as the env's ledger refuses them. The bridge reads the accounts'
-credit once at start, less what its own unconfirmed slot transactions will charge, and then
-deducts every batch's payments itself (buyers pay fill x price at settlement; sellers' proceeds
-wait for reconciliation), so a slot never waits on a chain read.
+so such orders are left out, as the env's ledger refuses them. The bridge tracks each account's
+credit as the chain will hold it: read once at start (less the payments of its own slot rows not
+yet mined), less every batch's payments as it queues them (buyers pay fill x price at
+settlement), and read again from the chain whenever every slot row is mined (a
+reconciliation's charges and payouts are known only then). The escrow check also holds back
+the most the previous slot's reconciliation in the same transaction can charge (its shortfall
+at the shortfall price, `charge_bound`), so a slot never waits on a chain read, and a batch
+does not revert for credit unless a household withdrew meanwhile.
 """
 
 from __future__ import annotations
@@ -59,14 +74,26 @@ from bridge.observation import Observation
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
 from contracts.client import order_domain
-from contracts.model import Side
+from contracts.model import PriceParams, Side, imbalance_prices
 from contracts.settler import OrderSigner, SlotStep
-from contracts.slot_batch import Bid, SignedBatch, price_params, signed_batch, slot_step
+from contracts.slot_batch import (
+    Bid,
+    Reconciliation,
+    SignedBatch,
+    price_params,
+    signed_batch,
+    slot_step,
+)
 from envs.codec import Codec
 from envs.market import Book, RuleInputs, rule_book, to_units
 
-#: A slot row that reaches the node before the slot's gate closed on chain waits and retries.
-RETRY_ON = ("EnergyTradingGateOpen",)
+#: "Not yet" for a slot row: the slot's gate has not closed on chain, the previous slot's
+#: readings are not final yet, or the previous slot's own row has not been mined yet.
+RETRY_ON = (
+    "EnergyTradingGateOpen",
+    "EnergyTradingReadingsNotFinal",
+    "EnergyTradingSlotNotCleared",
+)
 
 
 def load_prosumer_keys(path: Path, site: SiteManifest) -> dict[str, bytes]:
@@ -126,6 +153,19 @@ class SlotSettlement:
         self.batteries = site.batteries.params()
         self.credit = np.zeros(n, dtype=np.int64)
         """Free credit by batch position, as the chain will hold it after every row enqueued."""
+        self.meters = {site.prosumers[k].meter: owners[k] for k in range(n)}
+        """Meter device id -> the account it meters to."""
+        meter_cap = {d.id: d.capacity_w * 900 // 3600 for d in site.devices}
+        self.cap_wh = [meter_cap[site.prosumers[k].meter] for k in self.order]
+        self.reconciles = False
+        """Whether a slot's transaction reconciles the previous slot: only where the chain's
+        reading window is at most a slot (`configure`)."""
+
+    def configure(self, reading_window_s: int, slot_seconds: int) -> None:
+        """The chain's reading window decides whether slot `n`'s transaction may reconcile slot
+        n - 1: it can be mined once n - 1's window closed, inside slot n, only if the window is
+        at most a slot (the integration tests' accelerated clock uses a window of years)."""
+        self.reconciles = reading_window_s <= slot_seconds
 
     def book(self, obs: Observation, decision: Decision, codec: Codec) -> SlotBook:
         """The slot's orders by the env's default rule on the decision's inputs."""
@@ -151,23 +191,63 @@ class SlotSettlement:
         emergency = bool(raw["grid"][0, 3] > m.emergency_loading)
         return SlotBook(book, reference, emergency)
 
-    def batch(self, slot: int, b: SlotBook) -> SignedBatch:
-        """Sign and clear the slot's orders in batch order against the tracked credit."""
+    def batch(
+        self,
+        slot: int,
+        b: SlotBook,
+        previous: SlotStep | None = None,
+        metered: Mapping[str, int] | None = None,
+    ) -> SignedBatch:
+        """Sign and clear the slot's orders in batch order against the tracked credit, less
+        what reconciling `previous` in the same transaction may charge (`charge_bound`)."""
         book = b.book
         bids = [
             Bid(self.accounts[j], int(book.side[0, k]), int(book.qty_wh[0, k]),
                 int(book.limit[0, k]))
             for j, k in enumerate(self.order)
         ]  # fmt: skip
+        credit = self.credit.copy()
+        if previous is not None and self.reconciles:
+            credit -= self.charge_bound(previous, metered or {})
         return signed_batch(
-            slot, bids, [int(c) for c in self.credit], b.emergency, self.keys, self.signer
+            slot, bids, [int(c) for c in credit], b.emergency, self.keys, self.signer
         )
 
-    def step(self, batch: SignedBatch, b: SlotBook) -> SlotStep:
-        """The slot's ``run`` step: post its reference price, settle its batch."""
+    def charge_bound(self, previous: SlotStep, metered: Mapping[str, int]) -> np.ndarray:
+        """Per account (batch order), the most that reconciling the `previous` slot can take
+        from its credit: its shortfall (metered - bought + sold, `metered` by owner address;
+        an unknown meter counts at its registered cap) at the slot's shortfall price."""
+        params, tod = previous.price_params
+        posted = PriceParams(
+            base_rate=int(params[0]), demand_factor_bps=int(params[1]),
+            grid_stress_factor_bps=int(params[2]), band_low_bps=int(params[3]),
+            band_high_bps=int(params[4]), imbalance_penalty_bps=int(params[5]),
+            tod_multiplier_bps=tuple(int(t) for t in tod),
+        )  # fmt: skip
+        bids = [(str(o[0]), int(o[2])) for o in previous.orders]
+        volume = sum(f for (_, side), f in zip(bids, previous.fills, strict=True) if side == 0)
+        short, _ = imbalance_prices(posted, previous.settle_slot, previous.price, volume)
+        net = np.array([metered.get(a, self.cap_wh[j]) for j, a in enumerate(self.accounts)])
+        index = {a: j for j, a in enumerate(self.accounts)}
+        for (owner, side), fill in zip(bids, previous.fills, strict=True):
+            net[index[owner]] += -int(fill) if side == int(Side.BUY) else int(fill)
+        return np.maximum(net, 0).astype(np.int64) * short
+
+    def step(self, batch: SignedBatch, b: SlotBook, previous: SlotStep | None = None) -> SlotStep:
+        """The slot's ``run`` step: reconcile the `previous` slot (its stored step) when the
+        chain's reading window lets a slot's transaction do so, post this slot's reference
+        price, settle its batch."""
         m = self.market
         params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
-        return slot_step(params, batch)
+        reconcile = None
+        if previous is not None and self.reconciles:
+            index = {a: j for j, a in enumerate(self.accounts)}
+            trades = [
+                (str(o[0]), int(o[2]), int(f), index[str(o[0])])
+                for o, f in zip(previous.orders, previous.fills, strict=True)
+            ]
+            reconcile = Reconciliation(previous.settle_slot, trades, self.accounts)
+        return slot_step(params, batch, reconcile=reconcile)
 
     def charge(self, batch: SignedBatch) -> None:
         """Deduct what the batch's buyers pay at settlement from the tracked credit."""

@@ -118,7 +118,6 @@ class ChainLedger:
         self.addresses = prosumer_addresses(n)
         self._order = [int(k) for k in batch_order(n)]
         self._accounts = [self.addresses[k] for k in self._order]
-        self._position = {k: j for j, k in enumerate(self._order)}
         self._keys = [PrivateKey(prosumer_key(k)) for k in range(n)]
         self._meter_keys = [PrivateKey(meter_key(k)) for k in range(n)]
         self._devices = [_address(meter_key(k)) for k in range(n)]

@@ -75,10 +75,11 @@ def devices_site(
     """Write the site manifest of a scenario: one meter, inverter, battery and appliance per
     prosumer, the community battery, one feeder sensor; the codec the policy was trained on."""
     from bridge.site_builder import build_site
-    from envs import MicrogridError
+    from envs import MicrogridError, load_scenario
 
     try:
-        site = build_site(_grid(scenario), site=site_id, seed=seed)
+        market = (load_scenario(scenario) if scenario else load_scenario()).market
+        site = build_site(_grid(scenario), site=site_id, seed=seed, market=market)
     except MicrogridError as err:
         _fail(err)
     site.save(out)
@@ -103,22 +104,56 @@ def devices_register(
         Path | None,
         typer.Option(help="Hex key of an account with REGISTRAR_ROLE (default: the node's first)."),
     ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(
+            help="Simulated site on a local chain: the bridge's relaying address, given "
+            "SlotSettler's OPERATOR_ROLE; the households and the treasury get deposits."
+        ),
+    ] = None,
+    credit: Annotated[float, typer.Option(help="Each household's deposit (currency).")] = 100.0,
+    treasury_credit: Annotated[
+        float, typer.Option(help="The treasury's deposit (currency).")
+    ] = 100_000.0,
+    prosumer_keys_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--prosumer-keys-out",
+            help="Write the simulated households' order keys here (the bridge's "
+            "chain.prosumer_keys).",
+        ),
+    ] = None,
+    seed: SeedOpt = "0",
     as_json: JsonOpt = False,
 ) -> None:
-    """Register every device's key address in DeviceRegistry (already registered: skipped)."""
+    """Register every device's key address in DeviceRegistry (already registered: skipped);
+    with --operator, let the bridge trade for a simulated site (see docs/iot.md)."""
     from bridge.config import load_deployment
     from bridge.errors import BridgeError
-    from bridge.registration import register_site
+    from bridge.registration import enrol_market, prosumer_keys, register_site
     from bridge.site import load_site
     from contracts.client import Chain
     from contracts.errors import ChainError
+    from envs.ledger import units
 
     try:
         manifest = load_site(site)
         dep = load_deployment(deployment)
         chain = Chain.rpc(rpc)
         key = bytes.fromhex(key_file.read_text().strip().removeprefix("0x")) if key_file else None
-        result = register_site(chain, dep.addresses["DeviceRegistry"], manifest, key)
+        result: dict[str, Any] = dict(
+            register_site(chain, dep.addresses["DeviceRegistry"], manifest, key, seed)
+        )
+        if operator is not None:
+            enrol_market(
+                chain, dep.addresses, manifest, operator, units(credit), seed,
+                treasury_credit=units(treasury_credit),
+            )  # fmt: skip
+            result["operator"] = operator
+        if prosumer_keys_out is not None:
+            keys = {k: v.hex() for k, v in prosumer_keys(manifest, seed).items()}
+            prosumer_keys_out.write_text(json.dumps(keys, indent=1))
+            result["prosumer_keys"] = str(prosumer_keys_out)
     except (BridgeError, ChainError, OSError) as err:
         _fail(err)
     _show(f"registered site {manifest.site}", result, as_json)

@@ -39,8 +39,8 @@ def live_stack(
 ) -> Iterator[Live]:
     """Start both services, deploy the suite with genesis `genesis(now)` and a reading window
     long enough for accelerated slots, register `site`, and write `deployment.json`,
-    `bridge.password`, `relayer.key` and `prosumers.json` (the households' order keys) into
-    `files`; stop everything afterwards."""
+    `bridge.password`, `relayer.key` and, for a site that trades, `prosumers.json` (the
+    households' order keys) into `files`; stop everything afterwards."""
     with anvil() as url, mosquitto(files / "mosquitto", broker_users) as broker:
         chain = Chain.rpc(url)
         now = chain.timestamp()
@@ -49,10 +49,15 @@ def live_stack(
         )
         (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
         register_site(chain, suite.registry.address, site)
-        # The bridge (ANVIL_KEYS[1]) settles each slot's orders, signed with the households' keys.
-        enrol_market(chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9)
-        keys = {name: key.hex() for name, key in prosumer_keys(site).items()}
-        (files / "prosumers.json").write_text(json.dumps(keys))
+        if site.market is not None:  # a site that trades (not the tiny stand-in of conftest)
+            # The bridge (ANVIL_KEYS[1]) settles each slot's orders, signed with the households'
+            # keys, from their deposits.
+            enrol_market(
+                chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9,
+                treasury_credit=100_000 * 10**9,
+            )  # fmt: skip
+            keys = {name: key.hex() for name, key in prosumer_keys(site).items()}
+            (files / "prosumers.json").write_text(json.dumps(keys))
         (files / "bridge.password").write_text(broker.passwords["bridge"])
         (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
         yield Live(broker, chain, suite, now)
@@ -85,7 +90,11 @@ def bridge_config(
             "rpc_url": chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
             "key_file": str(files / "relayer.key"),
             "outbox": str(files / outbox),
-            "prosumer_keys": str(files / "prosumers.json"),
+            **(
+                {"prosumer_keys": str(files / "prosumers.json")}
+                if (files / "prosumers.json").exists()
+                else {}
+            ),
         },
         "timing": {
             "slot_seconds": slot_seconds,
