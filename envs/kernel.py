@@ -467,62 +467,131 @@ def _observe_batch(
     )  # fmt: skip
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _encode(x, j, scaling):
+    """One entry as `Codec.scale_raw` encodes it: (x - offset) / scale, clipped (float64)."""
+    return min(max((x - scaling[0, j]) * scaling[1, j], scaling[2, j]), scaling[3, j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_leads(dst, o, raw, scaling):
+    """Encode one forecast block (`raw`, one value per lead) into `dst[o:o + h]`.
+
+    Slices with loop indices from zero let LLVM vectorise this loop (AVX2: four leads a
+    step); indexing `buf[i, o + q]` directly kept it scalar, with a negative-index check per
+    access.
+    """
+    h = raw.shape[0]
+    out = dst[o : o + h]
+    off = scaling[0, o : o + h]
+    inv = scaling[1, o : o + h]
+    low = scaling[2, o : o + h]
+    high = scaling[3, o : o + h]
+    for q in range(h):
+        out[q] = min(max((raw[q] - off[q]) * inv[q], low[q]), high[q])
+
+
 @numba.njit(cache=True, nogil=True)
 def observe_rows(
     lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
     cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
     noise_offset, starts, scaling, buf,
 ):  # fmt: skip
-    """Encode rows [lo, hi) of the state into the same rows of `buf`."""
-    row = np.empty(buf.shape[1], dtype=np.float64)  # one raw row, reused: stays in cache
+    """Encode rows [lo, hi) of the state into the same rows of `buf` (float32).
+
+    A row's forecasts are 2 n_p + 2 blocks of `h` leads (prosumer loads, prosumer PV,
+    background load and PV). Each block's truth is gathered from the row's window of the
+    profiles (`prof[t:t + h]`, one contiguous stretch of memory per profile, which the hardware
+    prefetcher streams; a time-major copy of the profiles was faster with warm caches but
+    slower on this shared machine, where the 28 short windows per row missed cache), then the
+    noise and the encoding run as loops over contiguous leads that LLVM vectorises. Each entry
+    goes straight into `buf` (no float64 row, no second pass), with the same float64
+    operations in the same order as `forecast_value` then `Codec.scale_raw`: the values are bit
+    for bit those of `Codec.encode(dynamics.observe(...))` (the phase features up to libm's
+    last bit), which tests/envs/test_kernel.py holds.
+    """
     h = sizes[2]
-    n_p = load_prof.shape[1]
+    n_p = last_load.shape[1]
     n_b = soc.shape[1]
     spd = int(sc[17])
     two_pi = 2.0 * math.pi
+    # One block's truth, forecast and (background) net forecast, reused: they stay in L1.
+    raw = np.empty(h, dtype=np.float64)
+    net = np.empty(h, dtype=np.float64)
+    truth = np.empty(h, dtype=np.float64)
+    leads = lead[:h]
+    n_blk = 2 * n_p + 2
     for i in range(lo, hi):
+        dst = buf[i]
         t = slot[i]
         sod = t % spd
         o = starts[0]
-        row[o] = math.sin(two_pi * sod / spd)
-        row[o + 1] = math.cos(two_pi * sod / spd)
+        dst[o] = _encode(math.sin(two_pi * sod / spd), o, scaling)
+        dst[o + 1] = _encode(math.cos(two_pi * sod / spd), o + 1, scaling)
         o = starts[1]
         yp = two_pi * (t // spd) / n_days
-        row[o] = math.sin(yp)
-        row[o + 1] = math.cos(yp)
+        dst[o] = _encode(math.sin(yp), o, scaling)
+        dst[o + 1] = _encode(math.cos(yp), o + 1, scaling)
         for k in range(n_b):
-            row[starts[2] + k] = soc[i, k]
-            row[starts[3] + k] = cap[i, k] / cap0[k] if cap0[k] > 0.0 else 1.0
+            dst[starts[2] + k] = _encode(soc[i, k], starts[2] + k, scaling)
+            health = cap[i, k] / cap0[k] if cap0[k] > 0.0 else 1.0
+            dst[starts[3] + k] = _encode(health, starts[3] + k, scaling)
         for k in range(n_p):
-            row[starts[4] + k] = last_load[i, k]
-            row[starts[5] + k] = last_pv[i, k]
-            row[starts[6] + k] = backlog[i, k]
+            dst[starts[4] + k] = _encode(last_load[i, k], starts[4] + k, scaling)
+            dst[starts[5] + k] = _encode(last_pv[i, k], starts[5] + k, scaling)
+            dst[starts[6] + k] = _encode(backlog[i, k], starts[6] + k, scaling)
         # The noise table is padded by one step's worth, so positions need one modulo per row.
         off = (noise_offset[i] + step[i] * stride) % NOISE_TABLE_SIZE
-        for k in range(n_p):
-            for q in range(h):
-                row[starts[7] + k * h + q] = forecast_value(
-                    load_prof[t + q, k], last_load[i, k], mode, lead[q], noise[off + k * h + q]
-                )
-                row[starts[8] + k * h + q] = forecast_value(
-                    pv_prof[t + q, k], last_pv[i, k], mode, lead[q], noise[off + (n_p + k) * h + q]
-                )
         prev = t - 1 if t > 0 else 0
-        base = off + 2 * n_p * h
+        # Blocks 0 .. 2 n_p - 1: prosumer load then PV forecasts; 2 n_p, 2 n_p + 1: background
+        # load and PV, whose difference is observed.
+        lw = load_prof[t : t + h]
+        pw = pv_prof[t : t + h]
+        bw = bg_prof[t : t + h]
+        for blk in range(n_blk):
+            if blk < n_p:
+                for q in range(h):
+                    truth[q] = lw[q, blk]
+            elif blk < 2 * n_p:
+                for q in range(h):
+                    truth[q] = pw[q, blk - n_p]
+            else:
+                for q in range(h):
+                    truth[q] = bw[q, blk - 2 * n_p]
+            if mode == 2:  # persistence: the last measured value at every lead
+                if blk < n_p:
+                    last = last_load[i, blk]
+                elif blk < 2 * n_p:
+                    last = last_pv[i, blk - n_p]
+                else:
+                    last = bg_prof[prev, blk - 2 * n_p]
+                for q in range(h):
+                    raw[q] = last
+            elif mode == 0:
+                for q in range(h):
+                    raw[q] = truth[q]
+            else:
+                eps = noise[off + blk * h : off + (blk + 1) * h]
+                for q in range(h):
+                    raw[q] = max(truth[q] * (1.0 + eps[q] * leads[q]), 0.0)
+            if blk < n_p:
+                _encode_leads(dst, starts[7] + blk * h, raw, scaling)
+            elif blk < 2 * n_p:
+                _encode_leads(dst, starts[8] + (blk - n_p) * h, raw, scaling)
+            elif blk == 2 * n_p:
+                for q in range(h):
+                    net[q] = raw[q]
+            else:
+                for q in range(h):
+                    net[q] = net[q] - raw[q]
+                _encode_leads(dst, starts[9], net, scaling)
         for q in range(h):
-            bl = forecast_value(bg_prof[t + q, 0], bg_prof[prev, 0], mode, lead[q], noise[base + q])
-            bp = forecast_value(
-                bg_prof[t + q, 1], bg_prof[prev, 1], mode, lead[q], noise[base + h + q]
-            )
-            row[starts[9] + q] = bl - bp
-            row[starts[10] + q] = import_price[(sod + q) % spd]
-        row[starts[11]] = sc[6]
-        row[starts[12]] = community_price[i]
+            raw[q] = import_price[(sod + q) % spd]
+        _encode_leads(dst, starts[10], raw, scaling)
+        dst[starts[11]] = _encode(sc[6], starts[11], scaling)
+        dst[starts[12]] = _encode(community_price[i], starts[12], scaling)
         for k in range(4):
-            row[starts[13] + k] = grid[i, k]
-        for j in range(row.shape[0]):
-            x = (row[j] - scaling[0, j]) * scaling[1, j]
-            buf[i, j] = min(max(x, scaling[2, j]), scaling[3, j])
+            dst[starts[13] + k] = _encode(grid[i, k], starts[13] + k, scaling)
 
 
 def field_starts(names_and_sizes: list[tuple[str, int]]) -> np.ndarray:

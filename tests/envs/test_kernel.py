@@ -62,3 +62,27 @@ def test_kernel_matches_reference_over_two_days(mode: str) -> None:
                 getattr(fast, name), getattr(ref, name), rtol=1e-6, atol=1e-8, err_msg=name
             )
         assert np.array_equal(fast.slot, ref.slot) and np.array_equal(fast.step, ref.step)
+
+
+@pytest.mark.parametrize("mode", ["noisy", "perfect", "persistence"])
+def test_observation_kernel_equals_the_codecs_encoding_exactly(mode: str) -> None:
+    """Same state in, same float32 bits out: the kernel's one-pass encoding of every field
+    (forecasts included) is `Codec.encode(observe(...))`, not an approximation of it.
+    Only the sin/cos phase features may differ in the last bit (numpy's sin vs libm's)."""
+    p = build_grid(Scenario(forecast={"mode": mode}))
+    codec = Codec.from_params(p)
+    compiled = CompiledParams(p)
+    starts = field_starts(codec.field_sizes())
+    rng = np.random.default_rng(3)
+    b = 5
+    days = p.train_days[rng.integers(0, p.train_days.shape[0], b)]
+    state = reset_state(p, days, None, rng.integers(0, 1 << 20, b))
+    for k in range(40):
+        a = codec.decode_action(rng.uniform(-1, 1, (b, codec.act_dim)))
+        state, _ = step(p, state, a)
+        if k % 13 == 0 or k == 39:
+            fast = observe_kernel(compiled, p, state, starts, codec.scaling())
+            ref = codec.encode(observe(p, state), b)
+            phase = int(starts[2])  # time_of_day and day_of_year come first
+            np.testing.assert_array_equal(fast[:, phase:], ref[:, phase:])
+            np.testing.assert_allclose(fast[:, :phase], ref[:, :phase], rtol=0, atol=1e-6)
