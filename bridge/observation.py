@@ -90,12 +90,12 @@ class ObservationBuilder:
         return slot_of_year(unix_s, self.site.steps_per_day)
 
     def _get(self, state: SiteState, device: str, slot: int, missing: list[str]) -> Metrics | None:
-        m = state.metrics(device, slot)
-        if m is None:
+        msg = state.latest.get(device)  # state.metrics, inlined: once per device per decision
+        if msg is None or msg.slot != slot:
             missing.append(device)
             return self._last.get(device)
-        self._last[device] = m
-        return m
+        self._last[device] = msg.metrics
+        return msg.metrics
 
     def _demand_kw(self, meter: Metrics | None, appliance: Metrics | None) -> float:
         """The household's demand in the slot: what its meter served, with the flexible load
@@ -151,6 +151,13 @@ class ObservationBuilder:
             if isinstance(battery, BatteryMetrics):
                 net += battery.power_kw
         sensor = state.metrics(self.site.grid_sensor, slot) or self._last.get(self.site.grid_sensor)
+        return self._persistence(load, pv, net, sensor)
+
+    def _persistence(
+        self, load: np.ndarray, pv: np.ndarray, net: float, sensor: Metrics | None
+    ) -> Forecast:
+        """`persistence` from the slot's demand, available PV, the prosumers' and community
+        battery's net exchange, and the grid sensor's metrics."""
         background = 0.0
         if isinstance(sensor, GridSensorMetrics) and sensor.trafo_net_kw is not None:
             background = sensor.trafo_net_kw - net
@@ -176,28 +183,36 @@ class ObservationBuilder:
         n, h, site = self.n, self.h, self.site
         soc = self.soc_default.copy()
         cap = self.nominal_kwh.copy()
+        m: Metrics | None = None
         for k, device in enumerate(self.batteries):
             m = self._get(state, device, slot, missing)
             if isinstance(m, BatteryMetrics):
                 soc[k] = m.soc
                 cap[k] = m.soh * self.nominal_kwh[k]
+        community = m if site.community_battery is not None else None  # last in codec order
+        # What `persistence` adds up, gathered here from the same metrics, in its order.
+        net = 0.0
         load, pv, backlog = np.zeros(n), np.zeros(n), np.zeros(n)
         for i, p in enumerate(site.prosumers):
             meter = self._get(state, p.meter, slot, missing)
             inverter = self._get(state, p.pv, slot, missing)
             appliance = self._get(state, p.appliance, slot, missing)
             load[i] = self._demand_kw(meter, appliance)
+            if isinstance(meter, MeterMetrics):
+                net += meter.net_kw
             if isinstance(inverter, PvMetrics):
                 pv[i] = inverter.available_kw
             if isinstance(appliance, ApplianceMetrics):
                 backlog[i] = appliance.backlog_kwh
+        if isinstance(community, BatteryMetrics):
+            net += community.power_kw
         sensor = self._get(state, site.grid_sensor, slot, missing)
         grid = np.array([1.0, 1.0, 0.0, 0.0])
         if isinstance(sensor, GridSensorMetrics):
             grid = np.array(
                 [sensor.v_min_pu, sensor.v_max_pu, sensor.line_loading, sensor.trafo_loading]
             )
-        fc = forecast or self.persistence(state, slot)
+        fc = forecast or self._persistence(load, pv, net, sensor)
         spd = site.steps_per_day
         slot_of_day = t % spd
         day_phase = 2.0 * np.pi * slot_of_day / spd

@@ -2,9 +2,15 @@
 
 `contracts.client.sign_reading` builds the typed-data message through eth-account, which is right
 and slow (~1 ms). The bridge checks every reading and the simulator signs one per device per
-slot, so here (through `contracts.settler.ReadingSigner`) the domain separator is hashed once,
-a digest is two keccaks and recovery goes
-straight to coincurve (~0.2 ms a check on this machine, 0.15 ms of it libsecp256k1 itself).
+slot, so here the domain separator is `contracts.settler.ReadingSigner`'s (hashed once), a
+digest is two keccaks and recovery goes straight to coincurve (~0.1 ms a check on this machine,
+~0.05 ms of it libsecp256k1 itself).
+
+The two keccaks are safe-pysha3's C function, not `contracts.settler.keccak256`: pycryptodome's
+Python wrapper made each ~15 us, more than the public-key recovery, in a path every signed
+reading takes. The bytes hashed are `ReadingSigner.digest`'s, with the type hash and the
+device's address word computed once per device; tests/bridge/test_signing.py checks the two
+digests are equal for any reading, so the chain's digest stays the one definition.
 The rules are the contract's own (OpenZeppelin ECDSA): v is 27/28 (or 0/1), s in the lower half
 of the curve order, r and s non-zero. A signature the chain would refuse is refused here too, so
 the bridge never relays one.
@@ -16,9 +22,16 @@ import functools
 from dataclasses import dataclass, field
 
 import coincurve
+import sha3
 from eth_utils import to_checksum_address
 
 from contracts.settler import ReadingSigner, keccak256
+
+_keccak = sha3.keccak_256
+#: ``DeviceRegistry``'s EIP-712 type hash of a reading (as ``contracts.settler`` has it).
+_READING_TYPEHASH = _keccak(
+    b"Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)"
+).digest()
 
 #: secp256k1 group order; OpenZeppelin's ECDSA refuses s above half of it (malleability).
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -32,12 +45,33 @@ class ReadingDomain:
     chain_id: int
     registry: str
     _signer: ReadingSigner = field(init=False, repr=False, compare=False)
+    _prefix: bytes = field(init=False, repr=False, compare=False)
+    _heads: dict[str, bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_signer", ReadingSigner(self.chain_id, self.registry))
+        signer = ReadingSigner(self.chain_id, self.registry)
+        object.__setattr__(self, "_signer", signer)
+        object.__setattr__(self, "_prefix", b"\x19\x01" + signer.domain)
+        object.__setattr__(self, "_heads", {})
 
     def digest(self, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
-        """The hash DeviceRegistry.readingDigest returns for this reading."""
+        """The hash DeviceRegistry.readingDigest returns for this reading (the bytes
+        `ReadingSigner.digest` hashes, through the faster keccak; see the module docstring)."""
+        head = self._heads.get(device)
+        if head is None:
+            head = _READING_TYPEHASH + int(device, 16).to_bytes(32, "big")
+            if len(self._heads) < 65_536:  # a site's devices; never grown without bound
+                self._heads[device] = head
+        struct = _keccak(
+            head
+            + slot.to_bytes(32, "big")
+            + energy_wh.to_bytes(32, "big", signed=True)
+            + nonce.to_bytes(32, "big")
+        ).digest()
+        return bytes(_keccak(self._prefix + struct).digest())
+
+    def chain_digest(self, device: str, slot: int, energy_wh: int, nonce: int) -> bytes:
+        """`contracts.settler.ReadingSigner`'s digest, the definition `digest` must equal."""
         return self._signer.digest(device, slot, energy_wh, nonce)
 
     def recover(self, device: str, slot: int, energy_wh: int, nonce: int, signature: bytes) -> str:
@@ -62,7 +96,7 @@ class ReadingDomain:
     def sign(self, private_key: bytes, slot: int, energy_wh: int, nonce: int) -> bytes:
         """Sign as the device does: 65 bytes r || s || v with v in {27, 28}."""
         digest = self.digest(address_of(private_key), slot, energy_wh, nonce)
-        sig = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+        sig = _private_key(private_key).sign_recoverable(digest, hasher=None)
         return sig[:64] + bytes([sig[64] + 27])
 
 
@@ -73,6 +107,13 @@ def _address_of_public(uncompressed: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=65_536)
+def _private_key(private_key: bytes) -> coincurve.PrivateKey:
+    """Cached: making one derives its public keys (two curve multiplications), which cost
+    more than the signature a device makes with it each slot."""
+    return coincurve.PrivateKey(private_key)
+
+
+@functools.lru_cache(maxsize=65_536)
 def address_of(private_key: bytes) -> str:
     """The checksum address of a device key."""
-    return _address_of_public(coincurve.PrivateKey(private_key).public_key.format(compressed=False))
+    return _address_of_public(_private_key(private_key).public_key.format(compressed=False))

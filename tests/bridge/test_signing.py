@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bridge.signing import ReadingDomain, address_of
 from contracts.client import Chain, sign_reading
 
@@ -38,3 +41,23 @@ def test_recovery_refuses_what_openzeppelin_refuses() -> None:
     assert domain.recover(device, 1, 2, 3, bytes(65)) == ""  # r = s = 0
     assert domain.recover(device, 1, 2, 3, sig[:64]) == ""  # short
     assert domain.recover(device, 1, 2, 4, sig) not in ("", device)  # another message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    device=st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex()),
+    slot=st.integers(0, 2**63 - 1),
+    wh=st.integers(-(2**63), 2**63 - 1),
+    nonce=st.integers(0, 2**256 - 1),
+    chain_id=st.integers(1, 2**32),
+)
+def test_fast_digest_is_the_chain_digest(
+    device: str, slot: int, wh: int, nonce: int, chain_id: int
+) -> None:
+    """The bridge hashes with safe-pysha3 and per-device cached words; the bytes must be
+    contracts.settler.ReadingSigner's for every reading the schema lets through."""
+    domain = ReadingDomain(chain_id, "0x" + "5a" * 20)
+    for _ in range(2):  # the second call takes the cached device word
+        assert domain.digest(device, slot, wh, nonce) == domain.chain_digest(
+            device, slot, wh, nonce
+        )
