@@ -222,12 +222,15 @@ class CommandTracker:
                 command.command_id, command.device, command.expires_ts, encode(command)
             )
 
-    def sent_encoded(self, out: Outgoing) -> None:
-        """`sent` for a command the `CommandEncoder` made (no model to build)."""
-        if out.command_id not in self.commands:
-            self.commands[out.command_id] = Tracked(
-                out.command_id, out.device, out.expires_ts, out.payload
-            )
+    def sent_encoded(self, outs: list[Outgoing]) -> None:
+        """`sent` for a slot's commands from the `CommandEncoder` (no model to build); a
+        command id already tracked keeps its state, as in `sent`."""
+        commands = self.commands
+        for out in outs:
+            if out.command_id not in commands:
+                commands[out.command_id] = Tracked(
+                    out.command_id, out.device, out.expires_ts, out.payload
+                )
 
     def on_ack(self, ack: Ack) -> Tracked | None:
         """Move a command on; an ack out of order (accepted after applied) changes nothing."""

@@ -208,9 +208,8 @@ class BridgeCore:
         self.tracker.expire(now_ms)
         if self.mode != "live":
             return decision, []
-        out = []
-        for cmd in self.encoder.encode(decision, slot, now_ms, now_ms + self.command_ttl_ms):
-            self.tracker.sent_encoded(cmd)
-            out.append(Publish(cmd.topic, cmd.payload))
+        commands = self.encoder.encode(decision, slot, now_ms, now_ms + self.command_ttl_ms)
+        self.tracker.sent_encoded(commands)
+        out = [Publish(cmd.topic, cmd.payload) for cmd in commands]
         self.stats.commands_sent += len(out)
         return decision, out
