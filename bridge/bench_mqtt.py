@@ -1,8 +1,9 @@
 """`microgrid bench bridge --mqtt`: `bridge.bench`'s figures, end to end through mosquitto.
 
 A mosquitto started here on a free loopback port (plain TCP, anonymous: neither TLS nor the ACL
-is in these figures), a load generator in its own process (so it does not share the bridge's
-GIL) publishing every device's pre-signed telemetry at QoS 1 over one paho connection, and the
+is in these figures), a load generator in its own process (`bridge.bench_generator`: pre-encoded
+MQTT packets over several connections, so neither its GIL nor paho's per-publish work is the
+limit) publishing every device's pre-signed telemetry at QoS 1, and the
 bridge's own shell (`MqttLink`, a persistent session acknowledging each message after `handle`)
 feeding `BridgeCore`. Slots are paced: the generator starts slot k only once slot k - 1 was
 decided, so the latency is not queueing behind the next slot.
@@ -108,12 +109,12 @@ async def _run(
         )  # fmt: skip
         await link.connect(bridge_subscriptions(site.site))
         gen = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge.bench_mqtt", str(port), str(directory),
+            sys.executable, "-m", "bridge.bench_generator", str(port), str(directory),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert gen.stdin is not None and gen.stdout is not None
         try:
-            await asyncio.wait_for(gen.stdout.readline(), 30)  # connected, births published
+            await asyncio.wait_for(gen.stdout.readline(), 120)  # connected, births published
             for _ in range(n):
                 msg = await link.receive(30)
                 if msg is None:
@@ -173,44 +174,3 @@ def bench_bridge_mqtt(
     """End to end through a mosquitto started here; same keys as `bridge.bench.bench_bridge`."""
     with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
         return asyncio.run(_run(config, Path(tmp), advance))
-
-
-def _generate(port: int, directory: Path) -> None:
-    """The load generator: one paho connection, every device's messages at QoS 1, slot by slot
-    when told on stdin; waits until the broker acknowledged each slot before reading on."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    def read(name: str) -> list[tuple[str, bytes]]:
-        out = []
-        for line in (directory / name).read_bytes().splitlines():
-            t, _, payload = line.partition(b"\t")
-            out.append((t.decode(), payload))
-        return out
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-devices")
-    client.max_inflight_messages_set(10_000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-
-    def send(messages: list[tuple[str, bytes]]) -> None:
-        infos = [client.publish(t, p, qos=1) for t, p in messages]
-        for info in infos:
-            info.wait_for_publish(30)
-
-    send(read("births"))
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "end":
-            break
-        messages = read(f"slot{int(line)}")
-        started = time.monotonic()
-        send(messages)
-        print(time.monotonic() - started, flush=True)
-    client.disconnect()
-    client.loop_stop()
-
-
-if __name__ == "__main__":
-    _generate(int(sys.argv[1]), Path(sys.argv[2]))

@@ -17,7 +17,7 @@ import numpy as np
 from agents.baselines import RuleBasedPolicy
 from agents.policy import Policy
 from agents.shield import Shield
-from bridge.commands import CommandTracker, commands_for
+from bridge.commands import CommandEncoder, CommandTracker
 from bridge.decision import Decision, FallbackReason, Source, decide
 from bridge.messages import Ack, NodeBirth, NodeDeath, Rebirth, Telemetry, encode
 from bridge.messages import Command as CommandMsg
@@ -79,6 +79,7 @@ class BridgeCore:
         self.fallback = RuleBasedPolicy(self.codec)
         self.state = SiteState()
         self.tracker = CommandTracker()
+        self.encoder = CommandEncoder(site, self.codec)
         self.node = node
         self.mode = mode
         self.policy_name = policy_name
@@ -144,8 +145,10 @@ class BridgeCore:
 
     def _reading_work(self, msg: Telemetry) -> list[Publish | ChainWork]:
         r = msg.reading
-        device = self.site.device(msg.device)
-        if r is None or device is None:
+        if r is None:
+            return []
+        device = self.validator.device(msg.device)
+        if device is None:
             return []
         self.stats.readings_queued += 1
         reading = (device.address, r.slot, r.energy_wh, r.nonce)
@@ -207,11 +210,8 @@ class BridgeCore:
         self.tracker.expire(now_ms)
         if self.mode != "live":
             return decision, []
-        out = []
-        for cmd in commands_for(
-            decision, self.site, self.codec, slot, now_ms, now_ms + self.command_ttl_ms
-        ):
-            self.tracker.sent(cmd)
-            out.append(Publish(topic(self.site.site, MessageType.DCMD, cmd.device), encode(cmd)))
+        commands = self.encoder.encode(decision, slot, now_ms, now_ms + self.command_ttl_ms)
+        self.tracker.sent_encoded(commands)
+        out = [Publish(cmd.topic, cmd.payload) for cmd in commands]
         self.stats.commands_sent += len(out)
         return decision, out

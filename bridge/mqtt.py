@@ -2,7 +2,9 @@
 
 It decides nothing (aiomqtt's lesson): payloads stay bytes, and every decision is in the sans-I/O
 core. paho runs its network loop in its own thread; received messages cross into the event loop
-with `call_soon_threadsafe`. TLS and a user name/password are mandatory outside tests of the
+in batches: the paho thread appends to a list and wakes the loop (`call_soon_threadsafe`, a
+write to its self-pipe) only when that list was empty, so a burst costs one wake-up, not one
+per message. TLS and a user name/password are mandatory outside tests of the
 refusal itself; the last will is set before connecting, as Sparkplug requires.
 
 A link that must not lose what it receives (the bridge's) opens a *persistent* MQTT v5 session
@@ -108,6 +110,9 @@ class MqttLink:
         self._early: set[int] = set()
         """Acknowledged before `publish` returned (paho's thread is faster than ours)."""
         self._ack_lock = threading.Lock()
+        self._inbox: list[Received] = []
+        """Received by paho's thread, not yet moved into `queue` by the event loop."""
+        self._inbox_lock = threading.Lock()
         self.connects = 0
         self.session_resumed = 0
         """Connects on which the broker still held our session (queued messages follow)."""
@@ -148,12 +153,21 @@ class MqttLink:
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(
-            self.queue.put_nowait,
-            Received(
-                message.topic, bytes(message.payload), time.monotonic(), message.mid, message.qos
-            ),
+        received = Received(
+            message.topic, bytes(message.payload), time.monotonic(), message.mid, message.qos
         )
+        with self._inbox_lock:
+            self._inbox.append(received)
+            if len(self._inbox) > 1:
+                return  # a wake-up is already on its way; it takes this one too
+        self._loop.call_soon_threadsafe(self._take_inbox)
+
+    def _take_inbox(self) -> None:
+        """On the event loop: move what paho's thread received into `queue`, in order."""
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, []
+        for received in batch:
+            self.queue.put_nowait(received)
 
     # ---- async API -------------------------------------------------------------------------
     async def connect(self, subscriptions: list[str] = (), timeout_s: float = 10.0) -> None:  # type: ignore[assignment]

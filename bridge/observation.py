@@ -90,12 +90,12 @@ class ObservationBuilder:
         return slot_of_year(unix_s, self.site.steps_per_day)
 
     def _get(self, state: SiteState, device: str, slot: int, missing: list[str]) -> Metrics | None:
-        m = state.metrics(device, slot)
-        if m is None:
+        msg = state.latest.get(device)  # state.metrics, inlined: once per device per decision
+        if msg is None or msg.slot != slot:
             missing.append(device)
             return self._last.get(device)
-        self._last[device] = m
-        return m
+        self._last[device] = msg.metrics
+        return msg.metrics
 
     def _demand_kw(self, meter: Metrics | None, appliance: Metrics | None) -> float:
         """The household's demand in the slot: what its meter served, with the flexible load
@@ -151,6 +151,13 @@ class ObservationBuilder:
             if isinstance(battery, BatteryMetrics):
                 net += battery.power_kw
         sensor = state.metrics(self.site.grid_sensor, slot) or self._last.get(self.site.grid_sensor)
+        return self._persistence(load, pv, net, sensor)
+
+    def _persistence(
+        self, load: np.ndarray, pv: np.ndarray, net: float, sensor: Metrics | None
+    ) -> Forecast:
+        """`persistence` from the slot's demand, available PV, the prosumers' and community
+        battery's net exchange, and the grid sensor's metrics."""
         background = 0.0
         if isinstance(sensor, GridSensorMetrics) and sensor.trafo_net_kw is not None:
             background = sensor.trafo_net_kw - net
@@ -174,30 +181,46 @@ class ObservationBuilder:
         """
         missing: list[str] = []
         n, h, site = self.n, self.h, self.site
-        soc = self.soc_default.copy()
-        cap = self.nominal_kwh.copy()
+        # Filled as Python lists, made arrays once: numpy's per-item stores cost more than the
+        # rest of the loop at 1,000 devices.
+        get = self._get
+        soc_l: list[float] = self.soc_default.tolist()
+        nominal_l: list[float] = self.nominal_kwh.tolist()
+        cap_l = list(nominal_l)
+        m: Metrics | None = None
         for k, device in enumerate(self.batteries):
-            m = self._get(state, device, slot, missing)
+            m = get(state, device, slot, missing)
             if isinstance(m, BatteryMetrics):
-                soc[k] = m.soc
-                cap[k] = m.soh * self.nominal_kwh[k]
-        load, pv, backlog = np.zeros(n), np.zeros(n), np.zeros(n)
+                soc_l[k] = m.soc
+                cap_l[k] = m.soh * nominal_l[k]
+        soc, cap = np.array(soc_l, dtype=np.float64), np.array(cap_l, dtype=np.float64)
+        community = m if site.community_battery is not None else None  # last in codec order
+        # What `persistence` adds up, gathered here from the same metrics, in its order.
+        net = 0.0
+        load_l, pv_l, backlog_l = [0.0] * n, [0.0] * n, [0.0] * n
         for i, p in enumerate(site.prosumers):
-            meter = self._get(state, p.meter, slot, missing)
-            inverter = self._get(state, p.pv, slot, missing)
-            appliance = self._get(state, p.appliance, slot, missing)
-            load[i] = self._demand_kw(meter, appliance)
+            meter = get(state, p.meter, slot, missing)
+            inverter = get(state, p.pv, slot, missing)
+            appliance = get(state, p.appliance, slot, missing)
+            load_l[i] = self._demand_kw(meter, appliance)
+            if isinstance(meter, MeterMetrics):
+                net += meter.net_kw
             if isinstance(inverter, PvMetrics):
-                pv[i] = inverter.available_kw
+                pv_l[i] = inverter.available_kw
             if isinstance(appliance, ApplianceMetrics):
-                backlog[i] = appliance.backlog_kwh
+                backlog_l[i] = appliance.backlog_kwh
+        load = np.array(load_l, dtype=np.float64)
+        pv = np.array(pv_l, dtype=np.float64)
+        backlog = np.array(backlog_l, dtype=np.float64)
+        if isinstance(community, BatteryMetrics):
+            net += community.power_kw
         sensor = self._get(state, site.grid_sensor, slot, missing)
         grid = np.array([1.0, 1.0, 0.0, 0.0])
         if isinstance(sensor, GridSensorMetrics):
             grid = np.array(
                 [sensor.v_min_pu, sensor.v_max_pu, sensor.line_loading, sensor.trafo_loading]
             )
-        fc = forecast or self.persistence(state, slot)
+        fc = forecast or self._persistence(load, pv, net, sensor)
         spd = site.steps_per_day
         slot_of_day = t % spd
         day_phase = 2.0 * np.pi * slot_of_day / spd

@@ -7,6 +7,7 @@ bridge subscribe to exactly the traffic it handles.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -70,8 +71,12 @@ def topic(site: str, message_type: MessageType, entity: str) -> str:
     return f"{NAMESPACE}/{site}/{message_type.value}/{entity}"
 
 
+@functools.lru_cache(maxsize=65_536)
 def parse_topic(text: str) -> Topic:
-    """Parse `mgv1/<site>/<TYPE>/<id>`; a bad part raises TopicError naming it."""
+    """Parse `mgv1/<site>/<TYPE>/<id>`; a bad part raises TopicError naming it.
+
+    Cached: a site's devices publish on the same few topics every slot, and the bridge parses
+    one per message (a `Topic` is frozen, so sharing it is safe; a refusal is not cached)."""
     parts = text.split("/")
     if len(parts) != 4:
         raise TopicError(f"topic: expected 4 levels mgv1/<site>/<TYPE>/<id>, got {text!r}")

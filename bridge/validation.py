@@ -105,6 +105,9 @@ class TelemetryValidator:
         self, site: SiteManifest, domain: ReadingDomain, limits: ValidationLimits | None = None
     ) -> None:
         self.site = site
+        self._devices = {d.id: d for d in site.devices}
+        """The manifest's index as a plain dict (its private attribute costs a pydantic
+        `__getattr__` per look-up, on every message)."""
         self.domain = domain
         self.limits = limits or ValidationLimits()
         self.sessions: dict[str, Session] = {}
@@ -120,6 +123,10 @@ class TelemetryValidator:
         """Devices whose session or nonce changed since `take_dirty` (for the shell to persist)."""
         self.relayed_readings = 0
         """Readings relayed from telemetry refused as stale or out of session."""
+
+    def device(self, device_id: str) -> SiteDevice | None:
+        """The manifest's device with this id (None: not on the site)."""
+        return self._devices.get(device_id)
 
     def take_dirty(self) -> dict[str, tuple[Session | None, int | None]]:
         """The changed entries since the last call, to persist with the readings they carried."""
@@ -145,7 +152,7 @@ class TelemetryValidator:
                 RejectReason.TOPIC_MISMATCH,
                 f"device: expected the topic's id {topic_device!r}, got {payload_device!r}",
             )
-        device = self.site.device(payload_device)
+        device = self._devices.get(payload_device)
         if device is None:
             return self._refuse(
                 RejectReason.UNKNOWN_DEVICE,

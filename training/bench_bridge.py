@@ -25,6 +25,9 @@ _ROWS: dict[str, tuple[str, str | None, bool]] = {
     "decision_latency_ms_p50": ("ms", None, False),
     "decision_latency_ms_p99": ("ms", "decision_latency_ms_p99", False),
     "decision_latency_ms_max": ("ms", None, False),
+    "ingest_cpu_us_per_msg": ("us CPU", None, False),
+    "decision_cpu_ms_p50": ("ms CPU", None, False),
+    "decision_cpu_ms_p99": ("ms CPU", None, False),
     "commands_per_slot": ("", None, False),
 }
 
@@ -41,7 +44,7 @@ def _table(result: dict[str, Any]) -> Table:
     table.add_column("unit")
     table.add_column("target (issue 6)", justify="right")
     for key, (unit, target_key, higher) in _ROWS.items():
-        if key not in result:  # generator_msg_per_s: --mqtt only
+        if key not in result:  # generator_msg_per_s: --mqtt only; CPU figures: in process only
             continue
         value = float(result[key])
         target = result["targets"].get(target_key) if target_key else None

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from agents.baselines import RuleBasedPolicy
 from agents.shield import Shield
-from bridge.commands import CommandState, CommandTracker, command_id, commands_for
+from bridge.commands import (
+    CommandEncoder,
+    CommandState,
+    CommandTracker,
+    command_id,
+    commands_for,
+)
 from bridge.decision import Decision, FallbackReason, Source, decide
-from bridge.messages import Ack, AckStatus, BatterySetpoint, Telemetry
+from bridge.errors import BridgeError
+from bridge.messages import Ack, AckStatus, BatterySetpoint, Command, Telemetry, decode, encode
 from bridge.observation import Observation, ObservationBuilder, SiteState
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -56,6 +65,36 @@ def parts(site: SiteManifest, params: object) -> tuple[Codec, ObservationBuilder
 
 def _observe(builder: ObservationBuilder, state: SiteState) -> Observation:
     return builder.build(state, SLOT, builder.slot_of_year(NOW_MS // 1000), community_price=0.3)
+
+
+def test_the_default_forecast_is_persistence(
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    parts: tuple[Codec, ObservationBuilder, Shield],
+) -> None:
+    """`build` gathers the persistence forecast from the metrics it reads anyway; it must be
+    `persistence`'s, with a transformer flow (background) and with a device missing."""
+    _, builder, _ = parts
+    t = builder.slot_of_year(NOW_MS // 1000)
+    state = _state(site, domain, keys, 0.42)
+    sensor = state.latest[site.grid_sensor]
+    flow = {**sensor.metrics.model_dump(), "trafo_net_kw": 7.5}
+    state.latest[site.grid_sensor] = sensor.model_copy(
+        update={"metrics": type(sensor.metrics).model_validate(flow)}
+    )
+    for drop in (None, site.prosumers[0].meter, site.community_battery):
+        if drop is not None:
+            del state.latest[drop]
+        fresh = ObservationBuilder(site, parts[0])
+        default = fresh.build(state, SLOT, t, community_price=0.3)
+        explicit = ObservationBuilder(site, parts[0])
+        forecast = explicit.persistence(state, SLOT)
+        given = explicit.build(state, SLOT, t, community_price=0.3, forecast=forecast)
+        assert default.raw["background_net_forecast"][0, 0] != 0.0
+        for key, value in given.raw.items():
+            np.testing.assert_array_equal(default.raw[key], value, err_msg=key)
+        np.testing.assert_array_equal(default.obs, given.obs)
 
 
 def test_observation_matches_the_codec_layout(
@@ -182,6 +221,49 @@ def test_commands_carry_the_shielded_setpoints_with_deterministic_ids(
     again = commands_for(d, site, codec, SLOT + 1, NOW_MS + 5, NOW_MS + 900_000)
     assert [c.command_id for c in again] == [c.command_id for c in cmds]
     assert cmds[0].command_id == command_id(SLOT + 1, "bus1-battery", "battery_setpoint")
+
+
+@pytest.mark.parametrize("slot", [0, SLOT + 1, 2**63 - 1])
+def test_the_encoder_sends_the_bytes_commands_for_defines(
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    parts: tuple[Codec, ObservationBuilder, Shield],
+    slot: int,
+) -> None:
+    codec = parts[0]
+    d = _decision(site, domain, keys, parts)
+    rng = np.random.default_rng(slot % 1000)
+    for applied in (
+        d.report.applied_kw,
+        rng.uniform(-50, 50, 3),
+        np.array([-0.0, 1e-7, 123456.789]),
+    ):
+        d = dataclasses.replace(d, report=dataclasses.replace(d.report, applied_kw=applied))
+        want = commands_for(d, site, codec, slot, NOW_MS, NOW_MS + 900_000)
+        got = CommandEncoder(site, codec).encode(d, slot, NOW_MS, NOW_MS + 900_000)
+        assert [o.payload for o in got] == [encode(c) for c in want]
+        assert [decode(Command, o.payload) for o in got] == want
+        assert [o.topic for o in got] == [f"mgv1/{site.site}/DCMD/{c.device}" for c in want]
+        assert [(o.command_id, o.device) for o in got] == [(c.command_id, c.device) for c in want]
+
+
+def test_the_encoder_refuses_what_the_schema_refuses(
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    parts: tuple[Codec, ObservationBuilder, Shield],
+) -> None:
+    codec = parts[0]
+    d = _decision(site, domain, keys, parts)
+    encoder = CommandEncoder(site, codec)
+    for bad in (np.nan, np.inf, 2e6):
+        applied = np.array([0.0, bad, 0.0])
+        broken = dataclasses.replace(d, report=dataclasses.replace(d.report, applied_kw=applied))
+        with pytest.raises(BridgeError, match=r"bus2-battery: action\.power_kw"):
+            encoder.encode(broken, SLOT + 1, NOW_MS, NOW_MS + 900_000)
+    with pytest.raises(BridgeError, match="expires_ts"):
+        encoder.encode(d, SLOT + 1, NOW_MS, 2**53)
 
 
 def test_tracker_follows_acks_to_their_end(
