@@ -20,6 +20,9 @@ Three tasks share one event loop and one BridgeCore (so no locks):
   (their own connection, WAL), so a node that hangs never holds up telemetry.
 
 Shadow mode (`dry_run`) decides and logs but publishes no command and sends nothing to the chain.
+It runs beside the live bridge under its own node id (`<node>-shadow`): its own MQTT client id, so
+the broker does not take the live bridge's connection over, and its own NBIRTH/NDEATH, so devices
+(which watch the live node's) never see the shadow come and go as their bridge.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class BridgeRunner:
             site,
             validator,
             loaded.policy,
-            node=cfg.node,
+            node=cfg.node if self.live else f"{cfg.node}-shadow",
             mode="live" if self.live else "shadow",
             policy_name=loaded.name,
             command_ttl_ms=int(t.command_ttl_slots * length * 1000),
@@ -429,7 +432,7 @@ class BridgeRunner:
         will, birth = self.core.will(now_ms), self.core.birth(now_ms)
         self.link = MqttLink(
             b.url,
-            client_id=f"{self.site.site}-{self.cfg.node}",
+            client_id=f"{self.site.site}-{self.core.node}",
             username=b.username,
             password=b.password(),
             ca_file=b.ca_file,

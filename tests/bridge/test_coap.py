@@ -30,6 +30,7 @@ from bridge.clock import SlotClock
 from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
 from bridge.config import BridgeConfig, Deployment, load_deployment
+from bridge.mqtt import MqttLink
 from bridge.policy_source import LoadedPolicy
 from bridge.registration import reading_nonces
 from bridge.runner import BridgeRunner
@@ -109,6 +110,13 @@ async def _run(
 ) -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
     """The bridge, then the fleet for SLOTS slots (`during` runs beside it); both summaries."""
     codec = site.make_codec()
+    # The tests share one broker, and a live bridge's persistent session outlives its test: the
+    # next test's bridge would be handed the last one's leftovers, as a restarted bridge is.
+    b = cfg.broker
+    forget = MqttLink(b.url, client_id=f"{site.site}-{cfg.node}", username=b.username,
+                      password=b.password(), ca_file=b.ca_file)  # fmt: skip
+    await forget.connect([])
+    await forget.close()
     runner = BridgeRunner(cfg, site, s.deployment, LoadedPolicy(RuleBasedPolicy(codec), "rb"))
     refusals: list[str] = []
     runner.core.validator.on_reject = lambda reason, detail: refusals.append(f"{reason}: {detail}")

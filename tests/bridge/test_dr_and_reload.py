@@ -17,6 +17,7 @@ from bridge.policy_source import LoadedPolicy, load_policy
 from bridge.runner import BridgeRunner
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
+from bridge.topics import MessageType, device_subscriptions, topic
 from tests.bridge.helpers import GENESIS, NOW_MS, REGISTRY, birth, telemetry
 
 
@@ -95,3 +96,16 @@ def test_parity_check_records_figures_and_refuses_nan(
         runner.parity_check(LoadedPolicy(Fixed(np.full(act_dim, np.nan)), "nan"))
     with pytest.raises(ValueError, match="expected actions of shape"):
         runner.parity_check(LoadedPolicy(Fixed(np.zeros(3)), "short"))
+
+
+def test_a_shadow_bridge_never_passes_for_the_live_one(site: SiteManifest) -> None:
+    """Beside the live bridge, the shadow has its own node id: its birth and death go to topics
+    no device watches, and its MQTT client id cannot take the live bridge's connection over."""
+    runner = _runner(site)
+    live_node = BridgeConfig().node
+    assert runner.core.node == f"{live_node}-shadow"
+    watched = set(device_subscriptions(site.site, site.devices[0].id, live_node))
+    now = NOW_MS
+    assert runner.core.birth(now).topic not in watched
+    assert runner.core.will(now).topic not in watched
+    assert topic(site.site, MessageType.NBIRTH, live_node) in watched
