@@ -83,6 +83,7 @@ from contracts.slot_batch import (
     price_params,
     signed_batch,
     slot_step,
+    step_trades,
 )
 from envs.codec import Codec
 from envs.market import Book, RuleInputs, rule_book, to_units
@@ -241,11 +242,7 @@ class SlotSettlement:
         params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
         reconcile = None
         if previous is not None and self.reconciles:
-            index = {a: j for j, a in enumerate(self.accounts)}
-            trades = [
-                (str(o[0]), int(o[2]), int(f), index[str(o[0])])
-                for o, f in zip(previous.orders, previous.fills, strict=True)
-            ]
+            trades = step_trades(previous, self.accounts)
             reconcile = Reconciliation(previous.settle_slot, trades, self.accounts)
         return slot_step(params, batch, reconcile=reconcile)
 

@@ -73,13 +73,25 @@ class SignedBatch:
     fills: list[int]
 
     def trades(self, accounts: Sequence[str]) -> list[tuple[str, int, int, int]]:
-        """(owner, side, fill, index in `accounts`) of every order: what reconciling the slot
-        restates (``accounts`` sorted by address, as ``reconcileSlot`` takes them)."""
-        index = {a: j for j, a in enumerate(accounts)}
-        return [
-            (o.owner, int(o.side), f, index[o.owner])
-            for o, f in zip(self.orders, self.fills, strict=True)
-        ]
+        """What reconciling the slot restates (see `trade_list`)."""
+        return trade_list([(o.owner, int(o.side)) for o in self.orders], self.fills, accounts)
+
+
+def trade_list(
+    bids: Sequence[tuple[str, int]], fills: Sequence[int], accounts: Sequence[str]
+) -> list[tuple[str, int, int, int]]:
+    """(owner, side, fill, index in `accounts`) of every (owner, side) order of a settled
+    batch: its committed trade list (``accounts`` sorted by address, as ``reconcileSlot``
+    takes them)."""
+    index = {a: j for j, a in enumerate(accounts)}
+    return [
+        (owner, side, int(f), index[owner]) for (owner, side), f in zip(bids, fills, strict=True)
+    ]
+
+
+def step_trades(step: SlotStep, accounts: Sequence[str]) -> list[tuple[str, int, int, int]]:
+    """The committed trade list of a stored step's settlement (its orders are ABI tuples)."""
+    return trade_list([(str(o[0]), int(o[2])) for o in step.orders], step.fills, accounts)
 
 
 def signed_batch(

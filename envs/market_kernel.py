@@ -181,8 +181,7 @@ def gate_range(
             reduction[r, k] = np.int64(np.rint(dr[r, k] * share * load_prof[t, k] * dt * 1000.0))
         if not use_rule:
             continue
-        low = max(ref * np.int64(mcfg[0]) // 10_000, np.int64(1))
-        high = ref * np.int64(mcfg[1]) // 10_000
+        low, high = price_band(ref, mcfg[0], mcfg[1])
         off = (noise_offset[i] + step[i] * stride) % noise_size
         for k in range(n):
             load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
@@ -195,6 +194,14 @@ def gate_range(
             qty[r, k] = q
             limit[r, k] = p
             side[r, k] = sd
+
+
+@numba.njit(cache=True, nogil=True)
+def price_band(ref, low_bps, high_bps):  # fmt: skip
+    """EnergyTrading's price band around the reference price: [low (>= 1), high], in money
+    units per Wh, from the band's bps."""
+    low = max(ref * np.int64(low_bps) // 10_000, np.int64(1))
+    return low, ref * np.int64(high_bps) // 10_000
 
 
 @numba.njit(cache=True, nogil=True)
@@ -234,8 +241,7 @@ def rule_book_row(
     low_bps, high_bps, qty, limit, side,
 ):  # fmt: skip
     """`rule_order` for every prosumer of one grid, the band from the reference as at the gate."""
-    low = max(ref * np.int64(low_bps) // 10_000, np.int64(1))
-    high = ref * np.int64(high_bps) // 10_000
+    low, high = price_band(ref, low_bps, high_bps)
     for k in range(load.shape[0]):
         qty[k], limit[k], side[k] = rule_order(
             load[k], pv[k], dr[k], curtail[k], backlog[k], soc[k], cap[k], battery_kw[k],

@@ -45,6 +45,7 @@ from contracts.settler import (
     compact_signature,
     decode_logs,
 )
+from contracts.slot_batch import step_trades
 from tests.contracts.helpers import World
 
 FUNDS = 10**20
@@ -178,10 +179,8 @@ def _bytecode() -> str:
 
 
 def _trades(step: SlotStep) -> list[tuple[str, int, int, int]]:
-    """The committed trade list of `step`'s settlement (account index = member position)."""
-    return [
-        (o[0], o[2], f, i) for i, (o, f) in enumerate(zip(step.orders, step.fills, strict=True))
-    ]
+    """The committed trade list of `step`'s settlement (orders by the first members)."""
+    return step_trades(step, [str(o[0]) for o in step.orders])
 
 
 def test_a_slot_settles_then_reconciles_one_transaction_later(
