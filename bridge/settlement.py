@@ -27,9 +27,25 @@ pre-flight meets ``EnergyTradingReadingsNotFinal`` until then and retries with b
 yet", like the gate), then signs and sends. A chain whose reading window is longer than a slot
 (the integration tests' accelerated clock, whose window spans years) cannot do this inside a
 slot: there the rows settle only (`SlotSettlement.configure`). The previous slot's trades come
-from its own stored row, so a restarted bridge reconciles what its predecessor settled; a row
-that failed for good is not reconciled (its slot was never cleared). Renewable and
-demand-response rewards (``rewardRenewable``, ``grantReward``) are not granted by these rows.
+from its own stored row, so a restarted bridge reconciles what its predecessor settled.
+
+Emergencies, by the env's rule (`contracts.slot_batch.emergency_parts`, which the env's chain
+ledger runs too): the row of the first slot whose transformer loading is above
+``market.emergency_loading`` declares the emergency (``PART_EMERGENCY``, after the
+reconciliation: the slot trades nothing, its batch is empty), the row of the first slot below it
+ends it (``PART_RECOVER``, first thing). The bridge tracks the market's state as the chain will
+hold it after its queued rows (read from GridBalance at start and whenever every row is mined);
+a recovery that comes before GridBalance's minimum emergency is a "not yet".
+
+Nothing wedges the queue: a row the chain refuses is repaired, not dropped (`repair_step`, the
+outbox's `repair` hook): a "not yet" waits, a part the chain already did is left out, and any
+other refusal sends the slot again with no orders, so it is still cleared and the next row can
+reconcile it; only a row with nothing left to send fails for good, and the next row then leaves
+out its reconciliation. Each repair is logged and counted (``bridge_outbox_repairs``). A slot
+that got no row at all (the bridge was down across it) is settled empty by the next row's
+enqueue, in order, so every slot is still reconciled by the next
+(`SlotSettlement.enqueue`). Renewable and demand-response rewards (``rewardRenewable``,
+``grantReward``) are not granted by these rows.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -58,7 +74,9 @@ does not revert for credit unless a household withdrew meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +89,26 @@ from bridge.config import Deployment
 from bridge.decision import Decision
 from bridge.errors import ConfigError
 from bridge.observation import Observation
+from bridge.outbox import Outbox, Repair, RowState
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
-from contracts.client import order_domain
+from contracts.clearing import clear_book
+from contracts.client import CLEARING_GAS, order_domain
+from contracts.errors import ContractRevert
 from contracts.model import PriceParams, Side, imbalance_prices
-from contracts.settler import OrderSigner, SlotStep
+from contracts.settler import (
+    PART_EMERGENCY,
+    PART_RECONCILE,
+    PART_RECOVER,
+    PART_SETTLE,
+    OrderSigner,
+    SlotStep,
+)
 from contracts.slot_batch import (
     Bid,
     Reconciliation,
     SignedBatch,
+    emergency_parts,
     price_params,
     signed_batch,
     slot_step,
@@ -88,13 +117,39 @@ from contracts.slot_batch import (
 from envs.codec import Codec
 from envs.market import Book, RuleInputs, rule_book, to_units
 
+#: The key of slot `n`'s row in the outbox.
+SLOT_KEY = "slot:{}"
+
+log = logging.getLogger("bridge.settlement")
+
 #: "Not yet" for a slot row: the slot's gate has not closed on chain, the previous slot's
-#: readings are not final yet, or the previous slot's own row has not been mined yet.
+#: readings are not final yet, the previous slot's own row has not been mined yet, or the
+#: emergency declared in an earlier row has not lasted GridBalance's minimum yet.
 RETRY_ON = (
     "EnergyTradingGateOpen",
     "EnergyTradingReadingsNotFinal",
     "EnergyTradingSlotNotCleared",
+    "GridBalanceRecoveryTooEarly",
 )
+
+#: Reverts that refuse a row's reconciliation of the previous slot (the rest of the row stands).
+RECONCILE_REFUSALS = frozenset(
+    {
+        "EnergyTradingSlotAlreadyReconciled",
+        "EnergyTradingTradesMismatch",
+        "EnergyTradingTradeAccountMismatch",
+        "EnergyTradingAccountsNotSorted",
+        "EnergyTradingTreasuryShort",
+    }
+)
+
+#: Reverts that say the chain already is where a part would take it: that part is left out
+#: (an emergency already declared, one already ended, the slot already cleared).
+DONE_ALREADY = {
+    "EnforcedPause": PART_EMERGENCY,
+    "ExpectedPause": PART_RECOVER,
+    "EnergyTradingSlotAlreadyCleared": PART_SETTLE,
+}
 
 
 def load_prosumer_keys(path: Path, site: SiteManifest) -> dict[str, bytes]:
@@ -161,6 +216,8 @@ class SlotSettlement:
         self.reconciles = False
         """Whether a slot's transaction reconciles the previous slot: only where the chain's
         reading window is at most a slot (`configure`)."""
+        self.paused = False
+        """Whether the chain's market will be in an emergency after every row enqueued."""
 
     def configure(self, reading_window_s: int, slot_seconds: int) -> None:
         """The chain's reading window decides whether slot `n`'s transaction may reconcile slot
@@ -244,12 +301,93 @@ class SlotSettlement:
         if previous is not None and self.reconciles:
             trades = step_trades(previous, self.accounts)
             reconcile = Reconciliation(previous.settle_slot, trades, self.accounts)
-        return slot_step(params, batch, reconcile=reconcile)
+        declare, recover = emergency_parts(b.emergency, self.paused)
+        return slot_step(
+            params, batch, reconcile=reconcile, declare_emergency=declare, recover=recover
+        )
+
+    def enqueue(
+        self, outbox: Outbox, slot: int, b: SlotBook, metered: Mapping[str, int] | None = None
+    ) -> int:
+        """Queue slot `slot`'s row (``SLOT_KEY``); returns how many rows were queued.
+
+        Every slot since the last slot row that has none (the bridge was down across it, or
+        decided nothing) is first settled empty, in order, as the paused market settles a slot:
+        each such row reconciles the slot before it and clears its own, so the slot rows stay
+        one a slot and every settled slot is reconciled by the next. A key already there
+        (decided again after a restart) queues nothing."""
+        if outbox.row(SLOT_KEY.format(slot)) is not None:
+            return 0
+        queued = 0
+        latest = outbox.latest("slot:")
+        if latest is not None:
+            for missed in range(int(latest.split(":")[1]) + 1, slot):
+                queued += self._queue(outbox, missed, None, {})
+        return queued + self._queue(outbox, slot, b, metered or {})
+
+    def _queue(
+        self, outbox: Outbox, slot: int, b: SlotBook | None, metered: Mapping[str, int]
+    ) -> int:
+        previous = None
+        key = SLOT_KEY.format(slot - 1)
+        row, args = outbox.row(key), outbox.args(key)
+        if row is not None and args is not None and row.state is not RowState.FAILED:
+            previous = step_of_args(args)
+        if b is None:  # a missed slot: no orders, the last posted price, the emergency as is
+            reference = 1 if previous is None else int(previous.price_params[0][1])
+            empty = np.zeros((1, self.n), dtype=np.int64)
+            b = SlotBook(Book(empty, empty, empty), max(reference, 1), self.paused)
+        batch = self.batch(slot, b, previous, metered)
+        step = self.step(batch, b, previous)
+        if not outbox.enqueue(
+            SLOT_KEY.format(slot), "SlotSettler", "run", (step.value(),),
+            gas=CLEARING_GAS, retry_on=RETRY_ON,
+        ):  # fmt: skip
+            return 0
+        self.charge(batch)
+        self.paused = b.emergency
+        return 1
+
+    def repairer(self, outbox: Outbox) -> Repair:
+        """The outbox's repair hook for slot rows (`repair_step`), reading the rows of
+        `outbox` (the worker's: the hook runs on its thread); each repair is logged."""
+
+        def repair(key: str, err: ContractRevert, args: list[Any]) -> tuple[Any, str] | None:
+            if not key.startswith("slot:"):
+                return None
+            step = step_of_args(args)
+            previous = None
+            if step.parts & PART_RECONCILE:
+                prev_key = SLOT_KEY.format(step.reconcile_slot)
+                row, prev_args = outbox.row(prev_key), outbox.args(prev_key)
+                if row is not None and prev_args is not None:
+                    previous = (row.state, step_of_args(prev_args))
+            fixed = repair_step(step, err.name, previous, self.accounts)
+            if fixed is None:
+                return None
+            new, dropped = fixed
+            log.warning(
+                "slot row repaired",
+                extra={"key": key, "error": err.name, "dropped": dropped, "detail": str(err)},
+            )
+            return (new.value(),), dropped
+
+        return repair
 
     def charge(self, batch: SignedBatch) -> None:
         """Deduct what the batch's buyers pay at settlement from the tracked credit."""
         bids = [(o.owner, int(o.side)) for o in batch.orders]
         self.credit -= payments(bids, batch.fills, batch.price, self.accounts)
+
+    def start_paused(self, on_chain: bool, unconfirmed: Sequence[SlotStep]) -> None:
+        """The market's emergency as the chain holds it, then as the outbox's slot steps not
+        yet mined will leave it."""
+        self.paused = on_chain
+        for step in unconfirmed:
+            if step.parts & PART_RECOVER:
+                self.paused = False
+            if step.parts & PART_EMERGENCY:
+                self.paused = True
 
     def start_credit(self, on_chain: Sequence[int], unconfirmed: Sequence[SlotStep]) -> None:
         """The accounts' credit (batch order) as read from the chain, less what the outbox's
@@ -274,12 +412,70 @@ def payments(
 
 
 def step_of_args(args: Sequence[Any]) -> SlotStep:
-    """The `SlotStep` an outbox row of ``SlotSettler.run`` holds (its stored args)."""
+    """The `SlotStep` an outbox row of ``SlotSettler.run`` holds (its stored args), whole: a
+    repaired row is sent as this step less a part."""
     value: Sequence[Any] = args[0]
-    parts, params, tod, settle = value[0], value[2], value[3], value[4]
+    parts, reconcile, params, tod, settle = value[0], value[1], value[2], value[3], value[4]
+    readings, reading_signatures = value[5], value[6]
+    r_slot, trades, accounts, exporters, grants = reconcile
     slot, price, orders, signatures, fills = settle
     return SlotStep(
-        parts=int(parts), price_params=(params, tod), settle_slot=int(slot), price=int(price),
-        orders=[tuple(o) for o in orders], signatures=[tuple(s) for s in signatures],
-        fills=[int(f) for f in fills],
+        parts=int(parts), reconcile_slot=int(r_slot), trades=[tuple(t) for t in trades],
+        accounts=[str(a) for a in accounts], exporters=[str(e) for e in exporters],
+        grants=[tuple(g) for g in grants], price_params=(params, tod), settle_slot=int(slot),
+        price=int(price), orders=[tuple(o) for o in orders],
+        signatures=[tuple(s) for s in signatures], fills=[int(f) for f in fills],
+        readings=[tuple(x) for x in readings], reading_signatures=[bytes(x) for x in
+                                                                   reading_signatures],
     )  # fmt: skip
+
+
+def repair_step(
+    step: SlotStep,
+    error: str,
+    previous: tuple[RowState, SlotStep] | None,
+    accounts: Sequence[str],
+) -> tuple[SlotStep, str] | None:
+    """What a slot row sends instead after its call reverted with `error`, and a word for what
+    it leaves out; None: retry it as it is (a "not yet", `RETRY_ON`), or give it up.
+
+    `previous` is the state and stored step of the row of the slot `step` reconciles. Nothing
+    is ever added, so repairs end: a "not yet" is waited for; a reconciliation the chain refuses
+    (`RECONCILE_REFUSALS`, or a previous slot that will never be cleared: its row failed or
+    there is none) is left out, unless the previous row was itself repaired meanwhile (its
+    trade list is then rebuilt from it); a part the chain already did (`DONE_ALREADY`) is left
+    out; any other refusal drops the slot's orders, and the slot is cleared empty (as in an
+    emergency) so the next slot's row can still reconcile it; with no orders left, the
+    reconciliation goes; with neither, the row fails for good.
+    """
+    reconciles = bool(step.parts & PART_RECONCILE)
+    if error == "EnergyTradingSlotNotCleared" and reconciles:
+        if previous is not None and previous[0] is not RowState.FAILED:
+            return None  # the previous slot's row is still on its way
+        return _without(step, PART_RECONCILE), "reconciliation"
+    if error in RETRY_ON:
+        return None
+    if error in RECONCILE_REFUSALS and reconciles:
+        if error == "EnergyTradingTradesMismatch" and previous is not None:
+            state, prev = previous
+            trades = step_trades(prev, accounts)
+            if state is not RowState.FAILED and [tuple(t) for t in trades] != [
+                tuple(t) for t in step.trades
+            ]:
+                return dataclasses.replace(step, trades=trades), "stale trade list"
+        return _without(step, PART_RECONCILE), "reconciliation"
+    part = DONE_ALREADY.get(error)
+    if part is not None and step.parts & part:
+        return _without(step, part), "done already"
+    if step.parts & PART_SETTLE and step.orders:
+        price = int(clear_book([], [], []).price)
+        empty = dataclasses.replace(step, price=price, orders=[], signatures=[], fills=[])
+        return empty, "orders"
+    if reconciles:
+        return _without(step, PART_RECONCILE), "reconciliation"
+    return None
+
+
+def _without(step: SlotStep, part: int) -> SlotStep:
+    """`step` less one part (its fields stay; the contract reads only the parts set)."""
+    return dataclasses.replace(step, parts=step.parts & ~part)
