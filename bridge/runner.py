@@ -172,7 +172,12 @@ class BridgeRunner:
         assert self.worker is not None
         chain = self.worker.chain
         registry = chain.contract("DeviceRegistry", self.deployment.addresses["DeviceRegistry"])
-        market.configure(int(chain.call(registry, "readingWindow")), self.deployment.slot_seconds)
+        rewards = chain.contract("RewardSystem", self.deployment.addresses["RewardSystem"])
+        market.configure(
+            int(chain.call(registry, "readingWindow")),
+            self.deployment.slot_seconds,
+            int(chain.call(rewards, "renewableRate")),
+        )
         unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
         market.start_credit(self._chain_credit(market), unconfirmed)
         market.start_paused(self._chain_paused(), unconfirmed)

@@ -44,8 +44,14 @@ reconcile it; only a row with nothing left to send fails for good, and the next 
 out its reconciliation. Each repair is logged and counted (``bridge_outbox_repairs``). A slot
 that got no row at all (the bridge was down across it) is settled empty by the next row's
 enqueue, in order, so every slot is still reconciled by the next
-(`SlotSettlement.enqueue`). Renewable and demand-response rewards (``rewardRenewable``,
-``grantReward``) are not granted by these rows.
+(`SlotSettlement.enqueue`).
+
+Rewards: the reconciliation of slot n - 1 grants the renewable reward (``rewardRenewable``) of
+every meter whose reading of n - 1 the bridge held at n's decision and which exported, as the
+env's ledger lists its exporters (none where RewardSystem's rate is 0). A meter whose reading
+never reached the chain, or a RewardSystem without funds, loses only that reward (a repair).
+Demand-response incentives (``grantReward``) are not granted by these rows: the env computes
+them from the load profile the bridge does not have.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -130,6 +136,7 @@ RETRY_ON = (
     "EnergyTradingReadingsNotFinal",
     "EnergyTradingSlotNotCleared",
     "GridBalanceRecoveryTooEarly",
+    "RewardSystemReadingsNotFinal",
 )
 
 #: Reverts that refuse a row's reconciliation of the previous slot (the rest of the row stands).
@@ -142,6 +149,9 @@ RECONCILE_REFUSALS = frozenset(
         "EnergyTradingTreasuryShort",
     }
 )
+
+#: Reward refusals that name one exporting meter (`device`): only its reward is left out.
+ONE_EXPORTER = frozenset({"RewardSystemNoExport", "RewardSystemAlreadyRewarded"})
 
 #: Reverts that say the chain already is where a part would take it: that part is left out
 #: (an emergency already declared, one already ended, the slot already cleared).
@@ -211,6 +221,12 @@ class SlotSettlement:
         """Free credit by batch position, as the chain will hold it after every row enqueued."""
         self.meters = {site.prosumers[k].meter: owners[k] for k in range(n)}
         """Meter device id -> the account it meters to."""
+        by_id = {d.id: d.address for d in site.devices}
+        self.meter_of = {owners[k]: by_id[site.prosumers[k].meter] for k in range(n)}
+        """Account -> its meter's device address, in prosumer (codec) order, as the env lists
+        exporters."""
+        self.renewable_rate = 0
+        """RewardSystem's reward per exported Wh (`configure`): 0 grants nothing."""
         meter_cap = {d.id: d.capacity_w * 900 // 3600 for d in site.devices}
         self.cap_wh = [meter_cap[site.prosumers[k].meter] for k in self.order]
         self.reconciles = False
@@ -219,11 +235,21 @@ class SlotSettlement:
         self.paused = False
         """Whether the chain's market will be in an emergency after every row enqueued."""
 
-    def configure(self, reading_window_s: int, slot_seconds: int) -> None:
+    def configure(self, reading_window_s: int, slot_seconds: int, renewable_rate: int = 0) -> None:
         """The chain's reading window decides whether slot `n`'s transaction may reconcile slot
         n - 1: it can be mined once n - 1's window closed, inside slot n, only if the window is
-        at most a slot (the integration tests' accelerated clock uses a window of years)."""
+        at most a slot (the integration tests' accelerated clock uses a window of years).
+        `renewable_rate` is RewardSystem's: with 0 no row lists exporters (each would revert
+        for a zero grant), as the env's ledger lists none."""
         self.reconciles = reading_window_s <= slot_seconds
+        self.renewable_rate = renewable_rate
+
+    def exporters(self, metered: Mapping[str, int]) -> list[str]:
+        """The meters (device addresses) that exported in the reconciled slot, by the readings
+        held (`metered`, Wh by account), in the env's order: what earns the renewable reward."""
+        if not self.renewable_rate:
+            return []
+        return [m for a, m in self.meter_of.items() if metered.get(a, 0) < 0]
 
     def book(self, obs: Observation, decision: Decision, codec: Codec) -> SlotBook:
         """The slot's orders by the env's default rule on the decision's inputs."""
@@ -291,16 +317,25 @@ class SlotSettlement:
             net[index[owner]] += -int(fill) if side == int(Side.BUY) else int(fill)
         return np.maximum(net, 0).astype(np.int64) * short
 
-    def step(self, batch: SignedBatch, b: SlotBook, previous: SlotStep | None = None) -> SlotStep:
+    def step(
+        self,
+        batch: SignedBatch,
+        b: SlotBook,
+        previous: SlotStep | None = None,
+        metered: Mapping[str, int] | None = None,
+    ) -> SlotStep:
         """The slot's ``run`` step: reconcile the `previous` slot (its stored step) when the
-        chain's reading window lets a slot's transaction do so, post this slot's reference
-        price, settle its batch."""
+        chain's reading window lets a slot's transaction do so, with the renewable reward of
+        its exporters by the readings held (`metered`), post this slot's reference price,
+        settle its batch."""
         m = self.market
         params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
         reconcile = None
         if previous is not None and self.reconciles:
             trades = step_trades(previous, self.accounts)
-            reconcile = Reconciliation(previous.settle_slot, trades, self.accounts)
+            reconcile = Reconciliation(
+                previous.settle_slot, trades, self.accounts, self.exporters(metered or {})
+            )
         declare, recover = emergency_parts(b.emergency, self.paused)
         return slot_step(
             params, batch, reconcile=reconcile, declare_emergency=declare, recover=recover
@@ -338,7 +373,7 @@ class SlotSettlement:
             empty = np.zeros((1, self.n), dtype=np.int64)
             b = SlotBook(Book(empty, empty, empty), max(reference, 1), self.paused)
         batch = self.batch(slot, b, previous, metered)
-        step = self.step(batch, b, previous)
+        step = self.step(batch, b, previous, metered)
         if not outbox.enqueue(
             SLOT_KEY.format(slot), "SlotSettler", "run", (step.value(),),
             gas=CLEARING_GAS, retry_on=RETRY_ON,
@@ -362,7 +397,7 @@ class SlotSettlement:
                 row, prev_args = outbox.row(prev_key), outbox.args(prev_key)
                 if row is not None and prev_args is not None:
                     previous = (row.state, step_of_args(prev_args))
-            fixed = repair_step(step, err.name, previous, self.accounts)
+            fixed = repair_step(step, err.name, previous, self.accounts, err.args_by_name)
             if fixed is None:
                 return None
             new, dropped = fixed
@@ -435,19 +470,23 @@ def repair_step(
     error: str,
     previous: tuple[RowState, SlotStep] | None,
     accounts: Sequence[str],
+    args: Mapping[str, Any] | None = None,
 ) -> tuple[SlotStep, str] | None:
     """What a slot row sends instead after its call reverted with `error`, and a word for what
     it leaves out; None: retry it as it is (a "not yet", `RETRY_ON`), or give it up.
 
-    `previous` is the state and stored step of the row of the slot `step` reconciles. Nothing
-    is ever added, so repairs end: a "not yet" is waited for; a reconciliation the chain refuses
-    (`RECONCILE_REFUSALS`, or a previous slot that will never be cleared: its row failed or
-    there is none) is left out, unless the previous row was itself repaired meanwhile (its
-    trade list is then rebuilt from it); a part the chain already did (`DONE_ALREADY`) is left
-    out; any other refusal drops the slot's orders, and the slot is cleared empty (as in an
+    `previous` is the state and stored step of the row of the slot `step` reconciles, `args`
+    the revert's decoded arguments. Nothing is ever added, so repairs end: a "not yet" is
+    waited for; a reconciliation the chain refuses (`RECONCILE_REFUSALS`, or a previous slot
+    that will never be cleared: its row failed or there is none) is left out, unless the
+    previous row was itself repaired meanwhile (its trade list is then rebuilt from it); a part
+    the chain already did (`DONE_ALREADY`) is left out; a reward refused (a meter whose reading
+    did not reach the chain: its reward; an unfunded RewardSystem: every reward) is left out;
+    any other refusal drops the slot's orders, and the slot is cleared empty (as in an
     emergency) so the next slot's row can still reconcile it; with no orders left, the
     reconciliation goes; with neither, the row fails for good.
     """
+    args = args or {}
     reconciles = bool(step.parts & PART_RECONCILE)
     if error == "EnergyTradingSlotNotCleared" and reconciles:
         if previous is not None and previous[0] is not RowState.FAILED:
@@ -455,6 +494,12 @@ def repair_step(
         return _without(step, PART_RECONCILE), "reconciliation"
     if error in RETRY_ON:
         return None
+    if error.startswith("RewardSystem") and reconciles and (step.exporters or step.grants):
+        device = str(args.get("device", "")).lower()
+        if error in ONE_EXPORTER and device in [e.lower() for e in step.exporters]:
+            exporters = [e for e in step.exporters if e.lower() != device]
+            return dataclasses.replace(step, exporters=exporters), f"reward of {device}"
+        return dataclasses.replace(step, exporters=[], grants=[]), "rewards"
     if error in RECONCILE_REFUSALS and reconciles:
         if error == "EnergyTradingTradesMismatch" and previous is not None:
             state, prev = previous

@@ -36,7 +36,7 @@ from bridge.settlement import (
 from bridge.signing import address_of
 from bridge.site import SiteManifest
 from bridge.site_builder import build_site, device_key
-from contracts.client import Chain, Suite, deploy_suite, deployment_manifest
+from contracts.client import Chain, Suite, SuiteConfig, deploy_suite, deployment_manifest
 from contracts.settler import (
     PART_EMERGENCY,
     PART_PRICE,
@@ -48,7 +48,7 @@ from contracts.settler import (
 )
 from envs import load_scenario
 from envs.grid import build_grid
-from envs.ledger import MirrorLedger, SlotInput, units
+from envs.ledger import MirrorLedger, SlotInput, per_wh, units
 from envs.market import BUY, SELL, Book
 from envs.scenario import MarketConfig
 from tests.bridge.services import ANVIL_KEYS, anvil
@@ -74,7 +74,10 @@ def chainside(tmp_path: Path) -> Iterator[Chainside]:
     site = build_site(build_grid(load_scenario()), site="site1", seed="0")
     with anvil() as url:
         chain = Chain.rpc(url)
-        suite = deploy_suite(chain)
+        # RewardSystem's rate and budget as the env's chain ledger deploys them.
+        rate = per_wh(MarketConfig().renewable_reward_per_kwh)
+        suite = deploy_suite(chain, config=SuiteConfig(renewable_rate_per_wh=rate))
+        suite.fund_rewards(10**30)
         register_site(chain, suite.registry.address, site)
         enrol_market(
             chain, suite.addresses(), site, chain.accounts[1], credit=units(CREDIT),
@@ -83,7 +86,7 @@ def chainside(tmp_path: Path) -> Iterator[Chainside]:
         dep = Deployment.model_validate(json.loads(json.dumps(deployment_manifest(suite))))
         market = SlotSettlement(site, dep, prosumer_keys(site))
         window = int(chain.call(suite.registry, "readingWindow"))
-        market.configure(window, dep.slot_seconds)
+        market.configure(window, dep.slot_seconds, rate)
         outbox = Outbox(tmp_path / "outbox.db", chain, dict(dep.addresses), ANVIL_KEYS[1])
         outbox.backoff_s, outbox.backoff_max_s = 0.05, 0.2
         market.start_credit([units(CREDIT)] * len(site.prosumers), [])
@@ -113,11 +116,12 @@ class Plan:
     missed: bool = False
 
 
-def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger]:
+def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[int, np.ndarray]]:
     """Slot by slot, as the run loop: the previous slot's signed readings relayed, then this
     slot's row queued (`SlotSettlement.enqueue`) and mined once the previous slot's readings
     are final; the mirror ledger settles the same slots as the chain should have. One more
-    slot, without orders, reconciles the last. Returns the slots and the mirror."""
+    slot, without orders, reconciles the last. Returns the slots, the mirror and the rewards
+    it granted for each slot."""
     chain, suite, site, market, outbox = c.chain, c.suite, c.site, c.market, c.outbox
     n = len(site.prosumers)
     assert market.reconciles  # the suite's default window is shorter than a slot
@@ -132,6 +136,7 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger]:
     first = suite.current_slot() + 2
     slots = range(first, first + len(plans))
     settled_book, emergency = empty, False  # what the chain settled for the previous slot
+    rewards: dict[int, np.ndarray] = {}
     plans = [*plans, Plan(orders=False)]
     books = [random_book(rng, n) if p.orders else empty for p in plans]
     for k, slot in enumerate([*slots, slots.stop]):
@@ -149,7 +154,7 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger]:
                 outbox.enqueue(f"reading:{meter.id}:{slot - 1}", "DeviceRegistry",
                                "submitReading", (reading, sig))  # fmt: skip
                 nonces[i] += 1
-            mirror.settle(
+            rewards[slot - 1] = mirror.settle(
                 SlotInput(
                     slot=np.array([slot - 1]), book=settled_book,
                     reference=np.array([REFERENCE]), metered_wh=metered[None].copy(),
@@ -157,7 +162,7 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger]:
                     dr_reduction_wh=np.zeros((1, n), dtype=np.int64),
                     emergency=np.array([emergency]),
                 )
-            )  # fmt: skip
+            ).rewards[0]  # fmt: skip
             assert outbox.drain(timeout_s=30)
             # Every row mined: the tracked credit becomes the chain's, as the run loop does.
             market.credit = np.array([suite.credit_of(a) for a in market.accounts])
@@ -182,7 +187,7 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger]:
             chain.travel_to(suite.slot_start(slot) + c.window + 1)
         assert outbox.drain(timeout_s=30), outbox.row(f"slot:{slot}")
         assert outbox.row(f"slot:{slot}").state is RowState.CONFIRMED  # type: ignore[union-attr]
-    return slots, mirror
+    return slots, mirror, rewards
 
 
 def cancel_signed_orders(c: Chainside, slot: int, book: Book) -> None:
@@ -205,9 +210,12 @@ def cancel_signed_orders(c: Chainside, slot: int, book: Book) -> None:
     assert w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
 
 
-def check_ledger(c: Chainside, slots: range, mirror: MirrorLedger) -> None:
+def check_ledger(
+    c: Chainside, slots: range, mirror: MirrorLedger, rewards: dict[int, np.ndarray]
+) -> None:
     """Every slot settled once and reconciled by the next slot's row; the chain's credits and
-    treasury afterwards are the mirror's."""
+    treasury afterwards are the mirror's, and so are the rewards granted for the slots in
+    `rewards` (the env's ledger grants them at the reconciliation)."""
     chain, suite, site = c.chain, c.suite, c.site
     trading = suite.trading
     settled = [
@@ -224,13 +232,19 @@ def check_ledger(c: Chainside, slots: range, mirror: MirrorLedger) -> None:
     assert on_chain == [int(x) for x in mirror.credits()[0]]
     assert len(set(on_chain)) > 1  # trading and imbalances moved the credits apart
     assert suite.credit_of(chain.accounts[0]) == int(mirror.treasury[0])
+    granted = dict.fromkeys(owners, 0)
+    for e in suite.rewards.events.RewardGranted().get_logs(from_block=0):
+        granted[str(e["args"]["account"])] += int(e["args"]["amount"])
+    want = np.sum(list(rewards.values()), axis=0)
+    assert [granted[a] for a in owners] == [int(x) for x in want]
+    assert want.sum() > 0  # some households exported
 
 
 def test_slot_rows_reconcile_the_previous_slot_and_settle_as_the_mirror(
     chainside: Chainside,
 ) -> None:
-    slots, mirror = drive(chainside, [Plan()] * 5)
-    check_ledger(chainside, slots, mirror)
+    slots, mirror, rewards = drive(chainside, [Plan()] * 5)
+    check_ledger(chainside, slots, mirror, rewards)
     assert chainside.outbox.repairs() == {}
 
 
@@ -248,8 +262,11 @@ def test_emergencies_refused_batches_and_missed_slots_settle_as_the_env(
         Plan(), Plan(emergency=True), Plan(emergency=True), Plan(), Plan(cancel=True),
         Plan(missed=True), Plan(), Plan(emergency=True),
     ]  # fmt: skip
-    slots, mirror = drive(c, plans)
-    check_ledger(c, slots, mirror)
+    slots, mirror, rewards = drive(c, plans)
+    # The missed slot's empty row reconciles the slot before it without readings held: that
+    # slot's renewable rewards are not granted (the one loss, see bridge.settlement).
+    del rewards[slots.start + 4]
+    check_ledger(c, slots, mirror, rewards)
     assert c.outbox.repairs() == {"EnergyTradingSignedOrderCancelled": 1}
     parts = {s: step_of_args(c.outbox.args(f"slot:{s}") or []).parts for s in [*slots, slots.stop]}
     declared = [s for s, p in parts.items() if p & PART_EMERGENCY]
