@@ -50,8 +50,12 @@ Rewards: the reconciliation of slot n - 1 grants the renewable reward (``rewardR
 every meter whose reading of n - 1 the bridge held at n's decision and which exported, as the
 env's ledger lists its exporters (none where RewardSystem's rate is 0). A meter whose reading
 never reached the chain, or a RewardSystem without funds, loses only that reward (a repair).
-Demand-response incentives (``grantReward``) are not granted by these rows: the env computes
-them from the load profile the bridge does not have.
+In a demand-response event (the env's gate rule on the grid sensor: transformer loading above
+``market.dr_loading`` or a voltage deviation beyond ``market.dr_voltage_pu``) the reconciliation
+also grants each household's incentive (``grantReward``): its decided share x the flexible
+share x its load in the slot (the next slot's telemetry, which is the env's own load) at
+``market.dr_incentive_per_wh``, the env's formula. The shares wait in memory for the next row:
+a restart in between, like a missed slot, loses that slot's rewards.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -99,7 +103,7 @@ from bridge.outbox import Outbox, Repair, RowState
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
 from contracts.clearing import clear_book
-from contracts.client import CLEARING_GAS, order_domain
+from contracts.client import CLEARING_GAS, RewardKind, order_domain
 from contracts.errors import ContractRevert
 from contracts.model import PriceParams, Side, imbalance_prices
 from contracts.settler import (
@@ -191,6 +195,13 @@ class SlotBook:
     reference: int
     """Money units per Wh (>= 1)."""
     emergency: bool
+    dr_event: bool = False
+    """A demand-response event (the env's gate rule on the grid sensor's reading)."""
+    dr_share: np.ndarray | None = None
+    """(n,) the decided demand-response shares, prosumer order."""
+    last_load_kw: np.ndarray | None = None
+    """(n,) the households' load in the slot before (their telemetry, the env's last load):
+    what that slot's demand-response reduction is a share of."""
 
 
 class SlotSettlement:
@@ -227,6 +238,11 @@ class SlotSettlement:
         exporters."""
         self.renewable_rate = 0
         """RewardSystem's reward per exported Wh (`configure`): 0 grants nothing."""
+        self.owners = owners
+        """Accounts in prosumer (codec) order."""
+        self._dr: dict[int, np.ndarray] = {}
+        """Slot -> its demand-response shares, for the slots queued during an event: granted
+        when the next slot's row reconciles it (memory only: lost across a restart)."""
         meter_cap = {d.id: d.capacity_w * 900 // 3600 for d in site.devices}
         self.cap_wh = [meter_cap[site.prosumers[k].meter] for k in self.order]
         self.reconciles = False
@@ -243,6 +259,27 @@ class SlotSettlement:
         for a zero grant), as the env's ledger lists none."""
         self.reconciles = reading_window_s <= slot_seconds
         self.renewable_rate = renewable_rate
+
+    def grants(self, slot: int, load_kw: np.ndarray | None) -> list[tuple[str, int, int]]:
+        """The demand-response incentives of `slot` if it was an event: each household's
+        reduction (its share x the flexible share x its load in the slot, in Wh, the env's
+        gate's formula) at the site's rate, in prosumer order, as the env's ledger grants
+        them. `load_kw` is the slot's load, known from the next slot's telemetry."""
+        shares = self._dr.pop(slot, None)
+        for old in [s for s in self._dr if s < slot]:
+            del self._dr[old]
+        rate = self.market.dr_incentive_per_wh
+        if shares is None or load_kw is None or not rate:
+            return []
+        share = self.market.flexible_share
+        dt = self.site.dt_h
+        kind = int(RewardKind.DEMAND_RESPONSE)
+        out = []
+        for k in range(self.n):
+            wh = int(np.rint(shares[k] * share * float(load_kw[k]) * dt * 1000.0))
+            if wh > 0:
+                out.append((self.owners[k], wh * rate, kind))
+        return out
 
     def exporters(self, metered: Mapping[str, int]) -> list[str]:
         """The meters (device addresses) that exported in the reconciled slot, by the readings
@@ -272,8 +309,14 @@ class SlotSettlement:
             flexible_share=m.flexible_share, rebound_per_step=m.rebound_per_step,
             bid_markup=m.bid_markup, band_low_bps=m.band_low_bps, band_high_bps=m.band_high_bps,
         )  # fmt: skip
-        emergency = bool(raw["grid"][0, 3] > m.emergency_loading)
-        return SlotBook(book, reference, emergency)
+        grid = np.asarray(raw["grid"])[0]
+        emergency = bool(grid[3] > m.emergency_loading)
+        deviation = max(abs(grid[0] - 1.0), abs(grid[1] - 1.0))
+        dr_event = bool(grid[3] > m.dr_loading or deviation > m.dr_voltage_pu)
+        return SlotBook(
+            book, reference, emergency, dr_event, np.asarray(inputs.dr_share, dtype=np.float64),
+            np.asarray(raw["load"], dtype=np.float64).reshape(-1)[:n],
+        )  # fmt: skip
 
     def batch(
         self,
@@ -323,6 +366,7 @@ class SlotSettlement:
         b: SlotBook,
         previous: SlotStep | None = None,
         metered: Mapping[str, int] | None = None,
+        grants: Sequence[tuple[str, int, int]] = (),
     ) -> SlotStep:
         """The slot's ``run`` step: reconcile the `previous` slot (its stored step) when the
         chain's reading window lets a slot's transaction do so, with the renewable reward of
@@ -334,7 +378,11 @@ class SlotSettlement:
         if previous is not None and self.reconciles:
             trades = step_trades(previous, self.accounts)
             reconcile = Reconciliation(
-                previous.settle_slot, trades, self.accounts, self.exporters(metered or {})
+                previous.settle_slot,
+                trades,
+                self.accounts,
+                self.exporters(metered or {}),
+                list(grants),
             )
         declare, recover = emergency_parts(b.emergency, self.paused)
         return slot_step(
@@ -373,7 +421,10 @@ class SlotSettlement:
             empty = np.zeros((1, self.n), dtype=np.int64)
             b = SlotBook(Book(empty, empty, empty), max(reference, 1), self.paused)
         batch = self.batch(slot, b, previous, metered)
-        step = self.step(batch, b, previous, metered)
+        grants = []
+        if previous is not None and self.reconciles:
+            grants = self.grants(previous.settle_slot, b.last_load_kw)
+        step = self.step(batch, b, previous, metered, grants)
         if not outbox.enqueue(
             SLOT_KEY.format(slot), "SlotSettler", "run", (step.value(),),
             gas=CLEARING_GAS, retry_on=RETRY_ON,
@@ -381,6 +432,8 @@ class SlotSettlement:
             return 0
         self.charge(batch)
         self.paused = b.emergency
+        if b.dr_event and b.dr_share is not None:
+            self._dr[slot] = np.asarray(b.dr_share, dtype=np.float64)
         return 1
 
     def repairer(self, outbox: Outbox) -> Repair:

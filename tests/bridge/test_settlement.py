@@ -36,7 +36,14 @@ from bridge.settlement import (
 from bridge.signing import address_of
 from bridge.site import SiteManifest
 from bridge.site_builder import build_site, device_key
-from contracts.client import Chain, Suite, SuiteConfig, deploy_suite, deployment_manifest
+from contracts.client import (
+    Chain,
+    RewardKind,
+    Suite,
+    SuiteConfig,
+    deploy_suite,
+    deployment_manifest,
+)
 from contracts.settler import (
     PART_EMERGENCY,
     PART_PRICE,
@@ -112,6 +119,8 @@ class Plan:
 
     orders: bool = True
     emergency: bool = False
+    dr: bool = False
+    """A demand-response event (every emergency is one too: its threshold is lower)."""
     cancel: bool = False
     missed: bool = False
 
@@ -139,6 +148,10 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
     rewards: dict[int, np.ndarray] = {}
     plans = [*plans, Plan(orders=False)]
     books = [random_book(rng, n) if p.orders else empty for p in plans]
+    # Each slot's household loads (kW, prosumer order) and decided demand-response shares.
+    loads = [rng.uniform(0.2, 3.0, n) for _ in plans]
+    shares = [rng.uniform(0.0, 0.8, n) * p.dr for p in plans]
+    flexible, dt = market.market.flexible_share, site.dt_h
     for k, slot in enumerate([*slots, slots.stop]):
         plan, book = plans[k], books[k]
         chain.travel_to(suite.slot_start(slot) + 1)  # the gate closed, the slot began
@@ -158,8 +171,10 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
                 SlotInput(
                     slot=np.array([slot - 1]), book=settled_book,
                     reference=np.array([REFERENCE]), metered_wh=metered[None].copy(),
-                    dr_event=np.zeros(1, dtype=bool),
-                    dr_reduction_wh=np.zeros((1, n), dtype=np.int64),
+                    dr_event=np.array([plans[k - 1].dr]),
+                    dr_reduction_wh=np.rint(
+                        shares[k - 1] * flexible * loads[k - 1] * dt * 1000.0
+                    ).astype(np.int64)[None],
                     emergency=np.array([emergency]),
                 )
             ).rewards[0]  # fmt: skip
@@ -171,7 +186,9 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
             continue
         # What the run loop knows of the previous slot's meters when it decides this one.
         known = {market.accounts[j]: int(metered[i]) for j, i in enumerate(market.order)}
-        assert market.enqueue(outbox, slot, SlotBook(book, REFERENCE, plan.emergency), known)
+        last_load = loads[k - 1] if k else None
+        b = SlotBook(book, REFERENCE, plan.emergency, plan.dr, shares[k], last_load)
+        assert market.enqueue(outbox, slot, b, known)
         args = outbox.args(f"slot:{slot - 1}")  # a missed slot's row is there now
         assert market.enqueue(outbox, slot, SlotBook(book, REFERENCE, plan.emergency)) == 0
         settled_book, emergency = (empty if plan.cancel else book), plan.emergency
@@ -212,10 +229,11 @@ def cancel_signed_orders(c: Chainside, slot: int, book: Book) -> None:
 
 def check_ledger(
     c: Chainside, slots: range, mirror: MirrorLedger, rewards: dict[int, np.ndarray]
-) -> None:
+) -> set[int]:
     """Every slot settled once and reconciled by the next slot's row; the chain's credits and
     treasury afterwards are the mirror's, and so are the rewards granted for the slots in
-    `rewards` (the env's ledger grants them at the reconciliation)."""
+    `rewards` (the env's ledger grants them at the reconciliation). Returns the reward kinds
+    granted."""
     chain, suite, site = c.chain, c.suite, c.site
     trading = suite.trading
     settled = [
@@ -233,11 +251,14 @@ def check_ledger(
     assert len(set(on_chain)) > 1  # trading and imbalances moved the credits apart
     assert suite.credit_of(chain.accounts[0]) == int(mirror.treasury[0])
     granted = dict.fromkeys(owners, 0)
+    kinds: set[int] = set()
     for e in suite.rewards.events.RewardGranted().get_logs(from_block=0):
         granted[str(e["args"]["account"])] += int(e["args"]["amount"])
+        kinds.add(int(e["args"]["kind"]))
     want = np.sum(list(rewards.values()), axis=0)
     assert [granted[a] for a in owners] == [int(x) for x in want]
     assert want.sum() > 0  # some households exported
+    return kinds
 
 
 def test_slot_rows_reconcile_the_previous_slot_and_settle_as_the_mirror(
@@ -258,15 +279,17 @@ def test_emergencies_refused_batches_and_missed_slots_settle_as_the_env(
     settled empty by the next row's enqueue, so every slot is reconciled. The ledger ends where
     the mirror's does, for the same emergencies, refused and missed slots."""
     c = chainside
+    stress = Plan(emergency=True, dr=True)
     plans = [
-        Plan(), Plan(emergency=True), Plan(emergency=True), Plan(), Plan(cancel=True),
-        Plan(missed=True), Plan(), Plan(emergency=True),
+        Plan(), stress, stress, Plan(), Plan(cancel=True), Plan(missed=True), Plan(dr=True),
+        stress,
     ]  # fmt: skip
     slots, mirror, rewards = drive(c, plans)
     # The missed slot's empty row reconciles the slot before it without readings held: that
     # slot's renewable rewards are not granted (the one loss, see bridge.settlement).
     del rewards[slots.start + 4]
-    check_ledger(c, slots, mirror, rewards)
+    kinds = check_ledger(c, slots, mirror, rewards)
+    assert kinds == {int(RewardKind.RENEWABLE), int(RewardKind.DEMAND_RESPONSE)}
     assert c.outbox.repairs() == {"EnergyTradingSignedOrderCancelled": 1}
     parts = {s: step_of_args(c.outbox.args(f"slot:{s}") or []).parts for s in [*slots, slots.stop]}
     declared = [s for s, p in parts.items() if p & PART_EMERGENCY]
