@@ -130,6 +130,9 @@ from envs.market import Book, RuleInputs, rule_book, to_units
 #: The key of slot `n`'s row in the outbox.
 SLOT_KEY = "slot:{}"
 
+#: The most slots without a row settled empty before the next row (a day of 15 min slots).
+MAX_MISSED = 96
+
 log = logging.getLogger("bridge.settlement")
 
 #: "Not yet" for a slot row: the slot's gate has not closed on chain, the previous slot's
@@ -397,14 +400,17 @@ class SlotSettlement:
         Every slot since the last slot row that has none (the bridge was down across it, or
         decided nothing) is first settled empty, in order, as the paused market settles a slot:
         each such row reconciles the slot before it and clears its own, so the slot rows stay
-        one a slot and every settled slot is reconciled by the next. A key already there
+        one a slot and every settled slot is reconciled by the next. After a longer absence
+        than `MAX_MISSED` slots only the first `MAX_MISSED` are: the last row's slot, the one
+        that holds trades, is reconciled, and the last empty one is not. A key already there
         (decided again after a restart) queues nothing."""
         if outbox.row(SLOT_KEY.format(slot)) is not None:
             return 0
         queued = 0
         latest = outbox.latest("slot:")
         if latest is not None:
-            for missed in range(int(latest.split(":")[1]) + 1, slot):
+            first = int(latest.split(":")[1]) + 1
+            for missed in range(first, min(slot, first + MAX_MISSED)):
                 queued += self._queue(outbox, missed, None, {})
         return queued + self._queue(outbox, slot, b, metered or {})
 

@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 from coincurve import PrivateKey
 from eth_account import Account
+from web3 import Web3
 
 from bridge.config import Deployment
 from bridge.errors import ConfigError
 from bridge.outbox import Outbox, RowState
 from bridge.registration import enrol_market, owner_of, prosumer_keys, register_site
 from bridge.settlement import (
+    MAX_MISSED,
     RETRY_ON,
     SlotBook,
     SlotSettlement,
@@ -361,3 +363,29 @@ def test_order_keys_need_a_trading_site_and_a_key_per_household(
     path.write_text(json.dumps({full.prosumers[0].name: "ab" * 32}))
     with pytest.raises(ConfigError, match=r"chain\.prosumer_keys: expected a key for every"):
         load_prosumer_keys(path, full)
+
+
+def test_missed_slots_are_settled_empty_in_order_at_most_a_day(tmp_path: Path) -> None:
+    """No chain needed to queue: the rows for the slots without one come before the next row,
+    each reconciling the one before; after a longer absence only the first `MAX_MISSED`."""
+    site = build_site(build_grid(load_scenario()), site="site1", seed="0")
+    dep = Deployment.model_validate(
+        {"chainId": 31337, "addresses": {"DeviceRegistry": "0x" + "1" * 40, "SlotSettler": "0x"
+         + "2" * 40, "EnergyTrading": "0x" + "3" * 40}, "genesis": 0, "slotSeconds": 900}
+    )  # fmt: skip
+    market = SlotSettlement(site, dep, prosumer_keys(site))
+    market.configure(600, 900)
+    market.start_credit([units(CREDIT)] * len(site.prosumers), [])
+    nowhere = Chain(Web3(Web3.HTTPProvider("http://127.0.0.1:9")))
+    box = Outbox(tmp_path / "o.db", nowhere, dict(dep.addresses), ANVIL_KEYS[1])
+    n = len(site.prosumers)
+    book = Book(np.full((1, n), 500), np.full((1, n), REFERENCE), np.zeros((1, n), np.int64))
+    assert market.enqueue(box, 10, SlotBook(book, REFERENCE, False)) == 1
+    assert market.enqueue(box, 13, SlotBook(book, REFERENCE, False)) == 3
+    steps = {s: step_of_args(box.args(f"slot:{s}") or []) for s in range(10, 14)}
+    assert [st.orders == [] for st in steps.values()] == [False, True, True, False]
+    assert [st.reconcile_slot for st in steps.values()] == [0, 10, 11, 12]
+    assert market.enqueue(box, 14 + MAX_MISSED + 50, SlotBook(book, REFERENCE, False)) == 97
+    assert box.row(f"slot:{13 + MAX_MISSED}") is not None
+    assert box.row(f"slot:{14 + MAX_MISSED}") is None
+    box.close()
