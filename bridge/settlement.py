@@ -218,8 +218,16 @@ class SlotSettlement:
                 "site: expected a `market` section to submit orders (write the manifest again "
                 "with `microgrid devices site`), or leave chain.prosumer_keys unset"
             )
-        if "SlotSettler" not in deployment.addresses:
-            raise ConfigError("chain.deployment: expected a SlotSettler address to submit orders")
+        missing = [
+            name
+            for name in ("SlotSettler", "EnergyTrading", "GridBalance", "RewardSystem")
+            if name not in deployment.addresses
+        ]
+        if missing:
+            raise ConfigError(
+                f"chain.deployment: expected {' and '.join(missing)} addresses to submit orders "
+                "(a manifest written by `deployment_manifest` has them)"
+            )
         self.site = site
         self.market: SiteMarket = site.market
         self.n = n = len(site.prosumers)

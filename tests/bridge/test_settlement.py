@@ -363,16 +363,19 @@ def test_order_keys_need_a_trading_site_and_a_key_per_household(
     path.write_text(json.dumps({full.prosumers[0].name: "ab" * 32}))
     with pytest.raises(ConfigError, match=r"chain\.prosumer_keys: expected a key for every"):
         load_prosumer_keys(path, full)
+    with pytest.raises(ConfigError, match="expected GridBalance and RewardSystem addresses"):
+        SlotSettlement(full, dep, prosumer_keys(full))
 
 
 def test_missed_slots_are_settled_empty_in_order_at_most_a_day(tmp_path: Path) -> None:
     """No chain needed to queue: the rows for the slots without one come before the next row,
     each reconciling the one before; after a longer absence only the first `MAX_MISSED`."""
     site = build_site(build_grid(load_scenario()), site="site1", seed="0")
+    names = ["DeviceRegistry", "SlotSettler", "EnergyTrading", "GridBalance", "RewardSystem"]
+    addresses = {name: "0x" + str(k + 1) * 40 for k, name in enumerate(names)}
     dep = Deployment.model_validate(
-        {"chainId": 31337, "addresses": {"DeviceRegistry": "0x" + "1" * 40, "SlotSettler": "0x"
-         + "2" * 40, "EnergyTrading": "0x" + "3" * 40}, "genesis": 0, "slotSeconds": 900}
-    )  # fmt: skip
+        {"chainId": 31337, "addresses": addresses, "genesis": 0, "slotSeconds": 900}
+    )
     market = SlotSettlement(site, dep, prosumer_keys(site))
     market.configure(600, 900)
     market.start_credit([units(CREDIT)] * len(site.prosumers), [])
