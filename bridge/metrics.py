@@ -31,6 +31,8 @@ class OutboxSnapshot:
 
     rows: dict[str, int] = field(default_factory=dict)
     retries: int = 0
+    repairs: dict[str, int] = field(default_factory=dict)
+    """Rows sent with a part left out after a revert, by the revert (`Outbox.repairs`)."""
 
 
 class CoreCollector(Collector):
@@ -94,6 +96,14 @@ class CoreCollector(Collector):
         retries = CounterMetricFamily("bridge_outbox_retries", "Outbox attempts beyond the first.")
         retries.add_metric([], self.outbox.retries)
         yield retries
+        repairs = CounterMetricFamily(
+            "bridge_outbox_repairs",
+            "Rows sent again without the part the chain refused, by the revert.",
+            labels=["error"],
+        )
+        for error, n in dict(self.outbox.repairs).items():
+            repairs.add_metric([error], n)
+        yield repairs
         missed = GaugeMetricFamily(
             "bridge_missed_messages", "Gaps in device sequence numbers (messages lost upstream)."
         )

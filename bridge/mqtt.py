@@ -117,7 +117,13 @@ class MqttLink:
         self.session_resumed = 0
         """Connects on which the broker still held our session (queued messages follow)."""
         self._refused: str | None = None
+        self._suback: dict[int, str] = {}
+        """Subscriptions sent on the last connect and not yet acknowledged (packet id -> topic)."""
+        self._sub_refused: list[str] = []
+        self.subscribed = asyncio.Event()
+        """Set once the broker acknowledged every subscription of the last connect."""
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
@@ -131,12 +137,27 @@ class MqttLink:
             return
         if getattr(flags, "session_present", False):
             self.session_resumed += 1
+        self._suback.clear()
         for sub in self._subscriptions:  # re-subscribe after every reconnect (idempotent)
-            client.subscribe(sub, qos=1)
+            _, mid = client.subscribe(sub, qos=1)
+            self._suback[mid] = sub
+        if not self._suback:
+            self._loop.call_soon_threadsafe(self.subscribed.set)
         if self.birth is not None:
             client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
         self.connects += 1
         self._loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        assert self._loop is not None
+        sub = self._suback.pop(mid, None)
+        if sub is None:
+            return
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            self._sub_refused.append(f"{sub!r} ({refused[0]})")
+        if not self._suback:
+            self._loop.call_soon_threadsafe(self.subscribed.set)
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -171,8 +192,11 @@ class MqttLink:
 
     # ---- async API -------------------------------------------------------------------------
     async def connect(self, subscriptions: list[str] = (), timeout_s: float = 10.0) -> None:  # type: ignore[assignment]
-        """Connect (TLS, credentials, will), subscribe, and wait until the broker said yes."""
+        """Connect (TLS, credentials, will), subscribe, and wait until the broker said yes to
+        the connection and to every subscription (its SUBACK): a message published the moment
+        this returns reaches us, and a subscription the broker refuses fails here, by name."""
         self._loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
         self._subscriptions = list(subscriptions)
         self.client.connect_async(
             self.host,
@@ -193,6 +217,21 @@ class MqttLink:
             self.client.loop_stop()
             raise BridgeError(
                 f"broker {self.host}:{self.port} refused the connection: {self._refused}"
+            )
+        try:
+            await asyncio.wait_for(self.subscribed.wait(), max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            self.client.loop_stop()
+            waiting = sorted(self._suback.values())
+            raise BridgeError(
+                f"broker {self.host}:{self.port}: no SUBACK within {timeout_s} s for "
+                f"{waiting or self._subscriptions}"
+            ) from None
+        if self._sub_refused:
+            self.client.loop_stop()
+            raise BridgeError(
+                f"broker {self.host}:{self.port} refused the subscription to "
+                f"{', '.join(self._sub_refused)}"
             )
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:

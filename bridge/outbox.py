@@ -15,6 +15,13 @@ Why each piece is there:
 * **Retries with capped exponential backoff** when the node is unreachable or a call reverts
   with an error the caller named as "not yet" (e.g. a slot that has not ended); any other revert
   is final (`failed`, with the decoded custom error), because repeating it cannot help.
+* **Repair instead of failing**, where the caller knows how (`repair`): a row whose call
+  reverts (in the pre-flight, or mined with status 0) is shown to the caller's hook, which may
+  give smaller arguments that leave the refused part out (the bridge's slot rows drop orders the
+  chain refuses and keep the slot's clearing and reconciliation, so later rows that depend on it
+  are not wedged). Only a row that changed nothing on chain is rewritten: one never sent, or one
+  mined reverted, whose nonce is spent and which gets a new one. Each repair is kept in the
+  `repairs` table (key, error, what was dropped) for the metrics and the operator.
 
 SQLite in WAL mode with ``synchronous=FULL``: a row reported signed or confirmed survives a
 SIGKILL or a power cut. It is sans-socket except for `Chain`, which the caller supplies.
@@ -61,7 +68,18 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS repairs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    error TEXT NOT NULL,
+    dropped TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
+
+#: A caller's repair hook: (row key, the decoded revert, the row's args) -> (args to send
+#: instead, a word for what they leave out), or None to retry as is (a "not yet") or fail.
+Repair = Callable[[str, ContractRevert, list[Any]], tuple[Sequence[Any], str] | None]
 
 
 class RowState(StrEnum):
@@ -122,6 +140,7 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         on_signed: Callable[[str, int], None] | None = None,
         on_sent: Callable[[str, str], None] | None = None,
+        repair: Repair | None = None,
     ) -> None:
         self.chain = chain
         self.addresses = addresses
@@ -132,6 +151,8 @@ class Outbox:
         self.on_signed = on_signed
         """Called with (key, nonce) once a signed row is durable: a hook for metrics and tests."""
         self.on_sent = on_sent
+        self.repair = repair
+        """Called on the worker's thread for every revert of a row (see the module docstring)."""
         self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -222,6 +243,19 @@ class Outbox:
         ).fetchone()
         return int(n)
 
+    def repairs(self) -> dict[str, int]:
+        """Repaired rows by the revert that caused the repair (error name)."""
+        rows = self.db.execute("SELECT error, COUNT(*) FROM repairs GROUP BY error").fetchall()
+        return {e: int(n) for e, n in rows}
+
+    def latest(self, prefix: str) -> str | None:
+        """The key of the row keyed `prefix`... enqueued last (None if there is none)."""
+        r = self.db.execute(
+            "SELECT key FROM outbox WHERE key >= ? AND key < ? ORDER BY id DESC LIMIT 1",
+            (prefix, prefix + "\uffff"),
+        ).fetchone()
+        return None if r is None else str(r[0])
+
     def backlog(self) -> int:
         """Rows not yet final: what a health check watches."""
         c = self.counts()
@@ -275,13 +309,13 @@ class Outbox:
 
     def _settle_signed(self, limit: int) -> int:
         rows = self.db.execute(
-            "SELECT id, key, contract, fn, args, tx_hash, raw_tx, attempts FROM outbox"
+            "SELECT id, key, contract, fn, args, tx_hash, raw_tx, attempts, retry_on FROM outbox"
             " WHERE state = ? ORDER BY nonce LIMIT ?",
             (RowState.SIGNED.value, limit),
         ).fetchall()
         moved = 0
         w3 = self.chain.w3
-        for row_id, key, contract, fn, args, tx_hash, raw, attempts in rows:
+        for row_id, key, contract, fn, args, tx_hash, raw, attempts, retry_on in rows:
             try:
                 receipt = w3.eth.get_transaction_receipt(HexBytes(tx_hash))
             except Exception as exc:
@@ -292,7 +326,7 @@ class Outbox:
                 if receipt["status"] == 1:
                     self._finish(row_id, RowState.CONFIRMED)
                 else:
-                    self._finish(row_id, RowState.FAILED, self._revert_reason(contract, fn, args))
+                    self._reverted(row_id, key, contract, fn, args, retry_on)
                 moved += 1
                 continue
             if self.clock() < self._next_attempt(row_id):
@@ -320,13 +354,50 @@ class Outbox:
         ).fetchone()
         return float(value)
 
-    def _revert_reason(self, contract: str, fn: str, args: str) -> str:
+    def _revert_reason(self, contract: str, fn: str, args: str) -> ChainError | None:
+        """Why the mined call reverted, as the call fails now (None: it would not fail now)."""
         call = getattr(self.chain.contract(contract, self.addresses[contract]).functions, fn)
         try:
             call(*_decode_args(args)).call({"from": self.account.address})
         except Exception as exc:
-            return str(self.chain.decode(exc))
-        return "reverted (not reproducible now)"
+            return self.chain.decode(exc)
+        return None
+
+    def _reverted(
+        self, row_id: int, key: str, contract: str, fn: str, args: str, retry_on: str
+    ) -> None:
+        """A row mined with status 0 changed nothing: repaired, queued again for a "not yet",
+        else failed for good. Its nonce is spent; signing it again takes a new one."""
+        err = self._revert_reason(contract, fn, args)
+        if isinstance(err, ContractRevert):
+            if self._repaired(row_id, key, err, args):
+                return
+            if err.name in json.loads(retry_on):
+                self._requeue(row_id, args, str(err))
+                return
+        self._finish(row_id, RowState.FAILED, str(err or "reverted (not reproducible now)"))
+
+    def _repaired(self, row_id: int, key: str, err: ContractRevert, args: str) -> bool:
+        """Ask the caller's hook; if it gives new arguments, the row takes them (pending)."""
+        if self.repair is None:
+            return False
+        fixed = self.repair(key, err, _decode_args(args))
+        if fixed is None:
+            return False
+        new_args, dropped = fixed
+        self.db.execute(
+            "INSERT INTO repairs (key, error, dropped, at) VALUES (?, ?, ?, ?)",
+            (key, err.name, dropped, self.clock()),
+        )
+        self._requeue(row_id, _encode_args(new_args), f"repaired ({dropped}): {err}")
+        return True
+
+    def _requeue(self, row_id: int, args: str, error: str) -> None:
+        self.db.execute(
+            "UPDATE outbox SET state = ?, args = ?, nonce = NULL, tx_hash = NULL, raw_tx = NULL,"
+            " next_attempt = 0, last_error = ? WHERE id = ?",
+            (RowState.PENDING.value, args, error[:500], row_id),
+        )
 
     def _sign_pending(self, limit: int) -> int:
         rows = self.db.execute(
@@ -352,6 +423,9 @@ class Outbox:
             except Exception as exc:
                 err = self.chain.decode(exc)
                 if isinstance(err, ContractRevert):
+                    if self._repaired(row_id, key, err, args):
+                        moved += 1
+                        continue
                     if err.name in json.loads(retry_on):
                         self._defer(row_id, attempts + 1, str(err))
                         continue

@@ -48,14 +48,13 @@ from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
 from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
-from bridge.outbox import Outbox, RowState
+from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
-from bridge.settlement import RETRY_ON, SlotSettlement, load_prosumer_keys, step_of_args
+from bridge.settlement import SLOT_KEY, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
 from bridge.validation import RejectReason, TelemetryValidator, ValidationLimits
-from contracts.client import CLEARING_GAS
 from contracts.errors import ChainError
 
 log = logging.getLogger("bridge.run")
@@ -122,6 +121,8 @@ class BridgeRunner:
         self.market: SlotSettlement | None = None
         """Live with `chain.prosumer_keys`: each slot's orders go to the chain (one row)."""
         self.slots_enqueued = 0
+        self.slots_missed = 0
+        """Slots that got no row of their own (bridge down, nothing decided): settled empty."""
         self._synced = 0
         """`slots_enqueued` when the tracked credit was last read from the chain."""
 
@@ -156,6 +157,7 @@ class BridgeRunner:
                 self.site, self.deployment, load_prosumer_keys(c.prosumer_keys, self.site)
             )
             self.executor.submit(self._start_credit, market).result()
+            self.worker.repair = market.repairer(self.worker)
             self.market = market
         # Before connecting: the broker delivers what we had not acknowledged right away.
         sessions, nonces = session_store.load(self.inbox.db)
@@ -170,9 +172,22 @@ class BridgeRunner:
         assert self.worker is not None
         chain = self.worker.chain
         registry = chain.contract("DeviceRegistry", self.deployment.addresses["DeviceRegistry"])
-        market.configure(int(chain.call(registry, "readingWindow")), self.deployment.slot_seconds)
+        rewards = chain.contract("RewardSystem", self.deployment.addresses["RewardSystem"])
+        market.configure(
+            int(chain.call(registry, "readingWindow")),
+            self.deployment.slot_seconds,
+            int(chain.call(rewards, "renewableRate")),
+        )
         unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
         market.start_credit(self._chain_credit(market), unconfirmed)
+        market.start_paused(self._chain_paused(), unconfirmed)
+
+    def _chain_paused(self) -> bool:
+        """Whether GridBalance holds the market in an emergency now."""
+        assert self.worker is not None
+        chain = self.worker.chain
+        grid = chain.contract("GridBalance", self.deployment.addresses["GridBalance"])
+        return bool(chain.call(grid, "paused"))
 
     def _chain_credit(self, market: SlotSettlement) -> list[int]:
         assert self.worker is not None
@@ -190,40 +205,33 @@ class BridgeRunner:
             return
         if worker.unfinished_args("slot:"):
             return
-        credit = self._chain_credit(market)
+        credit, paused = self._chain_credit(market), self._chain_paused()
         if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
             market.credit = np.asarray(credit, dtype=np.int64)
+            market.paused = paused
             self._synced = before
 
     def _enqueue_slot(self, slot: int) -> None:
         """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable
-        ``SlotSettler.run`` row keyed ``slot:<n>`` (a key already there: nothing happens)."""
+        ``SlotSettler.run`` row keyed ``slot:<n>`` (a key already there: nothing happens),
+        after empty rows for the slots missed since the last row (`SlotSettlement.enqueue`)."""
         market, obs = self.market, self.core.last_observation
         if market is None or self.inbox is None or obs is None:
             return
-        key = f"slot:{slot}"
-        if self.inbox.row(key) is not None:
+        if self.inbox.row(SLOT_KEY.format(slot)) is not None:
             return  # decided again after a restart: settled once already
         _, decision = self.core.decisions[-1]
         book = market.book(obs, decision, self.core.codec)
-        # The previous slot's row, reconciled first in this one (unless it failed for good).
-        previous = None
-        row = self.inbox.row(f"slot:{slot - 1}")
-        args = self.inbox.args(f"slot:{slot - 1}")
-        if row is not None and args is not None and row.state is not RowState.FAILED:
-            previous = step_of_args(args)
         metered: dict[str, int] = {}
         for meter, owner in market.meters.items():
             msg = self.core.state.latest.get(meter)
             if msg is not None and msg.reading is not None and msg.reading.slot == slot - 1:
                 metered[owner] = msg.reading.energy_wh
-        batch = market.batch(slot, book, previous, metered)
-        step = market.step(batch, book, previous)
-        if self.inbox.enqueue(
-            key, "SlotSettler", "run", (step.value(),), gas=CLEARING_GAS, retry_on=RETRY_ON
-        ):
-            market.charge(batch)
-            self.slots_enqueued += 1
+        queued = market.enqueue(self.inbox, slot, book, metered)
+        if queued > 1:
+            self.slots_missed += queued - 1
+            log.warning("missed slots settled empty", extra={"slot": slot, "missed": queued - 1})
+        self.slots_enqueued += queued
 
     def _outbox_pass(self) -> None:
         assert self.worker is not None
@@ -232,6 +240,7 @@ class BridgeRunner:
             self._sync_credit()
         self.metrics.outbox.rows = {s.value: n for s, n in self.worker.counts().items()}
         self.metrics.outbox.retries = self.worker.retries()
+        self.metrics.outbox.repairs = self.worker.repairs()
 
     async def _outbox_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -530,10 +539,12 @@ class BridgeRunner:
             "commands": {k.value: n for k, n in core.tracker.finished.items()},
             "readings_queued": core.stats.readings_queued,
             "slots_enqueued": self.slots_enqueued,
+            "slots_missed": self.slots_missed,
             "relayed_readings": v.relayed_readings,
             "broker_sessions_resumed": self.link.session_resumed,
             "outbox": dict(self.metrics.outbox.rows),
             "outbox_retries": self.metrics.outbox.retries,
+            "outbox_repairs": dict(self.metrics.outbox.repairs),
             "dr_events": self.dr.published,
             "metrics_port": self.metrics.port,
             "parity": self.parity,

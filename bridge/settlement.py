@@ -27,9 +27,35 @@ pre-flight meets ``EnergyTradingReadingsNotFinal`` until then and retries with b
 yet", like the gate), then signs and sends. A chain whose reading window is longer than a slot
 (the integration tests' accelerated clock, whose window spans years) cannot do this inside a
 slot: there the rows settle only (`SlotSettlement.configure`). The previous slot's trades come
-from its own stored row, so a restarted bridge reconciles what its predecessor settled; a row
-that failed for good is not reconciled (its slot was never cleared). Renewable and
-demand-response rewards (``rewardRenewable``, ``grantReward``) are not granted by these rows.
+from its own stored row, so a restarted bridge reconciles what its predecessor settled.
+
+Emergencies, by the env's rule (`contracts.slot_batch.emergency_parts`, which the env's chain
+ledger runs too): the row of the first slot whose transformer loading is above
+``market.emergency_loading`` declares the emergency (``PART_EMERGENCY``, after the
+reconciliation: the slot trades nothing, its batch is empty), the row of the first slot below it
+ends it (``PART_RECOVER``, first thing). The bridge tracks the market's state as the chain will
+hold it after its queued rows (read from GridBalance at start and whenever every row is mined);
+a recovery that comes before GridBalance's minimum emergency is a "not yet".
+
+Nothing wedges the queue: a row the chain refuses is repaired, not dropped (`repair_step`, the
+outbox's `repair` hook): a "not yet" waits, a part the chain already did is left out, and any
+other refusal sends the slot again with no orders, so it is still cleared and the next row can
+reconcile it; only a row with nothing left to send fails for good, and the next row then leaves
+out its reconciliation. Each repair is logged and counted (``bridge_outbox_repairs``). A slot
+that got no row at all (the bridge was down across it) is settled empty by the next row's
+enqueue, in order, so every slot is still reconciled by the next
+(`SlotSettlement.enqueue`).
+
+Rewards: the reconciliation of slot n - 1 grants the renewable reward (``rewardRenewable``) of
+every meter whose reading of n - 1 the bridge held at n's decision and which exported, as the
+env's ledger lists its exporters (none where RewardSystem's rate is 0). A meter whose reading
+never reached the chain, or a RewardSystem without funds, loses only that reward (a repair).
+In a demand-response event (the env's gate rule on the grid sensor: transformer loading above
+``market.dr_loading`` or a voltage deviation beyond ``market.dr_voltage_pu``) the reconciliation
+also grants each household's incentive (``grantReward``): its decided share x the flexible
+share x its load in the slot (the next slot's telemetry, which is the env's own load) at
+``market.dr_incentive_per_wh``, the env's formula. The shares wait in memory for the next row:
+a restart in between, like a missed slot, loses that slot's rewards.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -58,7 +84,9 @@ does not revert for credit unless a household withdrew meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +99,26 @@ from bridge.config import Deployment
 from bridge.decision import Decision
 from bridge.errors import ConfigError
 from bridge.observation import Observation
+from bridge.outbox import Outbox, Repair, RowState
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
-from contracts.client import order_domain
+from contracts.clearing import clear_book
+from contracts.client import CLEARING_GAS, RewardKind, order_domain
+from contracts.errors import ContractRevert
 from contracts.model import PriceParams, Side, imbalance_prices
-from contracts.settler import OrderSigner, SlotStep
+from contracts.settler import (
+    PART_EMERGENCY,
+    PART_RECONCILE,
+    PART_RECOVER,
+    PART_SETTLE,
+    OrderSigner,
+    SlotStep,
+)
 from contracts.slot_batch import (
     Bid,
     Reconciliation,
     SignedBatch,
+    emergency_parts,
     price_params,
     signed_batch,
     slot_step,
@@ -88,13 +127,46 @@ from contracts.slot_batch import (
 from envs.codec import Codec
 from envs.market import Book, RuleInputs, rule_book, to_units
 
+#: The key of slot `n`'s row in the outbox.
+SLOT_KEY = "slot:{}"
+
+#: The most slots without a row settled empty before the next row (a day of 15 min slots).
+MAX_MISSED = 96
+
+log = logging.getLogger("bridge.settlement")
+
 #: "Not yet" for a slot row: the slot's gate has not closed on chain, the previous slot's
-#: readings are not final yet, or the previous slot's own row has not been mined yet.
+#: readings are not final yet, the previous slot's own row has not been mined yet, or the
+#: emergency declared in an earlier row has not lasted GridBalance's minimum yet.
 RETRY_ON = (
     "EnergyTradingGateOpen",
     "EnergyTradingReadingsNotFinal",
     "EnergyTradingSlotNotCleared",
+    "GridBalanceRecoveryTooEarly",
+    "RewardSystemReadingsNotFinal",
 )
+
+#: Reverts that refuse a row's reconciliation of the previous slot (the rest of the row stands).
+RECONCILE_REFUSALS = frozenset(
+    {
+        "EnergyTradingSlotAlreadyReconciled",
+        "EnergyTradingTradesMismatch",
+        "EnergyTradingTradeAccountMismatch",
+        "EnergyTradingAccountsNotSorted",
+        "EnergyTradingTreasuryShort",
+    }
+)
+
+#: Reward refusals that name one exporting meter (`device`): only its reward is left out.
+ONE_EXPORTER = frozenset({"RewardSystemNoExport", "RewardSystemAlreadyRewarded"})
+
+#: Reverts that say the chain already is where a part would take it: that part is left out
+#: (an emergency already declared, one already ended, the slot already cleared).
+DONE_ALREADY = {
+    "EnforcedPause": PART_EMERGENCY,
+    "ExpectedPause": PART_RECOVER,
+    "EnergyTradingSlotAlreadyCleared": PART_SETTLE,
+}
 
 
 def load_prosumer_keys(path: Path, site: SiteManifest) -> dict[str, bytes]:
@@ -126,6 +198,13 @@ class SlotBook:
     reference: int
     """Money units per Wh (>= 1)."""
     emergency: bool
+    dr_event: bool = False
+    """A demand-response event (the env's gate rule on the grid sensor's reading)."""
+    dr_share: np.ndarray | None = None
+    """(n,) the decided demand-response shares, prosumer order."""
+    last_load_kw: np.ndarray | None = None
+    """(n,) the households' load in the slot before (their telemetry, the env's last load):
+    what that slot's demand-response reduction is a share of."""
 
 
 class SlotSettlement:
@@ -139,8 +218,16 @@ class SlotSettlement:
                 "site: expected a `market` section to submit orders (write the manifest again "
                 "with `microgrid devices site`), or leave chain.prosumer_keys unset"
             )
-        if "SlotSettler" not in deployment.addresses:
-            raise ConfigError("chain.deployment: expected a SlotSettler address to submit orders")
+        missing = [
+            name
+            for name in ("SlotSettler", "EnergyTrading", "GridBalance", "RewardSystem")
+            if name not in deployment.addresses
+        ]
+        if missing:
+            raise ConfigError(
+                f"chain.deployment: expected {' and '.join(missing)} addresses to submit orders "
+                "(a manifest written by `deployment_manifest` has them)"
+            )
         self.site = site
         self.market: SiteMarket = site.market
         self.n = n = len(site.prosumers)
@@ -156,17 +243,61 @@ class SlotSettlement:
         """Free credit by batch position, as the chain will hold it after every row enqueued."""
         self.meters = {site.prosumers[k].meter: owners[k] for k in range(n)}
         """Meter device id -> the account it meters to."""
+        by_id = {d.id: d.address for d in site.devices}
+        self.meter_of = {owners[k]: by_id[site.prosumers[k].meter] for k in range(n)}
+        """Account -> its meter's device address, in prosumer (codec) order, as the env lists
+        exporters."""
+        self.renewable_rate = 0
+        """RewardSystem's reward per exported Wh (`configure`): 0 grants nothing."""
+        self.owners = owners
+        """Accounts in prosumer (codec) order."""
+        self._dr: dict[int, np.ndarray] = {}
+        """Slot -> its demand-response shares, for the slots queued during an event: granted
+        when the next slot's row reconciles it (memory only: lost across a restart)."""
         meter_cap = {d.id: d.capacity_w * 900 // 3600 for d in site.devices}
         self.cap_wh = [meter_cap[site.prosumers[k].meter] for k in self.order]
         self.reconciles = False
         """Whether a slot's transaction reconciles the previous slot: only where the chain's
         reading window is at most a slot (`configure`)."""
+        self.paused = False
+        """Whether the chain's market will be in an emergency after every row enqueued."""
 
-    def configure(self, reading_window_s: int, slot_seconds: int) -> None:
+    def configure(self, reading_window_s: int, slot_seconds: int, renewable_rate: int = 0) -> None:
         """The chain's reading window decides whether slot `n`'s transaction may reconcile slot
         n - 1: it can be mined once n - 1's window closed, inside slot n, only if the window is
-        at most a slot (the integration tests' accelerated clock uses a window of years)."""
+        at most a slot (the integration tests' accelerated clock uses a window of years).
+        `renewable_rate` is RewardSystem's: with 0 no row lists exporters (each would revert
+        for a zero grant), as the env's ledger lists none."""
         self.reconciles = reading_window_s <= slot_seconds
+        self.renewable_rate = renewable_rate
+
+    def grants(self, slot: int, load_kw: np.ndarray | None) -> list[tuple[str, int, int]]:
+        """The demand-response incentives of `slot` if it was an event: each household's
+        reduction (its share x the flexible share x its load in the slot, in Wh, the env's
+        gate's formula) at the site's rate, in prosumer order, as the env's ledger grants
+        them. `load_kw` is the slot's load, known from the next slot's telemetry."""
+        shares = self._dr.pop(slot, None)
+        for old in [s for s in self._dr if s < slot]:
+            del self._dr[old]
+        rate = self.market.dr_incentive_per_wh
+        if shares is None or load_kw is None or not rate:
+            return []
+        share = self.market.flexible_share
+        dt = self.site.dt_h
+        kind = int(RewardKind.DEMAND_RESPONSE)
+        out = []
+        for k in range(self.n):
+            wh = int(np.rint(shares[k] * share * float(load_kw[k]) * dt * 1000.0))
+            if wh > 0:
+                out.append((self.owners[k], wh * rate, kind))
+        return out
+
+    def exporters(self, metered: Mapping[str, int]) -> list[str]:
+        """The meters (device addresses) that exported in the reconciled slot, by the readings
+        held (`metered`, Wh by account), in the env's order: what earns the renewable reward."""
+        if not self.renewable_rate:
+            return []
+        return [m for a, m in self.meter_of.items() if metered.get(a, 0) < 0]
 
     def book(self, obs: Observation, decision: Decision, codec: Codec) -> SlotBook:
         """The slot's orders by the env's default rule on the decision's inputs."""
@@ -189,8 +320,14 @@ class SlotSettlement:
             flexible_share=m.flexible_share, rebound_per_step=m.rebound_per_step,
             bid_markup=m.bid_markup, band_low_bps=m.band_low_bps, band_high_bps=m.band_high_bps,
         )  # fmt: skip
-        emergency = bool(raw["grid"][0, 3] > m.emergency_loading)
-        return SlotBook(book, reference, emergency)
+        grid = np.asarray(raw["grid"])[0]
+        emergency = bool(grid[3] > m.emergency_loading)
+        deviation = max(abs(grid[0] - 1.0), abs(grid[1] - 1.0))
+        dr_event = bool(grid[3] > m.dr_loading or deviation > m.dr_voltage_pu)
+        return SlotBook(
+            book, reference, emergency, dr_event, np.asarray(inputs.dr_share, dtype=np.float64),
+            np.asarray(raw["load"], dtype=np.float64).reshape(-1)[:n],
+        )  # fmt: skip
 
     def batch(
         self,
@@ -234,22 +371,125 @@ class SlotSettlement:
             net[index[owner]] += -int(fill) if side == int(Side.BUY) else int(fill)
         return np.maximum(net, 0).astype(np.int64) * short
 
-    def step(self, batch: SignedBatch, b: SlotBook, previous: SlotStep | None = None) -> SlotStep:
+    def step(
+        self,
+        batch: SignedBatch,
+        b: SlotBook,
+        previous: SlotStep | None = None,
+        metered: Mapping[str, int] | None = None,
+        grants: Sequence[tuple[str, int, int]] = (),
+    ) -> SlotStep:
         """The slot's ``run`` step: reconcile the `previous` slot (its stored step) when the
-        chain's reading window lets a slot's transaction do so, post this slot's reference
-        price, settle its batch."""
+        chain's reading window lets a slot's transaction do so, with the renewable reward of
+        its exporters by the readings held (`metered`), post this slot's reference price,
+        settle its batch."""
         m = self.market
         params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
         reconcile = None
         if previous is not None and self.reconciles:
             trades = step_trades(previous, self.accounts)
-            reconcile = Reconciliation(previous.settle_slot, trades, self.accounts)
-        return slot_step(params, batch, reconcile=reconcile)
+            reconcile = Reconciliation(
+                previous.settle_slot,
+                trades,
+                self.accounts,
+                self.exporters(metered or {}),
+                list(grants),
+            )
+        declare, recover = emergency_parts(b.emergency, self.paused)
+        return slot_step(
+            params, batch, reconcile=reconcile, declare_emergency=declare, recover=recover
+        )
+
+    def enqueue(
+        self, outbox: Outbox, slot: int, b: SlotBook, metered: Mapping[str, int] | None = None
+    ) -> int:
+        """Queue slot `slot`'s row (``SLOT_KEY``); returns how many rows were queued.
+
+        Every slot since the last slot row that has none (the bridge was down across it, or
+        decided nothing) is first settled empty, in order, as the paused market settles a slot:
+        each such row reconciles the slot before it and clears its own, so the slot rows stay
+        one a slot and every settled slot is reconciled by the next. After a longer absence
+        than `MAX_MISSED` slots only the first `MAX_MISSED` are: the last row's slot, the one
+        that holds trades, is reconciled, and the last empty one is not. A key already there
+        (decided again after a restart) queues nothing."""
+        if outbox.row(SLOT_KEY.format(slot)) is not None:
+            return 0
+        queued = 0
+        latest = outbox.latest("slot:")
+        if latest is not None:
+            first = int(latest.split(":")[1]) + 1
+            for missed in range(first, min(slot, first + MAX_MISSED)):
+                queued += self._queue(outbox, missed, None, {})
+        return queued + self._queue(outbox, slot, b, metered or {})
+
+    def _queue(
+        self, outbox: Outbox, slot: int, b: SlotBook | None, metered: Mapping[str, int]
+    ) -> int:
+        previous = None
+        key = SLOT_KEY.format(slot - 1)
+        row, args = outbox.row(key), outbox.args(key)
+        if row is not None and args is not None and row.state is not RowState.FAILED:
+            previous = step_of_args(args)
+        if b is None:  # a missed slot: no orders, the last posted price, the emergency as is
+            reference = 1 if previous is None else int(previous.price_params[0][1])
+            empty = np.zeros((1, self.n), dtype=np.int64)
+            b = SlotBook(Book(empty, empty, empty), max(reference, 1), self.paused)
+        batch = self.batch(slot, b, previous, metered)
+        grants = []
+        if previous is not None and self.reconciles:
+            grants = self.grants(previous.settle_slot, b.last_load_kw)
+        step = self.step(batch, b, previous, metered, grants)
+        if not outbox.enqueue(
+            SLOT_KEY.format(slot), "SlotSettler", "run", (step.value(),),
+            gas=CLEARING_GAS, retry_on=RETRY_ON,
+        ):  # fmt: skip
+            return 0
+        self.charge(batch)
+        self.paused = b.emergency
+        if b.dr_event and b.dr_share is not None:
+            self._dr[slot] = np.asarray(b.dr_share, dtype=np.float64)
+        return 1
+
+    def repairer(self, outbox: Outbox) -> Repair:
+        """The outbox's repair hook for slot rows (`repair_step`), reading the rows of
+        `outbox` (the worker's: the hook runs on its thread); each repair is logged."""
+
+        def repair(key: str, err: ContractRevert, args: list[Any]) -> tuple[Any, str] | None:
+            if not key.startswith("slot:"):
+                return None
+            step = step_of_args(args)
+            previous = None
+            if step.parts & PART_RECONCILE:
+                prev_key = SLOT_KEY.format(step.reconcile_slot)
+                row, prev_args = outbox.row(prev_key), outbox.args(prev_key)
+                if row is not None and prev_args is not None:
+                    previous = (row.state, step_of_args(prev_args))
+            fixed = repair_step(step, err.name, previous, self.accounts, err.args_by_name)
+            if fixed is None:
+                return None
+            new, dropped = fixed
+            log.warning(
+                "slot row repaired",
+                extra={"key": key, "error": err.name, "dropped": dropped, "detail": str(err)},
+            )
+            return (new.value(),), dropped
+
+        return repair
 
     def charge(self, batch: SignedBatch) -> None:
         """Deduct what the batch's buyers pay at settlement from the tracked credit."""
         bids = [(o.owner, int(o.side)) for o in batch.orders]
         self.credit -= payments(bids, batch.fills, batch.price, self.accounts)
+
+    def start_paused(self, on_chain: bool, unconfirmed: Sequence[SlotStep]) -> None:
+        """The market's emergency as the chain holds it, then as the outbox's slot steps not
+        yet mined will leave it."""
+        self.paused = on_chain
+        for step in unconfirmed:
+            if step.parts & PART_RECOVER:
+                self.paused = False
+            if step.parts & PART_EMERGENCY:
+                self.paused = True
 
     def start_credit(self, on_chain: Sequence[int], unconfirmed: Sequence[SlotStep]) -> None:
         """The accounts' credit (batch order) as read from the chain, less what the outbox's
@@ -274,12 +514,80 @@ def payments(
 
 
 def step_of_args(args: Sequence[Any]) -> SlotStep:
-    """The `SlotStep` an outbox row of ``SlotSettler.run`` holds (its stored args)."""
+    """The `SlotStep` an outbox row of ``SlotSettler.run`` holds (its stored args), whole: a
+    repaired row is sent as this step less a part."""
     value: Sequence[Any] = args[0]
-    parts, params, tod, settle = value[0], value[2], value[3], value[4]
+    parts, reconcile, params, tod, settle = value[0], value[1], value[2], value[3], value[4]
+    readings, reading_signatures = value[5], value[6]
+    r_slot, trades, accounts, exporters, grants = reconcile
     slot, price, orders, signatures, fills = settle
     return SlotStep(
-        parts=int(parts), price_params=(params, tod), settle_slot=int(slot), price=int(price),
-        orders=[tuple(o) for o in orders], signatures=[tuple(s) for s in signatures],
-        fills=[int(f) for f in fills],
+        parts=int(parts), reconcile_slot=int(r_slot), trades=[tuple(t) for t in trades],
+        accounts=[str(a) for a in accounts], exporters=[str(e) for e in exporters],
+        grants=[tuple(g) for g in grants], price_params=(params, tod), settle_slot=int(slot),
+        price=int(price), orders=[tuple(o) for o in orders],
+        signatures=[tuple(s) for s in signatures], fills=[int(f) for f in fills],
+        readings=[tuple(x) for x in readings], reading_signatures=[bytes(x) for x in
+                                                                   reading_signatures],
     )  # fmt: skip
+
+
+def repair_step(
+    step: SlotStep,
+    error: str,
+    previous: tuple[RowState, SlotStep] | None,
+    accounts: Sequence[str],
+    args: Mapping[str, Any] | None = None,
+) -> tuple[SlotStep, str] | None:
+    """What a slot row sends instead after its call reverted with `error`, and a word for what
+    it leaves out; None: retry it as it is (a "not yet", `RETRY_ON`), or give it up.
+
+    `previous` is the state and stored step of the row of the slot `step` reconciles, `args`
+    the revert's decoded arguments. Nothing is ever added, so repairs end: a "not yet" is
+    waited for; a reconciliation the chain refuses (`RECONCILE_REFUSALS`, or a previous slot
+    that will never be cleared: its row failed or there is none) is left out, unless the
+    previous row was itself repaired meanwhile (its trade list is then rebuilt from it); a part
+    the chain already did (`DONE_ALREADY`) is left out; a reward refused (a meter whose reading
+    did not reach the chain: its reward; an unfunded RewardSystem: every reward) is left out;
+    any other refusal drops the slot's orders, and the slot is cleared empty (as in an
+    emergency) so the next slot's row can still reconcile it; with no orders left, the
+    reconciliation goes; with neither, the row fails for good.
+    """
+    args = args or {}
+    reconciles = bool(step.parts & PART_RECONCILE)
+    if error == "EnergyTradingSlotNotCleared" and reconciles:
+        if previous is not None and previous[0] is not RowState.FAILED:
+            return None  # the previous slot's row is still on its way
+        return _without(step, PART_RECONCILE), "reconciliation"
+    if error in RETRY_ON:
+        return None
+    if error.startswith("RewardSystem") and reconciles and (step.exporters or step.grants):
+        device = str(args.get("device", "")).lower()
+        if error in ONE_EXPORTER and device in [e.lower() for e in step.exporters]:
+            exporters = [e for e in step.exporters if e.lower() != device]
+            return dataclasses.replace(step, exporters=exporters), f"reward of {device}"
+        return dataclasses.replace(step, exporters=[], grants=[]), "rewards"
+    if error in RECONCILE_REFUSALS and reconciles:
+        if error == "EnergyTradingTradesMismatch" and previous is not None:
+            state, prev = previous
+            trades = step_trades(prev, accounts)
+            if state is not RowState.FAILED and [tuple(t) for t in trades] != [
+                tuple(t) for t in step.trades
+            ]:
+                return dataclasses.replace(step, trades=trades), "stale trade list"
+        return _without(step, PART_RECONCILE), "reconciliation"
+    part = DONE_ALREADY.get(error)
+    if part is not None and step.parts & part:
+        return _without(step, part), "done already"
+    if step.parts & PART_SETTLE and step.orders:
+        price = int(clear_book([], [], []).price)
+        empty = dataclasses.replace(step, price=price, orders=[], signatures=[], fills=[])
+        return empty, "orders"
+    if reconciles:
+        return _without(step, PART_RECONCILE), "reconciliation"
+    return None
+
+
+def _without(step: SlotStep, part: int) -> SlotStep:
+    """`step` less one part (its fields stay; the contract reads only the parts set)."""
+    return dataclasses.replace(step, parts=step.parts & ~part)

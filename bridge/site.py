@@ -100,6 +100,12 @@ class SiteMarket(BaseModel):
     flexible_share: Annotated[float, Field(ge=0.0, le=1.0)]
     """Curtailable plus shiftable share of a household's load (what demand response reaches)."""
     rebound_per_step: Annotated[float, Field(ge=0.0, le=1.0)]
+    dr_loading: Annotated[float, Field(gt=0.0)] = 0.9
+    """Transformer loading above which a slot is a demand-response event (GridBalance's rule,
+    as the env's gate), as is a voltage deviation beyond `dr_voltage_pu`."""
+    dr_voltage_pu: Annotated[float, Field(ge=0.0)] = 0.05
+    dr_incentive_per_wh: Annotated[int, Field(ge=0)] = 0
+    """Reward per Wh of demand-response reduction in an event (money units); 0 grants none."""
 
 
 class SiteManifest(BaseModel):

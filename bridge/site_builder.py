@@ -14,6 +14,7 @@ from bridge.messages import DeviceKind
 from bridge.signing import address_of
 from bridge.site import BatterySpec, Prosumer, SeedPrice, SiteDevice, SiteManifest, SiteMarket
 from envs.codec import Codec
+from envs.ledger import per_wh
 from envs.params import GridParams
 from envs.scenario import MarketConfig
 
@@ -123,4 +124,7 @@ def _market(params: GridParams, m: MarketConfig) -> SiteMarket | None:
         emergency_loading=m.emergency_loading,
         flexible_share=float(params.curtailable_share + params.shiftable_share),
         rebound_per_step=float(params.rebound_per_step),
+        dr_loading=m.dr_loading,
+        dr_voltage_pu=m.dr_voltage_pu,
+        dr_incentive_per_wh=per_wh(m.dr_incentive_per_kwh),
     )

@@ -129,6 +129,15 @@ def signed_batch(
     )
 
 
+def emergency_parts(emergency: bool, paused: bool) -> tuple[bool, bool]:
+    """(declare_emergency, recover) for a slot whose grid is stressed (`emergency`: transformer
+    loading above the scenario's limit) while the chain's market is `paused` or not: an
+    emergency is declared when stress begins and ended in the first slot without it, the env's
+    rule and GridBalance's (declaring twice or recovering while running would revert)."""
+    change = emergency != paused
+    return change and emergency, change and not emergency
+
+
 @dataclass(frozen=True)
 class Reconciliation:
     """An earlier slot's reconciliation and its rewards (``SlotStep``'s first part)."""

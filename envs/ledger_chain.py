@@ -61,7 +61,7 @@ from contracts.settler import (
     SlotStep,
     decode_logs,
 )
-from contracts.slot_batch import Bid, price_params, signed_batch, slot_step
+from contracts.slot_batch import Bid, emergency_parts, price_params, signed_batch, slot_step
 from envs.accounts import batch_order, meter_key, prosumer_addresses, prosumer_key
 from envs.errors import LedgerError
 from envs.ledger import MirrorLedger, Settlement, SlotInput, per_wh, units
@@ -238,10 +238,11 @@ class ChainLedger:
         ]
         self._nonces = [x + 1 for x in self._nonces]
         emergency = bool(slot.emergency[0])
-        change, self._paused = emergency != self._paused, emergency
+        declare, recover = emergency_parts(emergency, self._paused)
+        self._paused = emergency
         step = slot_step(
             self._price_params(int(slot.reference[0])), batch, readings, reading_sigs,
-            declare_emergency=change and emergency, recover=change and not emergency,
+            declare_emergency=declare, recover=recover,
         )  # fmt: skip
         pending, self._pending = self._pending, self._pending_of(c, slot, want, treasury_before)
         self._pending.trades.extend(batch.trades(self._accounts))

@@ -144,20 +144,53 @@ async def _run(
 def _forged_and_malformed(
     server: CoapDeviceServer, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
 ) -> Any:
+    """A reading of bus2-meter signed with bus1-meter's key, then a malformed representation.
+
+    The forgery carries the next nonce the bridge would accept, so that only its signature can
+    refuse it. bus2-meter's own telemetry is held back meanwhile (and handed on after, in
+    order): otherwise its next reading, with that very nonce, could overtake the forgery on a
+    loaded machine and make it a replay."""
+    device = "bus2-meter"
+    publish = server.publish
+    held: list[tuple[str, Resource, bytes]] = []
+    published = [-1]  # the last nonce bus2-meter published itself
+
+    def gated(device_id: str, resource: Resource, payload: bytes) -> None:
+        if device_id == device and resource is Resource.DATA:
+            if gate.is_set():
+                held.append((device_id, resource, payload))
+                return
+            published[0] = int(json.loads(payload)["reading"]["nonce"])
+        publish(device_id, resource, payload)
+
+    gate = asyncio.Event()
+    server.publish = gated  # type: ignore[method-assign]
+
+    async def _until(done: Any, what: str) -> None:
+        deadline = time.monotonic() + 10 * SLOT_S
+        while not done():
+            assert time.monotonic() < deadline, f"waited in vain for {what}"
+            await asyncio.sleep(0.01)
+
     async def inject(runner: BridgeRunner) -> None:
         await asyncio.sleep(3.3 * SLOT_S)  # just after the third slot's telemetry
         v = runner.core.validator
-        session = v.sessions["bus2-meter"]
+        gate.set()
+        await _until(lambda: v.last_nonce.get(device, -1) >= published[0], "its own validated")
+        session = v.sessions[device]
         now_ms = int(time.time() * 1000)
         forged = telemetry(
-            site, domain, keys["bus2-meter"], "bus2-meter",
+            site, domain, keys[device], device,
             bd_seq=session.bd_seq, seq=session.last_seq + 100, ts=now_ms,
             slot=runner.clock.slot(now_ms / 1000) - 1,
-            nonce=v.last_nonce.get("bus2-meter", -1) + 1, signer=keys["bus1-meter"],
+            nonce=v.last_nonce.get(device, -1) + 1, signer=keys["bus1-meter"],
         )  # fmt: skip
-        server.publish("bus2-meter", Resource.DATA, json.dumps(forged).encode())
-        await asyncio.sleep(0.2)
-        server.publish("bus2-meter", Resource.DATA, b'{"device": "bus2-meter", "seq": "7"')
+        publish(device, Resource.DATA, json.dumps(forged).encode())
+        await _until(lambda: sum(v.rejected.values()) > 0, "the forgery refused")
+        server.publish = publish  # type: ignore[method-assign]
+        while held:
+            publish(*held.pop(0))
+        publish(device, Resource.DATA, b'{"device": "bus2-meter", "seq": "7"')
         await asyncio.sleep(0.2)
 
     return inject

@@ -203,3 +203,45 @@ async def _messages(link: MqttLink, seconds: float) -> list[Received]:
             out.append(msg)
             link.ack(msg)
     return out
+
+
+def test_connect_returns_once_subscribed(broker: Broker) -> None:
+    """`connect` waits for the SUBACK: what a device publishes the moment it returns arrives
+    (before, it returned on the CONNACK and such a message could beat the subscription)."""
+    topic_ = topic("site1", MessageType.DDATA, "bus1-meter")
+
+    async def run() -> None:
+        device = _link(broker, "bus1-meter")
+        await device.connect()
+        for i in range(5):
+            bridge = _link(broker, "bridge")
+            await bridge.connect(bridge_subscriptions("site1"))
+            assert bridge.subscribed.is_set()
+            device.publish(topic_, f"m{i}".encode())
+            assert await _drain(bridge, 0.5) == [(topic_, f"m{i}".encode())]
+            await bridge.close()
+        await device.close()
+
+    asyncio.run(run())
+
+
+def test_a_subscription_never_acknowledged_fails_by_name() -> None:
+    """A broker that accepts the connection but never answers the SUBSCRIBE: `connect` fails
+    after its timeout, naming the topic, instead of returning deaf."""
+
+    async def run() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1024)  # CONNECT
+            writer.write(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK v5: accepted
+            await writer.drain()
+            while await reader.read(1024):  # SUBSCRIBE, PINGREQ...: never answered
+                pass
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = MqttLink(f"mqtt://127.0.0.1:{port}", client_id="deaf", username="u", password="p")
+        with pytest.raises(BridgeError, match=r"no SUBACK within 1\.0 s for \['mgv1/x/DDATA/\+'\]"):
+            await link.connect(["mgv1/x/DDATA/+"], timeout_s=1.0)
+        server.close()
+
+    asyncio.run(run())

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from web3 import Web3
 
 from bridge.outbox import Outbox, RowState
 from contracts.client import Chain
+from contracts.errors import ContractRevert
 from tests.bridge.services import ANVIL_KEYS, REPO, anvil, free_port
 
 
@@ -166,3 +168,61 @@ def test_sigkill_mid_send_gives_every_mint_exactly_once(
     assert _mints(chain, token, to) == [2**i for i in range(n)]
     box = Outbox(db, chain, {"MockPaymentToken": token}, ANVIL_KEYS[1])
     assert box.counts() == {RowState.CONFIRMED: n}
+
+
+def test_a_refused_row_is_repaired_and_one_mined_reverted_is_sent_again(
+    anvil_url: str, tmp_path: Path
+) -> None:
+    """The caller's `repair` hook: a row whose pre-flight reverts, and one that passed its
+    pre-flight but was mined with status 0 (a transaction mined before it in the same block
+    took the balance it spends), are sent again with the hook's smaller arguments, each
+    counted once in `repairs`; the reverted one changed nothing and takes a new nonce."""
+    token = _token(anvil_url)
+    chain = _chain(anvil_url)
+    me, thief, to = chain.accounts[1], chain.accounts[7], chain.accounts[8]
+    seen: list[tuple[str, str]] = []
+
+    def repair(key: str, err: ContractRevert, args: list[Any]) -> tuple[list[Any], str] | None:
+        seen.append((key, err.name))
+        if err.name == "ERC20InvalidReceiver":
+            return [to, args[1]], "receiver"
+        if err.name == "ERC20InsufficientBalance" and args[1] > 1:
+            return [args[0], 1], "amount"
+        return None
+
+    box = Outbox(
+        tmp_path / "o.db", chain, {"MockPaymentToken": token}, ANVIL_KEYS[1], backoff_s=0.01,
+        repair=repair,
+    )  # fmt: skip
+    contract = chain.contract("MockPaymentToken", token)
+    admin = Chain.rpc(anvil_url)
+    admin.transact(contract, "mint", me, 7, sender=chain.accounts[0])
+    # Before the outbox seeds its nonce from the node: it owns `me`'s nonces from then on.
+    admin.transact(contract, "approve", thief, 5, sender=me)
+    box.enqueue("to-nobody", "MockPaymentToken", "transfer", ["0x" + "00" * 20, 1])
+    assert box.drain(timeout_s=30)
+    assert seen == [("to-nobody", "ERC20InvalidReceiver")]
+    # Signed and sent while the balance is there; the thief's transferFrom, with a higher tip,
+    # is mined first in the same block.
+    rpc = chain.w3.provider
+    rpc.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+    try:
+        box.enqueue("spend", "MockPaymentToken", "transfer", [to, 5])
+        box.step()
+        assert box.row("spend").state is RowState.SIGNED  # type: ignore[union-attr]
+        first_nonce = box.row("spend").nonce  # type: ignore[union-attr]
+        chain.w3.eth.send_transaction(
+            {"from": thief, "to": token, "maxPriorityFeePerGas": 100 * 10**9,
+             "maxFeePerGas": 200 * 10**9,
+             "data": contract.encode_abi("transferFrom", [me, thief, 5])}
+        )  # fmt: skip
+        rpc.make_request("evm_mine", [])  # type: ignore[arg-type]
+    finally:
+        rpc.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+    # The receipt: status 0; the hook asked, the row signed again with a new nonce.
+    assert box.drain(timeout_s=30)
+    row = box.row("spend")
+    assert row is not None and row.state is RowState.CONFIRMED and row.nonce != first_nonce
+    assert seen[1:] == [("spend", "ERC20InsufficientBalance")]
+    assert box.repairs() == {"ERC20InvalidReceiver": 1, "ERC20InsufficientBalance": 1}
+    assert [int(contract.functions.balanceOf(a).call()) for a in (me, thief, to)] == [0, 5, 2]
