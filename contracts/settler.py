@@ -11,9 +11,11 @@ a receipt poll and an event decode, several HTTP round trips on a node. Here a s
 * the calldata is one ``eth_abi`` encode of the whole step (:meth:`SlotStep.calldata`);
 * :class:`SlotSender` sends it with a fixed gas limit (no estimation): straight into revm
   (``contracts.revm``) or eth-tester on py-evm in process, or as one JSON-RPC batch (next
-  block's timestamp + ``eth_sendTransaction``) plus a receipt request over one persistent HTTP
-  session on a node, the node's unlocked account signing (nothing to sign in Python, as for
-  every other transaction of ``Chain``);
+  block's timestamp + ``eth_sendTransactionSync``, whose answer is the receipt) over one
+  persistent HTTP connection on a node, the node's unlocked account signing (nothing to sign
+  in Python, as for every other transaction of ``Chain``); :meth:`SlotSender.submit` writes
+  the batch and returns, and the answer is read when the caller asks for it, so the node mines
+  while the caller computes the next slot in the same thread;
 * the receipt's logs come back raw and :func:`decode_logs` reads the few events the ledger
   needs by topic, without web3's event processing.
 """
@@ -26,7 +28,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -333,6 +335,27 @@ def decode_logs(logs: Sequence[Log]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+class SentSlot:
+    """A ``run`` on its way: the receipt, or how to wait for it (`SlotSender.submit`)."""
+
+    def __init__(
+        self,
+        receipt: SlotReceipt | None = None,
+        finish: Callable[[], SlotReceipt] | None = None,
+    ) -> None:
+        self._receipt = receipt
+        self._finish = finish
+
+    def result(self) -> SlotReceipt:
+        """The receipt, read once (raises the decoded error of a revert)."""
+        if self._receipt is None:
+            finish, self._finish = self._finish, None
+            if finish is None:
+                raise ChainError("SlotSettler.run: its answer was read already and failed")
+            self._receipt = finish()
+        return self._receipt
+
+
 class SlotSender:
     """Sends ``run`` calls from ``sender`` to the settler at a chosen block timestamp."""
 
@@ -350,12 +373,22 @@ class SlotSender:
 
     def send(self, calldata: bytes, timestamp: int) -> SlotReceipt:
         """Mine ``calldata`` in a block at ``timestamp``; raise the decoded error on revert."""
+        return self.submit(calldata, timestamp).result()
+
+    def submit(self, calldata: bytes, timestamp: int) -> SentSlot:
+        """Start mining ``calldata`` at ``timestamp``; the receipt comes from ``result()``.
+
+        On a node the request is written to the socket and the node mines while the caller works
+        on; ``result()`` reads the answer (a revert raises there). In process (revm, py-evm) the
+        transaction runs here and then: nothing would run beside it.
+        """
         if self._engine == "revm":
-            return self._send_revm(calldata, timestamp)
+            return SentSlot(receipt=self._send_revm(calldata, timestamp))
         tx = {"from": self._sender, "to": self._to, "gas": self.gas, "data": "0x" + calldata.hex()}
         if self._tester is not None:
-            return self._send_tester(tx, timestamp)
-        return self._send_rpc(tx, timestamp)
+            return SentSlot(receipt=self._send_tester(tx, timestamp))
+        request = self._begin(self._rpc_calls(tx, timestamp))
+        return SentSlot(finish=lambda: self._receipt_of(tx, timestamp, self._finish(*request)))
 
     def _send_revm(self, calldata: bytes, timestamp: int) -> SlotReceipt:
         # In-process revm (contracts.revm.RevmChain): the raw calldata straight in, raw logs out.
@@ -385,11 +418,20 @@ class SlotSender:
         ]
         return SlotReceipt(int(receipt["gas_used"]), logs)
 
-    def _send_rpc(self, tx: dict[str, Any], timestamp: int) -> SlotReceipt:
+    def _rpc_calls(self, tx: dict[str, Any], timestamp: int) -> list[tuple[str, list[Any]]]:
         # EIP-7966's eth_sendTransactionSync answers with the receipt (anvil has it): with the
         # block time in the same batch, a slot is one HTTP round trip. Other nodes: poll.
         method = "eth_sendTransactionSync" if self._sync else "eth_sendTransaction"
-        clock, sent = self._post([("evm_setNextBlockTimestamp", [timestamp]), (method, [tx])])
+        return [("evm_setNextBlockTimestamp", [timestamp]), (method, [tx])]
+
+    def _send_rpc(self, tx: dict[str, Any], timestamp: int) -> SlotReceipt:
+        return self._receipt_of(tx, timestamp, self._post(self._rpc_calls(tx, timestamp)))
+
+    def _receipt_of(
+        self, tx: dict[str, Any], timestamp: int, answers: list[dict[str, Any]]
+    ) -> SlotReceipt:
+        """The receipt of the batch `_rpc_calls` made, checked: mined, at `timestamp`."""
+        clock, sent = answers
         if "error" in clock:
             raise ChainError(f"evm_setNextBlockTimestamp failed: {clock['error']}")
         if "error" in sent:
@@ -423,11 +465,18 @@ class SlotSender:
         raise ChainError(f"no receipt for SlotSettler.run {tx_hash} within 30 s")
 
     def _post(self, calls: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-        """One JSON-RPC batch over a persistent connection; answers in request order.
+        """One JSON-RPC batch over a persistent connection; answers in request order."""
+        return self._finish(*self._begin(calls))
+
+    def _begin(self, calls: list[tuple[str, list[Any]]]) -> tuple[list[int], bytes]:
+        """Write one JSON-RPC batch to the persistent connection; `_finish` reads its answers.
 
         http.client with TCP_NODELAY and the body in the same send as the headers: urllib3
         (under requests and web3) sends them apart, and Nagle's algorithm with delayed ACKs then
-        stalls every request by milliseconds on loopback.
+        stalls every request by milliseconds on loopback. Between the two calls the node works
+        and this thread goes on with its own: no worker thread, so no GIL hand-over either way
+        (a thread woken by the node's answer waited up to the 5 ms switch interval while the
+        environment computed the next slot).
         """
         ids = [next(self._ids) for _ in calls]
         body = json.dumps(
@@ -437,14 +486,26 @@ class SlotSender:
             ]
         ).encode()
         try:
-            answer = self._exchange(body)
+            self._write(body)
         except (OSError, http.client.HTTPException):
             self._close()
-            answer = self._exchange(body)  # a keep-alive connection the node closed: once more
+            self._write(body)  # a keep-alive connection the node closed: once more
+        return ids, body
+
+    def _finish(self, ids: list[int], body: bytes) -> list[dict[str, Any]]:
+        """The answers to the batch `_begin` wrote, in request order."""
+        try:
+            answer = self._read()
+        except (OSError, http.client.HTTPException):
+            # The node closed the connection before answering: send once more on a new one
+            # (a batch that did mine fails the second time on its block timestamp).
+            self._close()
+            self._write(body)
+            answer = self._read()
         by_id = {a.get("id"): a for a in answer}
         return [by_id[i] for i in ids]
 
-    def _exchange(self, body: bytes) -> Any:
+    def _write(self, body: bytes) -> None:
         if self._http is None:
             url = urlsplit(self._url)
             conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
@@ -453,6 +514,10 @@ class SlotSender:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._http, self._path = conn, url.path or "/"
         self._http.request("POST", self._path, body, {"Content-Type": "application/json"})
+
+    def _read(self) -> Any:
+        if self._http is None:
+            raise http.client.NotConnected("no request in flight")
         response = self._http.getresponse()
         data = response.read()
         if response.status != 200:

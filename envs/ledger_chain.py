@@ -30,17 +30,18 @@ reconciled (and checked) by one extra transaction at reset or when `on_chain` re
 
 ``evm`` runs in process on revm (``contracts.revm``, the default) or py-evm (eth-tester), as
 ``market.evm_engine`` says; ``rpc`` on any JSON-RPC node (anvil locally).
-On ``rpc`` a slot's transaction is sent from a worker thread and its receipt collected and
-checked when the next slot is settled, so the node executes while the environment steps on: a
-revert then raises one step later, and a step's ``gas_used`` is that of the transaction mined
-during it (the previous slot's). ``evm`` runs in this process and waits for each transaction.
+On ``rpc`` a slot's transaction is written to the node's connection and its answer (the
+receipt) read and checked when the next slot is settled, so the node executes while the
+environment steps on in the same thread (`SlotSender.submit`; no worker thread, whose GIL
+hand-overs delayed both the send and the read): a revert then raises one step later, and a
+step's ``gas_used`` is that of the transaction mined during it (the previous slot's). ``evm``
+runs in this process and waits for each transaction.
 An episode reset reverts to the snapshot taken after deployment instead of redeploying. One
 grid per ledger: chain state is not batched.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ from contracts.settler import (
     PART_RECOVER,
     OrderSigner,
     ReadingSigner,
-    SlotReceipt,
+    SentSlot,
     SlotSender,
     SlotStep,
     decode_logs,
@@ -91,7 +92,7 @@ class _Pending:
 
 
 #: A sent transaction: its receipt to come, the step, the slot it reconciles, the figures reported.
-_InFlight = tuple["Future[SlotReceipt]", SlotStep, "_Pending | None", "Settlement | None"]
+_InFlight = tuple[SentSlot, SlotStep, "_Pending | None", "Settlement | None"]
 
 
 class ChainLedger:
@@ -144,10 +145,9 @@ class ChainLedger:
         self._orders = OrderSigner(suite.order_domain)
         self._readings = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
         self._sender = SlotSender(chain, admin, suite.settler.address)
-        # On a node the transaction runs in another process: send it from a thread and let the
-        # environment step on meanwhile. revm and py-evm run in this process: no gain.
+        # On a node the transaction runs in another process: read its receipt a step later and
+        # let the environment step on meanwhile. revm and py-evm run in this process: no gain.
         self._overlap = chain.engine == "rpc"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-tx")
         self._inflight: _InFlight | None = None
         self._mirror = MirrorLedger(1, n, config)
         self.treasury = self._mirror.treasury
@@ -320,21 +320,17 @@ class ChainLedger:
             raise LedgerError(f"market.ledger: chain time would go back to {timestamp}")
         calldata = step.calldata()
         previous = self._collect() if self._inflight is not None else 0
-        if self._overlap:
-            future = self._pool.submit(self._sender.send, calldata, timestamp)
-        else:
-            future = Future()
-            future.set_result(self._sender.send(calldata, timestamp))
+        sent = self._sender.submit(calldata, timestamp)
         self._now = timestamp
-        self._inflight = (future, step, pending, want)
+        self._inflight = (sent, step, pending, want)
         return previous if self._overlap else self._collect()
 
     def _collect(self) -> int:
         """Wait for the transaction in flight, check its events; returns its gas (0 if none)."""
         if self._inflight is None:
             return 0
-        (future, step, pending, want), self._inflight = self._inflight, None
-        receipt = future.result()
+        (sent, step, pending, want), self._inflight = self._inflight, None
+        receipt = sent.result()
         events = decode_logs(receipt.logs)
         for name, part in (("EmergencyDeclared", PART_EMERGENCY), ("Recovered", PART_RECOVER)):
             if len(events[name]) != bool(step.parts & part):

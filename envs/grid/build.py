@@ -76,8 +76,11 @@ def _build_cached(scenario_json: str) -> GridParams:
                 cached = pickle.load(fh)
             if isinstance(cached, GridParams):
                 return cached
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            pass  # a stale or torn cache file is rebuilt below
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            # A stale or torn cache file is rebuilt below; so is one pickled by a process that
+            # imported these classes under another module name (a renamed copy of the package
+            # sharing the cache directory), which unpickles to ModuleNotFoundError.
+            pass
     # pandapower costs seconds to import: only a cache miss pays for it.
     from envs.grid.network import compile_network
 

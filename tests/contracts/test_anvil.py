@@ -11,7 +11,8 @@ from eth_utils import to_checksum_address
 from contracts.anvil import free_port, local_anvil
 from contracts.client import TX_GAS_CAP, Chain, Side, deploy_suite
 from contracts.errors import ChainError, ContractRevert
-from contracts.model import SignedOrder
+from contracts.model import PriceParams, SignedOrder
+from contracts.settler import PART_PRICE, SlotSender, SlotStep
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,30 @@ def test_anvil_enforces_the_per_transaction_gas_cap(anvil_url: str) -> None:
     with pytest.raises(ChainError):
         chain.transact(token, "mint", admin, 1, sender=admin, gas=16_777_217)
     chain.transact(token, "mint", admin, 1, sender=admin, gas=16_777_216)
+
+
+def test_a_submitted_slot_step_is_answered_when_read(anvil_url: str) -> None:
+    """`SlotSender.submit` writes the run to the node and returns; `result()` reads the answer
+    later, once: a revert raises there with its custom error decoded, and the connection then
+    carries the next step."""
+    chain = Chain.rpc(anvil_url)
+    suite = deploy_suite(chain, admin=chain.accounts[0])
+    snapshot = chain.snapshot()
+    sender = SlotSender(chain, suite.admin, suite.settler.address)
+    start = chain.timestamp() + 10
+    refused = sender.submit(SlotStep(parts=0).calldata(), start)
+    with pytest.raises(ContractRevert) as err:
+        refused.result()
+    assert err.value.name == "SlotSettlerInvalidParts"
+    with pytest.raises(ChainError, match="read already"):
+        refused.result()
+    price = SlotStep(parts=PART_PRICE, price_params=PriceParams(base_rate=7).as_args())
+    sent = sender.submit(price.calldata(), start + 60)
+    receipt = sent.result()
+    assert receipt.gas_used > 0 and sent.result() is receipt
+    assert chain.timestamp() == start + 60
+    assert chain.call(suite.trading, "priceParams")[0][0] == 7
+    chain.revert(snapshot)
 
 
 def test_unreachable_node_is_a_chain_error() -> None:

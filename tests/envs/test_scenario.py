@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,23 @@ def test_prosumer_buses_must_exist() -> None:
 
     with pytest.raises(ScenarioError, match=r"prosumers\.buses: \[999\]"):
         build_grid(Scenario(prosumers={"mode": "buses", "buses": [3, 999]}))
+
+
+def test_a_grid_cache_file_from_another_module_name_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache file whose classes live under a module this process cannot import (pickled by a
+    renamed copy of the package sharing the cache) is rebuilt, not raised."""
+    from envs.grid import build as grid_build
+
+    monkeypatch.setenv("MICROGRID_CACHE_DIR", str(tmp_path))
+    scenario = Scenario(prosumers={"max_prosumers": 3})
+    grid_build._build_cached.cache_clear()
+    grid_build.build_grid(scenario)
+    (cached,) = tmp_path.glob("grid-*.pkl")
+    cached.write_bytes(b"cnot_a_module_of_this_repo\nGridParams\n.")
+    grid_build._build_cached.cache_clear()
+    params = grid_build.build_grid(scenario)
+    assert params.n_prosumer == 3
+    assert pickle.loads(cached.read_bytes()).n_prosumer == 3
+    grid_build._build_cached.cache_clear()
