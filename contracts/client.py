@@ -34,7 +34,18 @@ from web3.types import TxParams, TxReceipt
 from contracts import clearing
 from contracts.compile import BUILD_DIR, artifact_hashes, load_artifact
 from contracts.errors import ChainError, ContractRevert, UnknownRevert
-from contracts.model import PriceParams, Side, SignedOrder, Trade, reconciliation_parts
+
+# LoadType and RewardKind live with the model (GridBalance's mirror grants by kind); clients
+# keep importing them from here.
+from contracts.model import LoadType as LoadType
+from contracts.model import (
+    PriceParams,
+    Side,
+    SignedOrder,
+    Trade,
+    reconciliation_parts,
+)
+from contracts.model import RewardKind as RewardKind
 
 #: Gas limit of an ordinary transaction. Explicit limits skip eth_estimateGas (one round trip
 #: and one extra EVM execution per transaction).
@@ -69,22 +80,6 @@ class DeviceType(IntEnum):
     BATTERY = 2
     APPLIANCE = 3
     SENSOR = 4
-
-
-class LoadType(IntEnum):
-    """Load kind of a demand-response participant, as ``IGridBalance.LoadType``."""
-
-    CURTAILABLE = 0
-    SHIFTABLE = 1
-
-
-class RewardKind(IntEnum):
-    """Why a reward was granted, as ``IRewardSystem.RewardKind``."""
-
-    ENERGY_SAVING = 0
-    PEAK_REDUCTION = 1
-    DEMAND_RESPONSE = 2
-    RENEWABLE = 3
 
 
 @dataclass(frozen=True)
@@ -948,9 +943,10 @@ def deploy_suite(
     Roles: the admin holds every admin role; ``solver`` gets SOLVER_ROLE; GridBalance gets
     EnergyTrading's PAUSER_ROLE and RewardSystem's REWARDER_ROLE. SlotSettler (the one
     transaction per slot) gets SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading, REWARDER_ROLE
-    on RewardSystem and EMERGENCY_ROLE on GridBalance, and ``solver`` its OPERATOR_ROLE: whoever
-    operates it holds exactly the powers of the solver plus posting prices, granting rewards and
-    declaring and ending emergencies.
+    on RewardSystem, EMERGENCY_ROLE and OPERATOR_ROLE on GridBalance, and ``solver`` its
+    OPERATOR_ROLE: whoever operates it holds exactly the powers of the solver plus posting prices,
+    granting rewards, declaring and ending emergencies and announcing demand-response events
+    (its code calls no other operator function of GridBalance).
     """
     cfg = config or SuiteConfig()
     accounts = chain.accounts
@@ -1028,6 +1024,7 @@ def deploy_suite(
         (trading, "PARAMETER_ROLE"),
         (rewards, "REWARDER_ROLE"),
         (grid, "EMERGENCY_ROLE"),
+        (grid, "OPERATOR_ROLE"),
     ):
         chain.transact(target, "grantRole", role_id(name), settler.address, sender=admin)
     return Suite(

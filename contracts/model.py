@@ -37,6 +37,22 @@ MAX_SIGNED_BATCH = 1_000
 READING_WINDOW_SECONDS = 600
 
 
+class LoadType(IntEnum):
+    """Load kind of a demand-response participant, as ``IGridBalance.LoadType``."""
+
+    CURTAILABLE = 0
+    SHIFTABLE = 1
+
+
+class RewardKind(IntEnum):
+    """Why a reward was granted, as ``IRewardSystem.RewardKind``."""
+
+    ENERGY_SAVING = 0
+    PEAK_REDUCTION = 1
+    DEMAND_RESPONSE = 2
+    RENEWABLE = 3
+
+
 class Side(IntEnum):
     """Order side, as ``IEnergyTrading.Side``."""
 
@@ -616,3 +632,212 @@ class MarketModel:
         outcome = ModelReconciliation(imbalance, credited, unpaid, charged, paid)
         self.reconciled[slot] = outcome
         return outcome
+
+
+# ---------------------------------------------------------------------- GridBalance
+
+#: Longest demand-response event, in slots (``GridBalance.MAX_EVENT_SLOTS``).
+MAX_EVENT_SLOTS = 16
+#: Most participants of one event (``GridBalance.MAX_PARTICIPANTS``).
+MAX_PARTICIPANTS = 100
+
+
+@dataclass(frozen=True)
+class DrParticipant:
+    """One participant of a demand-response event, as ``IGridBalance.Participant``: its
+    baseline (Wh per slot) is fixed when the event is announced."""
+
+    device: str
+    load_type: LoadType
+    priority: int
+    baseline_wh: int
+
+    def as_tuple(self) -> tuple[str, int, int, int]:
+        """The ABI tuple."""
+        return (self.device, int(self.load_type), self.priority, self.baseline_wh)
+
+
+@dataclass
+class ModelDrEvent:
+    """A demand-response event as GridBalance stores it."""
+
+    start_slot: int
+    duration_slots: int
+    target_reduction_wh: int
+    incentive_per_wh: int
+    peak_bonus: int
+    participation_reward: int
+    participants: list[DrParticipant]
+    cancelled: bool = False
+    settled: bool = False
+
+
+#: Meter readings by (device, slot), in Wh (export < 0); a missing key is a reading never sent.
+Readings = Mapping[tuple[str, int], int]
+
+
+@dataclass(frozen=True)
+class DrSettlement:
+    """What ``settleEvent`` did: per participant (list order) the reduction and the reward, and
+    the ``grantReward`` calls in the order GridBalance makes them."""
+
+    event_id: int
+    reductions: list[int]
+    rewards: list[int]
+    total_reduction_wh: int
+    target_met: bool
+    grants: list[tuple[str, int, RewardKind]]
+    """(owner, amount, kind)."""
+
+
+@dataclass
+class GridBalanceModel:
+    """GridBalance's demand-response events and emergency pause in Python.
+
+    Same state, same checks in the same order, same custom errors (contract ``GridBalance``,
+    and OpenZeppelin's ``EnforcedPause`` / ``ExpectedPause``); times are block timestamps the
+    caller supplies. ``meters`` are the active registered meters (device -> owner): only they
+    may take part, and rewards go to their owners. Readings come to :meth:`settle_event` as a
+    mapping (device, slot) -> Wh; a missing key is a meter that never reported. Not mirrored:
+    roles, the transformer limit and the market pause that ``declareEmergency`` also sets
+    (:class:`MarketModel.paused`).
+    """
+
+    genesis: int
+    meters: dict[str, str] = field(default_factory=dict)
+    min_emergency_seconds: int = 900
+    reading_window_seconds: int = READING_WINDOW_SECONDS
+    paused: bool = False
+    emergency_since: int = 0
+    events: dict[int, ModelDrEvent] = field(default_factory=dict)
+    next_event_id: int = 1
+
+    @staticmethod
+    def _revert(name: str, **args: object) -> ContractRevert:
+        return ContractRevert("GridBalance", name, dict(args))
+
+    def current_slot(self, now: int) -> int:
+        """``currentSlot()`` at block time ``now``."""
+        return (now - self.genesis) // SLOT_SECONDS
+
+    def readings_final(self, slot: int, now: int) -> bool:
+        """``DeviceRegistry.readingsFinal(slot)`` at ``now``."""
+        return now >= self.genesis + (slot + 1) * SLOT_SECONDS + self.reading_window_seconds
+
+    def _require_not_paused(self) -> None:
+        if self.paused:
+            raise self._revert("EnforcedPause")
+
+    def _open(self, event_id: int) -> ModelDrEvent:
+        event = self.events.get(event_id)
+        if event is None:
+            raise self._revert("GridBalanceUnknownEvent", eventId=event_id)
+        if event.cancelled or event.settled:
+            raise self._revert("GridBalanceEventClosed", eventId=event_id)
+        return event
+
+    def create_event(
+        self,
+        now: int,
+        start_slot: int,
+        duration_slots: int,
+        target_reduction_wh: int,
+        incentive_per_wh: int,
+        peak_bonus: int,
+        participation_reward: int,
+        participants: Sequence[DrParticipant],
+    ) -> int:
+        """``createEvent``; returns the event id the contract assigns."""
+        self._require_not_paused()
+        now_slot = self.current_slot(now)
+        if start_slot <= now_slot:
+            raise self._revert(
+                "GridBalanceEventNotInFuture", startSlot=start_slot, currentSlot=now_slot
+            )
+        if not 1 <= duration_slots <= MAX_EVENT_SLOTS:
+            raise self._revert(
+                "GridBalanceInvalidDuration", durationSlots=duration_slots, max=MAX_EVENT_SLOTS
+            )
+        if not 1 <= len(participants) <= MAX_PARTICIPANTS:
+            raise self._revert(
+                "GridBalanceInvalidParticipants", count=len(participants), max=MAX_PARTICIPANTS
+            )
+        for i, p in enumerate(participants):
+            if i > 0 and p.priority < participants[i - 1].priority:
+                raise self._revert("GridBalanceUnsortedPriorities", index=i)
+            if p.device not in self.meters:
+                raise self._revert("GridBalanceNotActiveMeter", device=p.device)
+        event_id = self.next_event_id
+        self.next_event_id += 1
+        self.events[event_id] = ModelDrEvent(
+            start_slot, duration_slots, target_reduction_wh, incentive_per_wh, peak_bonus,
+            participation_reward, list(participants),
+        )  # fmt: skip
+        return event_id
+
+    def cancel_event(self, event_id: int, now: int) -> None:
+        """``cancelEvent``: only before the event starts (allowed while paused)."""
+        event = self._open(event_id)
+        if self.current_slot(now) >= event.start_slot:
+            raise self._revert("GridBalanceEventStarted", eventId=event_id)
+        event.cancelled = True
+
+    def reduction(self, p: DrParticipant, event: ModelDrEvent, readings: Readings) -> int:
+        """``_reduction``: baseline x duration - metered import over the window, 0 if any slot
+        of the window has no reading (a silent meter earns nothing) or nothing was saved."""
+        metered = 0
+        for slot in range(event.start_slot, event.start_slot + event.duration_slots):
+            wh = readings.get((p.device, slot))
+            if wh is None:
+                return 0
+            metered += wh
+        baseline = p.baseline_wh * event.duration_slots
+        return baseline - metered if metered < baseline else 0
+
+    def settle_event(self, event_id: int, now: int, readings: Readings) -> DrSettlement:
+        """``settleEvent`` once the readings of the event's last slot are final: every
+        participant's reduction pays ``incentivePerWh`` per Wh (EnergySaving) and, having saved
+        anything, the participation reward (DemandResponse) and, when the reductions together
+        met the target, the peak bonus (PeakReduction)."""
+        self._require_not_paused()
+        event = self._open(event_id)
+        last = event.start_slot + event.duration_slots - 1
+        if not self.readings_final(last, now):
+            raise self._revert("GridBalanceReadingsNotFinal", slot=last)
+        event.settled = True
+        reductions = [self.reduction(p, event, readings) for p in event.participants]
+        total = sum(reductions)
+        target_met = total >= event.target_reduction_wh
+        rewards: list[int] = []
+        grants: list[tuple[str, int, RewardKind]] = []
+        for p, reduction in zip(event.participants, reductions, strict=True):
+            if reduction == 0:
+                rewards.append(0)
+                continue
+            owner = self.meters[p.device]
+            saving = reduction * event.incentive_per_wh
+            bonus = event.peak_bonus if target_met else 0
+            for amount, kind in (
+                (saving, RewardKind.ENERGY_SAVING),
+                (event.participation_reward, RewardKind.DEMAND_RESPONSE),
+                (bonus, RewardKind.PEAK_REDUCTION),
+            ):
+                if amount:
+                    grants.append((owner, amount, kind))
+            rewards.append(saving + event.participation_reward + bonus)
+        return DrSettlement(event_id, reductions, rewards, total, target_met, grants)
+
+    def declare_emergency(self, now: int) -> None:
+        """``declareEmergency``: pauses new and settled events (and the market)."""
+        self._require_not_paused()
+        self.paused = True
+        self.emergency_since = now
+
+    def recover(self, now: int) -> None:
+        """``recover``, once ``min_emergency_seconds`` have passed."""
+        if not self.paused:
+            raise self._revert("ExpectedPause")
+        allowed_at = self.emergency_since + self.min_emergency_seconds
+        if now < allowed_at:
+            raise self._revert("GridBalanceRecoveryTooEarly", allowedAt=allowed_at)
+        self.paused = False

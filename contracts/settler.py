@@ -51,6 +51,7 @@ PART_SETTLE = 4
 PART_READINGS = 8
 PART_RECOVER = 16
 PART_EMERGENCY = 32
+PART_DEMAND_RESPONSE = 64
 
 _ORDER_TYPEHASH = keccak(
     text="SignedOrder(address owner,uint64 slot,uint8 side,uint64 energyWh,uint64 limitPrice,"
@@ -138,6 +139,33 @@ _STEP_ENCODER = _Encoder(_STEP_ABI)
 _NO_PRICE: tuple[Sequence[int], Sequence[int]] = ((0, 0, 0, 0, 0, 0), (0,) * 24)
 
 
+@dataclass(frozen=True)
+class DemandResponse:
+    """``ISlotSettler.DemandResponse``: events to settle, then (with `participants`) one to
+    announce. An empty `participants` announces nothing."""
+
+    settle: Sequence[int] = ()
+    start_slot: int = 0
+    duration_slots: int = 0
+    target_reduction_wh: int = 0
+    incentive_per_wh: int = 0
+    peak_bonus: int = 0
+    participation_reward: int = 0
+    participants: Sequence[tuple[str, int, int, int]] = ()
+    """(device, LoadType, priority, baseline Wh per slot), by non-decreasing priority."""
+
+    def value(self) -> tuple[Any, ...]:
+        """The ABI tuple."""
+        return (
+            list(self.settle), self.start_slot, self.duration_slots, self.target_reduction_wh,
+            self.incentive_per_wh, self.peak_bonus, self.participation_reward,
+            list(self.participants),
+        )  # fmt: skip
+
+
+_NO_DEMAND_RESPONSE = DemandResponse()
+
+
 def keccak256(data: bytes) -> bytes:
     """Keccak-256 straight from safe-pysha3's C extension: a slot hashes ~50 times, and
     pycryptodome's cffi wrapper (under eth_utils) costs ~7x more a call (5.4 against 38 us for
@@ -164,8 +192,15 @@ TOPICS = {
     "RewardGranted": _event_topic("RewardGranted(address,uint8,uint256)"),
     "EmergencyDeclared": _event_topic("EmergencyDeclared(bytes32,address)"),
     "Recovered": _event_topic("Recovered(address)"),
+    "DemandResponseCreated": _event_topic(
+        "DemandResponseCreated(uint256,uint64,uint8,uint64,uint128,uint256)"
+    ),
+    "ParticipantSettled": _event_topic("ParticipantSettled(uint256,address,uint64,uint256)"),
+    "DemandResponseSettled": _event_topic("DemandResponseSettled(uint256,uint64,bool)"),
 }
 _NAMES = {topic: name for name, topic in TOPICS.items()}
+#: Events whose first topic is a GridBalance event id, not a slot.
+_EVENT_IDS = ("DemandResponseCreated", "ParticipantSettled", "DemandResponseSettled")
 
 
 @dataclass(frozen=True)
@@ -192,6 +227,8 @@ class SlotStep:
     readings: Sequence[tuple[str, int, int, int]] = ()
     """(device, slot, Wh, nonce)."""
     reading_signatures: Sequence[bytes] = ()
+    demand_response: DemandResponse = _NO_DEMAND_RESPONSE
+    """GridBalance events to settle and the one to announce (``PART_DEMAND_RESPONSE``)."""
 
     def _value(self) -> tuple[Any, ...]:
         params, tod = self.price_params
@@ -205,6 +242,7 @@ class SlotStep:
              list(self.fills)),
             list(self.readings),
             list(self.reading_signatures),
+            self.demand_response.value(),
         )  # fmt: skip
 
     def value(self) -> tuple[Any, ...]:
@@ -328,9 +366,20 @@ def decode_logs(logs: Sequence[Log]) -> dict[str, list[dict[str, Any]]]:
             event = {"charged": w[1], "paid": w[2], "unpaid": w[3], "complete": bool(w[4])}
         elif name in ("EmergencyDeclared", "Recovered"):
             event = {"by": _checksum(log.topics[1][12:])}
+        elif name == "DemandResponseCreated":
+            event = {"event_id": int.from_bytes(log.topics[1], "big"), "start_slot": w[0]}
+            event |= {"duration_slots": w[1], "target": w[2], "incentive": w[3]}
+            event["participants"] = w[4]
+        elif name == "ParticipantSettled":
+            event = {"event_id": int.from_bytes(log.topics[1], "big")}
+            event |= {"device": _checksum(log.topics[2][12:]), "reduction": w[0], "reward": w[1]}
+        elif name == "DemandResponseSettled":
+            event = {"event_id": int.from_bytes(log.topics[1], "big"), "total": w[0]}
+            event["target_met"] = bool(w[1])
         else:
             event = {"account": _checksum(log.topics[1][12:]), "amount": w[0]}
-        event["slot"] = int.from_bytes(log.topics[1], "big") if name != "RewardGranted" else None
+        slotted = name not in ("RewardGranted", *_EVENT_IDS)
+        event["slot"] = int.from_bytes(log.topics[1], "big") if slotted else None
         out[name].append(event)
     return out
 

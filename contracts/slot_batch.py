@@ -19,12 +19,14 @@ from coincurve import PrivateKey
 from contracts.clearing import clear_book
 from contracts.model import PriceParams, Side, SignedOrder
 from contracts.settler import (
+    PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
     PART_PRICE,
     PART_READINGS,
     PART_RECONCILE,
     PART_RECOVER,
     PART_SETTLE,
+    DemandResponse,
     OrderSigner,
     SlotStep,
 )
@@ -159,10 +161,12 @@ def slot_step(
     *,
     declare_emergency: bool = False,
     recover: bool = False,
+    demand_response: DemandResponse | None = None,
 ) -> SlotStep:
     """The ``run`` step of the parts given: end an emergency (`recover`), reconcile, declare an
     emergency (`declare_emergency`: the batch must then be empty), post prices, settle, relay
-    readings."""
+    readings, settle and announce demand-response events (`demand_response`, refused by
+    GridBalance while in an emergency)."""
     parts = (
         (PART_RECOVER if recover else 0)
         | (PART_EMERGENCY if declare_emergency else 0)
@@ -170,6 +174,7 @@ def slot_step(
         | (PART_PRICE if params is not None else 0)
         | (PART_SETTLE if batch is not None else 0)
         | (PART_READINGS if readings else 0)
+        | (PART_DEMAND_RESPONSE if demand_response is not None else 0)
     )
     fields: dict[str, object] = {"parts": parts}
     if reconcile is not None:
@@ -192,4 +197,6 @@ def slot_step(
         }
     if readings:
         fields |= {"readings": list(readings), "reading_signatures": list(reading_signatures)}
+    if demand_response is not None:
+        fields["demand_response"] = demand_response
     return SlotStep(**fields)  # type: ignore[arg-type]

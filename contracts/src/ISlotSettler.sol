@@ -9,8 +9,8 @@ import {IRewardSystem} from "./IRewardSystem.sol";
 /// @title ISlotSettler
 /// @notice The market operator's one transaction per slot: end an emergency, reconcile an earlier
 /// slot and grant its rewards, declare an emergency, post the price parameters, settle a slot's
-/// signed batch and relay the meters' signed readings, in that order, through the suite's own
-/// entry points (every check of theirs holds).
+/// signed batch, relay the meters' signed readings, and settle and announce demand-response
+/// events, in that order, through the suite's own entry points (every check of theirs holds).
 interface ISlotSettler {
     /// @notice A signed-batch settlement (the arguments of `IEnergyTrading.settleSignedBatch`).
     struct Settlement {
@@ -38,8 +38,22 @@ interface ISlotSettler {
         Grant[] grants;
     }
 
+    /// @notice GridBalance's demand response in one part: settle the events `settle` (in that
+    /// order, each `settleEvent`), then, when `participants` is not empty, announce one event
+    /// (`createEvent` with these arguments). An empty `participants` announces nothing.
+    struct DemandResponse {
+        uint256[] settle;
+        uint64 startSlot;
+        uint8 durationSlots;
+        uint64 targetReductionWh;
+        uint128 incentivePerWh;
+        uint128 peakBonus;
+        uint128 participationReward;
+        IGridBalance.Participant[] participants;
+    }
+
     /// @notice What one call does: the parts whose bits are set in `parts`, in the order
-    /// recover, reconcile, emergency, price, settle, readings.
+    /// recover, reconcile, emergency, price, settle, readings, demand response.
     struct SlotStep {
         uint8 parts;
         Reconciliation reconciliation;
@@ -48,6 +62,7 @@ interface ISlotSettler {
         Settlement settlement;
         IDeviceRegistry.Reading[] readings;
         bytes[] readingSignatures;
+        DemandResponse demandResponse;
     }
 
     /// @notice A zero address was given where one is required.
@@ -66,6 +81,7 @@ interface ISlotSettler {
     /// @notice The contracts the settler drives: (EnergyTrading, DeviceRegistry, RewardSystem).
     function suite() external view returns (IEnergyTrading trading, IDeviceRegistry registry, IRewardSystem rewards);
 
-    /// @notice The GridBalance whose emergencies the settler declares and ends.
+    /// @notice The GridBalance whose emergencies the settler declares and ends and whose
+    /// demand-response events it settles and announces.
     function gridBalance() external view returns (IGridBalance);
 }

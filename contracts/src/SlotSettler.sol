@@ -14,7 +14,8 @@ import {ISlotSettler} from "./ISlotSettler.sol";
 /// block, receipt) and one round trip. It adds no rule of its own and bypasses none: it calls
 /// EnergyTrading, DeviceRegistry and RewardSystem exactly as the operator would, holding the
 /// roles the operator would hold (SOLVER_ROLE and PARAMETER_ROLE on EnergyTrading, REWARDER_ROLE
-/// on RewardSystem, EMERGENCY_ROLE on GridBalance), and only OPERATOR_ROLE may call it.
+/// on RewardSystem, EMERGENCY_ROLE and OPERATOR_ROLE on GridBalance), and only OPERATOR_ROLE may
+/// call it.
 /// @dev A slot's readings must be submitted inside its reading window and it may be reconciled
 /// only once that window has closed, so one block can never do both for the same slot: the
 /// operator reconciles slot s - 1 in the transaction that settles slot s. The reconciliation runs
@@ -24,6 +25,10 @@ import {ISlotSettler} from "./ISlotSettler.sol";
 /// reconciliation and before the settlement, so the slot it covers trades nothing (its batch must
 /// be empty) while its meters are still settled; it is ended first thing in the first slot
 /// without stress, before anything of that slot runs.
+/// Demand response runs last, so it sees the pause the step leaves: GridBalance refuses to settle
+/// or announce an event during an emergency, so the operator leaves the part out of a step that
+/// declares or continues one. An event must start after the block's slot (its baselines fixed
+/// before it begins) and settles once the readings of its last slot are final.
 contract SlotSettler is ISlotSettler, AccessControl {
     /// @notice Calls `run`.
     bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
@@ -40,7 +45,10 @@ contract SlotSettler is ISlotSettler, AccessControl {
     /// @notice `parts` bit: declare an emergency (`GridBalance.declareEmergency`) after the
     /// reconciliation, so no trade of this step's settlement can happen.
     uint8 public constant PART_EMERGENCY = 32;
-    uint8 private constant ALL_PARTS = 63;
+    /// @notice `parts` bit: settle `step.demandResponse.settle`, then announce the event it
+    /// describes when its participant list is not empty, after every other part.
+    uint8 public constant PART_DEMAND_RESPONSE = 64;
+    uint8 private constant ALL_PARTS = 127;
     /// @notice The reason `PART_EMERGENCY` gives GridBalance.
     bytes32 public constant EMERGENCY_REASON = "grid stress";
 
@@ -54,7 +62,8 @@ contract SlotSettler is ISlotSettler, AccessControl {
     /// @param trading_ The EnergyTrading that settles and reconciles.
     /// @param registry_ The DeviceRegistry the readings go to.
     /// @param rewards_ The RewardSystem that grants rewards.
-    /// @param grid_ The GridBalance whose emergencies it declares and ends.
+    /// @param grid_ The GridBalance whose emergencies it declares and ends and whose
+    /// demand-response events it settles and announces.
     constructor(
         address admin,
         address operator,
@@ -86,6 +95,7 @@ contract SlotSettler is ISlotSettler, AccessControl {
         if (parts & PART_PRICE != 0) _trading.setPriceParams(step.params, step.todMultiplierBps);
         if (parts & PART_SETTLE != 0) _settle(step.settlement);
         if (parts & PART_READINGS != 0) _registry.submitReadings(step.readings, step.readingSignatures);
+        if (parts & PART_DEMAND_RESPONSE != 0) _demandResponse(step.demandResponse);
         emit SlotStepRun(parts, step.settlement.slot, step.reconciliation.slot);
     }
 
@@ -105,6 +115,23 @@ contract SlotSettler is ISlotSettler, AccessControl {
         for (uint256 i; i < r.grants.length; ++i) {
             Grant calldata g = r.grants[i];
             _rewards.grantReward(g.account, g.amount, g.kind);
+        }
+    }
+
+    function _demandResponse(DemandResponse calldata d) private {
+        for (uint256 i; i < d.settle.length; ++i) {
+            _grid.settleEvent(d.settle[i]);
+        }
+        if (d.participants.length != 0) {
+            _grid.createEvent(
+                d.startSlot,
+                d.durationSlots,
+                d.targetReductionWh,
+                d.incentivePerWh,
+                d.peakBonus,
+                d.participationReward,
+                d.participants
+            );
         }
     }
 

@@ -30,14 +30,23 @@ from contracts.client import (
     sign_reading,
 )
 from contracts.errors import ContractRevert
-from contracts.model import PriceParams, Side, SignedOrder
+from contracts.model import (
+    DrParticipant,
+    GridBalanceModel,
+    LoadType,
+    PriceParams,
+    Side,
+    SignedOrder,
+)
 from contracts.settler import (
+    PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
     PART_PRICE,
     PART_READINGS,
     PART_RECONCILE,
     PART_RECOVER,
     PART_SETTLE,
+    DemandResponse,
     OrderSigner,
     ReadingSigner,
     SlotSender,
@@ -127,6 +136,7 @@ def test_deploy_suite_wires_the_settlers_roles(world: World) -> None:
     assert chain.call(suite.trading, "hasRole", role_id("PARAMETER_ROLE"), settler)
     assert chain.call(suite.rewards, "hasRole", role_id("REWARDER_ROLE"), settler)
     assert chain.call(suite.grid, "hasRole", role_id("EMERGENCY_ROLE"), settler)
+    assert chain.call(suite.grid, "hasRole", role_id("OPERATOR_ROLE"), settler)
     assert chain.call(suite.settler, "gridBalance") == suite.grid.address
     assert chain.call(suite.settler, "hasRole", role_id("OPERATOR_ROLE"), world.solver)
     assert not chain.call(suite.settler, "hasRole", role_id("OPERATOR_ROLE"), world.stranger)
@@ -152,7 +162,7 @@ def test_only_the_operator_may_run_a_step(world: World, reverts: Any) -> None:
         )
 
 
-@pytest.mark.parametrize("parts", [0, 64, 255])
+@pytest.mark.parametrize("parts", [0, 128, 255])
 def test_parts_must_select_something_that_exists(world: World, reverts: Any, parts: int) -> None:
     with reverts("SlotSettlerInvalidParts", parts=parts):
         _sender(world).send(SlotStep(parts=parts).calldata(), world.chain.timestamp() + 5)
@@ -309,17 +319,93 @@ def test_an_emergency_stops_trading_but_not_the_meters(
     assert not chain.call(suite.grid, "paused") and not chain.call(suite.trading, "paused")
 
 
+def test_demand_response_events_are_announced_and_settled_in_the_slot_step(
+    world: World, members: list[Member], reverts: Any
+) -> None:
+    """The step's last part announces an event for a later slot from the operator's view of
+    this one, and settles an earlier event once its readings are final: GridBalance pays what
+    its model (`GridBalanceModel`) predicts, by the baselines fixed at announcement. An
+    emergency declared in a step refuses both, with GridBalance's own error."""
+    suite, chain = world.suite, world.chain
+    sender = _sender(world)
+    slot = suite.current_slot() + 2
+    model = GridBalanceModel(suite.genesis, {m.meter: m.address for m in members})
+    people = [
+        DrParticipant(m.meter, LoadType.CURTAILABLE, prio, 500)
+        for m, prio in zip(members, (0, 1, 1), strict=True)
+    ]
+    announce = DemandResponse(
+        start_slot=slot + 1, duration_slots=1, target_reduction_wh=800, incentive_per_wh=10**6,
+        peak_bonus=10**8, participation_reward=7, participants=[p.as_tuple() for p in people],
+    )  # fmt: skip
+    # Mined inside `slot`: the next slot is still ahead, its baselines fixed before it starts.
+    inside = suite.slot_start(slot + 1) - 1
+    with reverts("GridBalanceEventNotInFuture", startSlot=slot, currentSlot=slot):
+        too_late = DemandResponse(**{**announce.__dict__, "start_slot": slot})
+        sender.send(
+            SlotStep(parts=PART_DEMAND_RESPONSE, demand_response=too_late).calldata(), inside - 2
+        )
+    with reverts("EnforcedPause"):  # an emergency step may not announce
+        step = SlotStep(parts=PART_EMERGENCY | PART_DEMAND_RESPONSE, demand_response=announce)
+        sender.send(step.calldata(), inside - 1)
+    receipt = sender.send(
+        SlotStep(parts=PART_DEMAND_RESPONSE, demand_response=announce).calldata(), inside
+    )
+    (created,) = decode_logs(receipt.logs)["DemandResponseCreated"]
+    event_id = model.create_event(inside, slot + 1, 1, 800, 10**6, 10**8, 7, people)
+    assert (created["event_id"], created["start_slot"], created["participants"]) == (
+        event_id,
+        slot + 1,
+        3,
+    )
+
+    # The event's slot: meter 0 uses 200 Wh (saves 300), meter 1 uses 600 (saves nothing),
+    # meter 2 exports 100 (saves 600): 900 Wh together meets the 800 Wh target.
+    metered = [200, 600, -100]
+    signer = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
+    readings = [(m.meter, slot + 1, wh, 0) for m, wh in zip(members, metered, strict=True)]
+    relay = SlotStep(
+        parts=PART_READINGS,
+        readings=readings,
+        reading_signatures=[
+            signer.sign(PrivateKey(m.meter_key), *r) for m, r in zip(members, readings, strict=True)
+        ],
+    )
+    sender.send(relay.calldata(), suite.slot_start(slot + 2) + 1)
+    settle = SlotStep(parts=PART_DEMAND_RESPONSE, demand_response=DemandResponse([event_id]))
+    final_at = suite.slot_start(slot + 2) + 600
+    with reverts("GridBalanceReadingsNotFinal", slot=slot + 1):
+        sender.send(settle.calldata(), final_at - 2)
+    receipt = sender.send(settle.calldata(), final_at)
+    want = model.settle_event(event_id, final_at, {(r[0], r[1]): r[2] for r in readings})
+    events = decode_logs(receipt.logs)
+    assert want.reductions == [300, 0, 600] and want.target_met
+    assert [(e["device"], e["reduction"], e["reward"]) for e in events["ParticipantSettled"]] == [
+        (p.device, r, w) for p, r, w in zip(people, want.reductions, want.rewards, strict=True)
+    ]
+    assert [(e["account"], e["amount"]) for e in events["RewardGranted"]] == [
+        (owner, amount) for owner, amount, _ in want.grants
+    ]
+    (settled,) = events["DemandResponseSettled"]
+    assert (settled["total"], settled["target_met"]) == (900, True)
+    with reverts("GridBalanceEventClosed", eventId=event_id):  # settles once
+        sender.send(settle.calldata(), final_at + 1)
+
+
 def test_fast_calldata_is_eth_abis(world: World, members: list[Member]) -> None:
     step = _step(world, members, world.suite.current_slot() + 2, [5, -6, 0])
     step = SlotStep(
         **{
             **step.__dict__,
-            "parts": 15,
+            "parts": 79,
             "reconcile_slot": 3,
             "trades": [(members[0].address, 1, 7, 2)],
             "accounts": [m.address for m in members],
             "exporters": [members[1].meter],
             "grants": [(members[2].address, 10**24, 2)],
+            "demand_response": DemandResponse(
+                [3, 2**200], 9, 2, 800, 2**100, 5, 6, [(members[1].meter, 1, 4, 2**63)]
+            ),
         }
     )
     assert step.calldata() == step.calldata_reference()
