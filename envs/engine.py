@@ -74,21 +74,34 @@ class _StepThreads:
             return self._pool
 
     def run(self, threads: int, b: int, chunk: Callable[[int, int], object]) -> None:
-        """`chunk(lo, hi)` over rows [0, b) in `CHUNK_ROWS` pieces on `threads` threads."""
+        """`chunk(lo, hi)` over rows [0, b) in `CHUNK_ROWS` pieces on `threads` threads.
+
+        Returns once every chunk is done, not once every helper has run: on a busy machine a
+        helper can wait milliseconds for a core, and one that starts after the calling thread
+        took every chunk finds none left and returns at once.
+        """
         n_chunks = -(-b // CHUNK_ROWS)
         claim = itertools.count().__next__  # atomic under the GIL
+        done = itertools.count(1).__next__
+        finished = threading.Event()
+        errors: list[BaseException] = []
 
         def work() -> None:
             while (c := claim()) < n_chunks:
-                chunk(c * CHUNK_ROWS, min(b, (c + 1) * CHUNK_ROWS))
+                try:
+                    chunk(c * CHUNK_ROWS, min(b, (c + 1) * CHUNK_ROWS))
+                except BaseException as e:  # re-raised on the calling thread
+                    errors.append(e)
+                if done() == n_chunks:
+                    finished.set()
 
         pool = self._executor(threads - 1)
-        helpers = [pool.submit(work) for _ in range(threads - 1)]
-        try:
-            work()
-        finally:
-            for f in helpers:
-                f.result()
+        for _ in range(threads - 1):
+            pool.submit(work)
+        work()
+        finished.wait()
+        if errors:
+            raise errors[0]
 
 
 _THREADS = _StepThreads()
