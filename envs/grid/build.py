@@ -76,8 +76,10 @@ def _build_cached(scenario_json: str) -> GridParams:
                 cached = pickle.load(fh)
             if isinstance(cached, GridParams):
                 return cached
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            pass  # a stale or torn cache file is rebuilt below
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            # A stale or torn cache file, or one pickled by a copy of this package under another
+            # module name, is rebuilt below.
+            pass
     # pandapower costs seconds to import: only a cache miss pays for it.
     from envs.grid.network import compile_network
 
