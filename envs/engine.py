@@ -7,9 +7,11 @@ environment equal to N single ones, step for step.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,29 +34,86 @@ from envs.kernel import (
 )
 from envs.kpis import MARKET_INFO, OUTCOME_FIELDS, EpisodeKpis, MarketKpis, outcome_matrix
 from envs.ledger import treasury_short
-from envs.market_kernel import fused_step, fused_step_parallel
+from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunk, fused_step
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
 
 if TYPE_CHECKING:
     from envs.exchange import Exchange
 
-#: Batches of at least this many grids run the fused step on all of numba's threads (below it,
-#: starting the threads costs more than they save). `NUMBA_NUM_THREADS=1` keeps it on one core.
+#: Batches of at least this many grids share the fused step out to threads (below it, handing
+#: chunks over costs more than it saves). `NUMBA_NUM_THREADS=1` keeps it on one core.
 PARALLEL_ROWS = 128
-# numba's threads: the `workqueue` layer unless the user chose one. The default (GNU OpenMP
-# here) spins its threads while they wait; on this shared 2-core machine that made a batch of
-# 1,024 slower on two threads than on one (20-24k vs 25-31k env-steps/s under load), where
-# workqueue gained (32-46k). workqueue must not be entered from two threads at once: the
-# lock below serialises parallel steps of environments stepped from different threads.
-_PARALLEL_LOCK = threading.Lock()
 _STEP: Callable[..., bool] = fused_step
-_STEP_PARALLEL: Callable[..., bool] = fused_step_parallel
+_CHUNK: Callable[..., None] = fused_chunk
 
 
-def _choose_threading_layer() -> None:
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+class _StepThreads:
+    """Helper threads that take chunks of a fused step beside the calling thread.
+
+    The chunks are handed out one at a time from a shared counter, first come first served, so
+    a thread that loses its core to another process only delays the chunk it holds: the other
+    thread takes the rest. numba's `prange` splits a batch into fixed halves instead, and on
+    this shared 2-core machine the half whose thread waited for a core set the step's time
+    (two threads were no faster than one there). The kernel runs without the GIL; only the
+    dispatch of each chunk (~10 us) takes it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._key = (0, 0)
+
+    def _executor(self, helpers: int) -> ThreadPoolExecutor:
+        # A forked child inherits the pool object but not its threads: start a new one there.
+        key = (os.getpid(), helpers)
+        with self._lock:
+            if self._pool is None or self._key != key:
+                self._pool = ThreadPoolExecutor(helpers, thread_name_prefix="microgrid-step")
+                self._key = key
+            return self._pool
+
+    def run(self, threads: int, b: int, chunk: Callable[[int, int], object]) -> None:
+        """`chunk(lo, hi)` over rows [0, b) in `CHUNK_ROWS` pieces on `threads` threads.
+
+        Returns once every chunk is done, not once every helper has run: on a busy machine a
+        helper can wait milliseconds for a core, and one that starts after the calling thread
+        took every chunk finds none left and returns at once.
+        """
+        n_chunks = -(-b // CHUNK_ROWS)
+        claim = itertools.count().__next__  # atomic under the GIL
+        done = itertools.count(1).__next__
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while (c := claim()) < n_chunks:
+                try:
+                    chunk(c * CHUNK_ROWS, min(b, (c + 1) * CHUNK_ROWS))
+                except BaseException as e:  # re-raised on the calling thread
+                    errors.append(e)
+                if done() == n_chunks:
+                    finished.set()
+
+        pool = self._executor(threads - 1)
+        for _ in range(threads - 1):
+            pool.submit(work)
+        work()
+        finished.wait()
+        if errors:
+            raise errors[0]
+
+
+_THREADS = _StepThreads()
+
+
+def step_threads(batch: int) -> int:
+    """Threads a fused step of `batch` rows runs on: numba's thread count from `PARALLEL_ROWS`
+    rows up (`NUMBA_NUM_THREADS`, default one per core), else one."""
+    if batch < PARALLEL_ROWS:
+        return 1
+    configured = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    return max(1, min(configured, -(-batch // CHUNK_ROWS)))
 
 
 @dataclass(frozen=True)
@@ -321,11 +380,15 @@ class Engine:
         mout = np.empty((b, len(MARKET_INFO)), dtype=np.float64)
         short = np.zeros(b, dtype=np.bool_)
         args = self._arguments(state, kpis, market_kpis, exchange)
-        if b >= PARALLEL_ROWS:
-            _choose_threading_layer()  # before numba starts its threads (get_num_threads does)
-        if b >= PARALLEL_ROWS and numba.get_num_threads() > 1:
-            with _PARALLEL_LOCK:
-                ok = _STEP_PARALLEL(*args, a, out, mout, obs, clip, short)
+        threads = step_threads(b)
+        if threads > 1:
+            ok = bool(all_finite(a))
+            if ok:
+                _THREADS.run(
+                    threads,
+                    b,
+                    lambda lo, hi: _CHUNK(lo, hi, *args, a, out, mout, obs, clip, short),
+                )
         else:
             ok = _STEP(*args, a, out, mout, obs, clip, short)
         if not ok:

@@ -492,6 +492,25 @@ def _encode_leads(dst, o, raw, scaling):
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_scaling(starts, scaling, n_p, h):
+    """Per prosumer forecast block: (offset, 1/scale, low, high) and whether all of its `h`
+    entries share them (the codec scales a prosumer's forecasts by one figure per field)."""
+    out = np.empty((4, 2 * n_p), dtype=np.float64)
+    uniform = np.empty(2 * n_p, dtype=np.bool_)
+    for blk in range(2 * n_p):
+        o = starts[7] + blk * h if blk < n_p else starts[8] + (blk - n_p) * h
+        same = True
+        for r in range(4):
+            v = scaling[r, o]
+            out[r, blk] = v
+            for q in range(1, h):
+                if scaling[r, o + q] != v:
+                    same = False
+        uniform[blk] = same
+    return out, uniform
+
+
+@numba.njit(cache=True, nogil=True)
 def observe_rows(
     lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
     cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
@@ -503,12 +522,15 @@ def observe_rows(
     background load and PV). Each block's truth is gathered from the row's window of the
     profiles (`prof[t:t + h]`, one contiguous stretch of memory per profile, which the hardware
     prefetcher streams; a time-major copy of the profiles was faster with warm caches but
-    slower on this shared machine, where the 28 short windows per row missed cache), then the
-    noise and the encoding run as loops over contiguous leads that LLVM vectorises. Each entry
-    goes straight into `buf` (no float64 row, no second pass), with the same float64
-    operations in the same order as `forecast_value` then `Codec.scale_raw`: the values are bit
-    for bit those of `Codec.encode(dynamics.observe(...))` (the phase features up to libm's
-    last bit), which tests/envs/test_kernel.py holds.
+    slower on this shared machine, where the 28 short windows per row missed cache). A
+    prosumer block whose entries share one scaling (the codec's layout) then runs noise and
+    encoding in one loop over contiguous leads with the scaling held in registers, which LLVM
+    vectorises; other blocks take a forecast row, then an encoding pass. Each entry goes
+    straight into `buf` (no float64 row, no second pass over the observation), with the same
+    float64 operations in the same order as `forecast_value` then `Codec.scale_raw` (a scalar
+    equal to the entry's own scaling gives the same result): the values are bit for bit those
+    of `Codec.encode(dynamics.observe(...))` (the phase features up to libm's last bit), which
+    tests/envs/test_kernel.py holds.
     """
     h = sizes[2]
     n_p = last_load.shape[1]
@@ -521,6 +543,7 @@ def observe_rows(
     truth = np.empty(h, dtype=np.float64)
     leads = lead[:h]
     n_blk = 2 * n_p + 2
+    bscale, uniform = _block_scaling(starts, scaling, n_p, h)
     for i in range(lo, hi):
         dst = buf[i]
         t = slot[i]
@@ -558,6 +581,27 @@ def observe_rows(
             else:
                 for q in range(h):
                     truth[q] = bw[q, blk - 2 * n_p]
+            if blk < 2 * n_p and uniform[blk]:
+                o = starts[7] + blk * h if blk < n_p else starts[8] + (blk - n_p) * h
+                out = dst[o : o + h]
+                s_off = bscale[0, blk]
+                s_inv = bscale[1, blk]
+                s_low = bscale[2, blk]
+                s_high = bscale[3, blk]
+                if mode == 1:
+                    eps = noise[off + blk * h : off + (blk + 1) * h]
+                    for q in range(h):
+                        x = max(truth[q] * (1.0 + eps[q] * leads[q]), 0.0)
+                        out[q] = min(max((x - s_off) * s_inv, s_low), s_high)
+                elif mode == 0:
+                    for q in range(h):
+                        out[q] = min(max((truth[q] - s_off) * s_inv, s_low), s_high)
+                else:  # persistence: the last measured value at every lead
+                    last = last_load[i, blk] if blk < n_p else last_pv[i, blk - n_p]
+                    y = min(max((last - s_off) * s_inv, s_low), s_high)
+                    for q in range(h):
+                        out[q] = y
+                continue
             if mode == 2:  # persistence: the last measured value at every lead
                 if blk < n_p:
                     last = last_load[i, blk]

@@ -386,9 +386,9 @@ def summarise_rows(
 # on), advance the physics, meter and settle on the mirror ledger, add the step to the episode
 # totals and encode the next observation. It runs the same range functions as the separate
 # kernels above (which tests hold equal to the numpy references), chunk by chunk of rows, so it
-# computes exactly what calling them in turn computes. Rows are independent: a large batch runs
-# its chunks on all of numba's threads; a row's arithmetic does not depend on its chunk, so a
-# batched row equals the single environment bit for bit.
+# computes exactly what calling them in turn computes. Rows are independent: a large batch
+# shares its chunks out to threads (`envs.engine`); a row's arithmetic does not depend on its
+# chunk, so a batched row equals the single environment bit for bit.
 
 #: Rows per chunk: the chunk's scratch stays in cache, and 1,024 rows give 16 chunks to share.
 CHUNK_ROWS = 64
@@ -446,7 +446,7 @@ def decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs,
 
 
 @numba.njit(cache=True, nogil=True)
-def _fused_chunk(
+def fused_chunk(
     lo, hi, sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
     sizes,
     v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
@@ -457,7 +457,11 @@ def _fused_chunk(
     market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
     actions, out, mout, obs, clip, short,
 ):  # fmt: skip
-    """Rows [lo, hi) of `fused_step` (arguments as there)."""
+    """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite.
+
+    Rows are independent and a row's arithmetic does not depend on `lo` or `hi`, so any split
+    of the batch into chunks, on any threads, gives the one-call result bit for bit.
+    """
     m = hi - lo
     n_b = bat.shape[1]
     n_p = load.shape[1]
@@ -505,11 +509,13 @@ def _fused_chunk(
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
-        settle_range(
+        first_short = settle_range(
             lo, hi, rates, order, qty, limit, side, reference, metered, event, reduction, emerg,
             credit, treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused,
             rewards,
         )  # fmt: skip
+        if first_short >= 0:
+            short[first_short] = True
         for i in range(lo, hi):
             r = i - lo
             for k in range(n_p):
@@ -541,7 +547,7 @@ def _fused_chunk(
 
 
 @numba.njit(cache=True, nogil=True)
-def _all_finite(actions):
+def all_finite(actions):
     for i in range(actions.shape[0]):
         for j in range(actions.shape[1]):
             if not math.isfinite(actions[i, j]):
@@ -569,9 +575,9 @@ def fused_step(
     actions, and outputs `out` (outcome matrix), `mout` (market matrix), `obs`, `clip` and
     `short` (the treasury could not pay the row's surpluses).
     """
-    if not _all_finite(actions):
+    if not all_finite(actions):
         return False
-    _fused_chunk(
+    fused_chunk(
         0, actions.shape[0],
         sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
         v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
@@ -582,36 +588,4 @@ def fused_step(
         market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
         actions, out, mout, obs, clip, short,
     )  # fmt: skip
-    return True
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def fused_step_parallel(
-    sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
-    v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
-    load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
-    import_price, tod,
-    slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
-    noise_offset,
-    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
-):  # fmt: skip
-    """`fused_step` with the rows in chunks of `CHUNK_ROWS` across numba's threads."""
-    if not _all_finite(actions):
-        return False
-    b = actions.shape[0]
-    for c in numba.prange((b + CHUNK_ROWS - 1) // CHUNK_ROWS):
-        _fused_chunk(
-            c * CHUNK_ROWS, min(b, (c + 1) * CHUNK_ROWS),
-            sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
-            sizes,
-            v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
-            load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
-            import_price, tod,
-            slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
-            community_price,
-            noise_offset,
-            market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
-            actions, out, mout, obs, clip, short,
-        )  # fmt: skip
     return True

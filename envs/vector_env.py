@@ -144,9 +144,12 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         if self.exchange is not None:
             for row, extra in zip(kpis, self._market_kpis.rows(done_rows), strict=True):
                 row.update(extra)
-        diverged = matrix[done_rows, _DIVERGED] > 0.5
+        diverged = (matrix[done_rows, _DIVERGED] > 0.5).tolist()
+        # One copy of the finished rows (the reset below overwrites `obs`), a view per row: a
+        # batch of 1,024 ends its episodes together, and 1,024 small copies cost ~2 ms.
+        finished = obs[done_rows]
         for j, i in enumerate(done_rows.tolist()):
-            final_obs[i] = obs[i].copy()
+            final_obs[i] = finished[j]
             final_info[i] = {
                 "episode_kpis": kpis[j],
                 "truncation_reason": "power_flow_diverged" if diverged[j] else "end_of_episode",

@@ -93,3 +93,20 @@ def test_threaded_batch_equals_the_one_core_batch(monkeypatch: pytest.MonkeyPatc
         for key in MARKET_INFO:
             assert np.array_equal(info[key], info_s[key]), f"{key} at step {t}"
     assert np.array_equal(threaded.exchange.ledger.credits(), serial.exchange.ledger.credits())
+
+
+def test_step_threads_run_every_chunk_once_and_reraise_a_chunks_error() -> None:
+    """The chunks of a threaded step are handed out once each; an error reaches the caller."""
+    from envs.engine import CHUNK_ROWS, _StepThreads
+
+    threads = _StepThreads()
+    seen: list[tuple[int, int]] = []
+    threads.run(2, 1000, lambda lo, hi: seen.append((lo, hi)))
+    assert sorted(seen) == [(lo, min(1000, lo + CHUNK_ROWS)) for lo in range(0, 1000, CHUNK_ROWS)]
+
+    def chunk(lo: int, hi: int) -> None:
+        if lo == 2 * CHUNK_ROWS:
+            raise ValueError("chunk 2")
+
+    with pytest.raises(ValueError, match="chunk 2"):
+        threads.run(2, 1000, chunk)
