@@ -397,13 +397,14 @@ class MqttLink:
         self.queue.put_nowait(Received(topic, payload, time.monotonic(), mid, qos))
 
     def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._detach)
+        fd = sock.fileno()  # still open: paho closes it after this call
+        self._on_loop(lambda: self._detach(fd))
 
     def _on_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._want_write)
+        self._on_loop(self._sync_write)
 
     def _on_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._no_write)
+        self._on_loop(self._sync_write)
 
     # ---- the event loop's side of the socket -------------------------------------------------
     def _attach(self) -> None:
@@ -411,15 +412,18 @@ class MqttLink:
         sock = self.client.socket()
         assert self._loop is not None
         if sock is None or self._stopped:
+            if self._lost is not None:
+                self._lost.set()  # gone already: the driver tries again
             return
         self._fd = sock.fileno()
         self._paused = False
         self._loop.add_reader(self._fd, self._readable)
-        if self.client.want_write():
-            self._want_write()
+        self._sync_write()
 
-    def _detach(self) -> None:
-        """The socket is closing (paho closes it right after): forget it, look for a new one."""
+    def _detach(self, fd: int) -> None:
+        """Socket `fd` is closing (paho closes it right after): forget it, look for a new one."""
+        if self._fd is not None and fd != self._fd:
+            return  # not the one registered (told late, from a reconnect's thread)
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
@@ -429,18 +433,28 @@ class MqttLink:
         if self._lost is not None:
             self._lost.set()
 
-    def _want_write(self) -> None:
-        if self._fd is not None and not self._writing and self._loop is not None:
+    def _sync_write(self) -> None:
+        """Watch the socket for room to write exactly while paho has bytes to send.
+
+        paho's register/unregister callbacks only say *when* to look (some come late, from a
+        reconnect's thread): its queue decides, so a stale call can neither leave a written
+        socket watched (a busy loop) nor queued bytes unwatched.
+        """
+        if self._loop is None:
+            return
+        want = self._fd is not None and self.client.want_write()
+        if want and not self._writing:
+            assert self._fd is not None
             self._writing = True
             self._loop.add_writer(self._fd, self._writable)
-
-    def _no_write(self) -> None:
-        if self._fd is not None and self._writing and self._loop is not None:
-            self._loop.remove_writer(self._fd)
-        self._writing = False
+        elif not want and self._writing:
+            if self._fd is not None:
+                self._loop.remove_writer(self._fd)
+            self._writing = False
 
     def _writable(self) -> None:
         self.client.loop_write()
+        self._sync_write()
 
     def _readable(self) -> None:
         """Read until the socket is dry, `READ_BUDGET` packets at most; with that many waiting
