@@ -46,10 +46,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.errors import BridgeError
 
-#: Packets read per readable event before the loop gets back to the consumer, and messages the
-#: queue may hold before reading stops. A slot's last message is handled after those read with
-#: it, so this bounds the wait inside decision latency (~32 x 0.1 ms); smaller costs more loop
-#: turns per message (16: ~10 % more CPU a message in the bench).
+#: Packets read per readable event before the loop gets back to the consumer, and by default
+#: the messages the queue may hold before reading stops (`max_queued`). A slot's last message
+#: is handled after those read with it, so this bounds the wait inside decision latency
+#: (~32 x 0.1 ms); smaller costs more loop turns per message (16: ~10 % more CPU a message in
+#: the bench).
 READ_BUDGET = 32
 #: Bytes asked of the socket at a time (paho's own reads ask for a packet's bytes only).
 RECV_CHUNK = 65_536
@@ -288,9 +289,16 @@ class MqttLink:
         keepalive: int = 10,
         session_expiry_s: int | None = None,
         receive_maximum: int = 1000,
+        max_queued: int = READ_BUDGET,
     ) -> None:
         """`session_expiry_s` set: a persistent session with manual acknowledgements (`ack`);
-        None: a clean session whose messages paho acknowledges on receipt (devices, tools)."""
+        None: a clean session whose messages paho acknowledges on receipt (devices, tools).
+
+        `max_queued`: reading stops while this many messages wait in `queue`. A consumer that
+        commits each batch (the bridge: one SQLite transaction, one fsync) wants it as large as
+        its batch, so that a backlog (a restart's, the broker's queue) goes in few commits, not
+        one per `READ_BUDGET`; the bench keeps the default, the shortest wait for a slot's last
+        message."""
         parsed = urlparse(url)
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
             raise BridgeError(f"broker url: expected mqtts://HOST:PORT or mqtt://..., got {url!r}")
@@ -337,8 +345,9 @@ class MqttLink:
         self._fd: int | None = None
         """The socket registered with the event loop (its number: paho closes the object)."""
         self._writing = False
+        self.max_queued = max(1, max_queued)
         self._paused = False
-        """Reading stopped: `queue` holds `READ_BUDGET` messages the consumer has not taken."""
+        """Reading stopped: `queue` holds `max_queued` messages the consumer has not taken."""
         self._lost: asyncio.Event | None = None
         self._stopped = False
         self._halted = asyncio.Event()
@@ -460,11 +469,11 @@ class MqttLink:
         self._sync_write()
 
     def _readable(self) -> None:
-        """Read until the socket is dry, `READ_BUDGET` packets at most; with that many waiting
-        in `queue`, stop reading until the consumer took them (`_resume`)."""
+        """Read until the socket is dry, `READ_BUDGET` packets at most; with `max_queued`
+        waiting in `queue`, stop reading until the consumer took some (`_resume`)."""
         if self._fd is None or self._loop is None:
             return
-        room = READ_BUDGET - self.queue.qsize()
+        room = min(READ_BUDGET, self.max_queued - self.queue.qsize())
         if room <= 0:
             if not self._paused:
                 self._paused = True
@@ -482,7 +491,7 @@ class MqttLink:
             self._paused
             and self._fd is not None
             and self._loop is not None
-            and self.queue.qsize() < READ_BUDGET
+            and self.queue.qsize() < self.max_queued
         ):
             self._paused = False
             self._loop.add_reader(self._fd, self._readable)
