@@ -1,11 +1,21 @@
 """The thin MQTT shell: paho-mqtt 2 moving bytes between the broker and an asyncio queue.
 
 It decides nothing (aiomqtt's lesson): payloads stay bytes, and every decision is in the sans-I/O
-core. paho runs its network loop in its own thread; received messages cross into the event loop
-in batches: the paho thread appends to a list and wakes the loop (`call_soon_threadsafe`, a
-write to its self-pipe) only when that list was empty, so a burst costs one wake-up, not one
-per message. TLS and a user name/password are mandatory outside tests of the
-refusal itself; the last will is set before connecting, as Sparkplug requires.
+core. TLS and a user name/password are mandatory outside tests of the refusal itself; the last
+will is set before connecting, as Sparkplug requires.
+
+paho is driven from the event loop itself (paho's "external event loop" interface: `loop_read`
+when the socket is readable, `loop_write` while paho has bytes to send, `loop_misc` every second
+for the keep-alive), not from paho's own thread. With a thread, the two shared one GIL: every
+`recv` paho made (three a packet) and every acknowledgement the loop queued (a wake-up write to
+paho's self-pipe) handed the GIL over and waited up to a switch interval to get it back, and the
+bench measured the bridge at half of raw paho's rate. On the loop, a message goes from the socket
+to `queue` in one call, and the broker's flow stays with the caller: each readable event reads at
+most `READ_BUDGET` packets before the loop runs the consumer again, so a burst waits in the
+kernel and the broker, not stamped and queued here (a slot's last message is handed over when the
+bridge can look at it, which is where decision latency starts). The (re)connect itself (DNS, TCP,
+the TLS handshake) blocks, so it runs in a worker thread, with paho's back-off between tries
+(1 s doubling to 30 s).
 
 A link that must not lose what it receives (the bridge's) opens a *persistent* MQTT v5 session
 (`clean_start` False, a session expiry) and acknowledges each message itself (`manual_ack`):
@@ -18,9 +28,11 @@ then lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +42,25 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.errors import BridgeError
+
+#: Packets read per readable event before the loop gets back to the consumer, and by default
+#: the messages the queue may hold before reading stops (`max_queued`). A slot's last message
+#: is handled after those read with it, so this bounds the wait inside decision latency
+#: (~32 x 0.1 ms); smaller costs more loop turns per message (16: ~10 % more CPU a message in
+#: the bench).
+READ_BUDGET = 32
+#: Bytes asked of the socket at a time (paho's own reads ask for a packet's bytes only).
+RECV_CHUNK = 65_536
+#: paho's reconnect back-off (seconds): the first wait, doubled after each failed try up to the
+#: last; a connection that got its CONNACK starts the next loss at the first again.
+RECONNECT_DELAY_S = (1.0, 30.0)
+
+
+_PUBACK_REASONS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 
 
 @dataclass(frozen=True)
@@ -52,6 +81,198 @@ class Will:
     retain: bool = False
 
 
+_PUBLISHED = threading.Condition()
+"""One condition for every `_Info`: paho makes one per message, most of a publish's cost."""
+
+
+class _Info(mqtt.MQTTMessageInfo):
+    """paho's MessageInfo on the shared condition (waiters each check their own flag)."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._published = False
+        self._condition = _PUBLISHED
+        self.rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        with self._condition:
+            self._published = True
+            self._condition.notify_all()
+
+
+class _Client(mqtt.Client):
+    """paho's client with the bridge's hot path made cheap, and stoppable like a threaded one.
+
+    The common packets take a short way; anything else takes paho's own:
+
+    * reads come out of one `recv` of up to `RECV_CHUNK` bytes: paho asks for each packet in
+      three (its type, its length, its body), each a system call;
+    * a QoS 1 PUBLISH without MQTT v5 properties (what devices send; a topic alias or any other
+      property is a property) goes straight to `on_fast_message`: no `Properties` object (paho
+      builds and clears one per packet, the largest cost it had), no `MQTTMessage`, no topic
+      matching for the per-topic callbacks this client does not use;
+    * a PUBACK saying success without properties (the broker's answer to every command the
+      bridge publishes) skips the same decoding.
+
+    It leans on paho's private methods (`_sock_recv`, `_packet_read`, `_handle_publish`,
+    `_handle_pubackcomp`), which is why paho is pinned below the next minor version; the tests
+    run every path through a real mosquitto.
+    """
+
+    drained = False
+    """Set when a read found nothing left (the socket would block): the readable event is done."""
+    on_loop_stop: Callable[[], None] | None = None
+    on_fast_message: Callable[[str, bytes, int, int], None] | None = None
+    """Called with (topic, payload, packet id, QoS) for a PUBLISH taking the short way."""
+    _rbuf = b""
+    _rpos = 0
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._rbuf, self._rpos = b"", 0  # what the old connection left is not this one's
+        return super().reconnect()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        pos = self._rpos
+        if pos >= len(self._rbuf):
+            try:
+                data = super()._sock_recv(RECV_CHUNK)
+            except BlockingIOError:
+                self.drained = True
+                raise
+            if not data:
+                return data  # the broker closed the connection
+            self._rbuf, pos = data, 0
+        out = self._rbuf[pos : pos + bufsize]
+        self._rpos = pos + len(out)
+        return out
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        fast = self.on_fast_message
+        header = self._in_packet["command"]
+        packet = self._in_packet["packet"]
+        if fast is None or (header & 0x06) != 0x02 or self._protocol != mqtt.MQTTv5:
+            return super()._handle_publish()
+        end = 2 + ((packet[0] << 8) | packet[1])  # after the topic
+        # A topic, a packet id, and a property length of 0; anything else is paho's.
+        if end == 2 or len(packet) < end + 3 or packet[end + 2] != 0:
+            return super()._handle_publish()
+        try:
+            topic = packet[2:end].decode()
+        except UnicodeDecodeError:
+            return super()._handle_publish()
+        mid = (packet[end] << 8) | packet[end + 1]
+        fast(topic, bytes(memoryview(packet)[end + 3 :]), mid, 1)
+        if self._manual_ack:
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(mid)
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """paho's QoS 1 publish of bytes, the same state kept, in a quarter of its time.
+
+        paho spends ~15-40 us a publish (a `threading.Condition` per message, its debug-log
+        formatting, generic packing): a 1,000-device decision's 748 commands were more than the
+        decision itself. Anything else (QoS 0 or 2, properties, a queue or inflight limit
+        reached, a topic paho would refuse) is paho's own.
+        """
+        if (
+            qos != 1
+            or properties is not None
+            or type(payload) is not bytes
+            or self._protocol != mqtt.MQTTv5
+            or self._max_queued_messages > 0
+            or 0 < self._max_inflight_messages <= self._inflight_messages
+        ):
+            return super().publish(topic, payload, qos, retain, properties)
+        name = topic.encode()
+        if not name or len(name) > 65_535 or b"+" in name or b"#" in name:
+            return super().publish(topic, payload, qos, retain, properties)
+        remaining = len(name) + len(payload) + 5  # topic length, packet id, property length
+        if remaining > 268_435_455:
+            return super().publish(topic, payload, qos, retain, properties)
+        mid = self._mid_generate()
+        info = _Info(mid)
+        message = mqtt.MQTTMessage.__new__(mqtt.MQTTMessage)
+        message.timestamp = time.monotonic()
+        message.state = mqtt.MessageState.MQTT_MS_WAIT_FOR_PUBACK
+        message.dup = False
+        message.mid = mid
+        message._topic = name
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        message.info = info
+        message.properties = None
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # 65,535 unacknowledged: paho's answer
+                info.rc = mqtt.MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+                return info
+            self._out_messages[mid] = message
+            if self._sock is None:  # sent after the reconnect, as paho does
+                message.state = mqtt.MessageState.MQTT_MS_PUBLISH
+                info.rc = mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+                return info
+            self._inflight_messages += 1
+            packet = bytearray((0x32 | bool(retain),))
+            while True:  # the remaining length, 7 bits a byte
+                remaining, byte = divmod(remaining, 128)
+                packet.append(byte | 0x80 if remaining else byte)
+                if not remaining:
+                    break
+            packet += len(name).to_bytes(2, "big")
+            packet += name
+            packet += mid.to_bytes(2, "big")
+            packet.append(0)  # no properties
+            packet += payload
+            info.rc = self._packet_queue(mqtt.PUBLISH, packet, mid, 1, info)
+            return info
+
+    def _handle_pubackcomp(self, cmd: Any) -> mqtt.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        n = len(packet)
+        # A PUBACK: its packet id, then maybe a reason code, then maybe a property length of 0
+        # (a reason of 0x10, "no matching subscribers", is a success too).
+        if cmd != "PUBACK" or n < 2 or n > 4 or (n == 4 and packet[3] != 0):
+            return super()._handle_pubackcomp(cmd)
+        reason = _PUBACK_REASONS.get(packet[2] if n > 2 else 0)
+        if reason is None:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def read_packets(self, limit: int) -> mqtt.MQTTErrorCode:
+        """`loop_read`, but at most `limit` packets: paho's reads one per message it has in
+        flight (every command the bridge published, until its PUBACK), which is no budget."""
+        self.drained = False
+        for _ in range(limit):
+            if self._sock is None:
+                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if self.drained:
+                break
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def loop_stop(self) -> mqtt.MQTTErrorCode:
+        """Stop driving the connection (no DISCONNECT, no reconnect): what a crash leaves."""
+        if self.on_loop_stop is not None:
+            self.on_loop_stop()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
 class MqttLink:
     """One MQTT connection: connect, subscribe, publish, and an async stream of messages."""
 
@@ -68,9 +289,16 @@ class MqttLink:
         keepalive: int = 10,
         session_expiry_s: int | None = None,
         receive_maximum: int = 1000,
+        max_queued: int = READ_BUDGET,
     ) -> None:
         """`session_expiry_s` set: a persistent session with manual acknowledgements (`ack`);
-        None: a clean session whose messages paho acknowledges on receipt (devices, tools)."""
+        None: a clean session whose messages paho acknowledges on receipt (devices, tools).
+
+        `max_queued`: reading stops while this many messages wait in `queue`. A consumer that
+        commits each batch (the bridge: one SQLite transaction, one fsync) wants it as large as
+        its batch, so that a backlog (a restart's, the broker's queue) goes in few commits, not
+        one per `READ_BUDGET`; the bench keeps the default, the shortest wait for a slot's last
+        message."""
         parsed = urlparse(url)
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
             raise BridgeError(f"broker url: expected mqtts://HOST:PORT or mqtt://..., got {url!r}")
@@ -78,7 +306,7 @@ class MqttLink:
         self.port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
         self.keepalive = keepalive
         self.persistent = session_expiry_s is not None
-        self.client = mqtt.Client(
+        self.client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -98,21 +326,18 @@ class MqttLink:
             self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(1000)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.queue: asyncio.Queue[Received] = asyncio.Queue()
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._subscriptions: list[str] = []
         self.birth = birth
         """Published on every (re)connect: a broker restarted without persistence forgot it."""
         self._unconfirmed: set[int] = set()
         """Packet ids of QoS 1 publishes the broker has not acknowledged (`drain` waits)."""
         self._early: set[int] = set()
-        """Acknowledged before `publish` returned (paho's thread is faster than ours)."""
+        """Acknowledged before `publish` returned (a CONNACK's resend, read in the same call)."""
         self._ack_lock = threading.Lock()
-        self._inbox: list[Received] = []
-        """Received by paho's thread, not yet moved into `queue` by the event loop."""
-        self._inbox_lock = threading.Lock()
         self.connects = 0
         self.session_resumed = 0
         """Connects on which the broker still held our session (queued messages follow)."""
@@ -122,18 +347,41 @@ class MqttLink:
         self._sub_refused: list[str] = []
         self.subscribed = asyncio.Event()
         """Set once the broker acknowledged every subscription of the last connect."""
+        self._fd: int | None = None
+        """The socket registered with the event loop (its number: paho closes the object)."""
+        self._writing = False
+        self.max_queued = max(1, max_queued)
+        self._paused = False
+        """Reading stopped: `queue` holds `max_queued` messages the consumer has not taken."""
+        self._lost: asyncio.Event | None = None
+        self._stopped = False
+        self._halted = asyncio.Event()
+        self._driver: asyncio.Task[None] | None = None
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_socket_close = self._on_socket_close
+        self.client.on_socket_register_write = self._on_register_write
+        self.client.on_socket_unregister_write = self._on_unregister_write
+        self.client.on_loop_stop = self._stop
+        self.client.on_fast_message = self._on_fast_message
 
-    # ---- paho thread -> event loop ---------------------------------------------------------
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    # ---- paho callbacks (on the event loop, but for a reconnect's) ---------------------------
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the event loop: now if this is it, else as soon as it can."""
         assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+                self._loop.call_soon_threadsafe(fn)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
-            self._loop.call_soon_threadsafe(self.connected.set)
+            self._on_loop(self.connected.set)
             return
         if getattr(flags, "session_present", False):
             self.session_resumed += 1
@@ -142,14 +390,13 @@ class MqttLink:
             _, mid = client.subscribe(sub, qos=1)
             self._suback[mid] = sub
         if not self._suback:
-            self._loop.call_soon_threadsafe(self.subscribed.set)
+            self._on_loop(self.subscribed.set)
         if self.birth is not None:
             client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
         self.connects += 1
-        self._loop.call_soon_threadsafe(self.connected.set)
+        self._on_loop(self.connected.set)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        assert self._loop is not None
         sub = self._suback.pop(mid, None)
         if sub is None:
             return
@@ -157,13 +404,12 @@ class MqttLink:
         if refused:
             self._sub_refused.append(f"{sub!r} ({refused[0]})")
         if not self._suback:
-            self._loop.call_soon_threadsafe(self.subscribed.set)
+            self._on_loop(self.subscribed.set)
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.connected.clear)
+        self._on_loop(self.connected.clear)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._ack_lock:
@@ -173,22 +419,150 @@ class MqttLink:
                 self._early.add(mid)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        assert self._loop is not None
-        received = Received(
-            message.topic, bytes(message.payload), time.monotonic(), message.mid, message.qos
+        self.queue.put_nowait(
+            Received(
+                message.topic, bytes(message.payload), time.monotonic(), message.mid, message.qos
+            )
         )
-        with self._inbox_lock:
-            self._inbox.append(received)
-            if len(self._inbox) > 1:
-                return  # a wake-up is already on its way; it takes this one too
-        self._loop.call_soon_threadsafe(self._take_inbox)
 
-    def _take_inbox(self) -> None:
-        """On the event loop: move what paho's thread received into `queue`, in order."""
-        with self._inbox_lock:
-            batch, self._inbox = self._inbox, []
-        for received in batch:
-            self.queue.put_nowait(received)
+    def _on_fast_message(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        self.queue.put_nowait(Received(topic, payload, time.monotonic(), mid, qos))
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()  # still open: paho closes it after this call
+        self._on_loop(lambda: self._detach(fd))
+
+    def _on_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._sync_write)
+
+    def _on_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._sync_write)
+
+    # ---- the event loop's side of the socket -------------------------------------------------
+    def _attach(self) -> None:
+        """A (re)connect returned: read from the new socket, and write what paho queued."""
+        sock = self.client.socket()
+        assert self._loop is not None
+        if sock is None or self._stopped:
+            if self._lost is not None:
+                self._lost.set()  # gone already: the driver tries again
+            return
+        self._fd = sock.fileno()
+        self._paused = False
+        self._loop.add_reader(self._fd, self._readable)
+        self._sync_write()
+
+    def _detach(self, fd: int) -> None:
+        """Socket `fd` is closing (paho closes it right after): forget it, look for a new one."""
+        if self._fd is not None and fd != self._fd:
+            return  # not the one registered (told late, from a reconnect's thread)
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = None
+        self._writing = False
+        self._paused = False
+        if self._lost is not None:
+            self._lost.set()
+
+    def _sync_write(self) -> None:
+        """Watch the socket for room to write exactly while paho has bytes to send.
+
+        paho's register/unregister callbacks only say *when* to look (some come late, from a
+        reconnect's thread): its queue decides, so a stale call can neither leave a written
+        socket watched (a busy loop) nor queued bytes unwatched.
+        """
+        if self._loop is None:
+            return
+        want = self._fd is not None and self.client.want_write()
+        if want and not self._writing:
+            assert self._fd is not None
+            self._writing = True
+            self._loop.add_writer(self._fd, self._writable)
+        elif not want and self._writing:
+            if self._fd is not None:
+                self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _writable(self) -> None:
+        self.client.loop_write()
+        self._sync_write()
+
+    def _readable(self) -> None:
+        """Read until the socket is dry, `READ_BUDGET` packets at most; with `max_queued`
+        waiting in `queue`, stop reading until the consumer took some (`_resume`)."""
+        if self._fd is None or self._loop is None:
+            return
+        room = min(READ_BUDGET, self.max_queued - self.queue.qsize())
+        if room <= 0:
+            if not self._paused:
+                self._paused = True
+                self._loop.remove_reader(self._fd)
+            return
+        client = self.client
+        if client.read_packets(room) or client.drained or self._fd is None:
+            return
+        # Not dry: a TLS socket may hold decrypted bytes no readable event will announce.
+        self._loop.call_soon(self._readable)
+
+    def _resume(self) -> None:
+        """The consumer took messages: read again if `_readable` had stopped."""
+        if (
+            self._paused
+            and self._fd is not None
+            and self._loop is not None
+            and self.queue.qsize() < self.max_queued
+        ):
+            self._paused = False
+            self._loop.add_reader(self._fd, self._readable)
+            self._loop.call_soon(self._readable)
+
+    async def _drive(self) -> None:
+        """(Re)connect with back-off, run the keep-alive, until `_stop`."""
+        assert self._loop is not None and self._lost is not None
+        low, high = RECONNECT_DELAY_S
+        delay = low
+        first = True
+        while not self._stopped:
+            if not first:
+                with contextlib.suppress(TimeoutError):  # the back-off, cut short by `_stop`
+                    await asyncio.wait_for(self._halted.wait(), delay)
+                if self._stopped:
+                    return
+            first = False
+            self._lost.clear()
+            connects = self.connects
+            try:
+                await self._loop.run_in_executor(None, self._reconnect)
+            except OSError:
+                delay = min(delay * 2, high)
+                continue
+            self._attach()
+            while not self._lost.is_set() and not self._stopped:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), 1.0)
+                if self._fd is not None:
+                    self.client.loop_misc()
+            delay = low if self.connects > connects else min(delay * 2, high)
+
+    def _reconnect(self) -> None:
+        """Worker thread: DNS, TCP, TLS and the CONNECT queued (the loop writes it)."""
+        self.client.reconnect()
+        if self._stopped:  # closed meanwhile: this connection is nobody's
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+
+    def _stop(self) -> None:
+        """Drive the connection no further; the socket is left as it is."""
+        self._stopped = True
+        self._halted.set()
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = None
+        if self._lost is not None:
+            self._lost.set()
 
     # ---- async API -------------------------------------------------------------------------
     async def connect(self, subscriptions: list[str] = (), timeout_s: float = 10.0) -> None:  # type: ignore[assignment]
@@ -197,6 +571,8 @@ class MqttLink:
         this returns reaches us, and a subscription the broker refuses fails here, by name."""
         self._loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
+        self._loop_thread = threading.get_ident()
+        self._lost = asyncio.Event()
         self._subscriptions = list(subscriptions)
         self.client.connect_async(
             self.host,
@@ -205,37 +581,46 @@ class MqttLink:
             clean_start=not self.persistent,
             properties=self._connect_props,
         )
-        self.client.loop_start()
+        self._driver = asyncio.create_task(self._drive())
         try:
             await asyncio.wait_for(self.connected.wait(), timeout_s)
         except TimeoutError:
-            self.client.loop_stop()
+            await self._halt()
             raise BridgeError(
                 f"broker {self.host}:{self.port}: no CONNACK within {timeout_s} s"
             ) from None
         if self._refused is not None:
-            self.client.loop_stop()
+            await self._halt()
             raise BridgeError(
                 f"broker {self.host}:{self.port} refused the connection: {self._refused}"
             )
         try:
             await asyncio.wait_for(self.subscribed.wait(), max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            self.client.loop_stop()
+            await self._halt()
             waiting = sorted(self._suback.values())
             raise BridgeError(
                 f"broker {self.host}:{self.port}: no SUBACK within {timeout_s} s for "
                 f"{waiting or self._subscriptions}"
             ) from None
         if self._sub_refused:
-            self.client.loop_stop()
+            await self._halt()
             raise BridgeError(
                 f"broker {self.host}:{self.port} refused the subscription to "
                 f"{', '.join(self._sub_refused)}"
             )
 
+    async def _halt(self) -> None:
+        """Stop driving, close the socket, and let the driver finish."""
+        sock = self.client.socket()
+        self._stop()
+        if sock is not None:
+            sock.close()
+        if self._driver is not None:
+            await asyncio.gather(self._driver, return_exceptions=True)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:
-        """Queue a publish (paho sends it from its thread); returns paho's MessageInfo.
+        """Queue a publish (the loop writes it); returns paho's MessageInfo.
 
         Published while the broker is away, a QoS 1 message waits in paho's queue and goes out
         after the reconnect; `drain` waits for that before a link is closed.
@@ -253,7 +638,7 @@ class MqttLink:
         """Wait until the broker has acknowledged every QoS 1 publish, or `timeout_s` passed.
 
         Closing a link drops whatever paho still queues: after a broker restart a device's
-        readings wait for paho's reconnect back-off (up to 30 s), and leaving before it would
+        readings wait for the reconnect back-off (up to 30 s), and leaving before it would
         lose them. Returns how many publishes are still unacknowledged (0: nothing lost).
         """
         deadline = time.monotonic() + timeout_s
@@ -265,8 +650,10 @@ class MqttLink:
         """Tell the broker `msg` is safe with us; before this it would be delivered again.
 
         A no-op on a clean-session link (paho acknowledged on receipt). An acknowledgement for a
-        connection that has since dropped is refused by paho and harmless: the broker delivers
-        the message again on the next connect, and the caller's idempotency keys absorb it.
+        connection that has since dropped is dropped with it (a reconnect clears paho's queue)
+        or reaches the new connection, where it is harmless: the broker delivers the message
+        again either way, the caller's idempotency keys absorb it, and the reading was durable
+        before any acknowledgement was queued.
         """
         if self.persistent and msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
@@ -279,19 +666,36 @@ class MqttLink:
                 out.append(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 break
+        self._resume()
         return out
 
     async def receive(self, timeout_s: float | None = None) -> Received | None:
         """The next message, or None after `timeout_s`."""
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout_s)
-        except TimeoutError:
-            return None
+        if self.queue.empty():
+            self._resume()
+            try:
+                msg = await asyncio.wait_for(self.queue.get(), timeout_s)
+            except TimeoutError:
+                return None
+        else:
+            msg = self.queue.get_nowait()
+        self._resume()
+        return msg
 
     async def close(self, goodbye: tuple[str, bytes] | None = None) -> None:
         """Publish a clean goodbye (the will does not fire on a clean disconnect), then leave."""
         if goodbye is not None and self.connected.is_set():
             info = self.publish(goodbye[0], goodbye[1])
-            await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 5)
-        self.client.disconnect()
-        self.client.loop_stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._published(info), 5)
+        if self._fd is not None:
+            self.client.disconnect()  # written by the loop; paho closes the socket after it
+            deadline = time.monotonic() + 2.0
+            while self._fd is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await self._halt()
+
+    @staticmethod
+    async def _published(info: Any) -> None:
+        while not info.is_published():
+            await asyncio.sleep(0.01)

@@ -451,6 +451,8 @@ class BridgeRunner:
             # Live: a persistent session with manual acks (nothing received is lost across a
             # crash). Shadow: a clean one, so a dry run takes nothing queued for the live bridge.
             session_expiry_s=b.session_expiry_s if self.live else None,
+            # Read ahead as far as one batch: a backlog is committed in few transactions.
+            max_queued=b.batch_max,
         )
         if self.live:
             self._open_outbox()

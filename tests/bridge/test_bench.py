@@ -32,6 +32,8 @@ def test_bench_bridge_json_has_positive_finite_figures(mode: str) -> None:
         assert math.isfinite(data[key]) and data[key] > 0, key
     assert data["decision_latency_ms_p50"] <= data["decision_latency_ms_p99"]
     assert data["commands_per_slot"] > 0 and data["targets"]["decision_latency_ms_p99"] == 20.0
+    if mode == "mqtt":
+        assert math.isfinite(data["bridge_cpu_us_per_msg"]) and data["bridge_cpu_us_per_msg"] > 0
 
 
 def test_bench_bridge_table() -> None:

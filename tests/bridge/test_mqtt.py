@@ -6,14 +6,16 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agents.baselines import IdlePolicy
 from bridge.commands import CommandState
 from bridge.core import BridgeCore, Publish
 from bridge.decision import Source
 from bridge.errors import BridgeError
-from bridge.mqtt import MqttLink, Received, Will
+from bridge.mqtt import MqttLink, Received, Will, _Client
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.site_builder import device_key
@@ -245,3 +247,67 @@ def test_a_subscription_never_acknowledged_fails_by_name() -> None:
         server.close()
 
     asyncio.run(run())
+
+
+class _FakeSocket:
+    def fileno(self) -> int:
+        return 99
+
+    def close(self) -> None:
+        pass
+
+
+def _offline_client(cls: type[mqtt.Client]) -> mqtt.Client:
+    """A client with a socket stand-in: what it queues to send can be read back."""
+    client = cls(CallbackAPIVersion.VERSION2, client_id="x", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client._sock = _FakeSocket()  # type: ignore[assignment]
+    client.on_socket_register_write = lambda *_: None
+    return client
+
+
+@pytest.mark.parametrize("size", [0, 5, 200, 20_000, 3_000_000])
+@pytest.mark.parametrize("retain", [False, True])
+def test_the_short_publish_queues_what_paho_would(size: int, retain: bool) -> None:
+    """`_Client.publish` (QoS 1 bytes) builds paho's packet and keeps paho's message state."""
+    ours, paho = _offline_client(_Client), _offline_client(mqtt.Client)
+    for client in (ours, paho):
+        info = client.publish("mgv1/site1/DCMD/bus1-battery", b"x" * size, qos=1, retain=retain)
+        assert (info.rc, info.mid) == (mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS, 1)
+    assert ours._out_packet[0]["packet"] == paho._out_packet[0]["packet"]
+    a, b = ours._out_messages[1], paho._out_messages[1]
+    for name in ("dup", "mid", "_topic", "payload", "properties", "qos", "retain", "state"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert ours._inflight_messages == paho._inflight_messages == 1
+    ours._out_messages[1].info._set_as_published()
+    assert ours._out_messages[1].info.is_published()
+
+
+def test_the_short_read_hands_over_what_paho_would() -> None:
+    """A PUBLISH without properties takes the short way, one with properties paho's; a PUBACK
+    with a success reason or none completes the publish either way."""
+    got: list[tuple[str, bytes, int, int]] = []
+    client = _offline_client(_Client)
+    assert isinstance(client, _Client)
+    client.on_fast_message = lambda *args: got.append(args)
+    slow: list[tuple[str, bytes, int]] = []
+    client.on_message = lambda _c, _u, m: slow.append((m.topic, m.payload, m.mid))
+    client._manual_ack = True
+    body = b"\x00\x04a/bc" + (7).to_bytes(2, "big")
+    client._in_packet.update(command=0x32, packet=bytearray(body + b"\x00payload"))
+    client._handle_publish()
+    with_props = body + b"\x02\x01\x01" + b"payload"  # payload format indicator
+    client._in_packet.update(command=0x32, packet=bytearray(with_props))
+    client._handle_publish()
+    assert got == [("a/bc", b"payload", 7, 1)]
+    assert slow == [("a/bc", b"payload", 7)]
+    published = []
+    client.on_publish = lambda _c, _u, mid, reason, _p: published.append((mid, reason.value))
+    for tail in (b"", b"\x10", b"\x00\x00"):
+        info = client.publish("t", b"p", qos=1)
+        client._in_packet.update(command=0x40, packet=bytearray(info.mid.to_bytes(2, "big") + tail))
+        client._handle_pubackcomp("PUBACK")
+        assert info.is_published()
+    assert [r for _, r in published] == [0, 0x10, 0]
+    assert not client._out_messages
