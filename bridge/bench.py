@@ -17,7 +17,6 @@ bridge's own fallback, numpy only); an ONNX policy adds about 0.2 ms (issue 6).
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import math
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from agents.baselines import RuleBasedPolicy
 from bridge.core import BridgeCore, Publish
 from bridge.errors import BridgeError
+from bridge.heap import settle_heap
 from bridge.messages import DeviceBirth, DeviceKind, Ratings, encode
 from bridge.signing import ReadingDomain, address_of
 from bridge.site import SiteDevice, SiteManifest
@@ -226,31 +226,26 @@ def bench_bridge(
     latencies: list[float] = []
     decision_cpu: list[float] = []
     commands = 0
-    gc_was = gc.isenabled()
-    gc.collect()
-    gc.disable()  # a collection inside one timed call would be charged to that call alone
-    try:
-        for k, messages in enumerate(slots):
-            now = now_ms(k)
-            started, started_cpu = clock(), cpu()
-            for t, payload in messages[:-1]:
-                handle(t, payload, now)
-            last_t, last_payload = messages[-1]
-            last_in = clock()
-            handle(last_t, last_payload, now)
-            ingested, ingested_cpu = clock(), cpu()
-            _, out = core.decide(FIRST_SLOT + k + 1, now)
-            decided, decided_cpu = clock(), cpu()
-            ingest_s += ingested - started
-            ingest_cpu_s += ingested_cpu - started_cpu
-            latencies.append(decided - last_in)
-            decision_cpu.append(decided_cpu - ingested_cpu)
-            commands += sum(isinstance(p, Publish) for p in out)
-            if advance:
-                advance(len(messages))
-    finally:
-        if gc_was:
-            gc.enable()
+    # The heap as `bridge run` serves with: collections stay on, as live, and are timed.
+    settle_heap()
+    for k, messages in enumerate(slots):
+        now = now_ms(k)
+        started, started_cpu = clock(), cpu()
+        for t, payload in messages[:-1]:
+            handle(t, payload, now)
+        last_t, last_payload = messages[-1]
+        last_in = clock()
+        handle(last_t, last_payload, now)
+        ingested, ingested_cpu = clock(), cpu()
+        _, out = core.decide(FIRST_SLOT + k + 1, now)
+        decided, decided_cpu = clock(), cpu()
+        ingest_s += ingested - started
+        ingest_cpu_s += ingested_cpu - started_cpu
+        latencies.append(decided - last_in)
+        decision_cpu.append(decided_cpu - ingested_cpu)
+        commands += sum(isinstance(p, Publish) for p in out)
+        if advance:
+            advance(len(messages))
     result: dict[str, Any] = {
         **ingest_figures("in_process", core, site, n_slots, ingest_s),
         **decision_figures(latencies, commands, n_slots, core.policy_name),

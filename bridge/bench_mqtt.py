@@ -46,6 +46,7 @@ from bridge.bench import (
 )
 from bridge.core import Publish
 from bridge.errors import BridgeError
+from bridge.heap import settle_heap
 from bridge.mqtt import MqttLink
 from bridge.signing import ReadingDomain
 from bridge.topics import bridge_subscriptions
@@ -104,6 +105,7 @@ async def _run(
         if advance:
             advance(n)
     core = make_core(site, domain)
+    settle_heap()  # as `bridge run` does: this process is the bridge
     with _mosquitto(directory) as port:
         link = MqttLink(
             f"mqtt://127.0.0.1:{port}", client_id="bench-bridge", username="bridge",

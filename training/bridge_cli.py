@@ -298,6 +298,7 @@ def bridge_run(
     a summary to stdout at the end."""
     from bridge.config import load_bridge_config, load_deployment
     from bridge.errors import BridgeError
+    from bridge.heap import settle_heap
     from bridge.logs import setup_json_logging
     from bridge.policy_source import load_policy
     from bridge.runner import BridgeRunner
@@ -313,6 +314,7 @@ def bridge_run(
         runner = BridgeRunner(cfg, site, dep, loaded)
     except (MicrogridError, OSError) as err:
         _fail(err)
+    settle_heap()
     started = time.monotonic()
     try:
         summary = asyncio.run(runner.run(slots))
