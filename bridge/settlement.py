@@ -126,6 +126,7 @@ from contracts.slot_batch import (
 )
 from envs.codec import Codec
 from envs.market import Book, RuleInputs, rule_book, to_units
+from envs.market_kernel import grid_events
 
 #: The key of slot `n`'s row in the outbox.
 SLOT_KEY = "slot:{}"
@@ -321,11 +322,13 @@ class SlotSettlement:
             bid_markup=m.bid_markup, band_low_bps=m.band_low_bps, band_high_bps=m.band_high_bps,
         )  # fmt: skip
         grid = np.asarray(raw["grid"])[0]
-        emergency = bool(grid[3] > m.emergency_loading)
-        deviation = max(abs(grid[0] - 1.0), abs(grid[1] - 1.0))
-        dr_event = bool(grid[3] > m.dr_loading or deviation > m.dr_voltage_pu)
+        dr, emergency = grid_events(
+            float(grid[0]), float(grid[1]), float(grid[3]),
+            m.dr_loading, m.dr_voltage_pu, m.emergency_loading,
+        )  # fmt: skip
         return SlotBook(
-            book, reference, emergency, dr_event, np.asarray(inputs.dr_share, dtype=np.float64),
+            book, reference, bool(emergency), bool(dr),
+            np.asarray(inputs.dr_share, dtype=np.float64),
             np.asarray(raw["load"], dtype=np.float64).reshape(-1)[:n],
         )  # fmt: skip
 

@@ -174,9 +174,9 @@ def gate_range(
         t = slot[i]
         ref = max(np.int64(np.rint(community_price[i] * _PRICE_UNITS_PER_KWH)), np.int64(1))
         reference[r] = ref
-        dev = max(abs(grid[i, 0] - 1.0), abs(grid[i, 1] - 1.0))
-        dr_event[r] = grid[i, 3] > mcfg[3] or dev > mcfg[4]
-        emergency[r] = grid[i, 3] > mcfg[5]
+        dr_event[r], emergency[r] = grid_events(
+            grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5]
+        )
         for k in range(n):
             reduction[r, k] = np.int64(np.rint(dr[r, k] * share * load_prof[t, k] * dt * 1000.0))
         if not use_rule:
@@ -194,6 +194,17 @@ def gate_range(
             qty[r, k] = q
             limit[r, k] = p
             side[r, k] = sd
+
+
+@numba.njit(cache=True, nogil=True)
+def grid_events(v_min, v_max, trafo_loading, dr_loading, dr_voltage_pu, emergency_loading):
+    """(demand response, emergency) for a slot's grid state: transformer loading above
+    `dr_loading` or a bus voltage further than `dr_voltage_pu` from 1 pu calls demand
+    response; loading above `emergency_loading` is an emergency. One rule for the env's gate
+    and the bridge's slot rows, so what the chain is told cannot differ between them."""
+    deviation = max(abs(v_min - 1.0), abs(v_max - 1.0))
+    dr = trafo_loading > dr_loading or deviation > dr_voltage_pu
+    return dr, trafo_loading > emergency_loading
 
 
 @numba.njit(cache=True, nogil=True)
