@@ -11,7 +11,7 @@ decided, so the latency is not queueing behind the next slot.
 - ingest: messages / the time from telling the generator "go" to the slot's last message
   handled; generator, broker, sockets, paho and validation all in it (not the outbox's SQLite).
 - decision latency: from paho handing the bridge the slot's last telemetry to the slot's
-  commands handed to paho to publish (queued, not yet on the wire).
+  commands handed to paho to publish (`MqttLink.publish_many`: queued, not yet on the wire).
 - bridge CPU: the bridge process's CPU time over all slots (MQTT, validation, decisions, every
   thread) per message; a loaded machine inflates it far less than the wall-clock figures.
 """
@@ -44,7 +44,6 @@ from bridge.bench import (
     synthetic_site,
     telemetry_payloads,
 )
-from bridge.core import Publish
 from bridge.errors import BridgeError
 from bridge.heap import settle_heap
 from bridge.mqtt import MqttLink
@@ -148,10 +147,7 @@ async def _run(
                         seen += 1
                 ingest_s += time.monotonic() - go
                 _, out = core.decide(FIRST_SLOT + k + 1, now)
-                for p in out:
-                    if isinstance(p, Publish):
-                        link.publish(p.topic, p.payload, retain=p.retain)
-                        commands += 1
+                commands += link.publish_many(out.topics, out.payloads)
                 latencies.append(time.monotonic() - last_at)
                 # The generator's own figure (its last PUBACK) is not the decision's business.
                 line = await asyncio.wait_for(gen.stdout.readline(), 30)

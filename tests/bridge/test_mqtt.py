@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 
@@ -311,3 +313,86 @@ def test_the_short_read_hands_over_what_paho_would() -> None:
         assert info.is_published()
     assert [r for _, r in published] == [0, 0x10, 0]
     assert not client._out_messages
+
+
+def _state_of(client: mqtt.Client) -> list[tuple[object, ...]]:
+    names = ("dup", "mid", "_topic", "payload", "properties", "qos", "retain", "state")
+    return [tuple(getattr(m, n) for n in names) for m in client._out_messages.values()]
+
+
+def test_publish_many_queues_what_paho_would_one_by_one() -> None:
+    """A slot's commands in one `publish_many`: paho's packets back to back, paho's state per
+    message, ids wrapping past 65,535, and an id still unacknowledged skipped as paho skips it."""
+    ours, paho = _offline_client(_Client), _offline_client(mqtt.Client)
+    assert isinstance(ours, _Client)
+    sizes = [0, 5, 120, 200, 20_000, 3_000_000, 7]
+    topics = [f"mgv1/site1/DCMD/dev-{i}" for i in range(len(sizes))]
+    payloads = [bytes([65 + i]) * size for i, size in enumerate(sizes)]
+    for client in (ours, paho):
+        held = client.publish("mgv1/site1/DCMD/held", b"unacknowledged", qos=1)
+        assert held.mid == 1
+        client._last_mid = 65_531  # the batch wraps, and reaches id 1, still in flight
+    mids = ours.publish_many(topics, payloads)
+    refused = [paho.publish(t, p, qos=1).rc for t, p in zip(topics, payloads, strict=True)]
+    assert mids == [65_532, 65_533, 65_534, 65_535, 2, 3]
+    assert refused.count(mqtt.MQTTErrorCode.MQTT_ERR_QUEUE_SIZE) == 1
+    assert ours._last_mid == paho._last_mid == 3
+    joined = b"".join(p["packet"] for p in paho._out_packet)
+    assert b"".join(p["packet"] for p in ours._out_packet) == joined
+    assert _state_of(ours) == _state_of(paho)
+    assert ours._inflight_messages == paho._inflight_messages == 7
+    with pytest.raises(ValueError, match="wildcard"):
+        ours.publish_many(["mgv1/site1/DCMD/+"], [b"x"])
+    assert ours._inflight_messages == 7  # nothing queued by a refused batch
+
+
+def test_writes_are_joined_and_send_what_paho_sends() -> None:
+    """Packets queued together leave in one `send` where they can (through partial writes),
+    a QoS 0 PUBLISH still completes when written, and the bytes are paho's, in paho's order."""
+    streams = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        mine, peer = socket.socketpair()
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        mine.setblocking(False)
+        client._sock = mine  # type: ignore[assignment]
+        infos = [client.publish(f"t/{i}", bytes([i]) * 3000 * i, qos=1) for i in range(6)]
+        infos += [client.publish(f"u/{i}", b"y" * 50, qos=1) for i in range(300)]
+        got = b""
+        while client.want_write():
+            client.loop_write()
+            if len(infos) == 306:  # more behind a packet half written: joined from its middle
+                infos += [client.publish(f"v/{i}", b"z" * 900, qos=1) for i in range(50)]
+                zero = client.publish("t/zero", b"qos0", qos=0)
+                infos += [zero, client.publish("t/last", b"last", qos=1)]
+            peer.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                while chunk := peer.recv(1 << 20):
+                    got += chunk
+        assert zero.is_published()  # once written
+        assert not any(i.is_published() for i in infos if i is not zero)  # wait for PUBACK
+        streams.append(got)
+        mine.close()
+        peer.close()
+    assert streams[0] == streams[1] and len(streams[0]) > 50_000
+
+
+def test_a_puback_lets_a_queued_message_go_as_paho_does() -> None:
+    """`_update_inflight` skips paho's walk only when nothing waits behind the in-flight
+    limit; with messages waiting, the next goes out on a PUBACK exactly as in paho."""
+    clients = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        client.max_inflight_messages_set(2)
+        for i in range(4):
+            client.publish(f"t/{i}", b"p%d" % i, qos=1)
+        client._in_packet.update(command=0x40, packet=bytearray(b"\x00\x01"))
+        client._handle_pubackcomp("PUBACK")
+        clients.append(client)
+    ours, paho = clients
+    assert _state_of(ours) == _state_of(paho)
+    assert ours._inflight_messages == paho._inflight_messages == 2
+    assert [p["packet"] for p in ours._out_packet] == [p["packet"] for p in paho._out_packet]
+    assert [m.state for m in ours._out_messages.values()].count(
+        mqtt.MessageState.MQTT_MS_QUEUED
+    ) == 1
