@@ -113,6 +113,7 @@ class BridgeCore:
         self.policy = policy
         self.fallback = RuleBasedPolicy(self.codec)
         self.state = SiteState()
+        self.builder.track(self.state)
         self.tracker = CommandTracker()
         self.encoder = CommandEncoder(site, self.codec)
         self.node = node

@@ -146,11 +146,19 @@ class _Client(mqtt.Client):
       builds and clears one per packet, the largest cost it had), no `MQTTMessage`, no topic
       matching for the per-topic callbacks this client does not use;
     * a PUBACK saying success without properties (the broker's answer to every command the
-      bridge publishes) skips the same decoding.
+      bridge publishes) skips the same decoding, and one whole in the read buffer skips paho's
+      generic read too;
+    * after a PUBACK, paho's walk over every unacknowledged message for one queued behind the
+      in-flight limit runs only when one can be (`_update_inflight`: it was quadratic in a
+      slot's commands);
+    * a slot's commands are queued by `publish_many` as one buffer, and packets queued
+      together leave in one `send` (`_packet_write`).
 
-    It leans on paho's private methods (`_sock_recv`, `_packet_read`, `_handle_publish`,
-    `_handle_pubackcomp`), which is why paho is pinned below the next minor version; the tests
-    run every path through a real mosquitto.
+    It leans on paho's private methods and state (`_sock_recv`, `_packet_read`,
+    `_handle_publish`, `_handle_pubackcomp`, `_update_inflight`, `_packet_write`,
+    `_out_messages`, `_out_packet`), which is why paho is pinned below the next minor version;
+    the tests run every path through a real mosquitto, and compare the new ones with paho's
+    own byte for byte.
     """
 
     drained = False
@@ -381,12 +389,14 @@ class _Client(mqtt.Client):
                 out[mid] = message
                 mids.append(mid)
                 # The packet id, then a property length of 0 (no properties).
-                chunks += (
-                    _fixed_header(len(head) + len(payload) + 3),
-                    head,
-                    (mid << 8).to_bytes(3),
-                    payload,
-                )
+                size = len(head) + len(payload) + 3
+                if size < 128:
+                    fixed = bytes((0x32, size))
+                elif size < 16_384:  # a command's size: two bytes of remaining length
+                    fixed = bytes((0x32, (size & 0x7F) | 0x80, size >> 7))
+                else:
+                    fixed = _fixed_header(size)
+                chunks += (fixed, head, (mid << 8).to_bytes(3), payload)
             self._inflight_messages += len(mids)
             if chunks:
                 self._packet_queue(mqtt.PUBLISH, b"".join(chunks), 0, 1)
@@ -402,6 +412,29 @@ class _Client(mqtt.Client):
         head = self._topic_heads[topic] = len(name).to_bytes(2, "big") + name
         return head
 
+    def _read_puback(self) -> mqtt.MQTTErrorCode | None:
+        """Complete a successful PUBACK waiting whole in the read buffer, without paho's
+        generic read (three reads and a packet dictionary a packet: ~14 us of a PUBACK's ~20,
+        748 PUBACKs a slot at 1,000 devices); None, with nothing consumed, for anything else.
+        """
+        buf, pos = self._rbuf, self._rpos
+        if len(buf) - pos < 4 or buf[pos] != 0x40:
+            return None
+        n = buf[pos + 1]
+        if n < 2 or n > 4 or pos + 2 + n > len(buf) or (n == 4 and buf[pos + 5] != 0):
+            return None
+        reason = _PUBACK_REASONS.get(buf[pos + 4] if n > 2 else 0)
+        if reason is None:
+            return None
+        self._rpos = pos + 2 + n
+        with self._msgtime_mutex:
+            self._last_bytes_received = time.monotonic()
+        mid = (buf[pos + 2] << 8) | buf[pos + 3]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def read_packets(self, limit: int) -> mqtt.MQTTErrorCode:
         """`loop_read`, but at most `limit` packets: paho's reads one per message it has in
         flight (every command the bridge published, until its PUBACK), which is no budget."""
@@ -409,7 +442,9 @@ class _Client(mqtt.Client):
         for _ in range(limit):
             if self._sock is None:
                 return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
+            rc = self._read_puback() if self._in_packet["command"] == 0 else None
+            if rc is None:
+                rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
             if self.drained:

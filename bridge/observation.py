@@ -6,6 +6,10 @@ policy sees live data exactly as it saw simulated data. Fields the devices canno
 from a `Forecast` the caller supplies (a forecast service, or persistence of the last slot, the
 env's `persistence` mode). A device with no fresh telemetry is reported by id: the decision
 step falls back to the rule-based controller and says which devices were missing.
+
+The builder does not walk 1,000 devices' models at decision time: `SiteState.latest` keeps the
+metrics it reads in rows (`_Columns`) as telemetry is accepted, and `build` reads them as arrays
+(tests/bridge/test_observation.py checks it against the walk).
 """
 
 from __future__ import annotations
@@ -244,6 +248,11 @@ class ObservationBuilder:
                     fields[optional] = None
                 return _MODELS[kind].model_construct(kind=kind, **fields)
         return None
+
+    def track(self, state: SiteState) -> None:
+        """Keep `state`'s rows for this builder from now on (else the first `build` reads
+        every device, ~1,000 models, inside a slot's decision)."""
+        self._columns(state)
 
     def _columns(self, state: SiteState) -> _Columns:
         """`state`'s metrics as rows: kept by `state` since the last build, or read now."""

@@ -134,8 +134,7 @@ def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None
         }
         decision, commands = core.decide(slot, int(time.time() * 1000))
         assert decision.source is Source.POLICY and len(commands) == 7
-        for c in commands:
-            bridge.publish(c.topic, c.payload)
+        assert bridge.publish_many(commands.topics, commands.payloads) == 7  # as the runner does
         for device_id, link in links.items():
             for t, p in await _drain(link, 0.3):
                 if "/DCMD/" in t:
@@ -144,6 +143,7 @@ def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None
         for t, p in await _drain(bridge, 1.0):
             core.handle(t, p, int(time.time() * 1000))
         assert core.tracker.finished == {CommandState.APPLIED: 7}
+        assert await bridge.drain(2.0) == 0  # every command's PUBACK came back
         for dev in devices.values():
             if dev.spec.kind.value == "battery":
                 assert abs(dev.setpoint_kw) <= dev.spec.power_kw
@@ -396,3 +396,38 @@ def test_a_puback_lets_a_queued_message_go_as_paho_does() -> None:
     assert [m.state for m in ours._out_messages.values()].count(
         mqtt.MessageState.MQTT_MS_QUEUED
     ) == 1
+
+
+def test_pubacks_read_from_the_buffer_complete_what_paho_completes() -> None:
+    """PUBACKs with and without a reason and properties, a refusal (paho's way), an unknown
+    id, and one split across two reads: the same publishes complete, with the same reasons."""
+    results = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        mine, peer = socket.socketpair()
+        mine.setblocking(False)
+        client._sock = mine  # type: ignore[assignment]
+        done: list[tuple[int, int]] = []
+        client.on_publish = lambda _c, _u, mid, reason, _p, done=done: done.append(
+            (mid, reason.value)
+        )
+        mids = [client.publish(f"t/{i}", b"p", qos=1).mid for i in range(8)]
+        acks = [
+            b"\x40\x02" + mids[0].to_bytes(2, "big"),
+            b"\x40\x03" + mids[1].to_bytes(2, "big") + b"\x10",
+            b"\x40\x04" + mids[2].to_bytes(2, "big") + b"\x00\x00",
+            b"\x40\x03" + mids[3].to_bytes(2, "big") + b"\x80",  # refused: paho's
+            b"\x40\x02" + (999).to_bytes(2, "big"),  # not ours
+            b"\x40\x02" + mids[4].to_bytes(2, "big"),
+        ]
+        split = b"\x40\x02" + mids[5].to_bytes(2, "big")
+        peer.send(b"".join(acks) + split[:3])
+        read = client.read_packets if isinstance(client, _Client) else client.loop_read
+        read(100)
+        peer.send(split[3:])
+        read(100)
+        results.append((done, sorted(client._out_messages)))
+        mine.close()
+        peer.close()
+    assert results[0] == results[1]
+    assert [mid for mid, _ in results[0][0]] == [1, 2, 3, 4, 5, 6]
