@@ -350,6 +350,8 @@ class _Client(mqtt.Client):
         n = len(topics)
         if len(payloads) != n:
             raise ValueError(f"publish_many: expected as many payloads as topics, got {n} topics")
+        if not n:  # a shadow slot's: nothing to queue, no id to take
+            return []
         if (
             self._protocol != mqtt.MQTTv5
             or self._max_queued_messages > 0

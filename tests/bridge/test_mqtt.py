@@ -344,6 +344,9 @@ def test_publish_many_queues_what_paho_would_one_by_one() -> None:
     with pytest.raises(ValueError, match="wildcard"):
         ours.publish_many(["mgv1/site1/DCMD/+"], [b"x"])
     assert ours._inflight_messages == 7  # nothing queued by a refused batch
+    assert ours.publish_many([], []) == [] and ours._last_mid == 3  # a shadow slot's
+    with pytest.raises(ValueError, match="as many payloads"):
+        ours.publish_many(["t"], [])
 
 
 def test_writes_are_joined_and_send_what_paho_sends() -> None:
