@@ -10,7 +10,9 @@ the fallback and the command tracker meet, and it is tested without a broker.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 
@@ -32,6 +34,39 @@ class Publish:
     topic: str
     payload: bytes
     retain: bool = False
+
+
+class Publishes(Sequence[Publish]):
+    """A slot's commands to publish, as the encoder made them: a list of topics and one of
+    payloads, with no object per command (`MqttLink.publish_many` takes the lists as they
+    are). Indexing or iterating gives `Publish` items, made on demand."""
+
+    __slots__ = ("payloads", "topics")
+
+    def __init__(self, topics: list[str], payloads: list[bytes]) -> None:
+        if len(topics) != len(payloads):
+            raise ValueError(f"publishes: {len(topics)} topics for {len(payloads)} payloads")
+        self.topics = topics
+        self.payloads = payloads
+
+    def __len__(self) -> int:
+        return len(self.topics)
+
+    @overload
+    def __getitem__(self, i: int) -> Publish: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Publish]: ...
+    def __getitem__(self, i: int | slice) -> Publish | list[Publish]:
+        if isinstance(i, slice):
+            return [Publish(t, p) for t, p in zip(self.topics[i], self.payloads[i], strict=True)]
+        return Publish(self.topics[i], self.payloads[i])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -78,6 +113,7 @@ class BridgeCore:
         self.policy = policy
         self.fallback = RuleBasedPolicy(self.codec)
         self.state = SiteState()
+        self.builder.track(self.state)
         self.tracker = CommandTracker()
         self.encoder = CommandEncoder(site, self.codec)
         self.node = node
@@ -178,7 +214,7 @@ class BridgeCore:
         now_ms: int,
         community_price: float | None = None,
         t: int | None = None,
-    ) -> tuple[Decision, list[Publish]]:
+    ) -> tuple[Decision, Publishes]:
         """Decide slot `slot` from the telemetry of slot - 1; commands unless in shadow mode.
 
         `t` is the env's slot of the year that `slot` stands for (`clock.slot_of_year` of
@@ -209,9 +245,8 @@ class BridgeCore:
         self.last_setpoint_kw = np.asarray(decision.report.applied_kw, dtype=np.float64)
         self.tracker.expire(now_ms)
         if self.mode != "live":
-            return decision, []
+            return decision, Publishes([], [])
         commands = self.encoder.encode(decision, slot, now_ms, now_ms + self.command_ttl_ms)
         self.tracker.sent_encoded(commands)
-        out = [Publish(cmd.topic, cmd.payload) for cmd in commands]
-        self.stats.commands_sent += len(out)
-        return decision, out
+        self.stats.commands_sent += len(commands)
+        return decision, Publishes(commands.topics, commands.payloads)

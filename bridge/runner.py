@@ -323,8 +323,11 @@ class BridgeRunner:
         self.decided.add(slot)
         t = slot_of_year(self.clock.stands_for(slot), self.site.steps_per_day)
         decision, commands = self.core.decide(slot, int(self.wall() * 1000), t=t)
-        for p in commands:
-            self._publish(p.topic, p.payload, retain=p.retain)
+        if self.coap is None:  # all through the broker: one write for the slot
+            self.link.publish_many(commands.topics, commands.payloads)
+        else:
+            for p in commands:
+                self._publish(p.topic, p.payload, retain=p.retain)
         events = []
         if self.live:
             events = self.dr.update(slot, decision, self.core.codec, self.core.state, self.clock)

@@ -313,3 +313,55 @@ def test_tracker_follows_acks_to_their_end(
         CommandState.EXPIRED: len(cmds) - 2,
     }
     assert not tracker.commands
+
+
+def test_a_slot_tracked_as_one_record_answers_as_commands_one_by_one(
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    parts: tuple[Codec, ObservationBuilder, Shield],
+) -> None:
+    """`sent_encoded` keeps a slot in one record; every ack, re-send, expiry and question must
+    answer as `sent` command by command does."""
+    codec = parts[0]
+    d = _decision(site, domain, keys, parts)
+    encoder = CommandEncoder(site, codec)
+    single, batch = CommandTracker(), CommandTracker()
+    for slot, expires in ((SLOT + 1, NOW_MS + 1000), (SLOT + 2, NOW_MS + 5000)):
+        for c in commands_for(d, site, codec, slot, NOW_MS, expires):
+            single.sent(c)
+        batch.sent_encoded(encoder.encode(d, slot, NOW_MS, expires))
+    ids = list(single.commands)
+    assert list(batch.commands) == ids
+    rng = np.random.default_rng(3)
+    for seq in range(60):
+        cid = ids[int(rng.integers(len(ids)))]
+        device = single.commands[cid].device
+        if seq % 9 == 0:
+            device = "bus1-meter"  # not the command's device: unknown
+        if seq % 13 == 0:
+            cid = f"{SLOT + 7}.{device}.pv_curtailment"  # never sent: unknown
+        status = [AckStatus.ACCEPTED, AckStatus.APPLIED, AckStatus.REJECTED][seq % 3]
+        ack = Ack(
+            command_id=cid, device=device, bd_seq=1, seq=seq, ts=NOW_MS, status=status,
+            applied=0.5 if status is AckStatus.APPLIED else None,
+            reason="over its limit" if status is AckStatus.REJECTED else None,
+        )  # fmt: skip
+        assert single.on_ack(ack) == batch.on_ack(ack)
+        if seq == 30:  # a restart's re-send of the first slot: states are kept
+            batch.sent_encoded(encoder.encode(d, SLOT + 1, NOW_MS, NOW_MS + 1000))
+    assert single.commands == batch.commands
+    assert single.unanswered() == batch.unanswered()
+    assert single.expire(NOW_MS + 1000) == batch.expire(NOW_MS + 1000)
+    assert (single.finished, single.unknown_acks) == (batch.finished, batch.unknown_acks)
+    assert single.commands == batch.commands
+    assert batch.finished[CommandState.EXPIRED] > 0 and single.unknown_acks > 0
+    for cid, tracked in list(batch.commands.items()):  # the second slot all answered: forgotten
+        ack = Ack(
+            command_id=cid, device=tracked.device, bd_seq=1, seq=99, ts=NOW_MS,
+            status=AckStatus.APPLIED,
+        )  # fmt: skip
+        assert single.on_ack(ack) == batch.on_ack(ack)
+    assert single.expire(NOW_MS + 1001) == batch.expire(NOW_MS + 1001) == []
+    assert not batch.commands and not single.commands
+    assert single.finished == batch.finished

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 
@@ -132,8 +134,7 @@ def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None
         }
         decision, commands = core.decide(slot, int(time.time() * 1000))
         assert decision.source is Source.POLICY and len(commands) == 7
-        for c in commands:
-            bridge.publish(c.topic, c.payload)
+        assert bridge.publish_many(commands.topics, commands.payloads) == 7  # as the runner does
         for device_id, link in links.items():
             for t, p in await _drain(link, 0.3):
                 if "/DCMD/" in t:
@@ -142,6 +143,7 @@ def test_one_slot_through_the_broker(broker: Broker, site: SiteManifest) -> None
         for t, p in await _drain(bridge, 1.0):
             core.handle(t, p, int(time.time() * 1000))
         assert core.tracker.finished == {CommandState.APPLIED: 7}
+        assert await bridge.drain(2.0) == 0  # every command's PUBACK came back
         for dev in devices.values():
             if dev.spec.kind.value == "battery":
                 assert abs(dev.setpoint_kw) <= dev.spec.power_kw
@@ -311,3 +313,124 @@ def test_the_short_read_hands_over_what_paho_would() -> None:
         assert info.is_published()
     assert [r for _, r in published] == [0, 0x10, 0]
     assert not client._out_messages
+
+
+def _state_of(client: mqtt.Client) -> list[tuple[object, ...]]:
+    names = ("dup", "mid", "_topic", "payload", "properties", "qos", "retain", "state")
+    return [tuple(getattr(m, n) for n in names) for m in client._out_messages.values()]
+
+
+def test_publish_many_queues_what_paho_would_one_by_one() -> None:
+    """A slot's commands in one `publish_many`: paho's packets back to back, paho's state per
+    message, ids wrapping past 65,535, and an id still unacknowledged skipped as paho skips it."""
+    ours, paho = _offline_client(_Client), _offline_client(mqtt.Client)
+    assert isinstance(ours, _Client)
+    sizes = [0, 5, 120, 200, 20_000, 3_000_000, 7]
+    topics = [f"mgv1/site1/DCMD/dev-{i}" for i in range(len(sizes))]
+    payloads = [bytes([65 + i]) * size for i, size in enumerate(sizes)]
+    for client in (ours, paho):
+        held = client.publish("mgv1/site1/DCMD/held", b"unacknowledged", qos=1)
+        assert held.mid == 1
+        client._last_mid = 65_531  # the batch wraps, and reaches id 1, still in flight
+    mids = ours.publish_many(topics, payloads)
+    refused = [paho.publish(t, p, qos=1).rc for t, p in zip(topics, payloads, strict=True)]
+    assert mids == [65_532, 65_533, 65_534, 65_535, 2, 3]
+    assert refused.count(mqtt.MQTTErrorCode.MQTT_ERR_QUEUE_SIZE) == 1
+    assert ours._last_mid == paho._last_mid == 3
+    joined = b"".join(p["packet"] for p in paho._out_packet)
+    assert b"".join(p["packet"] for p in ours._out_packet) == joined
+    assert _state_of(ours) == _state_of(paho)
+    assert ours._inflight_messages == paho._inflight_messages == 7
+    with pytest.raises(ValueError, match="wildcard"):
+        ours.publish_many(["mgv1/site1/DCMD/+"], [b"x"])
+    assert ours._inflight_messages == 7  # nothing queued by a refused batch
+    assert ours.publish_many([], []) == [] and ours._last_mid == 3  # a shadow slot's
+    with pytest.raises(ValueError, match="as many payloads"):
+        ours.publish_many(["t"], [])
+
+
+def test_writes_are_joined_and_send_what_paho_sends() -> None:
+    """Packets queued together leave in one `send` where they can (through partial writes),
+    a QoS 0 PUBLISH still completes when written, and the bytes are paho's, in paho's order."""
+    streams = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        mine, peer = socket.socketpair()
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        mine.setblocking(False)
+        client._sock = mine  # type: ignore[assignment]
+        infos = [client.publish(f"t/{i}", bytes([i]) * 3000 * i, qos=1) for i in range(6)]
+        infos += [client.publish(f"u/{i}", b"y" * 50, qos=1) for i in range(300)]
+        got = b""
+        while client.want_write():
+            client.loop_write()
+            if len(infos) == 306:  # more behind a packet half written: joined from its middle
+                infos += [client.publish(f"v/{i}", b"z" * 900, qos=1) for i in range(50)]
+                zero = client.publish("t/zero", b"qos0", qos=0)
+                infos += [zero, client.publish("t/last", b"last", qos=1)]
+            peer.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                while chunk := peer.recv(1 << 20):
+                    got += chunk
+        assert zero.is_published()  # once written
+        assert not any(i.is_published() for i in infos if i is not zero)  # wait for PUBACK
+        streams.append(got)
+        mine.close()
+        peer.close()
+    assert streams[0] == streams[1] and len(streams[0]) > 50_000
+
+
+def test_a_puback_lets_a_queued_message_go_as_paho_does() -> None:
+    """`_update_inflight` skips paho's walk only when nothing waits behind the in-flight
+    limit; with messages waiting, the next goes out on a PUBACK exactly as in paho."""
+    clients = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        client.max_inflight_messages_set(2)
+        for i in range(4):
+            client.publish(f"t/{i}", b"p%d" % i, qos=1)
+        client._in_packet.update(command=0x40, packet=bytearray(b"\x00\x01"))
+        client._handle_pubackcomp("PUBACK")
+        clients.append(client)
+    ours, paho = clients
+    assert _state_of(ours) == _state_of(paho)
+    assert ours._inflight_messages == paho._inflight_messages == 2
+    assert [p["packet"] for p in ours._out_packet] == [p["packet"] for p in paho._out_packet]
+    assert [m.state for m in ours._out_messages.values()].count(
+        mqtt.MessageState.MQTT_MS_QUEUED
+    ) == 1
+
+
+def test_pubacks_read_from_the_buffer_complete_what_paho_completes() -> None:
+    """PUBACKs with and without a reason and properties, a refusal (paho's way), an unknown
+    id, and one split across two reads: the same publishes complete, with the same reasons."""
+    results = []
+    for cls in (_Client, mqtt.Client):
+        client = _offline_client(cls)
+        mine, peer = socket.socketpair()
+        mine.setblocking(False)
+        client._sock = mine  # type: ignore[assignment]
+        done: list[tuple[int, int]] = []
+        client.on_publish = lambda _c, _u, mid, reason, _p, done=done: done.append(
+            (mid, reason.value)
+        )
+        mids = [client.publish(f"t/{i}", b"p", qos=1).mid for i in range(8)]
+        acks = [
+            b"\x40\x02" + mids[0].to_bytes(2, "big"),
+            b"\x40\x03" + mids[1].to_bytes(2, "big") + b"\x10",
+            b"\x40\x04" + mids[2].to_bytes(2, "big") + b"\x00\x00",
+            b"\x40\x03" + mids[3].to_bytes(2, "big") + b"\x80",  # refused: paho's
+            b"\x40\x02" + (999).to_bytes(2, "big"),  # not ours
+            b"\x40\x02" + mids[4].to_bytes(2, "big"),
+        ]
+        split = b"\x40\x02" + mids[5].to_bytes(2, "big")
+        peer.send(b"".join(acks) + split[:3])
+        read = client.read_packets if isinstance(client, _Client) else client.loop_read
+        read(100)
+        peer.send(split[3:])
+        read(100)
+        results.append((done, sorted(client._out_messages)))
+        mine.close()
+        peer.close()
+    assert results[0] == results[1]
+    assert [mid for mid, _ in results[0][0]] == [1, 2, 3, 4, 5, 6]
