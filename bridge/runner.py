@@ -51,6 +51,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
+from bridge.reading_rows import reading_repair
 from bridge.settlement import SLOT_KEY, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -162,8 +163,10 @@ class BridgeRunner:
                 self.site, self.deployment, load_prosumer_keys(c.prosumer_keys, self.site)
             )
             self.executor.submit(self._start_credit, market).result()
-            self.worker.repair = market.repairer(self.worker)
             self.market = market
+        # Readings in each device's nonce order; slot rows repaired by the market's rules.
+        slot_rows = None if self.market is None else self.market.repairer(self.worker)
+        self.worker.repair = reading_repair(self.worker, slot_rows)
         # Before connecting: the broker delivers what we had not acknowledged right away.
         sessions, nonces = session_store.load(self.inbox.db)
         self.core.validator.restore(sessions, nonces)

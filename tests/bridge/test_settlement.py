@@ -26,6 +26,7 @@ from web3 import Web3
 from bridge.config import Deployment
 from bridge.errors import ConfigError
 from bridge.outbox import Outbox, RowState
+from bridge.reading_rows import reading_repair
 from bridge.registration import enrol_market, owner_of, prosumer_keys, register_site
 from bridge.settlement import (
     MAX_MISSED,
@@ -464,3 +465,45 @@ def test_an_emergency_ends_in_order_under_an_accelerated_clock(tmp_path: Path) -
         assert len(grid.events.EmergencyDeclared().get_logs(from_block=0)) == 2
         assert len(grid.events.Recovered().get_logs(from_block=0)) == 1
         assert chain.call(grid, "paused")
+
+
+def test_a_meters_readings_reach_the_chain_in_nonce_order(tmp_path: Path) -> None:
+    """A reading that met "slot not ended" sits out its backoff while the meter's next reading
+    arrives: the registry takes a device's readings only in nonce order, so the next one is
+    refused for its nonce. It waits for the earlier one (`bridge.reading_rows`) instead of
+    failing for good, which would also have refused every later reading of the meter."""
+    # A reading window longer than a slot: the first reading is still welcome when the second
+    # slot has ended.
+    with open_chainside(tmp_path, reading_window_seconds=3 * 900) as c:
+        chain, suite, outbox = c.chain, c.suite, c.outbox
+        outbox.repair = reading_repair(outbox, c.market.repairer(outbox))
+        outbox.backoff_s = outbox.backoff_max_s = 3.0
+        meter = c.site.device(c.site.prosumers[0].meter)
+        assert meter is not None
+        signer = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
+        key = PrivateKey(device_key("0", meter.id))
+        first = suite.current_slot() + 1
+        for nonce, slot in enumerate((first, first + 1)):
+            if nonce:  # the first slot ended long ago: the second reading can go at once
+                chain.travel_to(suite.slot_start(first + 2) + 1)
+            reading = (meter.address, slot, -100 - nonce, nonce)
+            outbox.enqueue(
+                f"reading:{meter.id}:{slot}",
+                "DeviceRegistry",
+                "submitReading",
+                (reading, signer.sign(key, *reading)),
+                retry_on=("DeviceRegistrySlotNotEnded",),
+            )  # as the core queues it
+            outbox.step()
+        first_row, second_row = (outbox.row(f"reading:{meter.id}:{s}") for s in (first, first + 1))
+        assert first_row is not None and "DeviceRegistrySlotNotEnded" in str(first_row.last_error)
+        assert second_row is not None and second_row.state is RowState.PENDING, second_row
+        assert "InvalidAccountNonce" in str(second_row.last_error)
+        assert outbox.drain(timeout_s=60)
+        for s in (first, first + 1):
+            assert outbox.row(f"reading:{meter.id}:{s}").state is RowState.CONFIRMED  # type: ignore[union-attr]
+        registry = suite.registry
+        logs = registry.events.ReadingRecorded().get_logs(from_block=0)
+        assert [(int(e["args"]["slot"]), int(e["args"]["nonce"])) for e in logs] == [
+            (first, 0), (first + 1, 1),
+        ]  # fmt: skip
