@@ -228,6 +228,9 @@ class Deployment(BaseModel):
     addresses: dict[str, str]
     genesis: int = Field(ge=0)
     slot_seconds: int = Field(alias="slotSeconds", gt=0)
+    artifact_hashes: dict[str, str] | None = Field(default=None, alias="artifactHashes")
+    """SHA-256 of each compiled artifact the suite was deployed from (`microgrid chain deploy`
+    writes them): what `bridge.deployment_check` holds against the bridge's own build."""
 
     @field_validator("addresses")
     @classmethod

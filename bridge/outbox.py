@@ -38,7 +38,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from eth_account import Account
 from hexbytes import HexBytes
@@ -77,9 +77,17 @@ CREATE TABLE IF NOT EXISTS repairs (
 );
 """
 
+#: What a repair hook returns for "not yet, as it is" whatever the row's `retry_on` names: the
+#: revert is one the caller knows will pass once another row is mined (a slot row that would
+#: settle while an earlier row's end of an emergency still waits for the chain's minimum).
+WAIT: Literal["wait"] = "wait"
+
 #: A caller's repair hook: (row key, the decoded revert, the row's args) -> (args to send
-#: instead, a word for what they leave out), or None to retry as is (a "not yet") or fail.
-Repair = Callable[[str, ContractRevert, list[Any]], tuple[Sequence[Any], str] | None]
+#: instead, a word for what they leave out), `WAIT`, or None to retry as is if the revert is
+#: a "not yet" of the row's `retry_on`, else fail.
+Repair = Callable[
+    [str, ContractRevert, list[Any]], tuple[Sequence[Any], str] | Literal["wait"] | None
+]
 
 
 class RowState(StrEnum):
@@ -370,20 +378,26 @@ class Outbox:
         else failed for good. Its nonce is spent; signing it again takes a new one."""
         err = self._revert_reason(contract, fn, args)
         if isinstance(err, ContractRevert):
-            if self._repaired(row_id, key, err, args):
+            repaired = self._repaired(row_id, key, err, args)
+            if repaired is True:
                 return
-            if err.name in json.loads(retry_on):
+            if repaired == WAIT or err.name in json.loads(retry_on):
                 self._requeue(row_id, args, str(err))
                 return
         self._finish(row_id, RowState.FAILED, str(err or "reverted (not reproducible now)"))
 
-    def _repaired(self, row_id: int, key: str, err: ContractRevert, args: str) -> bool:
-        """Ask the caller's hook; if it gives new arguments, the row takes them (pending)."""
+    def _repaired(
+        self, row_id: int, key: str, err: ContractRevert, args: str
+    ) -> bool | Literal["wait"]:
+        """Ask the caller's hook; if it gives new arguments, the row takes them (pending) and
+        this is True; `WAIT` if the hook says "not yet"."""
         if self.repair is None:
             return False
         fixed = self.repair(key, err, _decode_args(args))
         if fixed is None:
             return False
+        if isinstance(fixed, str):  # WAIT
+            return WAIT
         new_args, dropped = fixed
         self.db.execute(
             "INSERT INTO repairs (key, error, dropped, at) VALUES (?, ?, ?, ?)",
@@ -423,10 +437,11 @@ class Outbox:
             except Exception as exc:
                 err = self.chain.decode(exc)
                 if isinstance(err, ContractRevert):
-                    if self._repaired(row_id, key, err, args):
+                    repaired = self._repaired(row_id, key, err, args)
+                    if repaired is True:
                         moved += 1
                         continue
-                    if err.name in json.loads(retry_on):
+                    if repaired == WAIT or err.name in json.loads(retry_on):
                         self._defer(row_id, attempts + 1, str(err))
                         continue
                     self._finish(row_id, RowState.FAILED, str(err))

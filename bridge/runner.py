@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections import defaultdict
@@ -50,6 +51,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
+from bridge.reading_rows import reading_repair
 from bridge.settlement import SLOT_KEY, SlotSettlement, load_prosumer_keys, step_of_args
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -136,6 +138,7 @@ class BridgeRunner:
 
     # ---- chain -----------------------------------------------------------------------------
     def _open_outbox(self) -> None:
+        from bridge.deployment_check import check_deployment
         from contracts.client import Chain
 
         c = self.cfg.chain
@@ -151,14 +154,19 @@ class BridgeRunner:
             return Outbox(c.outbox, Chain.rpc(c.rpc_url or "", timeout=5), addresses, key)
 
         self.worker = self.executor.submit(make).result()
+        # Before anything is queued: a deployment of other contracts is refused, naming the
+        # manifest field (see bridge.deployment_check).
+        self.executor.submit(check_deployment, self.worker.chain, self.deployment).result()
         self.inbox = Outbox(c.outbox, self.worker.chain, addresses, key)
         if c.prosumer_keys is not None:
             market = SlotSettlement(
                 self.site, self.deployment, load_prosumer_keys(c.prosumer_keys, self.site)
             )
             self.executor.submit(self._start_credit, market).result()
-            self.worker.repair = market.repairer(self.worker)
             self.market = market
+        # Readings in each device's nonce order; slot rows repaired by the market's rules.
+        slot_rows = None if self.market is None else self.market.repairer(self.worker)
+        self.worker.repair = reading_repair(self.worker, slot_rows)
         # Before connecting: the broker delivers what we had not acknowledged right away.
         sessions, nonces = session_store.load(self.inbox.db)
         self.core.validator.restore(sessions, nonces)
@@ -178,6 +186,19 @@ class BridgeRunner:
             self.deployment.slot_seconds,
             int(chain.call(rewards, "renewableRate")),
         )
+        grid = chain.contract("GridBalance", self.deployment.addresses["GridBalance"])
+        minimum = int(chain.call(grid, "minEmergencySeconds"))
+        wall_slot = self.clock.slot_seconds
+        if wall_slot < self.deployment.slot_seconds and minimum > wall_slot:
+            # An accelerated clock: the chain's time is not, so an emergency's end waits its
+            # minimum in wall seconds and the slot rows behind it wait with it (in order).
+            log.warning(
+                "accelerated clock: an emergency lasts at least GridBalance.minEmergencySeconds",
+                extra={
+                    "min_emergency_s": minimum,
+                    "wall_slots": math.ceil(minimum / wall_slot),
+                },
+            )
         unconfirmed = [step_of_args(args) for args in self.worker.unfinished_args("slot:")]
         market.start_credit(self._chain_credit(market), unconfirmed)
         market.start_paused(self._chain_paused(), unconfirmed)

@@ -41,15 +41,21 @@ Nothing wedges the queue: a row the chain refuses is repaired, not dropped (`rep
 outbox's `repair` hook): a "not yet" waits, a part the chain already did is left out, and any
 other refusal sends the slot again with no orders, so it is still cleared and the next row can
 reconcile it; only a row with nothing left to send fails for good, and the next row then leaves
-out its reconciliation. Each repair is logged and counted (``bridge_outbox_repairs``). A slot
-that got no row at all (the bridge was down across it) is settled empty by the next row's
-enqueue, in order, so every slot is still reconciled by the next
-(`SlotSettlement.enqueue`).
+out its reconciliation. A row that would trade while an earlier row's end of the emergency still
+waits for GridBalance's minimum (an accelerated clock: the minimum is 900 s of chain time, many
+slots of wall time) waits behind it instead of settling empty (`recovery_ahead`). Each repair
+is logged and counted (``bridge_outbox_repairs``). A slot that got no row at all (the bridge was
+down across it) is settled empty by the next row's enqueue, in order, so every slot is still
+reconciled by the next (`SlotSettlement.enqueue`).
 
 Rewards: the reconciliation of slot n - 1 grants the renewable reward (``rewardRenewable``) of
-every meter whose reading of n - 1 the bridge held at n's decision and which exported, as the
-env's ledger lists its exporters (none where RewardSystem's rate is 0). A meter whose reading
-never reached the chain, or a RewardSystem without funds, loses only that reward (a repair).
+every meter whose reading of n - 1 the bridge held at n's decision (in memory, or as its
+``reading:`` row in the outbox) and which exported, as the env's ledger lists its exporters
+(none where RewardSystem's rate is 0). The empty row of a missed slot reconciles the slot
+before it by the readings the outbox holds for that slot (`held_readings`), so the slot whose
+readings did arrive keeps its renewable rewards, granted once, by that row only. A meter whose
+reading never reached the chain, or a RewardSystem without funds, loses only that reward (a
+repair).
 In a demand-response event (the env's gate rule on the grid sensor: transformer loading above
 ``market.dr_loading`` or a voltage deviation beyond ``market.dr_voltage_pu``) the reconciliation
 also grants each household's incentive (``grantReward``): its decided share x the flexible
@@ -90,7 +96,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from coincurve import PrivateKey
@@ -99,7 +105,7 @@ from bridge.config import Deployment
 from bridge.decision import Decision
 from bridge.errors import ConfigError
 from bridge.observation import Observation
-from bridge.outbox import Outbox, Repair, RowState
+from bridge.outbox import WAIT, Outbox, Repair, RowState
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
 from contracts.clearing import clear_book
@@ -422,8 +428,34 @@ class SlotSettlement:
         if latest is not None:
             first = int(latest.split(":")[1]) + 1
             for missed in range(first, min(slot, first + MAX_MISSED)):
-                queued += self._queue(outbox, missed, None, {})
-        return queued + self._queue(outbox, slot, b, metered or {})
+                queued += self._queue(outbox, missed, None, self.held_readings(outbox, missed - 1))
+        held = self.held_readings(outbox, slot - 1, skip=metered or {})
+        return queued + self._queue(outbox, slot, b, {**held, **(metered or {})})
+
+    def held_readings(
+        self, outbox: Outbox, slot: int, skip: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
+        """The meters' readings of `slot` the outbox holds (their ``reading:<device>:<slot>``
+        rows, not failed), Wh by owner account, leaving out the accounts in `skip`.
+
+        Why: the row that reconciles a slot lists its exporters by the readings held, and the
+        row of a missed slot is built without any telemetry in memory; the outbox still has the
+        readings of the slot before it (they arrived, and are owed to the chain), so its
+        renewable rewards are granted as the env's ledger grants them, by the same rows that
+        put the readings on chain. A failed row's reading never reached the chain: its reward
+        would revert, so it is not counted."""
+        out: dict[str, int] = {}
+        for meter, owner in self.meters.items():
+            if skip is not None and owner in skip:
+                continue
+            key = f"reading:{meter}:{slot}"
+            row = outbox.row(key)
+            if row is None or row.state is RowState.FAILED:
+                continue
+            args = outbox.args(key)
+            if args:
+                out[owner] = int(args[0][2])
+        return out
 
     def _queue(
         self, outbox: Outbox, slot: int, b: SlotBook | None, metered: Mapping[str, int]
@@ -457,10 +489,14 @@ class SlotSettlement:
         """The outbox's repair hook for slot rows (`repair_step`), reading the rows of
         `outbox` (the worker's: the hook runs on its thread); each repair is logged."""
 
-        def repair(key: str, err: ContractRevert, args: list[Any]) -> tuple[Any, str] | None:
+        def repair(
+            key: str, err: ContractRevert, args: list[Any]
+        ) -> tuple[Any, str] | Literal["wait"] | None:
             if not key.startswith("slot:"):
                 return None
             step = step_of_args(args)
+            if err.name == "EnforcedPause" and recovery_ahead(outbox, step):
+                return WAIT  # settled once the earlier row ended the emergency, in order
             previous = None
             if step.parts & PART_RECONCILE:
                 prev_key = SLOT_KEY.format(step.reconcile_slot)
@@ -501,6 +537,26 @@ class SlotSettlement:
         for step in unconfirmed:
             bids = [(str(o[0]), int(o[2])) for o in step.orders]
             self.credit -= payments(bids, step.fills, step.price, self.accounts)
+
+
+def recovery_ahead(outbox: Outbox, step: SlotStep) -> bool:
+    """Whether `step` meets a paused market (it trades, or declares an emergency of its own)
+    only because an earlier slot row that ends the emergency (``PART_RECOVER``) is not mined
+    yet.
+
+    Why: the chain ends an emergency only after GridBalance's minimum (``minEmergencySeconds``,
+    900 s), in chain time. Under an accelerated bridge clock (tests, demos: a slot of 1-2 wall
+    seconds) the recovery row waits ("recovery too early") for many slots, and where the rows
+    do not reconcile (a reading window longer than a slot) nothing else orders the rows behind
+    it: each would meet the pause, be repaired to an empty batch and its trades silently lost.
+    A row that declares a new emergency would be repaired to "declared already" and then be
+    undone by the late recovery. So such a row waits behind the recovery, and the slots settle
+    in order, as decided."""
+    for args in outbox.unfinished_args("slot:"):
+        earlier = step_of_args(args)
+        if earlier.settle_slot < step.settle_slot and earlier.parts & PART_RECOVER:
+            return True
+    return False
 
 
 def payments(

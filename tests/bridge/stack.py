@@ -36,17 +36,21 @@ def live_stack(
     site: SiteManifest,
     broker_users: list[str],
     genesis: Callable[[int], int],
+    config: SuiteConfig | None = None,
 ) -> Iterator[Live]:
-    """Start both services, deploy the suite with genesis `genesis(now)` and a reading window
-    long enough for accelerated slots, register `site`, and write `deployment.json`,
-    `bridge.password`, `relayer.key` and, for a site that trades, `prosumers.json` (the
-    households' order keys) into `files`; stop everything afterwards."""
+    """Start both services, deploy the suite with genesis `genesis(now)` and `config` (default:
+    a reading window long enough for accelerated slots, where the chain's time stands still;
+    with a `config` given, its RewardSystem is funded), register `site`, and write
+    `deployment.json`, `bridge.password`, `relayer.key` and, for a site that trades,
+    `prosumers.json` (the households' order keys) into `files`; stop everything afterwards."""
     with anvil() as url, mosquitto(files / "mosquitto", broker_users) as broker:
         chain = Chain.rpc(url)
         now = chain.timestamp()
         suite = deploy_suite(
-            chain, genesis=genesis(now), config=SuiteConfig(reading_window_seconds=10**8)
+            chain, genesis=genesis(now), config=config or SuiteConfig(reading_window_seconds=10**8)
         )
+        if config is not None:
+            suite.fund_rewards(10**30)
         (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
         register_site(chain, suite.registry.address, site)
         if site.market is not None:  # a site that trades (not the tiny stand-in of conftest)

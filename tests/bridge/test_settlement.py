@@ -10,6 +10,7 @@ the meters' keys and relayed by the same outbox, as the run loop does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from web3 import Web3
 from bridge.config import Deployment
 from bridge.errors import ConfigError
 from bridge.outbox import Outbox, RowState
+from bridge.reading_rows import reading_repair
 from bridge.registration import enrol_market, owner_of, prosumer_keys, register_site
 from bridge.settlement import (
     MAX_MISSED,
@@ -80,12 +82,20 @@ class Chainside:
 
 @pytest.fixture
 def chainside(tmp_path: Path) -> Iterator[Chainside]:
+    with open_chainside(tmp_path) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def open_chainside(tmp_path: Path, **config: int) -> Iterator[Chainside]:
+    """anvil with the suite deployed (`config`: other `SuiteConfig` fields), the site
+    registered and enrolled, and the bridge's settlement and outbox over it."""
     site = build_site(build_grid(load_scenario()), site="site1", seed="0")
     with anvil() as url:
         chain = Chain.rpc(url)
         # RewardSystem's rate and budget as the env's chain ledger deploys them.
         rate = per_wh(MarketConfig().renewable_reward_per_kwh)
-        suite = deploy_suite(chain, config=SuiteConfig(renewable_rate_per_wh=rate))
+        suite = deploy_suite(chain, config=SuiteConfig(renewable_rate_per_wh=rate, **config))
         suite.fund_rewards(10**30)
         register_site(chain, suite.registry.address, site)
         enrol_market(
@@ -287,9 +297,11 @@ def test_emergencies_refused_batches_and_missed_slots_settle_as_the_env(
         stress,
     ]  # fmt: skip
     slots, mirror, rewards = drive(c, plans)
-    # The missed slot's empty row reconciles the slot before it without readings held: that
-    # slot's renewable rewards are not granted (the one loss, see bridge.settlement).
-    del rewards[slots.start + 4]
+    # The missed slot's empty row reconciles the slot before it by the readings the outbox
+    # holds for it: that slot's renewable rewards are granted, once, as the mirror grants them.
+    missed = step_of_args(c.outbox.args(f"slot:{slots.start + 5}") or [])
+    assert missed.reconcile_slot == slots.start + 4 and missed.exporters
+    assert rewards[slots.start + 4].sum() > 0
     kinds = check_ledger(c, slots, mirror, rewards)
     assert kinds == {int(RewardKind.RENEWABLE), int(RewardKind.DEMAND_RESPONSE)}
     assert c.outbox.repairs() == {"EnergyTradingSignedOrderCancelled": 1}
@@ -377,18 +389,121 @@ def test_missed_slots_are_settled_empty_in_order_at_most_a_day(tmp_path: Path) -
         {"chainId": 31337, "addresses": addresses, "genesis": 0, "slotSeconds": 900}
     )
     market = SlotSettlement(site, dep, prosumer_keys(site))
-    market.configure(600, 900)
+    market.configure(600, 900, renewable_rate=3)
     market.start_credit([units(CREDIT)] * len(site.prosumers), [])
     nowhere = Chain(Web3(Web3.HTTPProvider("http://127.0.0.1:9")))
     box = Outbox(tmp_path / "o.db", nowhere, dict(dep.addresses), ANVIL_KEYS[1])
     n = len(site.prosumers)
     book = Book(np.full((1, n), 500), np.full((1, n), REFERENCE), np.zeros((1, n), np.int64))
     assert market.enqueue(box, 10, SlotBook(book, REFERENCE, False)) == 1
+    # Slot 10's readings arrive (two meters exported, one imported), then the bridge is down
+    # across slots 11 and 12: the row of slot 11, built at slot 13's decision, reconciles slot
+    # 10 by the readings the outbox holds, so the two exporters keep their renewable reward.
+    meters = [site.device(p.meter) for p in site.prosumers[:3]]
+    for meter, wh in zip(meters, (-120, 80, -5), strict=True):
+        assert meter is not None
+        box.enqueue(f"reading:{meter.id}:10", "DeviceRegistry", "submitReading",
+                    ((meter.address, 10, wh, 0), b"sig"))  # fmt: skip
     assert market.enqueue(box, 13, SlotBook(book, REFERENCE, False)) == 3
     steps = {s: step_of_args(box.args(f"slot:{s}") or []) for s in range(10, 14)}
     assert [st.orders == [] for st in steps.values()] == [False, True, True, False]
     assert [st.reconcile_slot for st in steps.values()] == [0, 10, 11, 12]
+    exporters = [m.address for m in (meters[0], meters[2]) if m is not None]
+    assert sorted(steps[11].exporters) == sorted(exporters)  # each once, in slot 11's row only
+    assert steps[12].exporters == [] and steps[13].exporters == []
     assert market.enqueue(box, 14 + MAX_MISSED + 50, SlotBook(book, REFERENCE, False)) == 97
     assert box.row(f"slot:{13 + MAX_MISSED}") is not None
     assert box.row(f"slot:{14 + MAX_MISSED}") is None
     box.close()
+
+
+def test_an_emergency_ends_in_order_under_an_accelerated_clock(tmp_path: Path) -> None:
+    """Under an accelerated bridge clock (a slot of 1-2 wall seconds; the chain's reading window
+    longer than a slot, so the rows settle only) an emergency declared in one slot cannot end
+    in the next: GridBalance's minimum is 900 s of chain time. The recovery row waits for it
+    ("recovery too early"), and the rows behind it, which would trade or declare a new
+    emergency on the still paused market, wait behind it instead of being repaired to empty
+    batches: nothing wedges, nothing is dropped, every slot settles once, in order, with the
+    orders decided for it."""
+    with open_chainside(tmp_path, reading_window_seconds=10**8) as c:
+        chain, suite, market, outbox = c.chain, c.suite, c.market, c.outbox
+        assert not market.reconciles
+        n = len(c.site.prosumers)
+        rng = np.random.default_rng(11)
+        empty = Book(*(np.zeros((3, 1, n), np.int64)))
+        first = suite.current_slot() + 2
+        chain.travel_to(suite.slot_start(first + 4))  # every gate below has closed
+        assert market.enqueue(outbox, first, SlotBook(empty, REFERENCE, True)) == 1
+        assert outbox.drain(timeout_s=30)
+        declared_at = chain.timestamp()
+        books = [random_book(rng, n), random_book(rng, n)]
+        # Two wall seconds later, the grid is calm again for two slots, then stressed again.
+        for k, b in enumerate([*(SlotBook(x, REFERENCE, False) for x in books),
+                               SlotBook(empty, REFERENCE, True)]):  # fmt: skip
+            assert market.enqueue(outbox, first + 1 + k, b) == 1
+        for _ in range(5):
+            outbox.step()
+        rows = {s: outbox.row(f"slot:{s}") for s in range(first + 1, first + 4)}
+        assert all(r is not None and r.state is RowState.PENDING for r in rows.values()), rows
+        assert "GridBalanceRecoveryTooEarly" in str(rows[first + 1].last_error)  # type: ignore[union-attr]
+        for s in (first + 2, first + 3):
+            assert "EnforcedPause" in str(rows[s].last_error)  # type: ignore[union-attr]
+        assert outbox.repairs() == {}
+        # GridBalance's minimum has passed on chain: the rows go, in order, as decided.
+        chain.travel_to(declared_at + 900)
+        assert outbox.drain(timeout_s=30)
+        for s in range(first, first + 4):
+            assert outbox.row(f"slot:{s}").state is RowState.CONFIRMED  # type: ignore[union-attr]
+        assert outbox.repairs() == {}
+        trading = suite.trading
+        events = trading.events.SignedBatchSettled().get_logs(from_block=0)
+        settled = {int(e["args"]["slot"]): int(e["args"]["orderCount"]) for e in events}
+        assert [int(e["args"]["slot"]) for e in events] == list(range(first, first + 4))
+        for k, book in enumerate(books):
+            assert settled[first + 1 + k] == int((book.qty_wh[0] > 0).sum()) > 0
+        grid = chain.contract("GridBalance", suite.addresses()["GridBalance"])
+        assert len(grid.events.EmergencyDeclared().get_logs(from_block=0)) == 2
+        assert len(grid.events.Recovered().get_logs(from_block=0)) == 1
+        assert chain.call(grid, "paused")
+
+
+def test_a_meters_readings_reach_the_chain_in_nonce_order(tmp_path: Path) -> None:
+    """A reading that met "slot not ended" sits out its backoff while the meter's next reading
+    arrives: the registry takes a device's readings only in nonce order, so the next one is
+    refused for its nonce. It waits for the earlier one (`bridge.reading_rows`) instead of
+    failing for good, which would also have refused every later reading of the meter."""
+    # A reading window longer than a slot: the first reading is still welcome when the second
+    # slot has ended.
+    with open_chainside(tmp_path, reading_window_seconds=3 * 900) as c:
+        chain, suite, outbox = c.chain, c.suite, c.outbox
+        outbox.repair = reading_repair(outbox, c.market.repairer(outbox))
+        outbox.backoff_s = outbox.backoff_max_s = 3.0
+        meter = c.site.device(c.site.prosumers[0].meter)
+        assert meter is not None
+        signer = ReadingSigner(int(chain.w3.eth.chain_id), suite.registry.address)
+        key = PrivateKey(device_key("0", meter.id))
+        first = suite.current_slot() + 1
+        for nonce, slot in enumerate((first, first + 1)):
+            if nonce:  # the first slot ended long ago: the second reading can go at once
+                chain.travel_to(suite.slot_start(first + 2) + 1)
+            reading = (meter.address, slot, -100 - nonce, nonce)
+            outbox.enqueue(
+                f"reading:{meter.id}:{slot}",
+                "DeviceRegistry",
+                "submitReading",
+                (reading, signer.sign(key, *reading)),
+                retry_on=("DeviceRegistrySlotNotEnded",),
+            )  # as the core queues it
+            outbox.step()
+        first_row, second_row = (outbox.row(f"reading:{meter.id}:{s}") for s in (first, first + 1))
+        assert first_row is not None and "DeviceRegistrySlotNotEnded" in str(first_row.last_error)
+        assert second_row is not None and second_row.state is RowState.PENDING, second_row
+        assert "InvalidAccountNonce" in str(second_row.last_error)
+        assert outbox.drain(timeout_s=60)
+        for s in (first, first + 1):
+            assert outbox.row(f"reading:{meter.id}:{s}").state is RowState.CONFIRMED  # type: ignore[union-attr]
+        registry = suite.registry
+        logs = registry.events.ReadingRecorded().get_logs(from_block=0)
+        assert [(int(e["args"]["slot"]), int(e["args"]["nonce"])) for e in logs] == [
+            (first, 0), (first + 1, 1),
+        ]  # fmt: skip

@@ -1,0 +1,117 @@
+"""A live bridge refuses, at start-up and before it connects to the broker, a deployment whose
+contracts are not the ones it encodes its calls for (`bridge.deployment_check`): an old manifest
+(another build's ``artifactHashes``, e.g. the SlotSettler before ``run``'s input changed), a
+manifest without hashes, and addresses that run other code or none. Each error names the
+manifest field and says to deploy again with ``microgrid chain deploy``. Against anvil."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import BridgeConfig, ChainConfig, Deployment, load_deployment
+from bridge.deployment_check import check_deployment, same_code
+from bridge.errors import ConfigError
+from bridge.policy_source import load_policy
+from bridge.runner import BridgeRunner
+from bridge.site import SiteManifest
+from contracts.client import Chain, deploy_suite, deployment_manifest
+from contracts.compile import load_artifact
+from tests.bridge.services import ANVIL_KEYS, anvil
+
+DEPLOY = r"microgrid chain deploy"
+
+
+@dataclass
+class Deployed:
+    chain: Chain
+    manifest: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[Deployed]:
+    with anvil() as url:
+        chain = Chain.rpc(url)
+        suite = deploy_suite(chain)
+        yield Deployed(chain, json.loads(json.dumps(deployment_manifest(suite))))
+
+
+def start(d: Deployed, site: SiteManifest, manifest: dict[str, Any], files: Path) -> None:
+    """`bridge run` in live mode over `manifest`, for one slot (it fails before that)."""
+    (files / "deployment.json").write_text(json.dumps(manifest))
+    (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
+    cfg = BridgeConfig(
+        chain=ChainConfig(
+            deployment=files / "deployment.json",
+            rpc_url=d.chain.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+            key_file=files / "relayer.key",
+            outbox=files / "outbox.db",
+        ),
+        metrics_port=None,
+    )
+    dep = load_deployment(cfg.chain.deployment)
+    loaded = load_policy("builtin:rule-based", site.make_codec(), "")
+    asyncio.run(BridgeRunner(cfg, site, dep, loaded).run(max_slots=1))
+
+
+def test_the_deployment_of_this_build_passes(deployed: Deployed) -> None:
+    check_deployment(deployed.chain, Deployment.model_validate(deployed.manifest))
+
+
+def test_an_old_settler_is_refused_before_the_bridge_connects(
+    deployed: Deployed, site: SiteManifest, tmp_path: Path
+) -> None:
+    """The manifest of the previous build (SlotSettler's artifact hash differs): refused by
+    `bridge run` itself, before the broker (there is none here) is dialled."""
+    m = deployed.manifest
+    old = {**m, "artifactHashes": {**m["artifactHashes"], "SlotSettler": "ab" * 32}}
+    with pytest.raises(
+        ConfigError, match=rf"chain\.deployment: artifactHashes\.SlotSettler: .*{DEPLOY}"
+    ):
+        start(deployed, site, old, tmp_path)
+    bare = {k: v for k, v in m.items() if k != "artifactHashes"}
+    with pytest.raises(
+        ConfigError, match=rf"chain\.deployment: artifactHashes: expected .*{DEPLOY}"
+    ):
+        start(deployed, site, bare, tmp_path)
+
+
+def test_addresses_that_run_other_code_are_refused(deployed: Deployed) -> None:
+    """Hashes copied over, but the settler's address runs another build (the same code with
+    other metadata, put there with ``anvil_setCode``), another contract, or nothing."""
+    chain, m = deployed.chain, deployed.manifest
+    settler = m["addresses"]["SlotSettler"]
+    original = bytes(chain.w3.eth.get_code(chain.w3.to_checksum_address(settler)))
+    other_build = original[:-3] + bytes([original[-3] ^ 0xFF]) + original[-2:]
+    chain.w3.provider.make_request("anvil_setCode", [settler, "0x" + other_build.hex()])
+    try:
+        with pytest.raises(
+            ConfigError, match=rf"addresses\.SlotSettler: expected this bridge's .*{DEPLOY}"
+        ):
+            check_deployment(chain, Deployment.model_validate(m))
+    finally:
+        chain.w3.provider.make_request("anvil_setCode", [settler, "0x" + original.hex()])
+    for elsewhere, found in ((m["addresses"]["EnergyTrading"], "bytes of other code"),
+                             ("0x" + "7" * 40, "no code")):  # fmt: skip
+        moved = {**m, "addresses": {**m["addresses"], "SlotSettler": elsewhere}}
+        with pytest.raises(ConfigError, match=rf"addresses\.SlotSettler: .*found .*{found}"):
+            check_deployment(chain, Deployment.model_validate(moved))
+    check_deployment(chain, Deployment.model_validate(m))  # restored
+
+
+def test_immutables_are_the_only_bytes_allowed_to_differ() -> None:
+    built = bytes.fromhex(str(load_artifact("GridBalance")["deployedBytecode"])[2:])
+    zero = built.index(bytes(32))  # an immutable's placeholder
+    filled = built[:zero] + b"\x01" * 32 + built[zero + 32 :]
+    assert same_code(filled, built)
+    assert not same_code(filled[:-1], built)
+    changed = next(i for i, b in enumerate(built) if b != 0)
+    assert not same_code(
+        built[:changed] + bytes([built[changed] ^ 1]) + built[changed + 1 :], built
+    )
