@@ -116,6 +116,19 @@ def step_threads(batch: int) -> int:
     return max(1, min(configured, -(-batch // CHUNK_ROWS)))
 
 
+def in_chunks(b: int, chunk: Callable[[int, int], object]) -> None:
+    """`chunk(lo, hi)` over rows [0, b): on the step's threads (`step_threads`) when the batch
+    is large enough, else in one call. `chunk` must release the GIL to gain from threads."""
+    threads = step_threads(b)
+    if threads > 1:
+        _THREADS.run(threads, b, chunk)
+    else:
+        chunk(0, b)
+
+
+_STATE_FIELDS = tuple(GridState.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class Advanced:
     """What `Engine.advance` returns: the state after the step and its figures."""
@@ -262,9 +275,18 @@ class Engine:
             noise_offset=offsets.astype(np.int64) % NOISE_TABLE_SIZE,
         )
         zeros = np.zeros((b, n_p))
-        _, diverged = step_kernel(
-            self.compiled, p, state, np.zeros((b, bat.n)), zeros, zeros, np.ones(b)
-        )
+        idle = np.zeros((b, bat.n))
+        ones = np.ones(b)
+        diverged = np.empty(b, dtype=np.bool_)
+        c = self.compiled
+
+        def flow(lo: int, hi: int) -> None:
+            part = GridState(*(getattr(state, f)[lo:hi] for f in _STATE_FIELDS))
+            diverged[lo:hi] = step_kernel(
+                c, p, part, idle[lo:hi], zeros[lo:hi], zeros[lo:hi], ones[lo:hi]
+            )[1]
+
+        in_chunks(b, flow)
         # Undo what stepping did besides solving: the episode starts at `slot`, untouched.
         state.slot[:] = slot
         state.step[:] = 0
@@ -310,10 +332,22 @@ class Engine:
         return state, outcome_from_matrix(matrix), matrix
 
     def observe(self, state: GridState) -> np.ndarray:
-        """Encoded float32 observations (B, obs_dim)."""
-        if self.compiled is not None:
-            return observe_kernel(self.compiled, self.params, state, self._starts, self._scaling)
-        return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+        """Encoded float32 observations (B, obs_dim); a large batch (a vector env's resets) in
+        chunks on the step's threads."""
+        c = self.compiled
+        if c is None:
+            return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+        b = state.slot.shape[0]
+        if step_threads(b) == 1:
+            return observe_kernel(c, self.params, state, self._starts, self._scaling)
+        buf = np.empty((b, self.codec.obs_dim), dtype=np.float32)
+
+        def encode(lo: int, hi: int) -> None:
+            part = GridState(*(getattr(state, f)[lo:hi] for f in _STATE_FIELDS))
+            observe_kernel(c, self.params, part, self._starts, self._scaling, buf[lo:hi])
+
+        in_chunks(b, encode)
+        return buf
 
     # ---- one step, fused where it can be -----------------------------------------------
     def advance(
