@@ -34,7 +34,7 @@ from envs.kernel import (
 )
 from envs.kpis import MARKET_INFO, OUTCOME_FIELDS, EpisodeKpis, MarketKpis, outcome_matrix
 from envs.ledger import treasury_short
-from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunk, fused_step
+from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunks, fused_step
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 #: chunks over costs more than it saves). `NUMBA_NUM_THREADS=1` keeps it on one core.
 PARALLEL_ROWS = 128
 _STEP: Callable[..., bool] = fused_step
-_CHUNK: Callable[..., None] = fused_chunk
+_CHUNKS: Callable[..., None] = fused_chunks
 
 
 class _StepThreads:
@@ -100,6 +100,34 @@ class _StepThreads:
             pool.submit(work)
         work()
         finished.wait()
+        if errors:
+            raise errors[0]
+
+    def share(self, threads: int, body: Callable[[], object], done: Callable[[], bool]) -> None:
+        """`body()` on the calling thread and on `threads - 1` helpers, which take the work
+        from a shared counter themselves (`market_kernel.fused_chunks`); returns once `done()`.
+
+        As in `run`, a helper that starts after the work is gone returns at once and is not
+        waited for; the calling thread waits only for chunks a helper holds.
+        """
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def helper() -> None:
+            try:
+                body()
+            except BaseException as e:  # re-raised on the calling thread
+                errors.append(e)
+                finished.set()
+            if done():
+                finished.set()
+
+        pool = self._executor(threads - 1)
+        for _ in range(threads - 1):
+            pool.submit(helper)
+        body()
+        if not done():
+            finished.wait()
         if errors:
             raise errors[0]
 
@@ -418,10 +446,12 @@ class Engine:
         if threads > 1:
             ok = bool(all_finite(a))
             if ok:
-                _THREADS.run(
+                counter = np.zeros(2, dtype=np.int64)  # chunks claimed, chunks finished
+                n_chunks = -(-b // CHUNK_ROWS)
+                _THREADS.share(
                     threads,
-                    b,
-                    lambda lo, hi: _CHUNK(lo, hi, *args, a, out, mout, obs, clip, short),
+                    lambda: _CHUNKS(counter, *args, a, out, mout, obs, clip, short),
+                    lambda: bool(counter[1] >= n_chunks),
                 )
         else:
             ok = _STEP(*args, a, out, mout, obs, clip, short)
