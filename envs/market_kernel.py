@@ -9,8 +9,6 @@ loops over the batch rows; rows are independent. The rules are documented where 
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -47,27 +45,33 @@ def clear_row(q, p, s, fills):
     # demand at-or-above covers supply strictly below. None valid: the limits' extremes.
     low = -1
     high = -1
+    # The sums below are written without branches on the book's contents (an order's side
+    # and price are a coin toss to the branch predictor; clearing 1,024 books took ~0.55 ms,
+    # ~8 % of a batched step), and a price that was a candidate already is not tried again
+    # (the rule's books hold two prices, so most candidates repeat one): the same integers.
     for k in range(n):
         if q[k] <= 0:
             continue
         c = p[k]
+        seen = False
+        for j in range(k):
+            seen |= q[j] > 0 and p[j] == c
+        if seen:
+            continue
         bid_at = 0
         bid_above = 0
         ask_at = 0
         ask_below = 0
         for j in range(n):
-            if q[j] <= 0:
-                continue
-            if s[j] == BUY:
-                if p[j] >= c:
-                    bid_at += q[j]
-                if p[j] > c:
-                    bid_above += q[j]
-            else:
-                if p[j] <= c:
-                    ask_at += q[j]
-                if p[j] < c:
-                    ask_below += q[j]
+            qj = q[j] if q[j] > 0 else 0
+            buy = s[j] == BUY
+            qb = qj if buy else 0
+            qs = 0 if buy else qj
+            pj = p[j]
+            bid_at += qb if pj >= c else 0
+            bid_above += qb if pj > c else 0
+            ask_at += qs if pj <= c else 0
+            ask_below += qs if pj < c else 0
         if ask_at >= bid_above and (low < 0 or c < low):
             low = c
         if bid_at >= ask_below and c > high:
@@ -84,22 +88,17 @@ def clear_row(q, p, s, fills):
     m_bid = 0
     m_ask = 0
     for j in range(n):
-        if q[j] <= 0:
-            continue
-        if s[j] == BUY:
-            if p[j] >= price:
-                d_at += q[j]
-            if p[j] > price:
-                d_above += q[j]
-            if p[j] == price:
-                m_bid += q[j]
-        else:
-            if p[j] <= price:
-                s_at += q[j]
-            if p[j] < price:
-                s_below += q[j]
-            if p[j] == price:
-                m_ask += q[j]
+        qj = q[j] if q[j] > 0 else 0
+        buy = s[j] == BUY
+        qb = qj if buy else 0
+        qs = 0 if buy else qj
+        pj = p[j]
+        d_at += qb if pj >= price else 0
+        d_above += qb if pj > price else 0
+        m_bid += qb if pj == price else 0
+        s_at += qs if pj <= price else 0
+        s_below += qs if pj < price else 0
+        m_ask += qs if pj == price else 0
     volume = min(d_at, s_at)
     # Marginal orders share their side's remainder by cumulative rounding in book order.
     rem_bid = volume - d_above
@@ -561,11 +560,16 @@ def fused_chunk(
 
 @numba.njit(cache=True, nogil=True)
 def all_finite(actions):
+    """Whether every action is finite: x - x is 0 for finite x and NaN for inf or NaN. One
+    branch-free pass (vectorised) rather than a test per entry: it runs before the threads
+    share the step, so its time is not shared."""
+    bad = False
     for i in range(actions.shape[0]):
-        for j in range(actions.shape[1]):
-            if not math.isfinite(actions[i, j]):
-                return False
-    return True
+        row = actions[i]
+        for j in range(row.shape[0]):
+            x = row[j]
+            bad |= (x - x) != 0.0
+    return not bad
 
 
 @numba.njit(cache=True, nogil=True)
