@@ -507,10 +507,11 @@ def _observe_batch(
     n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
     noise_offset, starts, scaling, buf,
 ):  # fmt: skip
+    bscale, uniform = block_scaling(starts, scaling, last_load.shape[1], sizes[2])
     observe_rows(
         0, slot.shape[0], sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof,
         import_price, cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
-        community_price, noise_offset, starts, scaling, buf,
+        community_price, noise_offset, starts, scaling, bscale, uniform, buf,
     )  # fmt: skip
 
 
@@ -539,9 +540,10 @@ def _encode_leads(dst, o, raw, scaling):
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_scaling(starts, scaling, n_p, h):
+def block_scaling(starts, scaling, n_p, h):
     """Per prosumer forecast block: (offset, 1/scale, low, high) and whether all of its `h`
-    entries share them (the codec scales a prosumer's forecasts by one figure per field)."""
+    entries share them (the codec scales a prosumer's forecasts by one figure per field).
+    Computed once per kernel call, not per chunk of rows (~3,000 comparisons each)."""
     out = np.empty((4, 2 * n_p), dtype=np.float64)
     uniform = np.empty(2 * n_p, dtype=np.bool_)
     for blk in range(2 * n_p):
@@ -561,9 +563,10 @@ def _block_scaling(starts, scaling, n_p, h):
 def observe_rows(
     lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
     cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
-    noise_offset, starts, scaling, buf,
+    noise_offset, starts, scaling, bscale, uniform, buf,
 ):  # fmt: skip
-    """Encode rows [lo, hi) of the state into the same rows of `buf` (float32).
+    """Encode rows [lo, hi) of the state into the same rows of `buf` (float32); `bscale`,
+    `uniform` from `block_scaling`.
 
     A row's forecasts are 2 n_p + 2 blocks of `h` leads (prosumer loads, prosumer PV,
     background load and PV). Each block's truth is gathered from the row's window of the
@@ -590,7 +593,6 @@ def observe_rows(
     truth = np.empty(h, dtype=np.float64)
     leads = lead[:h]
     n_blk = 2 * n_p + 2
-    bscale, uniform = _block_scaling(starts, scaling, n_p, h)
     for i in range(lo, hi):
         dst = buf[i]
         t = slot[i]
@@ -677,7 +679,10 @@ def observe_rows(
                     net[q] = net[q] - raw[q]
                 _encode_leads(dst, starts[9], net, scaling)
         for q in range(h):
-            raw[q] = import_price[(sod + q) % spd]
+            j = sod + q  # (sod + q) % spd without a division per lead
+            while j >= spd:
+                j -= spd
+            raw[q] = import_price[j]
         _encode_leads(dst, starts[10], raw, scaling)
         dst[starts[11]] = _encode(sc[6], starts[11], scaling)
         dst[starts[12]] = _encode(community_price[i], starts[12], scaling)

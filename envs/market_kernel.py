@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from envs.claim import claim
-from envs.kernel import forecast_value, observe_rows, step_rows
+from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows
 
 BUY = 0
 SELL = 1
@@ -462,6 +462,7 @@ def fused_chunk(
     lo, hi, sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
     sizes,
     v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+    bscale, uniform,
     load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
     import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
@@ -554,7 +555,7 @@ def fused_chunk(
     observe_rows(
         lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
         bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
-        community_price, noise_offset, starts, scaling, obs,
+        community_price, noise_offset, starts, scaling, bscale, uniform, obs,
     )  # fmt: skip
 
 
@@ -590,6 +591,7 @@ def fused_chunks(
     first come, first served, with no dispatch per chunk. Actions assumed finite."""
     b = actions.shape[0]
     n_chunks = (b + CHUNK_ROWS - 1) // CHUNK_ROWS
+    bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
     while True:
         c = claim(counter, 0)
         if c >= n_chunks:
@@ -599,6 +601,7 @@ def fused_chunks(
             sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
             sizes,
             v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+            bscale, uniform,
             load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
             import_price, tod,
             slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
@@ -631,10 +634,12 @@ def fused_step(
     """
     if not all_finite(actions):
         return False
+    bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
     fused_chunk(
         0, actions.shape[0],
         sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
         v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
+        bscale, uniform,
         load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, bg_load_pv, prosumer_pq, battery_pq,
         import_price, tod,
         slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,

@@ -27,6 +27,7 @@ from envs.dynamics import GridState, Solver
 from envs.engine import Engine
 from envs.exchange import Exchange, market_columns
 from envs.kpis import (
+    MARKET_INFO,
     MARKET_KEYS,
     OUTCOME_FIELDS,
     ROW_KEYS,
@@ -37,7 +38,9 @@ from envs.kpis import (
 )
 from envs.scenario import Scenario
 
-_INFO_COLUMNS = tuple((key, OUTCOME_FIELDS.index(key)) for key in STEP_INFO)
+#: (info key, its mask's key, column): the step's `info` columns, the mask keys made once.
+_INFO_COLUMNS = tuple((key, f"_{key}", OUTCOME_FIELDS.index(key)) for key in STEP_INFO)
+_MASKS = {key: f"_{key}" for key in MARKET_INFO}
 _REWARD = OUTCOME_FIELDS.index("reward")
 _TRUNCATED = OUTCOME_FIELDS.index("truncated")
 _DIVERGED = OUTCOME_FIELDS.index("diverged")
@@ -117,15 +120,15 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         obs, matrix, market, clipped = self._advance(actions)
         every = np.ones(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
-        for key, col in _INFO_COLUMNS:
+        for key, mask, col in _INFO_COLUMNS:
             infos[key] = matrix[:, col]  # columns of a fresh matrix: no copy needed
-            infos[f"_{key}"] = every
+            infos[mask] = every
         infos["action_clipped"] = clipped
         infos["_action_clipped"] = every
         if market is not None:
             for key, column in market_columns(market).items():
                 infos[key] = column
-                infos[f"_{key}"] = every
+                infos[_MASKS[key]] = every
         truncated = matrix[:, _TRUNCATED] > 0.5
         terminated = np.zeros(self.num_envs, dtype=bool)
         done_rows = np.flatnonzero(truncated)
