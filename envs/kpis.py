@@ -142,11 +142,19 @@ class MarketKpis:
 def as_dicts(keys: tuple[str, ...], values: FloatArray) -> list[dict[str, float]]:
     """One `{key: float}` per row of `values`.
 
-    Built from one list per column: a list per row (`values.tolist()`) is a GC-tracked object
-    each, and a batch of 1,024 finishing together made enough of them to set off full
-    collections of the interpreter's heap (tens of ms). Dicts of floats are not tracked.
+    Each dict is a copy of one template with the keys in place, then filled: building 34 keys
+    one by one resized the table four times a dict (~1.5x slower for a batch's 1,024 rows).
+    Rows come from one list per column: a list per row (`values.tolist()`) is a GC-tracked
+    object each, which added to what set off full collections of the heap. Dicts of floats
+    are not tracked.
     """
-    return [dict(zip(keys, row, strict=True)) for row in zip(*values.T.tolist(), strict=True)]
+    template = dict.fromkeys(keys, 0.0)
+    out = []
+    for row in zip(*values.T.tolist(), strict=True):
+        d = template.copy()
+        d.update(zip(keys, row, strict=True))
+        out.append(d)
+    return out
 
 
 _COL = {name: i for i, name in enumerate(OUTCOME_FIELDS)}
