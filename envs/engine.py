@@ -34,7 +34,7 @@ from envs.kernel import (
 )
 from envs.kpis import MARKET_INFO, OUTCOME_FIELDS, EpisodeKpis, MarketKpis, outcome_matrix
 from envs.ledger import treasury_short
-from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunk, fused_step
+from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunks, fused_step
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 #: chunks over costs more than it saves). `NUMBA_NUM_THREADS=1` keeps it on one core.
 PARALLEL_ROWS = 128
 _STEP: Callable[..., bool] = fused_step
-_CHUNK: Callable[..., None] = fused_chunk
+_CHUNKS: Callable[..., None] = fused_chunks
 
 
 class _StepThreads:
@@ -103,6 +103,34 @@ class _StepThreads:
         if errors:
             raise errors[0]
 
+    def share(self, threads: int, body: Callable[[], object], done: Callable[[], bool]) -> None:
+        """`body()` on the calling thread and on `threads - 1` helpers, which take the work
+        from a shared counter themselves (`market_kernel.fused_chunks`); returns once `done()`.
+
+        As in `run`, a helper that starts after the work is gone returns at once and is not
+        waited for; the calling thread waits only for chunks a helper holds.
+        """
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def helper() -> None:
+            try:
+                body()
+            except BaseException as e:  # re-raised on the calling thread
+                errors.append(e)
+                finished.set()
+            if done():
+                finished.set()
+
+        pool = self._executor(threads - 1)
+        for _ in range(threads - 1):
+            pool.submit(helper)
+        body()
+        if not done():
+            finished.wait()
+        if errors:
+            raise errors[0]
+
 
 _THREADS = _StepThreads()
 
@@ -114,6 +142,19 @@ def step_threads(batch: int) -> int:
         return 1
     configured = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     return max(1, min(configured, -(-batch // CHUNK_ROWS)))
+
+
+def in_chunks(b: int, chunk: Callable[[int, int], object]) -> None:
+    """`chunk(lo, hi)` over rows [0, b): on the step's threads (`step_threads`) when the batch
+    is large enough, else in one call. `chunk` must release the GIL to gain from threads."""
+    threads = step_threads(b)
+    if threads > 1:
+        _THREADS.run(threads, b, chunk)
+    else:
+        chunk(0, b)
+
+
+_STATE_FIELDS = tuple(GridState.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -262,9 +303,18 @@ class Engine:
             noise_offset=offsets.astype(np.int64) % NOISE_TABLE_SIZE,
         )
         zeros = np.zeros((b, n_p))
-        _, diverged = step_kernel(
-            self.compiled, p, state, np.zeros((b, bat.n)), zeros, zeros, np.ones(b)
-        )
+        idle = np.zeros((b, bat.n))
+        ones = np.ones(b)
+        diverged = np.empty(b, dtype=np.bool_)
+        c = self.compiled
+
+        def flow(lo: int, hi: int) -> None:
+            part = GridState(*(getattr(state, f)[lo:hi] for f in _STATE_FIELDS))
+            diverged[lo:hi] = step_kernel(
+                c, p, part, idle[lo:hi], zeros[lo:hi], zeros[lo:hi], ones[lo:hi]
+            )[1]
+
+        in_chunks(b, flow)
         # Undo what stepping did besides solving: the episode starts at `slot`, untouched.
         state.slot[:] = slot
         state.step[:] = 0
@@ -310,10 +360,22 @@ class Engine:
         return state, outcome_from_matrix(matrix), matrix
 
     def observe(self, state: GridState) -> np.ndarray:
-        """Encoded float32 observations (B, obs_dim)."""
-        if self.compiled is not None:
-            return observe_kernel(self.compiled, self.params, state, self._starts, self._scaling)
-        return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+        """Encoded float32 observations (B, obs_dim); a large batch (a vector env's resets) in
+        chunks on the step's threads."""
+        c = self.compiled
+        if c is None:
+            return self.codec.encode(observe(self.params, state), state.slot.shape[0])
+        b = state.slot.shape[0]
+        if step_threads(b) == 1:
+            return observe_kernel(c, self.params, state, self._starts, self._scaling)
+        buf = np.empty((b, self.codec.obs_dim), dtype=np.float32)
+
+        def encode(lo: int, hi: int) -> None:
+            part = GridState(*(getattr(state, f)[lo:hi] for f in _STATE_FIELDS))
+            observe_kernel(c, self.params, part, self._starts, self._scaling, buf[lo:hi])
+
+        in_chunks(b, encode)
+        return buf
 
     # ---- one step, fused where it can be -----------------------------------------------
     def advance(
@@ -384,10 +446,12 @@ class Engine:
         if threads > 1:
             ok = bool(all_finite(a))
             if ok:
-                _THREADS.run(
+                counter = np.zeros(2, dtype=np.int64)  # chunks claimed, chunks finished
+                n_chunks = -(-b // CHUNK_ROWS)
+                _THREADS.share(
                     threads,
-                    b,
-                    lambda lo, hi: _CHUNK(lo, hi, *args, a, out, mout, obs, clip, short),
+                    lambda: _CHUNKS(counter, *args, a, out, mout, obs, clip, short),
+                    lambda: bool(counter[1] >= n_chunks),
                 )
         else:
             ok = _STEP(*args, a, out, mout, obs, clip, short)

@@ -110,3 +110,34 @@ def test_step_threads_run_every_chunk_once_and_reraise_a_chunks_error() -> None:
 
     with pytest.raises(ValueError, match="chunk 2"):
         threads.run(2, 1000, chunk)
+
+
+def test_step_threads_share_ends_when_the_work_is_done_and_reraise_a_helpers_error() -> None:
+    """`share` runs the body on every thread and returns once `done()`; an error reaches the
+    caller."""
+    import threading
+
+    from envs.engine import _StepThreads
+
+    threads = _StepThreads()
+    lock = threading.Lock()
+    taken: list[int] = []
+    left = list(range(50))
+
+    def body() -> None:
+        while True:
+            with lock:
+                if not left:
+                    return
+                item = left.pop()
+            taken.append(item)
+
+    threads.share(2, body, lambda: len(taken) == 50)
+    assert sorted(taken) == list(range(50))
+
+    def failing() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("helper")
+
+    with pytest.raises(ValueError, match="helper"):
+        threads.share(2, failing, lambda: False)
