@@ -56,6 +56,7 @@ from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
 from bridge.validation import RejectReason, TelemetryValidator, ValidationLimits
 from contracts.errors import ChainError
+from contracts.slot_batch import DemandResponseQueue
 
 log = logging.getLogger("bridge.run")
 
@@ -206,10 +207,36 @@ class BridgeRunner:
         if worker.unfinished_args("slot:"):
             return
         credit, paused = self._chain_credit(market), self._chain_paused()
+        dr_queue = self._chain_dr_queue(market.dr_queue)
         if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
             market.credit = np.asarray(credit, dtype=np.int64)
             market.paused = paused
+            market.dr_queue = dr_queue  # stored with the next row
             self._synced = before
+
+    def _chain_dr_queue(self, predicted: DemandResponseQueue) -> DemandResponseQueue:
+        """GridBalance's open events as the chain holds them, read from the lowest id the
+        bridge predicted open (events before it are closed): a row whose demand-response part
+        was repaired away leaves the predicted ids wrong, and this puts them right."""
+        assert self.worker is not None
+        chain = self.worker.chain
+        grid = chain.contract("GridBalance", self.deployment.addresses["GridBalance"])
+
+        def known(event_id: int) -> tuple[bool, bool, int]:
+            ev = chain.call(grid, "getEvent", event_id)  # (start, duration, cancelled, settled)
+            return int(ev[1]) != 0, not (ev[2] or ev[3]), int(ev[0])
+
+        first = min([e for e, _ in predicted.open], default=predicted.next_id)
+        while first > 1 and not known(first - 1)[0]:
+            first -= 1
+        queue = DemandResponseQueue(open=[], next_id=first)
+        while True:
+            exists, is_open, slot = known(queue.next_id)
+            if not exists:
+                return queue
+            if is_open:
+                queue.open.append((queue.next_id, slot))
+            queue.next_id += 1
 
     def _enqueue_slot(self, slot: int) -> None:
         """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable
