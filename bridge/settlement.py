@@ -59,14 +59,15 @@ transformer loading above ``market.dr_loading`` or a voltage deviation beyond
 announces a one-slot event for slot n + 1 (the first a block of slot n may announce), with
 every household expected to import taking part at a baseline of that expected import (the
 observation's forecast of slot n + 1, Wh); and, when the row does not leave an emergency in
-force and reconciles n - 1, it settles the open events of slots up to n - 1, whose readings
-are then final: GridBalance pays each household ``market.dr_incentive_per_wh`` per Wh its
-meter read below its baseline. These are the env's events: the env announces the event for
-slot n + 1 in slot n - 1's transaction, mined at the start of slot n from the same grid state,
-and settles in slot n's transaction what row n settles. Event ids are predicted (the bridge
-announces every event), and the open events are kept in the outbox's SQLite file in the same
-transaction as the row that changed them (`bridge.dr_store`), so a restart settles every event
-its predecessor announced.
+force, it settles the open events of slots up to n - 1, whose readings are final once it may
+reconcile n - 1 (rows that do not reconcile, on a chain whose reading window is longer than a
+slot, run no demand response: their events could not be settled): GridBalance pays each
+household ``market.dr_incentive_per_wh`` per Wh its meter read below its baseline. These
+are the env's events: the env announces the event for slot n + 1 in slot n - 1's transaction,
+mined at the start of slot n from the same grid state, and settles in slot n's transaction
+what row n settles. Event ids are predicted (the bridge announces every event), and the open
+events are kept in the outbox's SQLite file in the same transaction as the row that changed
+them (`bridge.dr_store`), so a restart settles every event its predecessor announced.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -423,16 +424,16 @@ class SlotSettlement:
         slot - 1 settled when the row reconciles slot - 1 (their readings are final then);
         an event for slot + 1 announced when the grid calls for demand response and neither
         this row's state nor the last one's was an emergency (the env's rule), with the
-        households expected to import, in batch order."""
-        if b.emergency:
+        households expected to import, in batch order. None either where rows do not
+        reconcile (a reading window longer than a slot): their events could never be settled."""
+        if b.emergency or not self.reconciles:
             return None
         baselines: list[tuple[str, int]] = []
         if b.dr_event and not self.paused and b.dr_baseline_wh is not None:
             baselines = [
                 (self.meter_of[self.owners[k]], int(b.dr_baseline_wh[k])) for k in self.order
             ]
-        through = slot - 1 if self.reconciles else -1
-        return queue.part(through, slot + 1, self.market.dr_incentive_per_wh, baselines)
+        return queue.part(slot - 1, slot + 1, self.market.dr_incentive_per_wh, baselines)
 
     def enqueue(
         self, outbox: Outbox, slot: int, b: SlotBook, metered: Mapping[str, int] | None = None

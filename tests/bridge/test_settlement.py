@@ -56,6 +56,7 @@ from contracts.settler import (
     PART_RECONCILE,
     PART_RECOVER,
     PART_SETTLE,
+    DemandResponse,
     ReadingSigner,
     SlotStep,
 )
@@ -401,6 +402,27 @@ def test_repairs_leave_out_what_the_chain_refuses_and_wait_for_what_is_not_yet()
     fixed = repair_step(fixed[0], "SomethingElse", None, accounts)
     assert fixed is not None and fixed[0].parts == step.parts & ~PART_RECONCILE
     assert repair_step(fixed[0], "SomethingElse", None, accounts) is None
+
+
+def test_a_refused_demand_response_part_is_left_out_and_the_rest_stands() -> None:
+    """GridBalance refusing a row's demand-response part (an id the chain does not hold, its
+    pause where the row declares none) drops that part only; a stored row keeps its part."""
+    accounts = ["0x" + "1" * 40]
+    dr = DemandResponse(
+        settle=[3], start_slot=10, duration_slots=1, incentive_per_wh=100,
+        participants=[("0x" + "a" * 40, 0, 0, 500)],
+    )  # fmt: skip
+    step = SlotStep(
+        parts=PART_PRICE | PART_SETTLE | PART_DEMAND_RESPONSE, settle_slot=9, demand_response=dr
+    )
+    assert step_of_args([step.value()]).value() == step.value()  # the part is stored whole
+    for error in ("GridBalanceUnknownEvent", "GridBalanceEventClosed", "EnforcedPause"):
+        fixed = repair_step(step, error, None, accounts)
+        assert fixed == (
+            dataclasses.replace(step, parts=PART_PRICE | PART_SETTLE),
+            "demand response",
+        )
+    assert repair_step(step, "GridBalanceReadingsNotFinal", None, accounts) is None  # not yet
 
 
 def test_order_keys_need_a_trading_site_and_a_key_per_household(
