@@ -50,7 +50,13 @@ from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
-from bridge.settlement import SLOT_KEY, SlotSettlement, load_prosumer_keys, step_of_args
+from bridge.settlement import (
+    SLOT_KEY,
+    SlotSettlement,
+    chain_dr_queue,
+    load_prosumer_keys,
+    step_of_args,
+)
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
@@ -215,28 +221,11 @@ class BridgeRunner:
             self._synced = before
 
     def _chain_dr_queue(self, predicted: DemandResponseQueue) -> DemandResponseQueue:
-        """GridBalance's open events as the chain holds them, read from the lowest id the
-        bridge predicted open (events before it are closed): a row whose demand-response part
-        was repaired away leaves the predicted ids wrong, and this puts them right."""
+        """GridBalance's open events as the chain holds them (`chain_dr_queue`)."""
         assert self.worker is not None
         chain = self.worker.chain
         grid = chain.contract("GridBalance", self.deployment.addresses["GridBalance"])
-
-        def known(event_id: int) -> tuple[bool, bool, int]:
-            ev = chain.call(grid, "getEvent", event_id)  # (start, duration, cancelled, settled)
-            return int(ev[1]) != 0, not (ev[2] or ev[3]), int(ev[0])
-
-        first = min([e for e, _ in predicted.open], default=predicted.next_id)
-        while first > 1 and not known(first - 1)[0]:
-            first -= 1
-        queue = DemandResponseQueue(open=[], next_id=first)
-        while True:
-            exists, is_open, slot = known(queue.next_id)
-            if not exists:
-                return queue
-            if is_open:
-                queue.open.append((queue.next_id, slot))
-            queue.next_id += 1
+        return chain_dr_queue(lambda event_id: chain.call(grid, "getEvent", event_id), predicted)
 
     def _enqueue_slot(self, slot: int) -> None:
         """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable

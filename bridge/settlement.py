@@ -99,7 +99,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -537,6 +537,35 @@ class SlotSettlement:
         for step in unconfirmed:
             bids = [(str(o[0]), int(o[2])) for o in step.orders]
             self.credit -= payments(bids, step.fills, step.price, self.accounts)
+
+
+def chain_dr_queue(
+    get_event: Callable[[int], Sequence[Any]], predicted: DemandResponseQueue
+) -> DemandResponseQueue:
+    """GridBalance's open events as the chain holds them, read with `get_event` (``getEvent``:
+    start slot, duration, cancelled, settled, ...; an unknown id has duration 0): a row whose
+    demand-response part was repaired away leaves the predicted ids wrong, and this puts them
+    right once every row is mined. The open events are the last ids (events are settled in
+    slot order, which is id order, and the bridge cancels none): from the lowest id
+    `predicted` holds open, find the last id that exists, then walk back while open."""
+
+    def exists(event_id: int) -> bool:
+        return event_id >= 1 and int(get_event(event_id)[1]) != 0
+
+    last = min([e for e, _ in predicted.open], default=predicted.next_id)
+    if exists(last):
+        while exists(last + 1):
+            last += 1
+    else:
+        while last >= 1 and not exists(last):
+            last -= 1
+    queue = DemandResponseQueue(open=[], next_id=last + 1)
+    for event_id in range(last, 0, -1):
+        ev = get_event(event_id)
+        if ev[2] or ev[3]:
+            break
+        queue.open.insert(0, (event_id, int(ev[0])))
+    return queue
 
 
 def payments(

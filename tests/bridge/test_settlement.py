@@ -34,6 +34,7 @@ from bridge.settlement import (
     RETRY_ON,
     SlotBook,
     SlotSettlement,
+    chain_dr_queue,
     load_prosumer_keys,
     repair_step,
     step_of_args,
@@ -60,6 +61,7 @@ from contracts.settler import (
     ReadingSigner,
     SlotStep,
 )
+from contracts.slot_batch import DemandResponseQueue
 from envs import load_scenario
 from envs.grid import build_grid
 from envs.ledger import MirrorLedger, SlotInput, per_wh, units
@@ -423,6 +425,27 @@ def test_a_refused_demand_response_part_is_left_out_and_the_rest_stands() -> Non
             "demand response",
         )
     assert repair_step(step, "GridBalanceReadingsNotFinal", None, accounts) is None  # not yet
+
+
+def test_the_open_events_are_read_back_from_grid_balance() -> None:
+    """With every row mined the bridge reads GridBalance's open events back: a repaired-away
+    announcement leaves its predicted ids too high, and they are put right (the open ones, the
+    next id)."""
+    # On chain: 1 and 2 settled, 3 open (slot 8), 4 open (slot 9); nothing after.
+    chain = {1: (5, 1, False, True), 2: (6, 1, False, True), 3: (8, 1, False, False)}
+    chain[4] = (9, 1, False, False)
+
+    def get_event(event_id: int) -> tuple[int, int, bool, bool]:
+        return chain.get(event_id, (0, 0, False, False))
+
+    for predicted in (
+        DemandResponseQueue(open=[(3, 8), (5, 9)], next_id=6),  # one announcement left out
+        DemandResponseQueue(open=[(7, 9)], next_id=8),  # ids far beyond the chain's
+        DemandResponseQueue(open=[(3, 8)], next_id=4),  # one more announced meanwhile
+    ):
+        read = chain_dr_queue(get_event, predicted)
+        assert read.open == [(3, 8), (4, 9)] and read.next_id == 5, predicted
+    assert chain_dr_queue(get_event, DemandResponseQueue()).next_id == 5
 
 
 def test_order_keys_need_a_trading_site_and_a_key_per_household(
