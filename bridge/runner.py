@@ -52,12 +52,19 @@ from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
 from bridge.reading_rows import reading_repair
-from bridge.settlement import SLOT_KEY, SlotSettlement, load_prosumer_keys, step_of_args
+from bridge.settlement import (
+    SLOT_KEY,
+    SlotSettlement,
+    chain_dr_queue,
+    load_prosumer_keys,
+    step_of_args,
+)
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
 from bridge.topics import bridge_subscriptions
 from bridge.validation import RejectReason, TelemetryValidator, ValidationLimits
 from contracts.errors import ChainError
+from contracts.slot_batch import DemandResponseQueue
 
 log = logging.getLogger("bridge.run")
 
@@ -227,10 +234,19 @@ class BridgeRunner:
         if worker.unfinished_args("slot:"):
             return
         credit, paused = self._chain_credit(market), self._chain_paused()
+        dr_queue = self._chain_dr_queue(market.dr_queue)
         if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
             market.credit = np.asarray(credit, dtype=np.int64)
             market.paused = paused
+            market.dr_queue = dr_queue  # stored with the next row
             self._synced = before
+
+    def _chain_dr_queue(self, predicted: DemandResponseQueue) -> DemandResponseQueue:
+        """GridBalance's open events as the chain holds them (`chain_dr_queue`)."""
+        assert self.worker is not None
+        chain = self.worker.chain
+        grid = chain.contract("GridBalance", self.deployment.addresses["GridBalance"])
+        return chain_dr_queue(lambda event_id: chain.call(grid, "getEvent", event_id), predicted)
 
     def _enqueue_slot(self, slot: int) -> None:
         """Slot `slot`'s orders, by the env's rule on what was just decided, as one durable

@@ -56,12 +56,24 @@ before it by the readings the outbox holds for that slot (`held_readings`), so t
 readings did arrive keeps its renewable rewards, granted once, by that row only. A meter whose
 reading never reached the chain, or a RewardSystem without funds, loses only that reward (a
 repair).
-In a demand-response event (the env's gate rule on the grid sensor: transformer loading above
-``market.dr_loading`` or a voltage deviation beyond ``market.dr_voltage_pu``) the reconciliation
-also grants each household's incentive (``grantReward``): its decided share x the flexible
-share x its load in the slot (the next slot's telemetry, which is the env's own load) at
-``market.dr_incentive_per_wh``, the env's formula. The shares wait in memory for the next row:
-a restart in between, like a missed slot, loses that slot's rewards.
+
+Demand response is GridBalance's own events, in the row's last part (``PART_DEMAND_RESPONSE``),
+by the rule the env's chain ledger runs (`contracts.slot_batch.DemandResponseQueue`): when the
+grid sensor's state at n's decision calls for demand response (`envs.market_kernel.grid_events`:
+transformer loading above ``market.dr_loading`` or a voltage deviation beyond
+``market.dr_voltage_pu``) and neither it nor the state before called for an emergency, row n
+announces a one-slot event for slot n + 1 (the first a block of slot n may announce), with
+every household expected to import taking part at a baseline of that expected import (the
+observation's forecast of slot n + 1, Wh); and, when the row does not leave an emergency in
+force, it settles the open events of slots up to n - 1, whose readings are final once it may
+reconcile n - 1 (rows that do not reconcile, on a chain whose reading window is longer than a
+slot, run no demand response: their events could not be settled): GridBalance pays each
+household ``market.dr_incentive_per_wh`` per Wh its meter read below its baseline. These
+are the env's events: the env announces the event for slot n + 1 in slot n - 1's transaction,
+mined at the start of slot n from the same grid state, and settles in slot n's transaction
+what row n settles. Event ids are predicted (the bridge announces every event), and the open
+events are kept in the outbox's SQLite file in the same transaction as the row that changed
+them (`bridge.dr_store`), so a restart settles every event its predecessor announced.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -93,7 +105,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +113,7 @@ from typing import Any, Literal
 import numpy as np
 from coincurve import PrivateKey
 
+from bridge import dr_store
 from bridge.config import Deployment
 from bridge.decision import Decision
 from bridge.errors import ConfigError
@@ -109,19 +122,22 @@ from bridge.outbox import WAIT, Outbox, Repair, RowState
 from bridge.signing import address_of
 from bridge.site import SiteManifest, SiteMarket
 from contracts.clearing import clear_book
-from contracts.client import CLEARING_GAS, RewardKind, order_domain
+from contracts.client import CLEARING_GAS, order_domain
 from contracts.errors import ContractRevert
 from contracts.model import PriceParams, Side, imbalance_prices
 from contracts.settler import (
+    PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
     PART_RECONCILE,
     PART_RECOVER,
     PART_SETTLE,
+    DemandResponse,
     OrderSigner,
     SlotStep,
 )
 from contracts.slot_batch import (
     Bid,
+    DemandResponseQueue,
     Reconciliation,
     SignedBatch,
     emergency_parts,
@@ -143,14 +159,29 @@ MAX_MISSED = 96
 log = logging.getLogger("bridge.settlement")
 
 #: "Not yet" for a slot row: the slot's gate has not closed on chain, the previous slot's
-#: readings are not final yet, the previous slot's own row has not been mined yet, or the
-#: emergency declared in an earlier row has not lasted GridBalance's minimum yet.
+#: readings are not final yet (for its reconciliation, rewards or demand-response events), the
+#: previous slot's own row has not been mined yet, or the emergency declared in an earlier row
+#: has not lasted GridBalance's minimum yet.
 RETRY_ON = (
     "EnergyTradingGateOpen",
     "EnergyTradingReadingsNotFinal",
     "EnergyTradingSlotNotCleared",
+    "GridBalanceReadingsNotFinal",
     "GridBalanceRecoveryTooEarly",
     "RewardSystemReadingsNotFinal",
+)
+
+#: GridBalance refusals of a row's demand-response part (an event already settled or never
+#: announced: the predicted ids went wrong after a repair; the announced slot already begun):
+#: that part is left out, the rest of the row stands.
+DR_REFUSALS = frozenset(
+    {
+        "GridBalanceEventClosed",
+        "GridBalanceUnknownEvent",
+        "GridBalanceEventNotInFuture",
+        "GridBalanceNotActiveMeter",
+        "GridBalanceInvalidParticipants",
+    }
 )
 
 #: Reverts that refuse a row's reconciliation of the previous slot (the rest of the row stands).
@@ -206,12 +237,10 @@ class SlotBook:
     """Money units per Wh (>= 1)."""
     emergency: bool
     dr_event: bool = False
-    """A demand-response event (the env's gate rule on the grid sensor's reading)."""
-    dr_share: np.ndarray | None = None
-    """(n,) the decided demand-response shares, prosumer order."""
-    last_load_kw: np.ndarray | None = None
-    """(n,) the households' load in the slot before (their telemetry, the env's last load):
-    what that slot's demand-response reduction is a share of."""
+    """The grid sensor's reading calls for demand response (`grid_events`, the env's rule)."""
+    dr_baseline_wh: np.ndarray | None = None
+    """(n,) prosumer order: each household's expected import in the next slot (Wh, >= 0), its
+    baseline in the event the row announces."""
 
 
 class SlotSettlement:
@@ -258,9 +287,11 @@ class SlotSettlement:
         """RewardSystem's reward per exported Wh (`configure`): 0 grants nothing."""
         self.owners = owners
         """Accounts in prosumer (codec) order."""
-        self._dr: dict[int, np.ndarray] = {}
-        """Slot -> its demand-response shares, for the slots queued during an event: granted
-        when the next slot's row reconciles it (memory only: lost across a restart)."""
+        self.dr_queue = DemandResponseQueue()
+        """GridBalance events announced by the rows queued and not settled yet, as the chain
+        will hold them after every row enqueued (loaded from, and saved with the rows in, the
+        outbox's file: `bridge.dr_store`)."""
+        self._dr_loaded = False
         meter_cap = {d.id: d.capacity_w * 900 // 3600 for d in site.devices}
         self.cap_wh = [meter_cap[site.prosumers[k].meter] for k in self.order]
         self.reconciles = False
@@ -277,27 +308,6 @@ class SlotSettlement:
         for a zero grant), as the env's ledger lists none."""
         self.reconciles = reading_window_s <= slot_seconds
         self.renewable_rate = renewable_rate
-
-    def grants(self, slot: int, load_kw: np.ndarray | None) -> list[tuple[str, int, int]]:
-        """The demand-response incentives of `slot` if it was an event: each household's
-        reduction (its share x the flexible share x its load in the slot, in Wh, the env's
-        gate's formula) at the site's rate, in prosumer order, as the env's ledger grants
-        them. `load_kw` is the slot's load, known from the next slot's telemetry."""
-        shares = self._dr.pop(slot, None)
-        for old in [s for s in self._dr if s < slot]:
-            del self._dr[old]
-        rate = self.market.dr_incentive_per_wh
-        if shares is None or load_kw is None or not rate:
-            return []
-        share = self.market.flexible_share
-        dt = self.site.dt_h
-        kind = int(RewardKind.DEMAND_RESPONSE)
-        out = []
-        for k in range(self.n):
-            wh = int(np.rint(shares[k] * share * float(load_kw[k]) * dt * 1000.0))
-            if wh > 0:
-                out.append((self.owners[k], wh * rate, kind))
-        return out
 
     def exporters(self, metered: Mapping[str, int]) -> list[str]:
         """The meters (device addresses) that exported in the reconciled slot, by the readings
@@ -332,11 +342,15 @@ class SlotSettlement:
             float(grid[0]), float(grid[1]), float(grid[3]),
             m.dr_loading, m.dr_voltage_pu, m.emergency_loading,
         )  # fmt: skip
-        return SlotBook(
-            book, reference, bool(emergency), bool(dr),
-            np.asarray(inputs.dr_share, dtype=np.float64),
-            np.asarray(raw["load"], dtype=np.float64).reshape(-1)[:n],
-        )  # fmt: skip
+        # The next slot's expected import (the forecast's second lead), as the env's baseline
+        # is the profile's expected import of the slot it announces.
+        lead = min(1, h - 1)
+        net_kw = (
+            np.asarray(raw["load_forecast"]).reshape(n, h)[:, lead]
+            - np.asarray(raw["pv_forecast"]).reshape(n, h)[:, lead]
+        )
+        baseline = np.maximum(np.rint(net_kw * self.site.dt_h * 1000.0), 0).astype(np.int64)
+        return SlotBook(book, reference, bool(emergency), bool(dr), baseline)
 
     def batch(
         self,
@@ -386,12 +400,13 @@ class SlotSettlement:
         b: SlotBook,
         previous: SlotStep | None = None,
         metered: Mapping[str, int] | None = None,
-        grants: Sequence[tuple[str, int, int]] = (),
+        demand_response: DemandResponse | None = None,
     ) -> SlotStep:
         """The slot's ``run`` step: reconcile the `previous` slot (its stored step) when the
         chain's reading window lets a slot's transaction do so, with the renewable reward of
         its exporters by the readings held (`metered`), post this slot's reference price,
-        settle its batch."""
+        settle its batch, then settle and announce demand-response events
+        (`demand_response`, `dr_part`)."""
         m = self.market
         params = price_params(b.reference, m.band_low_bps, m.band_high_bps, m.imbalance_penalty_bps)
         reconcile = None
@@ -402,12 +417,29 @@ class SlotSettlement:
                 trades,
                 self.accounts,
                 self.exporters(metered or {}),
-                list(grants),
             )
         declare, recover = emergency_parts(b.emergency, self.paused)
         return slot_step(
-            params, batch, reconcile=reconcile, declare_emergency=declare, recover=recover
-        )
+            params, batch, reconcile=reconcile, declare_emergency=declare, recover=recover,
+            demand_response=demand_response,
+        )  # fmt: skip
+
+    def dr_part(self, slot: int, b: SlotBook, queue: DemandResponseQueue) -> DemandResponse | None:
+        """Row `slot`'s demand-response part, taken from `queue` (see the module docstring):
+        none in an emergency (GridBalance refuses it while paused); the open events up to
+        slot - 1 settled when the row reconciles slot - 1 (their readings are final then);
+        an event for slot + 1 announced when the grid calls for demand response and neither
+        this row's state nor the last one's was an emergency (the env's rule), with the
+        households expected to import, in batch order. None either where rows do not
+        reconcile (a reading window longer than a slot): their events could never be settled."""
+        if b.emergency or not self.reconciles:
+            return None
+        baselines: list[tuple[str, int]] = []
+        if b.dr_event and not self.paused and b.dr_baseline_wh is not None:
+            baselines = [
+                (self.meter_of[self.owners[k]], int(b.dr_baseline_wh[k])) for k in self.order
+            ]
+        return queue.part(slot - 1, slot + 1, self.market.dr_incentive_per_wh, baselines)
 
     def enqueue(
         self, outbox: Outbox, slot: int, b: SlotBook, metered: Mapping[str, int] | None = None
@@ -420,17 +452,25 @@ class SlotSettlement:
         one a slot and every settled slot is reconciled by the next. After a longer absence
         than `MAX_MISSED` slots only the first `MAX_MISSED` are: the last row's slot, the one
         that holds trades, is reconciled, and the last empty one is not. A key already there
-        (decided again after a restart) queues nothing."""
+        (decided again after a restart) queues nothing. The rows and the demand-response
+        queue they leave are committed together (`bridge.dr_store`)."""
         if outbox.row(SLOT_KEY.format(slot)) is not None:
             return 0
+        if not self._dr_loaded:  # the queue as this outbox's rows left it, before a restart
+            self.dr_queue = dr_store.load(outbox.db)
+            self._dr_loaded = True
         queued = 0
-        latest = outbox.latest("slot:")
-        if latest is not None:
-            first = int(latest.split(":")[1]) + 1
-            for missed in range(first, min(slot, first + MAX_MISSED)):
-                queued += self._queue(outbox, missed, None, self.held_readings(outbox, missed - 1))
-        held = self.held_readings(outbox, slot - 1, skip=metered or {})
-        return queued + self._queue(outbox, slot, b, {**held, **(metered or {})})
+        with outbox.transaction():
+            latest = outbox.latest("slot:")
+            if latest is not None:
+                first = int(latest.split(":")[1]) + 1
+                for missed in range(first, min(slot, first + MAX_MISSED)):
+                    held_before = self.held_readings(outbox, missed - 1)
+                    queued += self._queue(outbox, missed, None, held_before)
+            held = self.held_readings(outbox, slot - 1, skip=metered or {})
+            queued += self._queue(outbox, slot, b, {**held, **(metered or {})})
+            dr_store.save(outbox.db, self.dr_queue)
+        return queued
 
     def held_readings(
         self, outbox: Outbox, slot: int, skip: Mapping[str, int] | None = None
@@ -470,10 +510,8 @@ class SlotSettlement:
             empty = np.zeros((1, self.n), dtype=np.int64)
             b = SlotBook(Book(empty, empty, empty), max(reference, 1), self.paused)
         batch = self.batch(slot, b, previous, metered)
-        grants = []
-        if previous is not None and self.reconciles:
-            grants = self.grants(previous.settle_slot, b.last_load_kw)
-        step = self.step(batch, b, previous, metered, grants)
+        queue = dataclasses.replace(self.dr_queue, open=list(self.dr_queue.open))
+        step = self.step(batch, b, previous, metered, self.dr_part(slot, b, queue))
         if not outbox.enqueue(
             SLOT_KEY.format(slot), "SlotSettler", "run", (step.value(),),
             gas=CLEARING_GAS, retry_on=RETRY_ON,
@@ -481,8 +519,7 @@ class SlotSettlement:
             return 0
         self.charge(batch)
         self.paused = b.emergency
-        if b.dr_event and b.dr_share is not None:
-            self._dr[slot] = np.asarray(b.dr_share, dtype=np.float64)
+        self.dr_queue = queue
         return 1
 
     def repairer(self, outbox: Outbox) -> Repair:
@@ -559,6 +596,35 @@ def recovery_ahead(outbox: Outbox, step: SlotStep) -> bool:
     return False
 
 
+def chain_dr_queue(
+    get_event: Callable[[int], Sequence[Any]], predicted: DemandResponseQueue
+) -> DemandResponseQueue:
+    """GridBalance's open events as the chain holds them, read with `get_event` (``getEvent``:
+    start slot, duration, cancelled, settled, ...; an unknown id has duration 0): a row whose
+    demand-response part was repaired away leaves the predicted ids wrong, and this puts them
+    right once every row is mined. The open events are the last ids (events are settled in
+    slot order, which is id order, and the bridge cancels none): from the lowest id
+    `predicted` holds open, find the last id that exists, then walk back while open."""
+
+    def exists(event_id: int) -> bool:
+        return event_id >= 1 and int(get_event(event_id)[1]) != 0
+
+    last = min([e for e, _ in predicted.open], default=predicted.next_id)
+    if exists(last):
+        while exists(last + 1):
+            last += 1
+    else:
+        while last >= 1 and not exists(last):
+            last -= 1
+    queue = DemandResponseQueue(open=[], next_id=last + 1)
+    for event_id in range(last, 0, -1):
+        ev = get_event(event_id)
+        if ev[2] or ev[3]:
+            break
+        queue.open.insert(0, (event_id, int(ev[0])))
+    return queue
+
+
 def payments(
     bids: Sequence[tuple[str, int]], fills: Sequence[int], price: int, accounts: Sequence[str]
 ) -> np.ndarray:
@@ -580,6 +646,15 @@ def step_of_args(args: Sequence[Any]) -> SlotStep:
     readings, reading_signatures = value[5], value[6]
     r_slot, trades, accounts, exporters, grants = reconcile
     slot, price, orders, signatures, fills = settle
+    dr = DemandResponse()
+    if len(value) > 7:
+        d = value[7]
+        dr = DemandResponse(
+            settle=[int(x) for x in d[0]], start_slot=int(d[1]), duration_slots=int(d[2]),
+            target_reduction_wh=int(d[3]), incentive_per_wh=int(d[4]), peak_bonus=int(d[5]),
+            participation_reward=int(d[6]),
+            participants=[(str(p[0]), int(p[1]), int(p[2]), int(p[3])) for p in d[7]],
+        )  # fmt: skip
     return SlotStep(
         parts=int(parts), reconcile_slot=int(r_slot), trades=[tuple(t) for t in trades],
         accounts=[str(a) for a in accounts], exporters=[str(e) for e in exporters],
@@ -588,6 +663,7 @@ def step_of_args(args: Sequence[Any]) -> SlotStep:
         signatures=[tuple(s) for s in signatures], fills=[int(f) for f in fills],
         readings=[tuple(x) for x in readings], reading_signatures=[bytes(x) for x in
                                                                    reading_signatures],
+        demand_response=dr,
     )  # fmt: skip
 
 
@@ -606,7 +682,9 @@ def repair_step(
     waited for; a reconciliation the chain refuses (`RECONCILE_REFUSALS`, or a previous slot
     that will never be cleared: its row failed or there is none) is left out, unless the
     previous row was itself repaired meanwhile (its trade list is then rebuilt from it); a part
-    the chain already did (`DONE_ALREADY`) is left out; a reward refused (a meter whose reading
+    the chain already did (`DONE_ALREADY`) is left out; a demand-response part GridBalance
+    refuses (`DR_REFUSALS`, or its pause where the row declares none) is left out; a reward
+    refused (a meter whose reading
     did not reach the chain: its reward; an unfunded RewardSystem: every reward) is left out;
     any other refusal drops the slot's orders, and the slot is cleared empty (as in an
     emergency) so the next slot's row can still reconcile it; with no orders left, the
@@ -614,6 +692,11 @@ def repair_step(
     """
     args = args or {}
     reconciles = bool(step.parts & PART_RECONCILE)
+    announces = bool(step.parts & PART_DEMAND_RESPONSE)
+    if announces and (
+        error in DR_REFUSALS or (error == "EnforcedPause" and not step.parts & PART_EMERGENCY)
+    ):
+        return _without(step, PART_DEMAND_RESPONSE), "demand response"
     if error == "EnergyTradingSlotNotCleared" and reconciles:
         if previous is not None and previous[0] is not RowState.FAILED:
             return None  # the previous slot's row is still on its way

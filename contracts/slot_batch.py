@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from coincurve import PrivateKey
 
 from contracts.clearing import clear_book
-from contracts.model import PriceParams, Side, SignedOrder
+from contracts.model import DrParticipant, LoadType, PriceParams, Side, SignedOrder
 from contracts.settler import (
     PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
@@ -138,6 +138,58 @@ def emergency_parts(emergency: bool, paused: bool) -> tuple[bool, bool]:
     rule and GridBalance's (declaring twice or recovering while running would revert)."""
     change = emergency != paused
     return change and emergency, change and not emergency
+
+
+@dataclass
+class DemandResponseQueue:
+    """The GridBalance events one operator announced and has not settled, and the id the next
+    announcement will get: what a slot transaction's demand-response part settles and announces.
+
+    Each operator's transaction, when it is not in an emergency (GridBalance refuses both
+    while paused), settles every open event whose slot is over and whose readings are final
+    and announces, when the grid state calls for demand response, a one-slot event for the
+    first slot after the block's own that no transaction has announced yet. The env's chain
+    ledger, whose slot s transaction is mined at the start of slot s + 1, settles up to slot
+    s - 1 and announces slot s + 2; the live bridge, whose slot n row is mined inside slot n,
+    settles up to n - 1 and announces n + 1 (`bridge.settlement`). Event ids are the
+    contract's counter (1, 2, ...), predicted here: an operator that announces every event
+    knows them before its transaction is mined, and checks the emitted ids.
+    """
+
+    open: list[tuple[int, int]] = field(default_factory=list)
+    """(event id, slot) of every announced event not yet settled, in announcement order."""
+    next_id: int = 1
+
+    def part(
+        self,
+        settle_through: int,
+        start_slot: int,
+        incentive_per_wh: int,
+        baselines: Sequence[tuple[str, int]] = (),
+    ) -> DemandResponse | None:
+        """The part of a transaction that settles the open events of slots up to
+        `settle_through` and announces `baselines` (meter device, baseline Wh; empty: nothing)
+        for `start_slot` (None: nothing to do). It takes what it settles off the queue and adds
+        what it announces. Meters with a baseline above 0 take part, each earning
+        `incentive_per_wh` per Wh it reads below its baseline (no target, bonus or
+        participation reward). Call only for a transaction that is not in an emergency."""
+        settle = [event_id for event_id, s in self.open if s <= settle_through]
+        self.open = [(event_id, s) for event_id, s in self.open if s > settle_through]
+        participants = [
+            DrParticipant(device, LoadType.CURTAILABLE, 0, int(wh)).as_tuple()
+            for device, wh in baselines
+            if wh > 0
+        ]
+        if not settle and not participants:
+            return None
+        if not participants:
+            return DemandResponse(settle=settle)
+        self.open.append((self.next_id, start_slot))
+        self.next_id += 1
+        return DemandResponse(
+            settle=settle, start_slot=start_slot, duration_slots=1,
+            incentive_per_wh=incentive_per_wh, participants=participants,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from envs.kernel import (
 )
 from envs.kpis import MARKET_INFO, OUTCOME_FIELDS, EpisodeKpis, MarketKpis, outcome_matrix
 from envs.ledger import treasury_short
-from envs.market_kernel import CHUNK_ROWS, all_finite, fused_chunks, fused_step
+from envs.market_kernel import CHUNK_ROWS, DR_ROWS, all_finite, fused_chunks, fused_step
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
 
@@ -482,8 +482,8 @@ class Engine:
             return cached[1]
         s = state
         if exchange is not None:
-            mcfg, rates, order, credit, treasury, tokens = exchange.fused_accounts()
-            market = (True, mcfg, rates, order, credit, treasury, tokens)
+            mcfg, rates, order, credit, treasury, tokens, drq = exchange.fused_accounts()
+            market = (True, mcfg, rates, order, credit, treasury, tokens, drq)
             msum, priced = market_kpis.sums, market_kpis.priced
         else:
             market, msum, priced = self._market_stand_in(s.slot.shape[0])
@@ -508,6 +508,7 @@ class Engine:
             market = (
                 False, np.zeros(6), np.zeros(4, dtype=np.int64), np.arange(n, dtype=np.int64),
                 ints, np.zeros(b, dtype=np.int64), ints.copy(),
+                np.zeros((b, DR_ROWS, n + 1), dtype=np.int64),
             )  # fmt: skip
             self._no_market[b] = (market, np.zeros((b, len(MARKET_INFO))), np.zeros(b))
         market, msum, priced = self._no_market[b]

@@ -1,10 +1,12 @@
 """The market around the physics of a step: gate closure before it, settlement after it.
 
 `Exchange.open` runs at gate closure, before the slot is simulated: it fixes the reference price
-(the seed formula's community price, which the operator's price signal moves), detects
-demand-response and emergency conditions from the last solved grid state (GridBalance's rules)
-and takes the book. `Exchange.close` runs after the physics: the meters read what really flowed
-and the ledger settles fills, imbalances and rewards. The env shells call the two around
+(the seed formula's community price, which the operator's price signal moves), detects an
+emergency from the last solved grid state (GridBalance's rule) and takes the book.
+`Exchange.close` runs after the physics: the meters read what really flowed, the grid state the
+slot left decides whether a demand-response event is announced two slots on (GridBalance's
+events start after the block's slot), and the ledger settles fills, imbalances, events and
+rewards. The env shells call the two around
 `Engine.step`; the book comes from the default bidding rule (single agent) or from
 each prosumer agent's bid (`envs.parallel_env`).
 """
@@ -23,7 +25,7 @@ from envs.kernel import CompiledParams
 from envs.kpis import MARKET_INFO
 from envs.ledger import Ledger, MirrorLedger, Settlement, SlotInput
 from envs.market import Book, band, to_units
-from envs.market_kernel import gate_rows, summarise_rows
+from envs.market_kernel import announce_range, gate_rows, summarise_rows
 from envs.params import FloatArray, GridParams, IntArray
 from envs.scenario import MarketConfig
 
@@ -35,9 +37,7 @@ class GateClosure:
     slot: IntArray
     book: Book
     reference: IntArray
-    dr_event: np.ndarray
     emergency: np.ndarray
-    dr_reduction_wh: IntArray
 
 
 class Exchange:
@@ -71,8 +71,11 @@ class Exchange:
     def reset(self, rows: IntArray) -> None:
         self.ledger.reset(rows)
 
-    def fused_accounts(self) -> tuple[FloatArray, IntArray, IntArray, IntArray, IntArray, IntArray]:
-        """(market config, rates, order, credit, treasury, reward tokens) for the fused step.
+    def fused_accounts(
+        self,
+    ) -> tuple[FloatArray, IntArray, IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """(market config, rates, order, credit, treasury, reward tokens, demand-response state)
+        for the fused step.
 
         Only a mirror ledger settles inside the compiled step; a chain ledger raises here and the
         environments run `open`, `Engine.step` and `close` in turn instead (`fuses`).
@@ -108,9 +111,7 @@ class Exchange:
         b, n = state.slot.shape[0], self.n
         c = self._compiled
         reference = np.empty(b, dtype=np.int64)
-        dr_event = np.empty(b, dtype=np.bool_)
         emergency = np.empty(b, dtype=np.bool_)
-        reduction = np.empty((b, n), dtype=np.int64)
         use_rule = book is None
         if book is None:
             zeros = np.zeros((b, n), dtype=np.int64)
@@ -122,29 +123,32 @@ class Exchange:
             self.params.prosumer_pv_kw, state.slot, state.step, state.soc, state.capacity_kwh,
             state.backlog_kwh, state.grid, state.last_load_kw, state.last_pv_kw,
             state.community_price, state.noise_offset, action.battery_kw, action.pv_curtailment,
-            action.dr_share, use_rule, reference, dr_event, emergency, reduction, qty, limit, side,
+            action.dr_share, use_rule, reference, emergency, qty, limit, side,
         )  # fmt: skip
         return GateClosure(
-            slot=state.slot.copy(),
-            book=book,
-            reference=reference,
-            dr_event=dr_event,
-            emergency=emergency,
-            dr_reduction_wh=reduction,
+            slot=state.slot.copy(), book=book, reference=reference, emergency=emergency
         )
 
     # ---- settlement --------------------------------------------------------------------
     def close(self, gate: GateClosure, state: GridState) -> Settlement:
         """Meter the slot just simulated and settle it (call after `Engine.step`)."""
-        metered = np.rint(state.last_net_kw * self.params.dt_h * 1000.0).astype(np.int64)
+        p = self.params
+        metered = np.rint(state.last_net_kw * p.dt_h * 1000.0).astype(np.int64)
+        b = metered.shape[0]
+        announce = np.empty(b, dtype=np.bool_)
+        baseline = np.empty((b, self.n), dtype=np.int64)
+        announce_range(
+            0, b, self._mcfg, p.dt_h, state.grid, p.prosumer_load_kw, p.prosumer_pv_kw,
+            state.slot, announce, baseline,
+        )  # fmt: skip
         return self.ledger.settle(
             SlotInput(
                 slot=gate.slot,
                 book=gate.book,
                 reference=gate.reference,
                 metered_wh=metered,
-                dr_event=gate.dr_event,
-                dr_reduction_wh=gate.dr_reduction_wh,
+                dr_announce=announce,
+                dr_baseline_wh=baseline,
                 emergency=gate.emergency,
             )
         )
@@ -173,7 +177,8 @@ def market_matrix(s: Settlement, gate: GateClosure) -> FloatArray:
     out = np.empty((s.price.shape[0], len(MARKET_INFO)), dtype=np.float64)
     summarise_rows(
         s.price, s.volume_wh, s.fees, s.imbalance_wh, s.refused, s.rewards, s.gas_used,
-        s.transactions, gate.dr_event, gate.emergency, out,
+        s.transactions, np.stack([s.dr_event, s.dr_created, s.dr_settled], axis=1).astype(np.int64),
+        s.dr_paid, gate.emergency, out,
     )  # fmt: skip
     return out
 

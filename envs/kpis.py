@@ -38,6 +38,9 @@ MARKET_INFO: tuple[str, ...] = (
     "market_transactions",
     "dr_event",
     "emergency",
+    "dr_events_created",
+    "dr_events_settled",
+    "dr_incentives",
 )
 
 

@@ -19,9 +19,16 @@ Settlement rules of one slot (EnergyTrading, GridBalance and RewardSystem, resta
   reference price, worse by ``imbalance_penalty_bps`` either way, with the treasury: a shortfall
   is paid from credit and held proceeds as far as they go (the rest is recorded unpaid), a
   surplus is paid by the treasury, which must afford it (`LedgerError` otherwise);
-* during a demand-response event each prosumer earns ``dr_incentive`` reward tokens per kWh its
-  demand response removed (RewardSystem.grantReward); every kWh a prosumer's meter exports
-  earns the renewable reward (RewardSystem.rewardRenewable, from the signed reading).
+* every kWh a prosumer's meter exports earns the renewable reward (RewardSystem.rewardRenewable,
+  from the signed reading);
+* demand response is GridBalance's: a slot whose grid state (after the physics) calls for it
+  announces an event for the slot after the next (``createEvent`` must start after the block's
+  slot), with each prosumer expected to import taking part at a baseline of its expected import
+  (the profile's); the event's slot is metered as any other, and the first transaction after it
+  that is not in an emergency settles it (``settleEvent``): ``dr_incentive`` per Wh metered below
+  the baseline. An emergency slot (GridBalance paused) neither announces nor settles: its events
+  wait for the first calm slot. `Settlement.rewards` holds what the slot's transaction paid:
+  the slot's renewable reward and the events it settled.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from numpy.typing import NDArray
 from envs.accounts import batch_order
 from envs.errors import LedgerError
 from envs.market import MONEY_UNITS, Book
-from envs.market_kernel import settle_rows
+from envs.market_kernel import DR_OUT, DR_ROWS, settle_rows
 from envs.params import IntArray
 from envs.scenario import MarketConfig
 
@@ -53,10 +60,11 @@ class SlotInput:
     """(B,) reference (grid) price, money units per Wh: imbalances settle at it."""
     metered_wh: IntArray
     """(B, n) each prosumer's metered net consumption (export < 0)."""
-    dr_event: BoolArray
-    """(B,) a demand-response event covers this slot."""
-    dr_reduction_wh: IntArray
-    """(B, n) energy each prosumer's demand response removed from its load."""
+    dr_announce: BoolArray
+    """(B,) the grid state this slot left calls for a demand-response event two slots on
+    (`envs.market_kernel.announce_range`); the ledger announces it unless in an emergency."""
+    dr_baseline_wh: IntArray
+    """(B, n) each prosumer's baseline in that event (its expected import, 0: not taking part)."""
     emergency: BoolArray
     """(B,) emergency mode: trading stops, meters and settlement go on."""
 
@@ -80,10 +88,19 @@ class Settlement:
     refused: IntArray
     """(B,) orders refused: escrow beyond credit, or emergency mode."""
     rewards: IntArray
-    """(B, n) reward-token units (1e-9 token) earned this slot."""
+    """(B, n) reward-token units (1e-9 token) the slot's transaction paid: the slot's renewable
+    reward and the demand-response events it settled (`dr_paid`)."""
     gas_used: IntArray
     """(B,) gas the slot's transactions used (0 off chain)."""
     transactions: IntArray
+    dr_event: BoolArray
+    """(B,) a demand-response event (announced two slots before) covered this slot."""
+    dr_created: IntArray
+    """(B,) events the slot's transaction announced (0 or 1)."""
+    dr_settled: IntArray
+    """(B,) events the slot's transaction settled."""
+    dr_paid: IntArray
+    """(B, n) what those settlements paid each prosumer (reward units)."""
 
 
 class Ledger(Protocol):
@@ -136,6 +153,9 @@ class MirrorLedger:
         self.treasury = np.full(batch, self._treasury0, dtype=np.int64)
         """The treasury's credit per grid: fees and shortfall charges in, surplus payments out."""
         self.reward_tokens = np.zeros((batch, n), dtype=np.int64)
+        self.demand_response = np.zeros((batch, DR_ROWS, n + 1), dtype=np.int64)
+        """GridBalance's state per grid (`envs.market_kernel.DR_NOW` ...): the events announced
+        for the next two slots, the rewards of metered events not yet settled."""
         self.order = batch_order(n)
         self._rates = np.array(
             [
@@ -151,24 +171,33 @@ class MirrorLedger:
         self._credit[rows] = self._initial
         self.treasury[rows] = self._treasury0
         self.reward_tokens[rows] = 0
+        self.demand_response[rows] = 0
 
     def credits(self) -> IntArray:
         return self._credit.copy()
 
-    def accounts(self) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
-        """(rates, batch order, credit, treasury, reward tokens): the arrays the fused step
-        (`envs.market_kernel.fused_step`) settles on in place, exactly as `settle` does."""
-        return self._rates, self.order, self._credit, self.treasury, self.reward_tokens
+    def accounts(self) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """(rates, batch order, credit, treasury, reward tokens, demand-response state): the
+        arrays the fused step (`envs.market_kernel.fused_step`) settles on in place, exactly as
+        `settle` does."""
+        return (
+            self._rates, self.order, self._credit, self.treasury, self.reward_tokens,
+            self.demand_response,
+        )  # fmt: skip
 
     def settle(self, slot: SlotInput) -> Settlement:
         b, n = self.batch, self.n
-        out = {k: np.zeros((b, n), dtype=np.int64) for k in ("fill", "cash", "imb", "unp", "rew")}
+        keys = ("fill", "cash", "imb", "unp", "rew", "paid")
+        out = {k: np.zeros((b, n), dtype=np.int64) for k in keys}
         row = {k: np.zeros(b, dtype=np.int64) for k in ("price", "vol", "fees", "ref")}
+        dr = np.zeros((b, DR_OUT), dtype=np.int64)
         short = settle_rows(
             self._rates, self.order, slot.book.qty_wh, slot.book.limit, slot.book.side,
-            slot.reference, slot.metered_wh, slot.dr_event, slot.dr_reduction_wh, slot.emergency,
-            self._credit, self.treasury, row["price"], row["vol"], out["fill"], out["cash"],
-            row["fees"], out["imb"], out["unp"], row["ref"], out["rew"],
+            slot.reference, slot.metered_wh, np.ascontiguousarray(slot.dr_announce, np.bool_),
+            np.ascontiguousarray(slot.dr_baseline_wh, np.int64), slot.emergency, self._credit,
+            self.treasury, self.demand_response, row["price"], row["vol"], out["fill"],
+            out["cash"], row["fees"], out["imb"], out["unp"], row["ref"], out["rew"], dr,
+            out["paid"],
         )  # fmt: skip
         if short >= 0:
             raise treasury_short(short)
@@ -186,4 +215,8 @@ class MirrorLedger:
             rewards=out["rew"],
             gas_used=zeros,
             transactions=zeros.copy(),
+            dr_event=dr[:, 0] != 0,
+            dr_created=dr[:, 1].copy(),
+            dr_settled=dr[:, 2].copy(),
+            dr_paid=out["paid"],
         )

@@ -5,9 +5,8 @@ the start of the next slot, that in this order
 
 0. ends an emergency (``GridBalance.recover``) when this slot's grid is no longer stressed;
 1. reconciles the previous slot against its meter readings (``reconcileSlot``) and grants that
-   slot's rewards: the renewable reward of every exporting meter (``rewardRenewable``, from the
-   signed readings) and, during a demand-response event, each participant's incentive
-   (``grantReward``); then declares an emergency (``GridBalance.declareEmergency``, which
+   slot's renewable reward to every exporting meter (``rewardRenewable``, from the signed
+   readings); then declares an emergency (``GridBalance.declareEmergency``, which
    pauses the market) when this slot's grid stress crossed the emergency threshold: the slot
    trades nothing (its batch is empty, as the mirror refuses every order) while its meters are
    settled as in any slot;
@@ -15,7 +14,11 @@ the start of the next slot, that in this order
 3. settles this slot's EIP-712 signed orders in one batch (``settleSignedBatch``; the gate
    closed five minutes before the slot started);
 4. relays every smart meter's signed reading of this slot (``DeviceRegistry.submitReadings``;
-   the slot has ended and its reading window is open).
+   the slot has ended and its reading window is open);
+5. unless the step leaves an emergency in force, settles GridBalance's demand-response events
+   of the slots up to the previous one (``settleEvent``, paying each participant's incentive
+   per Wh below its baseline) and announces the event the grid state this slot left calls for,
+   for the slot after the next (``createEvent``; `contracts.slot_batch.DemandResponseQueue`).
 
 A slot's readings must arrive inside its reading window and it may be reconciled only once the
 window has closed, so no single block can do both: reconciliation runs one transaction late.
@@ -23,10 +26,12 @@ Everything else a step reports comes from its own transaction. The step's figure
 reported at once (the environment's reward needs them), so the ledger predicts them with the
 mirror's rules (`envs.ledger.MirrorLedger`, the same code the `mirror` ledger runs) and checks
 every figure against the chain's events: the settlement's price, volume and fee in the same
-step, each account's imbalance, credit change and unpaid charge, the treasury's change and
-every reward one step later, when the reconciliation is mined. Any difference raises
-`LedgerError` naming the slot, the field and both values. The last slot of an episode is
-reconciled (and checked) by one extra transaction at reset or when `on_chain` reads the state.
+step, the demand-response events announced and settled (ids, slots, each participant's
+reward) in the same step, each account's imbalance, credit change and unpaid charge, the
+treasury's change and the renewable rewards one step later, when the reconciliation is mined.
+Any difference raises `LedgerError` naming the slot, the field and both values. The last slot
+of an episode is reconciled (and checked) by one extra transaction at reset or when `on_chain`
+reads the state.
 
 ``evm`` runs in process on revm (``contracts.revm``, the default) or py-evm (eth-tester), as
 ``market.evm_engine`` says; ``rpc`` on any JSON-RPC node (anvil locally).
@@ -48,7 +53,7 @@ from typing import Any
 import numpy as np
 from coincurve import PrivateKey
 
-from contracts.client import Chain, DeviceType, RewardKind, SuiteConfig, deploy_suite
+from contracts.client import Chain, DeviceType, SuiteConfig, deploy_suite
 from contracts.model import PriceParams
 from contracts.revm import RevmChain
 from contracts.settler import (
@@ -62,7 +67,14 @@ from contracts.settler import (
     SlotStep,
     decode_logs,
 )
-from contracts.slot_batch import Bid, emergency_parts, price_params, signed_batch, slot_step
+from contracts.slot_batch import (
+    Bid,
+    DemandResponseQueue,
+    emergency_parts,
+    price_params,
+    signed_batch,
+    slot_step,
+)
 from envs.accounts import batch_order, meter_key, prosumer_addresses, prosumer_key
 from envs.errors import LedgerError
 from envs.ledger import MirrorLedger, Settlement, SlotInput, per_wh, units
@@ -81,12 +93,13 @@ class _Pending:
     slot: int
     trades: list[tuple[str, int, int, int]]
     exporters: list[str]
-    grants: list[tuple[str, int, int]]
     credited: IntArray
     """(n,) expected credit change at reconciliation (reported cash less buyers' payments)."""
     imbalance: IntArray
     unpaid: IntArray
     rewards: IntArray
+    """(n,) the slot's renewable rewards (what the reconciling transaction grants besides the
+    demand-response events it settles)."""
     treasury: int
     """Expected charged - paid of the treasury."""
 
@@ -165,6 +178,8 @@ class ChainLedger:
         self._nonces = [0] * self.n
         self._paused = False  # GridBalance's emergency, as the last step left it
         self._pending: _Pending | None = None
+        self._dr = DemandResponseQueue()  # event ids restart with the snapshot
+        self._next_event_seen = 1  # the id the next DemandResponseCreated must carry
         self._mirror.reset(np.zeros(1, dtype=np.int64))
         credits, treasury = self._read_chain()
         if not (np.array_equal(credits, self._mirror.credits()) and treasury == self.treasury[0]):
@@ -240,9 +255,15 @@ class ChainLedger:
         emergency = bool(slot.emergency[0])
         declare, recover = emergency_parts(emergency, self._paused)
         self._paused = emergency
+        demand_response = None
+        if not emergency:  # GridBalance, paused, would refuse both settling and announcing
+            baselines = [
+                (self._devices[k], int(slot.dr_baseline_wh[0, k])) for k in order
+            ] if want.dr_created[0] else []  # fmt: skip
+            demand_response = self._dr.part(c - 1, c + 2, self._rates[0], baselines)
         step = slot_step(
             self._price_params(int(slot.reference[0])), batch, readings, reading_sigs,
-            declare_emergency=declare, recover=recover,
+            declare_emergency=declare, recover=recover, demand_response=demand_response,
         )  # fmt: skip
         pending, self._pending = self._pending, self._pending_of(c, slot, want, treasury_before)
         self._pending.trades.extend(batch.trades(self._accounts))
@@ -262,6 +283,10 @@ class ChainLedger:
             rewards=want.rewards,
             gas_used=one * gas,
             transactions=one,
+            dr_event=want.dr_event,
+            dr_created=want.dr_created,
+            dr_settled=want.dr_settled,
+            dr_paid=want.dr_paid,
         )
 
     def _suite_slot_end(self, c: int) -> int:
@@ -273,25 +298,15 @@ class ChainLedger:
         n = self.n
         buyer = slot.book.side[0] == BUY
         paid = np.where(buyer, want.fill_wh[0] * want.price[0], 0)
-        dr_rate, renewable_rate = self._rates
         exporters = [self._devices[k] for k in range(n) if slot.metered_wh[0, k] < 0]
-        grants: list[tuple[str, int, int]] = []
-        if slot.dr_event[0] and dr_rate:
-            grants = [
-                (self.addresses[k], int(slot.dr_reduction_wh[0, k]) * dr_rate,
-                 int(RewardKind.DEMAND_RESPONSE))
-                for k in range(n)
-                if slot.dr_reduction_wh[0, k] > 0
-            ]  # fmt: skip
         return _Pending(
             slot=c,
             trades=[],
-            exporters=exporters if renewable_rate else [],
-            grants=grants,
+            exporters=exporters if self._rates[1] else [],
             credited=want.cash[0] + paid,
             imbalance=want.imbalance_wh[0].copy(),
             unpaid=want.unpaid[0].copy(),
-            rewards=want.rewards[0].copy(),
+            rewards=want.rewards[0] - want.dr_paid[0],
             treasury=int(self.treasury[0]) - before - int(want.fees[0]),
         )
 
@@ -313,7 +328,7 @@ class ChainLedger:
                     "trades": pending.trades,
                     "accounts": self._accounts,
                     "exporters": pending.exporters,
-                    "grants": pending.grants,
+                    "grants": [],
                 }
             )
         if timestamp <= self._now:
@@ -340,8 +355,10 @@ class ChainLedger:
                 )
         if want is not None:
             self._check_settlement(step, want, events["SignedBatchSettled"])
+            self._check_demand_response(step, want, events)
         if pending is not None:
             self._check_reconciliation(pending, events)
+        self._check_rewards(step, pending, want, events["RewardGranted"])
         return receipt.gas_used
 
     def _check_settlement(
@@ -363,9 +380,6 @@ class ChainLedger:
         for e in events["AccountReconciled"]:
             k = index[str(e["account"])]
             credited[k], imbalance[k], unpaid[k] = e["credited"], e["imbalance"], e["unpaid"]
-        rewards = np.zeros(n, dtype=np.int64)
-        for e in events["RewardGranted"]:
-            rewards[index[str(e["account"])]] += e["amount"]
         if len(events["SlotReconciled"]) != 1:
             raise LedgerError(f"market.ledger: slot {p.slot} was not reconciled")
         totals = events["SlotReconciled"][0]
@@ -373,15 +387,56 @@ class ChainLedger:
             ("credit change", credited, p.credited),
             ("imbalance", imbalance, p.imbalance),
             ("unpaid charge", unpaid, p.unpaid),
-            ("rewards", rewards, p.rewards),
         ):
-            if not np.array_equal(got, want):
-                k = int(np.flatnonzero(got != want)[0])
-                raise LedgerError(
-                    f"market.ledger: slot {p.slot}: {field} of prosumer {k} is {int(got[k])} on "
-                    f"chain, {int(want[k])} reported"
-                )
+            _same_each(p.slot, field, got, want)
         _same(p.slot, "treasury change", totals["charged"] - totals["paid"], p.treasury)
+
+    def _check_demand_response(
+        self, step: SlotStep, want: Settlement, events: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        """The events the step announced and settled, and what each participant was paid, are
+        the mirror's (`Settlement.dr_created`, `dr_settled`, `dr_paid`)."""
+        c, dr = step.settle_slot, step.demand_response
+        created = events["DemandResponseCreated"]
+        _same(c, "demand-response events announced", len(created), int(want.dr_created[0]))
+        for e in created:
+            _same(c, "announced event's slot", e["start_slot"], c + 2)
+            _same(c, "announced event's id", e["event_id"], self._next_event_seen)
+            self._next_event_seen += 1
+            _same(c, "announced event's participants", e["participants"], len(dr.participants))
+        settled = [int(e["event_id"]) for e in events["DemandResponseSettled"]]
+        _same(c, "demand-response events settled", len(settled), int(want.dr_settled[0]))
+        if settled != [int(x) for x in dr.settle]:
+            raise LedgerError(
+                f"market.ledger: slot {c}: events {settled} settled on chain, {list(dr.settle)} "
+                "sent"
+            )
+        index = {a: k for k, a in enumerate(self._devices)}
+        paid = np.zeros(self.n, dtype=np.int64)
+        for e in events["ParticipantSettled"]:
+            paid[index[str(e["device"])]] += e["reward"]
+        _same_each(c, "demand-response reward", paid, want.dr_paid[0])
+
+    def _check_rewards(
+        self,
+        step: SlotStep,
+        pending: _Pending | None,
+        want: Settlement | None,
+        granted: list[dict[str, Any]],
+    ) -> None:
+        """Every RewardGranted of the transaction: the reconciled slot's renewable rewards and
+        the demand-response events it settled, per account."""
+        index = {a: k for k, a in enumerate(self.addresses)}
+        got = np.zeros(self.n, dtype=np.int64)
+        for e in granted:
+            got[index[str(e["account"])]] += e["amount"]
+        expected = np.zeros(self.n, dtype=np.int64)
+        if pending is not None:
+            expected += pending.rewards
+        if want is not None:
+            expected += want.dr_paid[0]
+        slot = step.settle_slot if want is not None or pending is None else pending.slot
+        _same_each(slot, "rewards", got, expected)
 
     def _flush(self) -> None:
         """Check the transaction in flight, then reconcile the pending slot on its own once its
@@ -397,6 +452,15 @@ class ChainLedger:
 def _same(slot: int, field: str, got: int, want: int) -> None:
     if got != want:
         raise LedgerError(f"market.ledger: slot {slot}: {field} is {got} on chain, {want} reported")
+
+
+def _same_each(slot: int, field: str, got: IntArray, want: IntArray) -> None:
+    if not np.array_equal(got, want):
+        k = int(np.flatnonzero(got != want)[0])
+        raise LedgerError(
+            f"market.ledger: slot {slot}: {field} of prosumer {k} is {int(got[k])} on chain, "
+            f"{int(want[k])} reported"
+        )
 
 
 def _address(key: bytes) -> str:

@@ -142,18 +142,19 @@ def gate_rows(
     mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
     slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
     battery_kw, curtail, dr, use_rule,
-    reference, dr_event, emergency, reduction, qty, limit, side,
+    reference, emergency, qty, limit, side,
 ):  # fmt: skip
-    """Gate closure of every row: reference price, events, DR reduction and the rule's book.
+    """Gate closure of every row: reference price, emergency mode and the rule's book.
 
     mcfg: band_low_bps, band_high_bps, markup, dr_loading, dr_voltage_pu, emergency_loading.
-    The book is written only when `use_rule` (otherwise the caller supplies it).
+    The book is written only when `use_rule` (otherwise the caller supplies it). Demand
+    response is not decided here: GridBalance announces an event two slots ahead, from the
+    state the slot leaves (`announce_range`, after the physics).
     """
     gate_range(
         0, slot.shape[0], mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
         slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
-        battery_kw, curtail, dr, use_rule, reference, dr_event, emergency, reduction, qty,
-        limit, side,
+        battery_kw, curtail, dr, use_rule, reference, emergency, qty, limit, side,
     )  # fmt: skip
 
 
@@ -162,7 +163,7 @@ def gate_range(
     lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
     slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
     battery_kw, curtail, dr, use_rule,
-    reference, dr_event, emergency, reduction, qty, limit, side,
+    reference, emergency, qty, limit, side,
 ):  # fmt: skip
     """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`."""
     n = load_prof.shape[1]
@@ -174,11 +175,7 @@ def gate_range(
         t = slot[i]
         ref = max(np.int64(np.rint(community_price[i] * _PRICE_UNITS_PER_KWH)), np.int64(1))
         reference[r] = ref
-        dr_event[r], emergency[r] = grid_events(
-            grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5]
-        )
-        for k in range(n):
-            reduction[r, k] = np.int64(np.rint(dr[r, k] * share * load_prof[t, k] * dt * 1000.0))
+        emergency[r] = grid_events(grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5])[1]
         if not use_rule:
             continue
         low, high = price_band(ref, mcfg[0], mcfg[1])
@@ -261,32 +258,116 @@ def rule_book_row(
         )  # fmt: skip
 
 
+#: `drq` (the mirror's GridBalance state, (B, DR_ROWS, n + 1) int64) rows: the event announced
+#: for the coming slot and the one after it (baselines in Wh per prosumer, 0 for a prosumer
+#: that does not take part, and in column n whether there is an event), then the rewards of
+#: the events already metered but not yet settled (column n: how many events).
+DR_NOW = 0
+DR_NEXT = 1
+DR_OWED = 2
+DR_ROWS = 3
+#: `dr_out` columns: an event covers the slot, events announced, events settled.
+DR_OUT = 3
+
+
+@numba.njit(cache=True, nogil=True)
+def announce_range(lo, hi, mcfg, dt, grid, load_prof, pv_prof, slot, announce, baseline):
+    """What each row's slot transaction would announce, from the grid state the slot just left
+    (`grid` after the physics; `slot` already advanced to the next slot): a demand-response
+    event for the slot after the next one (GridBalance's events must start after the block's
+    slot) when `grid_events` calls for demand response and not for an emergency (the next
+    slot is one: no event is announced from an emergency state, so the live bridge, which
+    announces one row later, right after declaring that emergency, announces the same events),
+    with each prosumer's baseline the profile's expected import of that slot (Wh, 0 for an
+    expected exporter, who does not take part). No prosumer expected to import: no event
+    (GridBalance refuses an empty list). Outputs are indexed from `lo`; that an emergency in
+    force refuses it too is the ledger's to say."""
+    n = load_prof.shape[1]
+    last = load_prof.shape[0] - 1
+    for i in range(lo, hi):
+        r = i - lo
+        t = min(slot[i] + 1, last)
+        dr, emergency = grid_events(grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5])
+        anyone = False
+        for k in range(n):
+            wh = np.int64(np.rint((load_prof[t, k] - pv_prof[t, k]) * dt * 1000.0))
+            baseline[r, k] = wh if wh > 0 else 0
+            anyone = anyone or wh > 0
+        announce[r] = dr and not emergency and anyone
+
+
+@numba.njit(cache=True, nogil=True)
+def dr_settle_row(i, r, rate, metered, emergency, announce, baseline, drq, dr_out, dr_paid):
+    """GridBalance's demand response in row `i`'s slot transaction (`r` indexes the slot's
+    arrays), after the slot's readings: unless the slot is an emergency (GridBalance paused),
+    settle every event whose slot is metered (`settleEvent`: each participant earns `rate` per
+    Wh metered below its baseline) and announce the event `announce` asks for; the event that
+    covered this slot is then metered, to be settled by a later transaction. An event no
+    prosumer takes part in (every baseline 0) is not announced: GridBalance refuses an empty
+    list. `dr_paid[r]` gets what the settlements paid, `dr_out[r]` (event covered the slot,
+    announced, settled)."""
+    n = metered.shape[1]
+    calm = not emergency[r]
+    settled = 0
+    for k in range(n):
+        dr_paid[r, k] = 0
+    if calm:
+        settled = drq[i, DR_OWED, n]
+        for k in range(n):
+            dr_paid[r, k] = drq[i, DR_OWED, k]
+            drq[i, DR_OWED, k] = 0
+        drq[i, DR_OWED, n] = 0
+    covered = drq[i, DR_NOW, n] != 0
+    if covered:
+        for k in range(n):
+            base = drq[i, DR_NOW, k]
+            if base > 0 and metered[r, k] < base:
+                drq[i, DR_OWED, k] += (base - metered[r, k]) * rate
+        drq[i, DR_OWED, n] += 1
+    created = False
+    if calm and announce[r]:
+        for k in range(n):
+            created = created or baseline[r, k] > 0
+    for k in range(n + 1):
+        drq[i, DR_NOW, k] = drq[i, DR_NEXT, k]
+    for k in range(n):
+        drq[i, DR_NEXT, k] = baseline[r, k] if created else 0
+    drq[i, DR_NEXT, n] = 1 if created else 0
+    dr_out[r, 0] = 1 if covered else 0
+    dr_out[r, 1] = 1 if created else 0
+    dr_out[r, 2] = settled
+
+
 @numba.njit(cache=True, nogil=True)
 def settle_rows(
-    rates, order, qty, limit, side, reference, metered, dr_event, reduction, emergency, credit,
-    treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
+    rates, order, qty, limit, side, reference, metered, announce, baseline, emergency, credit,
+    treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
+    dr_out, dr_paid,
 ):  # fmt: skip
-    """Mirror settlement of every row (see envs.ledger); `credit` and `treasury` change in place.
+    """Mirror settlement of every row (see envs.ledger); `credit`, `treasury` and the demand-
+    response state `drq` change in place.
 
-    rates: fee_bps, imbalance_penalty_bps, DR rate and renewable rate (reward units per Wh, on
-    reduced and on metered exported energy, as RewardSystem grants them). `order`
-    is the batch order (prosumers sorted by account address), which decides pro-rata rounding.
+    rates: fee_bps, imbalance_penalty_bps, DR incentive and renewable rate (reward units per
+    Wh: below a DR baseline, as GridBalance pays it, and on metered exported energy, as
+    RewardSystem grants it). `order` is the batch order (prosumers sorted by account address),
+    which decides pro-rata rounding. `announce` and `baseline` are `announce_range`'s.
     Returns the index of the first row whose treasury could not pay the surpluses, or -1.
     """
     return settle_range(
-        0, qty.shape[0], rates, order, qty, limit, side, reference, metered, dr_event,
-        reduction, emergency, credit, treasury, price, volume, fills, cash, fees, imbalance,
-        unpaid, refused, rewards,
+        0, qty.shape[0], rates, order, qty, limit, side, reference, metered, announce,
+        baseline, emergency, credit, treasury, drq, price, volume, fills, cash, fees, imbalance,
+        unpaid, refused, rewards, dr_out, dr_paid,
     )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
 def settle_range(
-    lo, hi, rates, order, qty, limit, side, reference, metered, dr_event, reduction, emergency,
-    credit, treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
+    lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline, emergency,
+    credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
+    dr_out, dr_paid,
 ):  # fmt: skip
-    """`settle_rows` for rows [lo, hi): `credit` and `treasury` are indexed by row, every
-    other array from `lo`."""
+    """`settle_rows` for rows [lo, hi): `credit`, `treasury` and `drq` are indexed by row,
+    every other array from `lo`."""
     n = qty.shape[1]
     fee_bps = rates[0]
     penalty = rates[1]
@@ -359,10 +440,10 @@ def settle_range(
             charged += collected
             paid += payout
             cash[r, k] = credit[i, k] - cash[r, k]
-            rew = -metered[r, k] * rates[3] if metered[r, k] < 0 else 0
-            if dr_event[r]:
-                rew += reduction[r, k] * rates[2]
-            rewards[r, k] = rew
+            rewards[r, k] = -metered[r, k] * rates[3] if metered[r, k] < 0 else 0
+        dr_settle_row(i, r, rates[2], metered, emergency, announce, baseline, drq, dr_out, dr_paid)
+        for k in range(n):
+            rewards[r, k] += dr_paid[r, k]
         if treasury[i] + charged < paid and short_row < 0:
             short_row = i
         treasury[i] += charged - paid
@@ -371,15 +452,17 @@ def settle_range(
 
 @numba.njit(cache=True, nogil=True)
 def summarise_rows(
-    price, volume, fees, imbalance, refused, rewards, gas, txs, dr_event, emergency, out
+    price, volume, fees, imbalance, refused, rewards, gas, txs, dr_out, dr_paid, emergency, out
 ):  # fmt: skip
     """The slot's market figures per row in `MARKET_INFO` order (currency, kWh, counts)."""
     for i in range(price.shape[0]):
         imb = 0
         rew = 0
+        paid = 0
         for k in range(imbalance.shape[1]):
             imb += abs(imbalance[i, k])
             rew += rewards[i, k]
+            paid += dr_paid[i, k]
         out[i, 0] = price[i] * (1000.0 / MONEY_UNITS)
         out[i, 1] = volume[i] / 1000.0
         out[i, 2] = fees[i] / MONEY_UNITS
@@ -388,8 +471,11 @@ def summarise_rows(
         out[i, 5] = rew / MONEY_UNITS
         out[i, 6] = gas[i]
         out[i, 7] = txs[i]
-        out[i, 8] = 1.0 if dr_event[i] else 0.0
+        out[i, 8] = dr_out[i, 0]
         out[i, 9] = 1.0 if emergency[i] else 0.0
+        out[i, 10] = dr_out[i, 1]
+        out[i, 11] = dr_out[i, 2]
+        out[i, 12] = paid / MONEY_UNITS
 
 
 # ---- the fused step ------------------------------------------------------------------------
@@ -467,7 +553,7 @@ def fused_chunk(
     import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
-    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
     actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite.
@@ -486,14 +572,13 @@ def fused_chunk(
     decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip)
     if market:
         reference = np.empty(m, dtype=np.int64)
-        event = np.empty(m, dtype=np.bool_)
         emerg = np.empty(m, dtype=np.bool_)
-        books = np.empty((10, m, n_p), dtype=np.int64)
-        reduction, qty, limit, side = books[0], books[1], books[2], books[3]
+        books = np.empty((11, m, n_p), dtype=np.int64)
+        qty, limit, side = books[1], books[2], books[3]
         gate_range(
             lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, sizes[2], load, pv, slot, step,
             soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset, bkw,
-            curt, drs, True, reference, event, emerg, reduction, qty, limit, side,
+            curt, drs, True, reference, emerg, qty, limit, side,
         )  # fmt: skip
     step_rows(
         lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
@@ -507,25 +592,30 @@ def fused_chunk(
         peak[i] = max(peak[i], out[i, 6])
         steps[i] += 1.0
     if market:
-        metered, fills, cash, imbalance, unpaid, rewards = (
+        baseline, metered, fills, cash, imbalance, unpaid, rewards, paid = (
+            books[0],
             books[4],
             books[5],
             books[6],
             books[7],
             books[8],
             books[9],
+            books[10],
         )
         price = np.empty(m, dtype=np.int64)
         volume = np.empty(m, dtype=np.int64)
         fees = np.empty(m, dtype=np.int64)
         refused = np.empty(m, dtype=np.int64)
+        announce = np.empty(m, dtype=np.bool_)
+        dr_out = np.empty((m, DR_OUT), dtype=np.int64)
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
+        announce_range(lo, hi, mcfg, dt, grid, load, pv, slot, announce, baseline)
         first_short = settle_range(
-            lo, hi, rates, order, qty, limit, side, reference, metered, event, reduction, emerg,
-            credit, treasury, price, volume, fills, cash, fees, imbalance, unpaid, refused,
-            rewards,
+            lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline,
+            emerg, credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid,
+            refused, rewards, dr_out, paid,
         )  # fmt: skip
         if first_short >= 0:
             short[first_short] = True
@@ -535,9 +625,11 @@ def fused_chunk(
                 tokens[i, k] += rewards[r, k]
             imb = 0
             rew = 0
+            dr_paid = 0
             for k in range(n_p):
                 imb += abs(imbalance[r, k])
                 rew += rewards[r, k]
+                dr_paid += paid[r, k]
             o = mout[i]
             o[0] = price[r] * (1000.0 / MONEY_UNITS)
             o[1] = volume[r] / 1000.0
@@ -547,8 +639,11 @@ def fused_chunk(
             o[5] = rew / MONEY_UNITS
             o[6] = 0.0
             o[7] = 0.0
-            o[8] = 1.0 if event[r] else 0.0
+            o[8] = dr_out[r, 0]
             o[9] = 1.0 if emerg[r] else 0.0
+            o[10] = dr_out[r, 1]
+            o[11] = dr_out[r, 2]
+            o[12] = dr_paid / MONEY_UNITS
             for j in range(o.shape[0]):
                 msum[i, j] += o[j]
             priced[i] += o[0] * o[1]
@@ -582,7 +677,7 @@ def fused_chunks(
     import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
-    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
     actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """`fused_chunk` over chunks of `CHUNK_ROWS` rows claimed one at a time from `counter[0]`
@@ -606,8 +701,8 @@ def fused_chunks(
             import_price, tod,
             slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
             community_price, noise_offset,
-            market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
-            actions, out, mout, obs, clip, short,
+            market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum,
+            priced, actions, out, mout, obs, clip, short,
         )  # fmt: skip
         claim(counter, 1)
 
@@ -620,17 +715,17 @@ def fused_step(
     import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
-    market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+    market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
     actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """One step of every row, on one core. Returns False, having changed nothing, when an
     action is not finite.
 
     Parameters: the compiled params, profiles and state `Engine.step_fused` passes; `market`
-    (bool) with the mirror ledger's arrays (`credit`, `treasury`, reward `tokens` change in
-    place); the episode totals (`ksum`, `peak`, `steps`, `msum`, `priced`, in place); the
-    actions, and outputs `out` (outcome matrix), `mout` (market matrix), `obs`, `clip` and
-    `short` (the treasury could not pay the row's surpluses).
+    (bool) with the mirror ledger's arrays (`credit`, `treasury`, reward `tokens` and the
+    demand-response state `drq` change in place); the episode totals (`ksum`, `peak`, `steps`,
+    `msum`, `priced`, in place); the actions, and outputs `out` (outcome matrix), `mout`
+    (market matrix), `obs`, `clip` and `short` (the treasury could not pay the row's surpluses).
     """
     if not all_finite(actions):
         return False
@@ -644,7 +739,7 @@ def fused_step(
         import_price, tod,
         slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
         noise_offset,
-        market, mcfg, rates, order, credit, treasury, tokens, ksum, peak, steps, msum, priced,
+        market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
         actions, out, mout, obs, clip, short,
     )  # fmt: skip
     return True

@@ -1,7 +1,9 @@
 """The bridge's slot transactions on anvil with a real reading window, the chain's clock driven
 slot by slot: each ``SlotSettler.run`` row reconciles the previous slot, posts the price and
 settles the slot's orders, once; afterwards every account's credit is what the env's mirror
-ledger (`envs.ledger.MirrorLedger`, the suite's rules) gives for the same books and readings.
+ledger (`envs.ledger.MirrorLedger`, the suite's rules) gives for the same books and readings,
+and GridBalance's demand-response events (announced, settled, each household's incentive) are
+the ones the mirror's GridBalance rule gives for the same grid states, baselines and readings.
 
 No broker here: the books are drawn at random (limit prices distinct on each side, so no two
 marginal orders share a remainder and the batch order cannot matter), the readings signed with
@@ -11,6 +13,7 @@ the meters' keys and relayed by the same outbox, as the run loop does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -33,6 +36,7 @@ from bridge.settlement import (
     RETRY_ON,
     SlotBook,
     SlotSettlement,
+    chain_dr_queue,
     load_prosumer_keys,
     repair_step,
     step_of_args,
@@ -49,14 +53,17 @@ from contracts.client import (
     deployment_manifest,
 )
 from contracts.settler import (
+    PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
     PART_PRICE,
     PART_RECONCILE,
     PART_RECOVER,
     PART_SETTLE,
+    DemandResponse,
     ReadingSigner,
     SlotStep,
 )
+from contracts.slot_batch import DemandResponseQueue
 from envs import load_scenario
 from envs.grid import build_grid
 from envs.ledger import MirrorLedger, SlotInput, per_wh, units
@@ -132,17 +139,35 @@ class Plan:
     orders: bool = True
     emergency: bool = False
     dr: bool = False
-    """A demand-response event (every emergency is one too: its threshold is lower)."""
+    """The grid calls for demand response (every emergency does too: its threshold is lower)."""
     cancel: bool = False
     missed: bool = False
 
 
-def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[int, np.ndarray]]:
+@dataclass
+class Driven:
+    """What `drive` settled, and what the mirror says the chain must show for it."""
+
+    slots: range
+    mirror: MirrorLedger
+    rewards: dict[int, np.ndarray]
+    """Slot -> the renewable rewards the mirror granted for it (prosumer order)."""
+    dr_paid: dict[int, np.ndarray]
+    """Slot -> the demand-response incentives the mirror's transaction of that slot paid."""
+    dr_created: list[int]
+    """The slots of the events the mirror announced."""
+
+
+def drive(c: Chainside, plans: list[Plan]) -> Driven:
     """Slot by slot, as the run loop: the previous slot's signed readings relayed, then this
     slot's row queued (`SlotSettlement.enqueue`) and mined once the previous slot's readings
     are final; the mirror ledger settles the same slots as the chain should have. One more
-    slot, without orders, reconciles the last. Returns the slots, the mirror and the rewards
-    it granted for each slot."""
+    slot, without orders, reconciles the last.
+
+    Demand response: the mirror's transaction of slot s - 1 announces what the bridge's row of
+    slot s does (the event of slot s + 1, from the grid state both see), and the mirror's
+    transaction of slot s settles what row s settles; a copy of the mirror runs the one
+    transaction more that matches the last row."""
     chain, suite, site, market, outbox = c.chain, c.suite, c.site, c.market, c.outbox
     n = len(site.prosumers)
     assert market.reconciles  # the suite's default window is shorter than a slot
@@ -161,9 +186,10 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
     plans = [*plans, Plan(orders=False)]
     books = [random_book(rng, n) if p.orders else empty for p in plans]
     # Each slot's household loads (kW, prosumer order) and decided demand-response shares.
-    loads = [rng.uniform(0.2, 3.0, n) for _ in plans]
-    shares = [rng.uniform(0.0, 0.8, n) * p.dr for p in plans]
-    flexible, dt = market.market.flexible_share, site.dt_h
+    # Each slot's baselines: the households' expected import of the slot after it (Wh).
+    baselines = [rng.integers(-300, 2_000, n).clip(0) for _ in plans]
+    dr_paid: dict[int, np.ndarray] = {}
+    dr_created: list[int] = []
     for k, slot in enumerate([*slots, slots.stop]):
         plan, book = plans[k], books[k]
         chain.travel_to(suite.slot_start(slot) + 1)  # the gate closed, the slot began
@@ -179,17 +205,19 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
                 outbox.enqueue(f"reading:{meter.id}:{slot - 1}", "DeviceRegistry",
                                "submitReading", (reading, sig))  # fmt: skip
                 nonces[i] += 1
-            rewards[slot - 1] = mirror.settle(
+            # The grid state row `slot` decides on is the one slot - 1 left.
+            announce = plan.dr and not plan.emergency and not plan.missed
+            out = mirror.settle(
                 SlotInput(
                     slot=np.array([slot - 1]), book=settled_book,
                     reference=np.array([REFERENCE]), metered_wh=metered[None].copy(),
-                    dr_event=np.array([plans[k - 1].dr]),
-                    dr_reduction_wh=np.rint(
-                        shares[k - 1] * flexible * loads[k - 1] * dt * 1000.0
-                    ).astype(np.int64)[None],
+                    dr_announce=np.array([announce]), dr_baseline_wh=baselines[k][None],
                     emergency=np.array([emergency]),
                 )
-            ).rewards[0]  # fmt: skip
+            )  # fmt: skip
+            rewards[slot - 1] = out.rewards[0] - out.dr_paid[0]
+            dr_paid[slot - 1] = out.dr_paid[0]
+            dr_created += [slot + 1] * int(out.dr_created[0])
             assert outbox.drain(timeout_s=30)
             # Every row mined: the tracked credit becomes the chain's, as the run loop does.
             market.credit = np.array([suite.credit_of(a) for a in market.accounts])
@@ -198,8 +226,7 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
             continue
         # What the run loop knows of the previous slot's meters when it decides this one.
         known = {market.accounts[j]: int(metered[i]) for j, i in enumerate(market.order)}
-        last_load = loads[k - 1] if k else None
-        b = SlotBook(book, REFERENCE, plan.emergency, plan.dr, shares[k], last_load)
+        b = SlotBook(book, REFERENCE, plan.emergency, plan.dr, baselines[k])
         assert market.enqueue(outbox, slot, b, known)
         args = outbox.args(f"slot:{slot - 1}")  # a missed slot's row is there now
         assert market.enqueue(outbox, slot, SlotBook(book, REFERENCE, plan.emergency)) == 0
@@ -216,7 +243,17 @@ def drive(c: Chainside, plans: list[Plan]) -> tuple[range, MirrorLedger, dict[in
             chain.travel_to(suite.slot_start(slot) + c.window + 1)
         assert outbox.drain(timeout_s=30), outbox.row(f"slot:{slot}")
         assert outbox.row(f"slot:{slot}").state is RowState.CONFIRMED  # type: ignore[union-attr]
-    return slots, mirror, rewards
+    # The mirror's transaction of the last row's slot, on a copy (it would reconcile a slot the
+    # chain does not): what that row settles of demand response.
+    last = copy.deepcopy(mirror).settle(
+        SlotInput(
+            slot=np.array([slots.stop]), book=empty, reference=np.array([REFERENCE]),
+            metered_wh=np.zeros((1, n), np.int64), dr_announce=np.array([False]),
+            dr_baseline_wh=np.zeros((1, n), np.int64), emergency=np.array([emergency]),
+        )
+    )  # fmt: skip
+    dr_paid[slots.stop] = last.dr_paid[0]
+    return Driven(slots, mirror, rewards, dr_paid, dr_created)
 
 
 def cancel_signed_orders(c: Chainside, slot: int, book: Book) -> None:
@@ -239,14 +276,14 @@ def cancel_signed_orders(c: Chainside, slot: int, book: Book) -> None:
     assert w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
 
 
-def check_ledger(
-    c: Chainside, slots: range, mirror: MirrorLedger, rewards: dict[int, np.ndarray]
-) -> set[int]:
+def check_ledger(c: Chainside, d: Driven) -> set[int]:
     """Every slot settled once and reconciled by the next slot's row; the chain's credits and
-    treasury afterwards are the mirror's, and so are the rewards granted for the slots in
-    `rewards` (the env's ledger grants them at the reconciliation). Returns the reward kinds
-    granted."""
+    treasury afterwards are the mirror's, and so are the renewable rewards granted for the
+    slots in `d.rewards` (the env's ledger grants them at the reconciliation); GridBalance
+    announced events for the slots the mirror did and paid each household the mirror's
+    incentives. Returns the reward kinds granted."""
     chain, suite, site = c.chain, c.suite, c.site
+    slots, mirror, rewards = d.slots, d.mirror, d.rewards
     trading = suite.trading
     settled = [
         int(e["args"]["slot"]) for e in trading.events.SignedBatchSettled().get_logs(from_block=0)
@@ -267,17 +304,35 @@ def check_ledger(
     for e in suite.rewards.events.RewardGranted().get_logs(from_block=0):
         granted[str(e["args"]["account"])] += int(e["args"]["amount"])
         kinds.add(int(e["args"]["kind"]))
-    want = np.sum(list(rewards.values()), axis=0)
+    dr_want = np.sum(list(d.dr_paid.values()), axis=0)
+    want = np.sum(list(rewards.values()), axis=0) + dr_want
     assert [granted[a] for a in owners] == [int(x) for x in want]
     assert want.sum() > 0  # some households exported
+    # GridBalance's events: the slots announced and what each household was paid.
+    grid = chain.contract("GridBalance", suite.addresses()["GridBalance"])
+    created = [
+        int(e["args"]["startSlot"])
+        for e in grid.events.DemandResponseCreated().get_logs(from_block=0)
+    ]
+    assert created == d.dr_created
+    owner_of_meter = {m: a for a, m in c.market.meter_of.items()}
+    paid = dict.fromkeys(owners, 0)
+    for e in grid.events.ParticipantSettled().get_logs(from_block=0):
+        paid[owner_of_meter[str(e["args"]["device"])]] += int(e["args"]["reward"])
+    assert [paid[a] for a in owners] == [int(x) for x in dr_want]
     return kinds
 
 
 def test_slot_rows_reconcile_the_previous_slot_and_settle_as_the_mirror(
     chainside: Chainside,
 ) -> None:
-    slots, mirror, rewards = drive(chainside, [Plan()] * 5)
-    check_ledger(chainside, slots, mirror, rewards)
+    """With demand response called for in two slots: each row announces the next slot's event,
+    the row after that slot settles it, as the mirror's GridBalance rule."""
+    calm, dr = Plan(), Plan(dr=True)
+    driven = drive(chainside, [calm, dr, calm, dr, calm])
+    kinds = check_ledger(chainside, driven)
+    assert len(driven.dr_created) == 2 and sum(driven.dr_paid.values()).sum() > 0
+    assert kinds == {int(RewardKind.RENEWABLE), int(RewardKind.ENERGY_SAVING)}
     assert chainside.outbox.repairs() == {}
 
 
@@ -296,14 +351,17 @@ def test_emergencies_refused_batches_and_missed_slots_settle_as_the_env(
         Plan(), stress, stress, Plan(), Plan(cancel=True), Plan(missed=True), Plan(dr=True),
         stress,
     ]  # fmt: skip
-    slots, mirror, rewards = drive(c, plans)
+    driven = drive(c, plans)
+    slots = driven.slots
     # The missed slot's empty row reconciles the slot before it by the readings the outbox
     # holds for it: that slot's renewable rewards are granted, once, as the mirror grants them.
     missed = step_of_args(c.outbox.args(f"slot:{slots.start + 5}") or [])
     assert missed.reconcile_slot == slots.start + 4 and missed.exporters
-    assert rewards[slots.start + 4].sum() > 0
-    kinds = check_ledger(c, slots, mirror, rewards)
-    assert kinds == {int(RewardKind.RENEWABLE), int(RewardKind.DEMAND_RESPONSE)}
+    assert driven.rewards[slots.start + 4].sum() > 0
+    kinds = check_ledger(c, driven)
+    # No event is announced in or right after an emergency: only the calm DR slot's.
+    assert driven.dr_created == [slots.start + 7]
+    assert kinds == {int(RewardKind.RENEWABLE), int(RewardKind.ENERGY_SAVING)}
     assert c.outbox.repairs() == {"EnergyTradingSignedOrderCancelled": 1}
     parts = {s: step_of_args(c.outbox.args(f"slot:{s}") or []).parts for s in [*slots, slots.stop]}
     declared = [s for s, p in parts.items() if p & PART_EMERGENCY]
@@ -358,6 +416,48 @@ def test_repairs_leave_out_what_the_chain_refuses_and_wait_for_what_is_not_yet()
     fixed = repair_step(fixed[0], "SomethingElse", None, accounts)
     assert fixed is not None and fixed[0].parts == step.parts & ~PART_RECONCILE
     assert repair_step(fixed[0], "SomethingElse", None, accounts) is None
+
+
+def test_a_refused_demand_response_part_is_left_out_and_the_rest_stands() -> None:
+    """GridBalance refusing a row's demand-response part (an id the chain does not hold, its
+    pause where the row declares none) drops that part only; a stored row keeps its part."""
+    accounts = ["0x" + "1" * 40]
+    dr = DemandResponse(
+        settle=[3], start_slot=10, duration_slots=1, incentive_per_wh=100,
+        participants=[("0x" + "a" * 40, 0, 0, 500)],
+    )  # fmt: skip
+    step = SlotStep(
+        parts=PART_PRICE | PART_SETTLE | PART_DEMAND_RESPONSE, settle_slot=9, demand_response=dr
+    )
+    assert step_of_args([step.value()]).value() == step.value()  # the part is stored whole
+    for error in ("GridBalanceUnknownEvent", "GridBalanceEventClosed", "EnforcedPause"):
+        fixed = repair_step(step, error, None, accounts)
+        assert fixed == (
+            dataclasses.replace(step, parts=PART_PRICE | PART_SETTLE),
+            "demand response",
+        )
+    assert repair_step(step, "GridBalanceReadingsNotFinal", None, accounts) is None  # not yet
+
+
+def test_the_open_events_are_read_back_from_grid_balance() -> None:
+    """With every row mined the bridge reads GridBalance's open events back: a repaired-away
+    announcement leaves its predicted ids too high, and they are put right (the open ones, the
+    next id)."""
+    # On chain: 1 and 2 settled, 3 open (slot 8), 4 open (slot 9); nothing after.
+    chain = {1: (5, 1, False, True), 2: (6, 1, False, True), 3: (8, 1, False, False)}
+    chain[4] = (9, 1, False, False)
+
+    def get_event(event_id: int) -> tuple[int, int, bool, bool]:
+        return chain.get(event_id, (0, 0, False, False))
+
+    for predicted in (
+        DemandResponseQueue(open=[(3, 8), (5, 9)], next_id=6),  # one announcement left out
+        DemandResponseQueue(open=[(7, 9)], next_id=8),  # ids far beyond the chain's
+        DemandResponseQueue(open=[(3, 8)], next_id=4),  # one more announced meanwhile
+    ):
+        read = chain_dr_queue(get_event, predicted)
+        assert read.open == [(3, 8), (4, 9)] and read.next_id == 5, predicted
+    assert chain_dr_queue(get_event, DemandResponseQueue()).next_id == 5
 
 
 def test_order_keys_need_a_trading_site_and_a_key_per_household(
@@ -507,3 +607,47 @@ def test_a_meters_readings_reach_the_chain_in_nonce_order(tmp_path: Path) -> Non
         assert [(int(e["args"]["slot"]), int(e["args"]["nonce"])) for e in logs] == [
             (first, 0), (first + 1, 1),
         ]  # fmt: skip
+
+
+def test_open_demand_response_events_survive_a_restart(tmp_path: Path) -> None:
+    """The events announced by queued rows and not settled yet are stored with the rows: a
+    bridge restarted on the same outbox file settles them (by their predicted ids) and numbers
+    its next announcement after them, as the chain will."""
+    site = build_site(build_grid(load_scenario()), site="site1", seed="0")
+    names = ["DeviceRegistry", "SlotSettler", "EnergyTrading", "GridBalance", "RewardSystem"]
+    addresses = {name: "0x" + str(k + 1) * 40 for k, name in enumerate(names)}
+    dep = Deployment.model_validate(
+        {"chainId": 31337, "addresses": addresses, "genesis": 0, "slotSeconds": 900}
+    )
+    nowhere = Chain(Web3(Web3.HTTPProvider("http://127.0.0.1:9")))
+    n = len(site.prosumers)
+    empty = Book(*(np.zeros((3, 1, n), dtype=np.int64)))
+    baselines = np.arange(n, dtype=np.int64) * 100  # the first household expects to export
+    stressed = SlotBook(empty, REFERENCE, False, True, baselines)
+
+    def bridge() -> tuple[SlotSettlement, Outbox]:
+        market = SlotSettlement(site, dep, prosumer_keys(site))
+        market.configure(600, 900)
+        market.start_credit([units(CREDIT)] * n, [])
+        return market, Outbox(tmp_path / "o.db", nowhere, dict(dep.addresses), ANVIL_KEYS[1])
+
+    def part(box: Outbox, slot: int) -> tuple[list[int], int, int]:
+        step = step_of_args(box.args(f"slot:{slot}") or [])
+        dr = step.demand_response
+        announced = len(dr.participants) if step.parts & PART_DEMAND_RESPONSE else 0
+        return [int(x) for x in dr.settle], int(dr.start_slot), announced
+
+    market, box = bridge()
+    assert market.enqueue(box, 10, stressed) == 1
+    assert market.enqueue(box, 11, stressed) == 1
+    assert part(box, 10) == ([], 11, n - 1)  # every household but the exporter takes part
+    assert part(box, 11) == ([], 12, n - 1)  # slot 11's event is not over yet
+    box.close()
+    market, box = bridge()  # restarted: nothing in memory
+    assert market.enqueue(box, 12, stressed) == 1
+    assert part(box, 12) == ([1], 13, n - 1)
+    assert market.dr_queue.open == [(2, 12), (3, 13)] and market.dr_queue.next_id == 4
+    # A row decided again after the restart queues nothing and leaves the queue as it was.
+    assert market.enqueue(box, 12, stressed) == 0
+    assert market.dr_queue.open == [(2, 12), (3, 13)]
+    box.close()

@@ -91,8 +91,8 @@ def test_mirror_settlement_equals_market_model(
             book=book,
             reference=reference,
             metered_wh=metered,
-            dr_event=np.zeros(b, dtype=bool),
-            dr_reduction_wh=np.zeros((b, n), dtype=np.int64),
+            dr_announce=np.zeros(b, dtype=bool),
+            dr_baseline_wh=np.zeros((b, n), dtype=np.int64),
             emergency=np.zeros(b, dtype=bool),
         )
     )
@@ -186,18 +186,23 @@ def test_market_invariants_over_an_episode(mode: str) -> None:
 
 
 def test_emergency_stops_trading_but_not_metering() -> None:
-    """Above the emergency loading no order is accepted; imbalances still settle."""
+    """Above the emergency loading no order is accepted; imbalances still settle. GridBalance,
+    paused, announces no demand-response event either, however stressed the grid."""
     env = MicrogridEnv(Scenario(market={"dr_loading": 0.001, "emergency_loading": 0.002}))
     env.reset(seed=0)
     for _ in range(4):
         _, _, _, _, info = env.step(env.action_space.sample())
-        assert info["emergency"] == 1.0 and info["dr_event"] == 1.0
+        assert info["emergency"] == 1.0 and info["dr_event"] == 0.0
+        assert info["dr_events_created"] == 0.0
         assert info["market_traded_kwh"] == 0.0
         assert info["market_refused_orders"] > 0
         assert info["market_imbalance_kwh"] > 0
 
 
 def test_demand_response_earns_rewards_only_during_events() -> None:
+    """A stressed grid announces an event two slots on; the slot's transaction after the event
+    settles it and pays the incentive for the Wh metered below the baselines. A calm grid
+    announces nothing and pays no DR reward."""
     action_dr = np.zeros(MicrogridEnv().codec.act_dim, dtype=np.float32)
     env = MicrogridEnv(Scenario(market={"dr_loading": 0.001, "renewable_reward_per_kwh": 0.0}))
     calm = MicrogridEnv(
@@ -214,10 +219,15 @@ def test_demand_response_earns_rewards_only_during_events() -> None:
     action_dr[[i for i, nm in enumerate(names) if nm.startswith("demand_response")]] = 1.0
     env.reset(seed=0, options={"day": int(env.engine.split_days[0])})
     calm.reset(seed=0, options={"day": int(env.engine.split_days[0])})
-    _, _, _, _, info = env.step(action_dr)
-    _, _, _, _, calm_info = calm.step(action_dr)
-    assert info["dr_event"] == 1.0 and info["market_rewards"] > 0
-    assert calm_info["dr_event"] == 0.0 and calm_info["market_rewards"] == 0.0
+    infos = [env.step(action_dr)[4] for _ in range(4)]
+    calm_infos = [calm.step(action_dr)[4] for _ in range(4)]
+    assert [i["dr_events_created"] for i in infos] == [1.0] * 4
+    assert [i["dr_event"] for i in infos] == [0.0, 0.0, 1.0, 1.0]
+    assert [i["dr_events_settled"] for i in infos] == [0.0, 0.0, 0.0, 1.0]
+    assert infos[3]["dr_incentives"] > 0 and infos[3]["market_rewards"] == infos[3]["dr_incentives"]
+    assert all(i["dr_incentives"] == i["market_rewards"] == 0.0 for i in infos[:3])
+    for i in calm_infos:
+        assert i["dr_event"] == i["dr_events_created"] == i["market_rewards"] == 0.0
 
 
 def test_episode_kpis_total_the_market() -> None:

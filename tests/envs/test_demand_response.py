@@ -1,0 +1,140 @@
+"""The mirror's demand response is GridBalance's, slot by slot, on every path the env steps.
+
+Random slots (grid stress calling for an event or not, emergencies, baselines, meter readings)
+go through `MirrorLedger` and through `contracts.model.GridBalanceModel` (held to the contract
+by tests/contracts/test_invariants_grid_balance.py) driven by `DemandResponseQueue`, the rule
+the chain ledger and the bridge build their slot transactions with. Both must announce, cover,
+settle and pay the same events in the same slots; emergencies hold settlements back until the
+first calm slot and announce nothing. The fused compiled step (single and batched envs) and
+the staged one (gate, physics, ledger in turn, as chain ledgers run) give the same figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.model import DrParticipant, GridBalanceModel, LoadType
+from contracts.slot_batch import DemandResponseQueue
+from envs import MicrogridEnv, Scenario
+from envs.kpis import MARKET_INFO
+from envs.ledger import MirrorLedger, SlotInput
+from envs.market import Book
+from envs.scenario import MarketConfig
+from envs.vector_env import MicrogridVectorEnv
+
+SLOT = 900
+#: A small feeder whose stress crosses both thresholds all day.
+STRESSED = Scenario(
+    prosumers={"mode": "buses", "buses": [1, 2, 3, 5]},
+    market={"dr_loading": 0.1, "emergency_loading": 0.15},
+)
+
+
+@st.composite
+def days(draw: st.DrawFn) -> tuple[int, int, list[tuple[bool, bool, list[int], list[int]]]]:
+    """(prosumers, incentive per Wh, slots of (announce, emergency, baselines, metered))."""
+    n = draw(st.integers(1, 4))
+    rate = draw(st.integers(0, 400))
+    slot = st.tuples(
+        st.booleans(),
+        st.booleans(),
+        st.lists(st.integers(-200, 3_000).map(lambda x: max(x, 0)), min_size=n, max_size=n),
+        st.lists(st.integers(-2_000, 4_000), min_size=n, max_size=n),
+    )
+    return n, rate, draw(st.lists(slot, min_size=1, max_size=30))
+
+
+@settings(max_examples=150, deadline=None)
+@given(days())
+def test_mirror_demand_response_is_grid_balances(
+    day: tuple[int, int, list[tuple[bool, bool, list[int], list[int]]]],
+) -> None:
+    n, rate, slots = day
+    config = MarketConfig(dr_incentive_per_kwh=rate / 1e6, renewable_reward_per_kwh=0.0)
+    mirror = MirrorLedger(1, n, config)
+    devices = [f"0x{k + 1:040x}" for k in range(n)]
+    model = GridBalanceModel(genesis=0, meters={d: d for d in devices})
+    queue = DemandResponseQueue()
+    readings: dict[tuple[str, int], int] = {}
+    empty = Book(*(np.zeros((3, 1, n), dtype=np.int64)))
+    for s, (announce, emergency, baselines, metered) in enumerate(slots):
+        got = mirror.settle(
+            SlotInput(
+                slot=np.array([s]), book=empty, reference=np.array([1]),
+                metered_wh=np.array([metered], dtype=np.int64), dr_announce=np.array([announce]),
+                dr_baseline_wh=np.array([baselines], dtype=np.int64),
+                emergency=np.array([emergency]),
+            )
+        )  # fmt: skip
+        # Slot s's transaction, mined at the start of slot s + 1, after the slot's readings.
+        now = SLOT * (s + 1)
+        if emergency and not model.paused:
+            model.declare_emergency(now)
+        elif not emergency and model.paused:
+            model.recover(now)
+        for k, d in enumerate(devices):
+            readings[(d, s)] = metered[k]
+        covered = any(e.start_slot == s for e in model.events.values())
+        paid = np.zeros(n, dtype=np.int64)
+        settled = created = 0
+        if not model.paused:
+            asked = [(d, baselines[k]) for k, d in enumerate(devices)] if announce else []
+            part = queue.part(s - 1, s + 2, rate, asked)
+            for event_id in part.settle if part is not None else ():
+                for owner, amount, _ in model.settle_event(event_id, now, readings).grants:
+                    paid[devices.index(owner)] += amount
+                settled += 1
+            if part is not None and part.participants:
+                event_id = model.create_event(
+                    now, part.start_slot, 1, 0, rate, 0, 0,
+                    [DrParticipant(d, LoadType(t), p, b) for d, t, p, b in part.participants],
+                )  # fmt: skip
+                assert event_id == queue.next_id - 1
+                created = 1
+        where = f"slot {s}"
+        assert bool(got.dr_event[0]) == covered, where
+        assert int(got.dr_created[0]) == created, where
+        assert int(got.dr_settled[0]) == settled, where
+        assert got.dr_paid[0].tolist() == paid.tolist(), where
+        assert got.rewards[0].tolist() == paid.tolist(), where
+
+
+def test_fused_batched_and_staged_steps_give_the_same_demand_response() -> None:
+    """A batched env, single envs and a single env stepped stage by stage (`Engine.advance`
+    without the fused kernel, the chain ledgers' path) report the same DR figures and hold
+    the same GridBalance state every step, across an automatic reset."""
+    n = 2
+    venv = MicrogridVectorEnv(n, STRESSED)
+    singles = [MicrogridEnv(STRESSED) for _ in range(n)]
+    staged = MicrogridEnv(STRESSED)
+    staged.engine.fuses = lambda exchange: False  # type: ignore[method-assign]
+    venv.reset(seed=7)
+    for i, env in enumerate(singles):
+        env.reset(seed=7 + i)
+    staged.reset(seed=7)
+    rng = np.random.default_rng(1)
+    seen = dict.fromkeys(("dr_event", "dr_events_created", "dr_events_settled"), 0.0)
+    for t in range(100):
+        actions = rng.uniform(-1.0, 1.0, (n, venv.codec.act_dim)).astype(np.float32)
+        _, _, _, truncated, info = venv.step(actions)
+        staged_info = staged.step(actions[0])[4]
+        for i, env in enumerate(singles):
+            single: dict[str, Any] = env.step(actions[i])[4]
+            for key in MARKET_INFO:
+                assert info[key][i] == single[key], f"{key} differs at step {t}, env {i}"
+                if i == 0:
+                    assert staged_info[key] == single[key], f"staged {key} differs at step {t}"
+            if truncated[i]:
+                env.reset()
+        if truncated[0]:
+            staged.reset()
+        for key in seen:
+            seen[key] += float(info[key].sum())
+        batched = venv.exchange.ledger.demand_response  # type: ignore[union-attr]
+        for i, env in enumerate(singles):
+            assert np.array_equal(batched[i], env.exchange.ledger.demand_response[0])  # type: ignore[union-attr]
+    assert min(seen.values()) > 0, seen
