@@ -35,6 +35,9 @@ MAX_FEE_BPS = 1_000
 MAX_SIGNED_BATCH = 1_000
 #: Seconds after a slot's end until its readings are final (DeviceRegistry's ``readingWindow``).
 READING_WINDOW_SECONDS = 600
+#: Slots of readings DeviceRegistry keeps (``READING_HISTORY_SLOTS``, its ``HISTORY_SLOTS``):
+#: a device's reading of slot s + 32 takes the place of its reading of s.
+READING_HISTORY_SLOTS = 32
 
 
 class LoadType(IntEnum):
