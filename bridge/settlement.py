@@ -192,11 +192,18 @@ RECONCILE_REFUSALS = frozenset(
         "EnergyTradingTradeAccountMismatch",
         "EnergyTradingAccountsNotSorted",
         "EnergyTradingTreasuryShort",
+        # A meter's reading of the slot was overwritten by its reading 32 slots later
+        # (DeviceRegistry keeps READING_HISTORY_SLOTS): the slot can never be reconciled.
+        "DeviceRegistryReadingEvicted",
     }
 )
 
-#: Reward refusals that name one exporting meter (`device`): only its reward is left out.
-ONE_EXPORTER = frozenset({"RewardSystemNoExport", "RewardSystemAlreadyRewarded"})
+#: Reward refusals that name one exporting meter (`device`): only its reward is left out. An
+#: evicted reading names the meter too; when that meter is no exporter, the refusal came from
+#: the reconciliation (`RECONCILE_REFUSALS`).
+ONE_EXPORTER = frozenset(
+    {"RewardSystemNoExport", "RewardSystemAlreadyRewarded", "DeviceRegistryReadingEvicted"}
+)
 
 #: Reverts that say the chain already is where a part would take it: that part is left out
 #: (an emergency already declared, one already ended, the slot already cleared).
@@ -703,11 +710,11 @@ def repair_step(
         return _without(step, PART_RECONCILE), "reconciliation"
     if error in RETRY_ON:
         return None
+    device = str(args.get("device", "")).lower()
+    if error in ONE_EXPORTER and reconciles and device in [e.lower() for e in step.exporters]:
+        exporters = [e for e in step.exporters if e.lower() != device]
+        return dataclasses.replace(step, exporters=exporters), f"reward of {device}"
     if error.startswith("RewardSystem") and reconciles and (step.exporters or step.grants):
-        device = str(args.get("device", "")).lower()
-        if error in ONE_EXPORTER and device in [e.lower() for e in step.exporters]:
-            exporters = [e for e in step.exporters if e.lower() != device]
-            return dataclasses.replace(step, exporters=exporters), f"reward of {device}"
         return dataclasses.replace(step, exporters=[], grants=[]), "rewards"
     if error in RECONCILE_REFUSALS and reconciles:
         if error == "EnergyTradingTradesMismatch" and previous is not None:

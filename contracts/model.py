@@ -35,6 +35,9 @@ MAX_FEE_BPS = 1_000
 MAX_SIGNED_BATCH = 1_000
 #: Seconds after a slot's end until its readings are final (DeviceRegistry's ``readingWindow``).
 READING_WINDOW_SECONDS = 600
+#: Slots of readings DeviceRegistry keeps (``READING_HISTORY_SLOTS``, its ``HISTORY_SLOTS``):
+#: a device's reading of slot s + 32 takes the place of its reading of s.
+READING_HISTORY_SLOTS = 32
 
 
 class LoadType(IntEnum):
@@ -634,6 +637,15 @@ class MarketModel:
         return outcome
 
 
+def evicted_by(readings: Readings, device: str, slot: int, current_slot: int) -> int | None:
+    """The slot whose reading took the registry entry of `device`'s reading of `slot` (its
+    latest reading of slot + 32k, k >= 1, see ``READING_HISTORY_SLOTS``), or None while the
+    entry still holds `slot` or nothing later: ``DeviceRegistry.readingOf`` reverts with
+    ``DeviceRegistryReadingEvicted`` in the first case."""
+    later = range(slot + READING_HISTORY_SLOTS, current_slot + 1, READING_HISTORY_SLOTS)
+    return next((s for s in reversed(later) if (device, s) in readings), None)
+
+
 # ---------------------------------------------------------------------- GridBalance
 
 #: Longest demand-response event, in slots (``GridBalance.MAX_EVENT_SLOTS``).
@@ -782,11 +794,20 @@ class GridBalanceModel:
             raise self._revert("GridBalanceEventStarted", eventId=event_id)
         event.cancelled = True
 
-    def reduction(self, p: DrParticipant, event: ModelDrEvent, readings: Readings) -> int:
+    def reduction(
+        self, p: DrParticipant, event: ModelDrEvent, readings: Readings, now: int | None = None
+    ) -> int:
         """``_reduction``: baseline x duration - metered import over the window, 0 if any slot
-        of the window has no reading (a silent meter earns nothing) or nothing was saved."""
+        of the window has no reading (a silent meter earns nothing) or nothing was saved. With
+        `now`, a reading the registry has evicted (see `evicted_by`) reverts, as on chain."""
         metered = 0
         for slot in range(event.start_slot, event.start_slot + event.duration_slots):
+            if now is not None:
+                held = evicted_by(readings, p.device, slot, self.current_slot(now))
+                if held is not None:
+                    raise self._revert(
+                        "DeviceRegistryReadingEvicted", device=p.device, slot=slot, heldSlot=held
+                    )
             wh = readings.get((p.device, slot))
             if wh is None:
                 return 0
@@ -804,8 +825,8 @@ class GridBalanceModel:
         last = event.start_slot + event.duration_slots - 1
         if not self.readings_final(last, now):
             raise self._revert("GridBalanceReadingsNotFinal", slot=last)
+        reductions = [self.reduction(p, event, readings, now) for p in event.participants]
         event.settled = True
-        reductions = [self.reduction(p, event, readings) for p in event.participants]
         total = sum(reductions)
         target_met = total >= event.target_reduction_wh
         rewards: list[int] = []

@@ -5,13 +5,16 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
-import {IDeviceRegistry} from "./IDeviceRegistry.sol";
+import {IDeviceRegistry, READING_HISTORY_SLOTS} from "./IDeviceRegistry.sol";
 import {SlotClock} from "./SlotClock.sol";
 
 /// @title DeviceRegistry
 /// @notice Registry of field devices and the only door through which metered energy enters the
 /// chain: readings are EIP-712 signed by the device key, bound to this chain and this contract,
 /// consumed once (per-device nonce and strictly increasing slots) and capped by rated capacity.
+/// It keeps the last READING_HISTORY_SLOTS slots of readings and totals, in rings: that a reading
+/// was accepted once is guarded by the nonce and the device's last slot, not by the record, so
+/// overwriting an old record reopens nothing.
 contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, Nonces {
     /// @notice Installers who may register and (de)activate devices.
     bytes32 public constant REGISTRAR_ROLE = keccak256("REGISTRAR_ROLE");
@@ -22,24 +25,31 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
     bytes32 public constant READING_TYPEHASH =
         keccak256("Reading(address device,uint64 slot,int64 energyWh,uint256 nonce)");
 
+    /// @notice Slots of readings and totals kept (READING_HISTORY_SLOTS, see IDeviceRegistry).
+    uint64 public constant HISTORY_SLOTS = READING_HISTORY_SLOTS;
     /// @notice Seconds after a slot's end during which readings for it are accepted.
     uint64 public immutable readingWindow;
     /// @notice Slots of silence after which anyone may flag a device as stale.
     uint64 public immutable staleAfterSlots;
 
+    /// @dev One ring entry of the meters' totals: those of `slot`, when `set`.
     struct SlotTotal {
         uint64 importWh;
         uint64 exportWh;
+        uint64 slot;
+        bool set;
     }
 
+    /// @dev One ring entry of a device's readings: its reading of `slot`, when `recorded`.
     struct Recorded {
         int64 energyWh;
+        uint64 slot;
         bool recorded;
     }
 
     mapping(address device => Device) private _devices;
-    mapping(address device => mapping(uint64 slot => Recorded)) private _readings;
-    mapping(uint64 slot => SlotTotal) private _slotTotals;
+    mapping(address device => Recorded[READING_HISTORY_SLOTS]) private _readings;
+    SlotTotal[READING_HISTORY_SLOTS] private _slotTotals;
     mapping(address owner => address[]) private _meters;
 
     /// @param admin Receives DEFAULT_ADMIN_ROLE, REGISTRAR_ROLE and MAINTENANCE_ROLE.
@@ -51,6 +61,10 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
         EIP712("DeviceRegistry", "1")
     {
         if (admin == address(0)) revert DeviceRegistryZeroAddress();
+        // A slot's totals entry is reused READING_HISTORY_SLOTS slots later; its window must have
+        // closed by then (it closes long before: 600 s in the suite).
+        uint64 maxWindow = (READING_HISTORY_SLOTS - 1) * SLOT_SECONDS;
+        if (readingWindow_ >= maxWindow) revert DeviceRegistryReadingWindowTooLong(readingWindow_, maxWindow);
         readingWindow = readingWindow_;
         staleAfterSlots = staleAfterSlots_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
@@ -154,9 +168,17 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
         d.lastSlot = reading.slot;
         d.lastSeen = uint64(block.timestamp);
         d.readings += 1;
-        _readings[reading.device][reading.slot] = Recorded(reading.energyWh, true);
+        _readings[reading.device][reading.slot % READING_HISTORY_SLOTS] =
+            Recorded(reading.energyWh, reading.slot, true);
         if (d.deviceType == DeviceType.Meter) {
-            SlotTotal storage total = _slotTotals[reading.slot];
+            SlotTotal storage total = _slotTotals[reading.slot % READING_HISTORY_SLOTS];
+            // The entry's older slot closed its window long ago (constructor): start this one.
+            if (!total.set || total.slot != reading.slot) {
+                total.importWh = 0;
+                total.exportWh = 0;
+                total.slot = reading.slot;
+                total.set = true;
+            }
             if (reading.energyWh >= 0) total.importWh += magnitude;
             else total.exportWh += magnitude;
         }
@@ -186,13 +208,17 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
 
     /// @inheritdoc IDeviceRegistry
     function readingOf(address device, uint64 slot) external view returns (int64, bool) {
-        Recorded memory r = _readings[device][slot];
-        return (r.energyWh, r.recorded);
+        Recorded memory r = _readings[device][slot % READING_HISTORY_SLOTS];
+        if (!r.recorded || r.slot < slot) return (0, false);
+        if (r.slot > slot) revert DeviceRegistryReadingEvicted(device, slot, r.slot);
+        return (r.energyWh, true);
     }
 
     /// @inheritdoc IDeviceRegistry
     function slotTotals(uint64 slot) external view returns (uint64 importWh, uint64 exportWh) {
-        SlotTotal memory total = _slotTotals[slot];
+        SlotTotal memory total = _slotTotals[slot % READING_HISTORY_SLOTS];
+        if (!total.set || total.slot < slot) return (0, 0);
+        if (total.slot > slot) revert DeviceRegistrySlotTotalsEvicted(slot, total.slot);
         return (total.importWh, total.exportWh);
     }
 
@@ -210,7 +236,7 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
             address[] storage meters = _meters[owners[i]];
             int256 sum;
             for (uint256 m; m < meters.length; ++m) {
-                sum += _readings[meters[m]][slot].energyWh;
+                sum += _reading(meters[m], slot);
             }
             net[i] = sum;
         }
@@ -242,6 +268,16 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
                 )
             )
         );
+    }
+
+    /// @dev The reading of `device` for `slot`, 0 when it has none; reverts once evicted. An
+    /// entry holding a later slot means this slot's reading, if any, was overwritten (readings
+    /// only move forward); one holding an earlier slot means the device sent none for it.
+    function _reading(address device, uint64 slot) private view returns (int64) {
+        Recorded memory r = _readings[device][slot % READING_HISTORY_SLOTS];
+        if (!r.recorded || r.slot < slot) return 0;
+        if (r.slot > slot) revert DeviceRegistryReadingEvicted(device, slot, r.slot);
+        return r.energyWh;
     }
 
     function _existing(address device) private view returns (Device storage d) {

@@ -403,7 +403,10 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     }
 
     /// @dev A reconciliation part must hash, with `rest`, to what the slot still expects, and
-    /// its accounts must increase past the previous part's; then the cursor moves on.
+    /// its accounts must increase past the previous part's; then the cursor moves on. The last
+    /// part (`rest` zero) deletes the cursor and the trade commitment: `result.reconciled` is
+    /// the guard from then on, and neither is read again, so a slot's reconciliation leaves no
+    /// storage behind (a one-part reconciliation writes no cursor at all).
     function _checkPart(
         uint64 slot,
         ReconcileCursor storage cursor,
@@ -416,13 +419,19 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
             Trade calldata t = trades[i - 1];
             chain = _link(_word(t.owner, t.side, t.fillWh), chain);
         }
-        if (chain != (cursor.started ? cursor.expected : _commitments[slot])) {
+        bool started = cursor.started;
+        if (chain != (started ? cursor.expected : _commitments[slot])) {
             revert EnergyTradingTradesMismatch(slot);
         }
         address last = cursor.lastAccount;
         for (uint256 j; j < accounts.length; ++j) {
             if (accounts[j] <= last) revert EnergyTradingAccountsNotSorted(j);
             last = accounts[j];
+        }
+        if (rest == bytes32(0)) {
+            if (started) delete _cursors[slot];
+            if (_commitments[slot] != bytes32(0)) delete _commitments[slot];
+            return;
         }
         cursor.expected = rest;
         cursor.lastAccount = last;

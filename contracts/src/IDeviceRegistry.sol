@@ -1,6 +1,16 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;
 
+/// @dev How many slots of readings the registry keeps: a device's reading of slot s (and the
+/// meters' totals of s) sits in entry s % READING_HISTORY_SLOTS until its reading of a later
+/// slot with the same entry overwrites it. A reading is consumed within a few slots (reconciled
+/// at the next slot, renewable reward with it, a demand-response event of at most 16 slots
+/// settled once its last slot is final), so 32 slots (8 hours) leave room for an emergency that
+/// holds settlements back, while the suite's storage stops growing after 32 slots instead of
+/// growing by one storage slot per meter per slot for ever: a node that rebuilds its state root
+/// from every storage slot at each block (anvil) pays for each one at every block.
+uint64 constant READING_HISTORY_SLOTS = 32;
+
 /// @title IDeviceRegistry
 /// @notice Registered field devices and their EIP-712 signed meter readings.
 interface IDeviceRegistry {
@@ -68,6 +78,14 @@ interface IDeviceRegistry {
     error DeviceRegistryNotOwnerOrRegistrar(address device, address caller);
     /// @notice A batch lists `readings` readings but `signatures` signatures.
     error DeviceRegistryLengthMismatch(uint256 readings, uint256 signatures);
+    /// @notice The reading of `device` for `slot` was overwritten by one of slot `heldSlot`,
+    /// READING_HISTORY_SLOTS or more slots later: the registry no longer knows it.
+    error DeviceRegistryReadingEvicted(address device, uint64 slot, uint64 heldSlot);
+    /// @notice The meters' totals of `slot` were overwritten by those of `heldSlot`.
+    error DeviceRegistrySlotTotalsEvicted(uint64 slot, uint64 heldSlot);
+    /// @notice The reading window must close before the totals of its slot could be
+    /// overwritten: `readingWindow` must be below `maxSeconds`.
+    error DeviceRegistryReadingWindowTooLong(uint64 readingWindow, uint64 maxSeconds);
     /// @notice `device` reported within the stale threshold; no alert raised.
     error DeviceRegistryNotStale(address device, uint64 lastSeen);
 
@@ -112,17 +130,20 @@ interface IDeviceRegistry {
     /// @notice The device registered under `device`.
     function getDevice(address device) external view returns (Device memory);
 
-    /// @notice Reading of `device` for `slot` (0 if none) and whether one was recorded.
+    /// @notice Reading of `device` for `slot` (0 if none) and whether one was recorded; reverts
+    /// with `DeviceRegistryReadingEvicted` once a later reading took its place (see
+    /// READING_HISTORY_SLOTS), so nobody mistakes a forgotten reading for a missing one.
     function readingOf(address device, uint64 slot) external view returns (int64 energyWh, bool recorded);
 
-    /// @notice Total metered import and export (Wh) of all meters in `slot`.
+    /// @notice Total metered import and export (Wh) of all meters in `slot`; reverts with
+    /// `DeviceRegistrySlotTotalsEvicted` once a later slot's totals took their place.
     function slotTotals(uint64 slot) external view returns (uint64 importWh, uint64 exportWh);
 
     /// @notice Meters (active or not) registered to `owner`, in registration order.
     function metersOf(address owner) external view returns (address[] memory);
 
     /// @notice Net metered energy (Wh, + import / - export) of each owner's meters in `slot`;
-    /// a meter without a reading counts zero.
+    /// a meter without a reading counts zero, a meter whose reading was evicted reverts.
     function netMeteredWh(address[] calldata owners, uint64 slot) external view returns (int256[] memory);
 
     /// @notice Whether the reading window of `slot` has closed (its readings can no longer change).

@@ -278,7 +278,8 @@ interface IEnergyTrading {
     function slotResult(uint64 slot) external view returns (SlotResult memory);
 
     /// @notice Commitment to `slot`'s trades (owner, side, fill) in settlement order: h_i =
-    /// keccak256(owner << 96 | side << 64 | fill, h_{i+1}), h_n = 0; this returns h_0.
+    /// keccak256(owner << 96 | side << 64 | fill, h_{i+1}), h_n = 0; this returns h_0, and zero
+    /// once the slot is reconciled (the commitment is deleted then; the settlement's event keeps it).
     function tradeCommitment(uint64 slot) external view returns (bytes32);
 
     /// @notice Bitmap of `owner`'s cancelled signed-order nonces for `slot`.

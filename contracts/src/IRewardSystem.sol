@@ -52,7 +52,9 @@ interface IRewardSystem {
     /// @notice Earmark `amount` of the budget for `account` (rewarder role).
     function grantReward(address account, uint256 amount, RewardKind kind) external;
 
-    /// @notice Grant the renewable-generation reward for the metered export of `devices` in `slot`.
+    /// @notice Grant the renewable-generation reward for the metered export of `devices` in `slot`,
+    /// once per device and slot; a slot whose reading the registry has evicted
+    /// (`DeviceRegistryReadingEvicted`) can no longer be rewarded.
     function rewardRenewable(uint64 slot, address[] calldata devices) external;
 
     /// @notice Pay the caller's granted and staking rewards.

@@ -5,7 +5,7 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
-import {IDeviceRegistry} from "./IDeviceRegistry.sol";
+import {IDeviceRegistry, READING_HISTORY_SLOTS} from "./IDeviceRegistry.sol";
 import {IRewardSystem} from "./IRewardSystem.sol";
 
 /// @title RewardSystem
@@ -36,7 +36,12 @@ contract RewardSystem is IRewardSystem, AccessControl, ReentrancyGuard {
     mapping(address account => uint256) private _staked;
     mapping(address account => uint256) private _paidPerToken;
     mapping(address account => uint256) private _stakingEarned;
-    mapping(address device => mapping(uint64 slot => bool)) private _renewableRewarded;
+    /// @dev Per exporting device, a ring like the registry's readings: entry s % READING_HISTORY_SLOTS
+    /// holds s + 1 once slot s's renewable reward was paid (0: none), so it stops growing after
+    /// READING_HISTORY_SLOTS slots. A slot whose entry a later reward took over cannot be paid
+    /// again: that later reward needed the device's reading of the later slot, which took the
+    /// registry entry of this one, and the registry refuses an evicted reading.
+    mapping(address device => uint64[READING_HISTORY_SLOTS]) private _renewableRewarded;
 
     /// @param admin Receives DEFAULT_ADMIN_ROLE and PARAMETER_ROLE.
     /// @param token_ The reward token.
@@ -70,12 +75,13 @@ contract RewardSystem is IRewardSystem, AccessControl, ReentrancyGuard {
     function rewardRenewable(uint64 slot, address[] calldata devices) external {
         if (!_registry.readingsFinal(slot)) revert RewardSystemReadingsNotFinal(slot);
         uint256 rate = _renewableRatePerWh;
+        uint64 entry = slot % READING_HISTORY_SLOTS;
         for (uint256 i; i < devices.length; ++i) {
             address device = devices[i];
-            if (_renewableRewarded[device][slot]) revert RewardSystemAlreadyRewarded(device, slot);
+            if (_renewableRewarded[device][entry] == slot + 1) revert RewardSystemAlreadyRewarded(device, slot);
             (int64 energyWh, bool recorded) = _registry.readingOf(device, slot);
             if (!recorded || energyWh >= 0) revert RewardSystemNoExport(device, slot);
-            _renewableRewarded[device][slot] = true;
+            _renewableRewarded[device][entry] = slot + 1;
             uint256 amount = uint256(uint64(-energyWh)) * rate;
             _grant(_registry.getDevice(device).owner, amount, RewardKind.Renewable);
         }

@@ -409,6 +409,14 @@ def test_repairs_leave_out_what_the_chain_refuses_and_wait_for_what_is_not_yet()
     assert fixed is not None and fixed[0].parts == step.parts & ~PART_EMERGENCY
     fixed = repair_step(step, "EnergyTradingSlotAlreadyCleared", None, accounts)
     assert fixed is not None and fixed[0].parts == step.parts & ~PART_SETTLE
+    # A reading evicted from the registry's history: the exporter's reward goes when it names
+    # an exporter, else (the reconciliation's own meters) the reconciliation goes.
+    exporting = dataclasses.replace(step, exporters=[accounts[1]])
+    evicted = {"device": accounts[1], "slot": 8, "heldSlot": 40}
+    fixed = repair_step(exporting, "DeviceRegistryReadingEvicted", None, accounts, evicted)
+    assert fixed is not None and fixed[0].exporters == [] and fixed[0].parts == step.parts
+    fixed = repair_step(fixed[0], "DeviceRegistryReadingEvicted", None, accounts, evicted)
+    assert fixed is not None and fixed[0].parts == step.parts & ~PART_RECONCILE
     # Anything else: the orders go, then the reconciliation, then the row fails for good.
     fixed = repair_step(step, "EnergyTradingBatchInsufficientCredit", None, accounts)
     assert fixed is not None and fixed[0].orders == [] and fixed[0].fills == []

@@ -8,7 +8,8 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from contracts.client import DeviceType, role_id, sign_reading
+from contracts.client import DeviceType, load_artifact, role_id, sign_reading
+from contracts.model import READING_HISTORY_SLOTS
 from tests.contracts.helpers import World, events
 
 CAPACITY_W = 4_000  # 1,000 Wh per 15-minute slot at most
@@ -122,6 +123,59 @@ def test_replayed_reading_is_refused(
         world.chain.transact(
             world.suite.registry, "submitReading", reading, signature, sender=world.stranger
         )
+
+
+def test_old_readings_leave_the_ring_and_are_not_accepted_again(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    """The registry keeps READING_HISTORY_SLOTS slots of readings and totals: the reading of slot
+    s + 32 takes the entry of slot s, which is then refused (never read as a silent zero), and the
+    same signed reading cannot be recorded again: its nonce and slot guard it, not the record."""
+    key, device, owner = meter
+    registry = world.suite.registry
+    assert world.chain.call(registry, "HISTORY_SLOTS") == READING_HISTORY_SLOTS
+    slot = world.suite.current_slot()
+    later = slot + READING_HISTORY_SLOTS
+    _after_slot(world, slot)
+    reading, signature = sign_reading(
+        key,
+        chain_id=world.chain.w3.eth.chain_id,
+        registry=registry.address,
+        slot=slot,
+        energy_wh=300,
+        nonce=0,
+    )
+    world.chain.transact(registry, "submitReading", reading, signature, sender=world.stranger)
+    _after_slot(world, later - 1)
+    _submit(world, key, later - 1, 100)
+    assert world.chain.call(registry, "readingOf", device, slot) == [300, True]
+    _after_slot(world, later)
+    _submit(world, key, later, -200)
+    assert world.chain.call(registry, "readingOf", device, later) == [-200, True]
+    assert world.chain.call(registry, "readingOf", device, slot + 1) == [0, False]  # none sent
+    assert tuple(world.chain.call(registry, "slotTotals", later)) == (0, 200)
+    with reverts("DeviceRegistryReadingEvicted", device=device, slot=slot, heldSlot=later):
+        world.chain.call(registry, "readingOf", device, slot)
+    with reverts("DeviceRegistryReadingEvicted", device=device, slot=slot, heldSlot=later):
+        world.suite.net_metered_wh([owner], slot)
+    with reverts("DeviceRegistrySlotTotalsEvicted", slot=slot, heldSlot=later):
+        world.chain.call(registry, "slotTotals", slot)
+    with reverts("InvalidAccountNonce", account=device, currentNonce=3):
+        world.chain.transact(registry, "submitReading", reading, signature, sender=world.stranger)
+
+
+def test_a_reading_window_as_long_as_the_history_is_refused(world: World, reverts: Any) -> None:
+    """A slot's totals entry is reused 32 slots later: its window must have closed by then."""
+    longest = (READING_HISTORY_SLOTS - 1) * 900
+    artifact = load_artifact("DeviceRegistry")
+    factory = world.chain.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    with reverts("DeviceRegistryReadingWindowTooLong", readingWindow=longest, maxSeconds=longest):
+        try:
+            data = factory.constructor(world.admin, 0, longest, 4).data_in_transaction
+            world.chain.w3.eth.call({"from": world.admin, "data": data, "gas": 8_000_000})
+        except Exception as exc:  # web3's or eth-tester's revert: decoded by the suite's ABIs
+            raise world.chain.decode(exc) from exc
+    world.chain.deploy("DeviceRegistry", world.admin, 0, longest - 1, 4, sender=world.admin)
 
 
 def test_a_later_slot_cannot_reuse_an_old_nonce(

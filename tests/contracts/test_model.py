@@ -9,7 +9,17 @@ from __future__ import annotations
 import pytest
 
 from contracts.errors import ContractRevert
-from contracts.model import MarketModel, PriceParams, Side, grid_price, price_band
+from contracts.model import (
+    READING_HISTORY_SLOTS,
+    DrParticipant,
+    GridBalanceModel,
+    LoadType,
+    MarketModel,
+    PriceParams,
+    Side,
+    grid_price,
+    price_band,
+)
 from tests.contracts.helpers import World
 
 
@@ -76,3 +86,26 @@ def test_mirror_refuses_like_the_contract() -> None:
     model.paused = True
     with pytest.raises(ContractRevert, match="EnforcedPause"):
         model.deposit("A", 1)
+
+
+def test_grid_mirror_refuses_an_event_whose_reading_was_evicted() -> None:
+    """GridBalance reads its readings from DeviceRegistry, which keeps 32 slots: once a meter's
+    reading of slot s + 32 took the entry of slot s, settling an event over s reverts on chain
+    (`DeviceRegistryReadingEvicted`), and the mirror refuses alike, leaving the event open."""
+    device, owner = "0x" + "a" * 40, "0x" + "b" * 40
+    model = GridBalanceModel(genesis=0, meters={device: owner})
+    people = [DrParticipant(device, LoadType.CURTAILABLE, 1, 500)]
+    event_id = model.create_event(0, 2, 1, 100, 1, 0, 0, people)
+    readings = {(device, 2): 300, (device, 3 + READING_HISTORY_SLOTS): 200}
+    now = (4 + READING_HISTORY_SLOTS) * 900 + 600
+    assert model.settle_event(event_id, now, {(device, 2): 300}).reductions == [200]
+    model.events[event_id].settled = False
+    with pytest.raises(ContractRevert) as got:
+        model.settle_event(event_id, now, {**readings, (device, 2 + READING_HISTORY_SLOTS): 1})
+    assert got.value.name == "DeviceRegistryReadingEvicted"
+    assert got.value.args_by_name == {
+        "device": device,
+        "slot": 2,
+        "heldSlot": 2 + READING_HISTORY_SLOTS,
+    }
+    assert not model.events[event_id].settled

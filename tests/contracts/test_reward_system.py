@@ -9,6 +9,7 @@ from eth_account import Account
 from eth_utils import keccak
 
 from contracts.client import DeviceType, RewardKind, role_id
+from contracts.model import READING_HISTORY_SLOTS
 from tests.contracts.helpers import World, events
 
 BUDGET = 10**21
@@ -123,6 +124,41 @@ def test_renewable_rewards_follow_metered_export_once(
         world.chain.transact(
             rewards, "rewardRenewable", slot, [world.stranger], sender=world.stranger
         )
+
+
+def test_a_renewable_reward_is_not_paid_again_once_its_records_are_reused(
+    funded: World, device_keys: list[bytes], reverts: Any
+) -> None:
+    """The reward flags and the readings live in rings of READING_HISTORY_SLOTS entries: the
+    reading and reward of slot s + 32 take the entries of slot s. The reward of s is then still
+    refused, by the flag while it stands and by the registry's eviction once it is gone."""
+    world, suite, rewards = funded, funded.suite, funded.suite.rewards
+    key = device_keys[3]
+    device = Account.from_key(key).address
+    owner = world.users[2]
+    suite.register_device(device, owner, DeviceType.INVERTER, 8_000)
+    slot = suite.current_slot()
+    later = slot + READING_HISTORY_SLOTS
+
+    def reward(s: int) -> None:
+        world.chain.transact(rewards, "rewardRenewable", s, [device], sender=world.stranger)
+
+    world.chain.travel_to(suite.slot_start(slot + 1) + 1)
+    suite.submit_reading(key, slot, -1_500, sender=world.stranger)
+    world.chain.travel_to(suite.slot_start(slot + 1) + 600)
+    reward(slot)
+    world.chain.travel_to(suite.slot_start(later + 1) + 1)
+    suite.submit_reading(key, later, -500, sender=world.stranger)
+    world.chain.travel_to(suite.slot_start(later + 1) + 600)
+    with reverts("RewardSystemAlreadyRewarded", device=device, slot=slot):
+        reward(slot)  # the flag of slot still holds its entry
+    reward(later)  # takes the flag's entry over
+    assert world.chain.call(rewards, "claimable", owner) == 2_000 * 10**14
+    with reverts("DeviceRegistryReadingEvicted", device=device, slot=slot, heldSlot=later):
+        reward(slot)
+    with reverts("RewardSystemAlreadyRewarded", device=device, slot=later):
+        reward(later)
+    assert world.chain.call(rewards, "claimable", owner) == 2_000 * 10**14
 
 
 def test_renewable_rate_is_governed(world: World, reverts: Any) -> None:

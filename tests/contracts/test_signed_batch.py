@@ -369,8 +369,13 @@ def test_reconciliation_settles_imbalances_like_the_model(
     credits, escrow = suite.ledger_totals()
     assert escrow == 0 and credits == suite.token_balance(suite.trading.address)
     assert suite.slot_result(slot).reconciled
+    # The reconciliation deleted the commitment (and wrote no cursor): the slot's result is the
+    # guard that refuses a replay, on the contract and on the mirror alike.
+    assert suite.trade_commitment(slot) == bytes(32)
     with reverts("EnergyTradingSlotAlreadyReconciled", slot=slot):
         suite.reconcile_slot(world.solver, slot, trades)
+    with reverts("EnergyTradingSlotAlreadyReconciled", slot=slot):
+        model.reconcile_slot(slot, world.chain.timestamp() + 1, metered)
 
 
 def test_selling_beyond_the_metered_export_never_pays(world: World, people: list[Prosumer]) -> None:
@@ -516,6 +521,13 @@ def test_a_large_slot_reconciles_in_parts_checked_one_by_one(
         assert suite.credit_of(p.address) == model.credit_of(p.address)
     assert suite.ledger_totals() == model.totals()
     assert suite.slot_result(slot).reconciled
+    # The last part deleted the cursor and the commitment; no part, first or last, comes back.
+    assert suite.trade_commitment(slot) == bytes(32)
+    for part in (parts[0], parts[-1]):
+        with reverts("EnergyTradingSlotAlreadyReconciled", slot=slot):
+            send(part)
+    with reverts("EnergyTradingSlotAlreadyReconciled", slot=slot):
+        model.reconcile_slot(slot, world.chain.timestamp() + 1, metered)
 
 
 def test_a_book_slot_reconciles_against_its_committed_trades(
