@@ -83,9 +83,6 @@ interface IDeviceRegistry {
     error DeviceRegistryReadingEvicted(address device, uint64 slot, uint64 heldSlot);
     /// @notice The meters' totals of `slot` were overwritten by those of `heldSlot`.
     error DeviceRegistrySlotTotalsEvicted(uint64 slot, uint64 heldSlot);
-    /// @notice The reading window must close before the totals of its slot could be
-    /// overwritten: `readingWindow` must be below `maxSeconds`.
-    error DeviceRegistryReadingWindowTooLong(uint64 readingWindow, uint64 maxSeconds);
     /// @notice `device` reported within the stale threshold; no alert raised.
     error DeviceRegistryNotStale(address device, uint64 lastSeen);
 

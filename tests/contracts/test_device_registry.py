@@ -8,7 +8,7 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from contracts.client import DeviceType, load_artifact, role_id, sign_reading
+from contracts.client import DeviceType, SuiteConfig, deploy_suite, role_id, sign_reading
 from contracts.model import READING_HISTORY_SLOTS
 from tests.contracts.helpers import World, events
 
@@ -164,18 +164,33 @@ def test_old_readings_leave_the_ring_and_are_not_accepted_again(
         world.chain.transact(registry, "submitReading", reading, signature, sender=world.stranger)
 
 
-def test_a_reading_window_as_long_as_the_history_is_refused(world: World, reverts: Any) -> None:
-    """A slot's totals entry is reused 32 slots later: its window must have closed by then."""
-    longest = (READING_HISTORY_SLOTS - 1) * 900
-    artifact = load_artifact("DeviceRegistry")
-    factory = world.chain.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    with reverts("DeviceRegistryReadingWindowTooLong", readingWindow=longest, maxSeconds=longest):
-        try:
-            data = factory.constructor(world.admin, 0, longest, 4).data_in_transaction
-            world.chain.w3.eth.call({"from": world.admin, "data": data, "gas": 8_000_000})
-        except Exception as exc:  # web3's or eth-tester's revert: decoded by the suite's ABIs
-            raise world.chain.decode(exc) from exc
-    world.chain.deploy("DeviceRegistry", world.admin, 0, longest - 1, 4, sender=world.admin)
+def test_a_late_reading_never_lands_in_a_later_slots_totals(
+    world: World, device_keys: list[bytes], reverts: Any
+) -> None:
+    """With a reading window of 32 slots or more (the bridge's tests: accelerated slots on a
+    chain whose time stands still) a slot's totals entry can be taken by a slot 32 later while
+    the older slot's window is still open: a late reading of the older slot is refused
+    (evicted), never added to the later slot's totals."""
+    now = world.chain.timestamp()
+    suite = deploy_suite(
+        world.chain,
+        admin=world.admin,
+        solver=world.solver,
+        treasury=world.treasury,
+        genesis=now - 5 * 900,  # the meters register in slot 5
+        config=SuiteConfig(reading_window_seconds=10**8),
+    )
+    keys = device_keys[2:4]
+    for key, owner in zip(keys, world.users, strict=False):
+        suite.register_device(Account.from_key(key).address, owner, DeviceType.METER, CAPACITY_W)
+    slot, later = 10, 10 + READING_HISTORY_SLOTS
+    world.chain.travel_to(suite.slot_start(later + 5))  # both ended, both inside the window
+    suite.submit_reading(keys[0], later, 300, sender=world.stranger)
+    with reverts("DeviceRegistrySlotTotalsEvicted", slot=slot, heldSlot=later):
+        suite.submit_reading(keys[1], slot, 200, sender=world.stranger)
+    assert tuple(world.chain.call(suite.registry, "slotTotals", later)) == (300, 0)
+    suite.submit_reading(keys[1], later + 1, -50, sender=world.stranger)  # later slots go on
+    assert tuple(world.chain.call(suite.registry, "slotTotals", later + 1)) == (0, 50)
 
 
 def test_a_later_slot_cannot_reuse_an_old_nonce(
