@@ -330,8 +330,6 @@ def run_env(
             if covered:
                 out.incentives[k] = drq[DR_OWED, :n] - (0 if calm else owed)
                 pending.append(k)
-        elif calm:
-            pending.clear()
     return out
 
 
