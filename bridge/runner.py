@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
@@ -134,6 +135,12 @@ class BridgeRunner:
         """Slots that got no row of their own (bridge down, nothing decided): settled empty."""
         self._synced = 0
         """`slots_enqueued` when the tracked credit was last read from the chain."""
+        self._market_lock = threading.Lock()
+        """Held while a slot's rows are queued and `slots_enqueued` counts them (loop thread),
+        and while `_sync_credit` checks that count and puts the chain's state in place
+        (executor thread): without it a read taken before a row was queued could replace the
+        state that row left (its settled demand-response events put back as open, settled
+        again by the next row: ``GridBalanceEventClosed``)."""
 
     # ---- logging ---------------------------------------------------------------------------
     def _log_reject(self, reason: RejectReason, detail: str) -> None:
@@ -235,11 +242,12 @@ class BridgeRunner:
             return
         credit, paused = self._chain_credit(market), self._chain_paused()
         dr_queue = self._chain_dr_queue(market.dr_queue)
-        if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
-            market.credit = np.asarray(credit, dtype=np.int64)
-            market.paused = paused
-            market.dr_queue = dr_queue  # stored with the next row
-            self._synced = before
+        with self._market_lock:
+            if self.slots_enqueued == before:  # no row enqueued meanwhile (loop thread)
+                market.credit = np.asarray(credit, dtype=np.int64)
+                market.paused = paused
+                market.dr_queue = dr_queue  # stored with the next row
+                self._synced = before
 
     def _chain_dr_queue(self, predicted: DemandResponseQueue) -> DemandResponseQueue:
         """GridBalance's open events as the chain holds them (`chain_dr_queue`)."""
@@ -264,11 +272,12 @@ class BridgeRunner:
             msg = self.core.state.latest.get(meter)
             if msg is not None and msg.reading is not None and msg.reading.slot == slot - 1:
                 metered[owner] = msg.reading.energy_wh
-        queued = market.enqueue(self.inbox, slot, book, metered)
+        with self._market_lock:
+            queued = market.enqueue(self.inbox, slot, book, metered)
+            self.slots_enqueued += queued
         if queued > 1:
             self.slots_missed += queued - 1
             log.warning("missed slots settled empty", extra={"slot": slot, "missed": queued - 1})
-        self.slots_enqueued += queued
 
     def _outbox_pass(self) -> None:
         assert self.worker is not None
