@@ -102,14 +102,20 @@ def test_distribution_needs_stakers(funded: World, reverts: Any) -> None:
         funded.chain.transact(funded.suite.rewards, "stake", 0, sender=funded.admin)
 
 
+def _inverter(world: World, device_keys: list[bytes]) -> tuple[bytes, str, str]:
+    """A registered PV inverter that exports: (private key, device address, owner)."""
+    key = device_keys[3]
+    device = Account.from_key(key).address
+    owner = world.users[2]
+    world.suite.register_device(device, owner, DeviceType.INVERTER, 8_000)
+    return key, device, owner
+
+
 def test_renewable_rewards_follow_metered_export_once(
     funded: World, device_keys: list[bytes], reverts: Any
 ) -> None:
     world, suite, rewards = funded, funded.suite, funded.suite.rewards
-    key = device_keys[3]
-    device = Account.from_key(key).address
-    owner = world.users[2]
-    suite.register_device(device, owner, DeviceType.INVERTER, 8_000)
+    key, device, owner = _inverter(funded, device_keys)
     slot = suite.current_slot()
     world.chain.travel_to(suite.slot_start(slot + 1) + 1)
     suite.submit_reading(key, slot, -1_500, sender=world.stranger)
@@ -133,10 +139,7 @@ def test_a_renewable_reward_is_not_paid_again_once_its_records_are_reused(
     reading and reward of slot s + 32 take the entries of slot s. The reward of s is then still
     refused, by the flag while it stands and by the registry's eviction once it is gone."""
     world, suite, rewards = funded, funded.suite, funded.suite.rewards
-    key = device_keys[3]
-    device = Account.from_key(key).address
-    owner = world.users[2]
-    suite.register_device(device, owner, DeviceType.INVERTER, 8_000)
+    key, device, owner = _inverter(funded, device_keys)
     slot = suite.current_slot()
     later = slot + READING_HISTORY_SLOTS
 
