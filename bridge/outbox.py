@@ -12,6 +12,12 @@ Why each piece is there:
 * **Nonces are the outbox's own.** The next nonce lives in the database, seeded from the node's
   pending count, and only moves in the transaction that signs; rows are signed in key order so
   nonces are contiguous and one stuck transaction holds back only those after it.
+* **Lanes keep their order.** Rows whose keys agree up to the last ``:`` (a lane: ``slot:``, one
+  device's ``reading:<device>:``) are signed in the order they were queued: a row waits while an
+  earlier row of its lane is still pending (in its backoff, or told to wait). Each row's backoff
+  has its own jitter, so without lanes a later slot's row could go first: a slot that declares
+  an emergency, mined before the slot that still trades, would pause the market under it and
+  its orders be repaired away; a meter's later reading would be refused for its nonce.
 * **Retries with capped exponential backoff** when the node is unreachable or a call reverts
   with an error the caller named as "not yet" (e.g. a slot that has not ended); any other revert
   is final (`failed`, with the decoded custom error), because repeating it cannot help.
@@ -424,6 +430,8 @@ class Outbox:
         w3 = self.chain.w3
         moved = 0
         for row_id, key, contract, fn, args, gas, retry_on, attempts in rows:
+            if self._behind_in_lane(row_id, key):
+                continue
             call = getattr(self.chain.contract(contract, self.addresses[contract]).functions, fn)(
                 *_decode_args(args)
             )
@@ -493,6 +501,21 @@ class Outbox:
             if self.on_sent is not None:
                 self.on_sent(key, tx_hash)
         return moved
+
+    def _behind_in_lane(self, row_id: int, key: str) -> bool:
+        """Whether an earlier row of `key`'s lane (the key up to its last ``:``) is still
+        pending: this one waits for it (see "Lanes" in the module docstring)."""
+        lane, sep, _ = key.rpartition(":")
+        if not sep:
+            return False
+        prefix = lane + sep
+        return (
+            self.db.execute(
+                "SELECT 1 FROM outbox WHERE key >= ? AND key < ? AND state = ? AND id < ? LIMIT 1",
+                (prefix, prefix + "\uffff", RowState.PENDING.value, row_id),
+            ).fetchone()
+            is not None
+        )
 
     def _take_nonce(self) -> int:
         """Inside the signing transaction: the stored next nonce, seeded from the node once."""

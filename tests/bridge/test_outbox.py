@@ -100,6 +100,36 @@ def test_a_final_revert_fails_and_a_named_one_waits(anvil_url: str, tmp_path: Pa
     assert box.row("spend").state is RowState.CONFIRMED  # type: ignore[union-attr]
 
 
+def test_a_lane_keeps_its_order_through_a_wait(anvil_url: str, tmp_path: Path) -> None:
+    """A row told to wait holds back the later rows of its lane (keys equal up to the last
+    ``:``), whatever their own backoff; another lane goes on."""
+    token = _token(anvil_url)
+    chain = _chain(anvil_url)
+    me, to = chain.accounts[1], chain.accounts[8]
+    box = Outbox(
+        tmp_path / "o.db", chain, {"MockPaymentToken": token}, ANVIL_KEYS[1], backoff_s=0.01
+    )
+    box.enqueue(
+        "pay:1", "MockPaymentToken", "transfer", [to, 7], retry_on={"ERC20InsufficientBalance"}
+    )
+    box.enqueue("pay:2", "MockPaymentToken", "mint", [to, 1], gas=100_000)
+    box.enqueue("other:1", "MockPaymentToken", "mint", [to, 2], gas=100_000)
+    for _ in range(3):
+        box.step()
+    first, second, other = (box.row(k) for k in ("pay:1", "pay:2", "other:1"))
+    assert first is not None and first.state is RowState.PENDING and first.attempts >= 1
+    assert second is not None and second.state is RowState.PENDING and second.attempts == 0
+    assert other is not None and other.state is RowState.CONFIRMED
+    Chain.rpc(anvil_url).transact(
+        chain.contract("MockPaymentToken", token), "mint", me, 7, sender=chain.accounts[0]
+    )
+    assert box.drain(timeout_s=30)
+    first, second = box.row("pay:1"), box.row("pay:2")
+    assert first is not None and second is not None
+    assert first.state is second.state is RowState.CONFIRMED
+    assert first.nonce is not None and second.nonce is not None and first.nonce < second.nonce
+
+
 def test_node_down_then_back(tmp_path: Path) -> None:
     port = free_port()
     with anvil(port) as url:
