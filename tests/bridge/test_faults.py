@@ -243,7 +243,9 @@ def test_bridge_sigkill_and_restart_loses_nothing(setup: Setup) -> None:
         restarted.append(await asyncio.to_thread(start_bridge, config))
 
     async def both() -> Outcome:
-        out = await _fleet(s, 12, kill_and_restart)
+        # 16 slots: under a loaded machine the restarted bridge takes ~10 s to start and
+        # must still see fresh slots to steer in.
+        out = await _fleet(s, 16, kill_and_restart)
         await asyncio.sleep(SLOT_S)  # the last slot's telemetry reaches the bridge
         await _until_on_chain(s, out)
         out.summaries.append(await asyncio.to_thread(finish, restarted[0], 60, True))
