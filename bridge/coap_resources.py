@@ -19,8 +19,8 @@ current representation again. The bridge's shell drops a representation identica
 one it handed on (the same bytes are the same message), so only a new message reaches the
 validator, where a replayed old one is still refused as `replayed`.
 
-Observe cannot queue what the bridge missed while it was away, as a broker does, and the
-registry takes each device's readings only in nonce order. So a device keeps its recent signed
+Observe cannot queue what the bridge missed while it was away, as a broker does, and a reading
+missed is one the chain never gets. So a device keeps its recent signed
 telemetry in ``log``: ``GET log?after=N`` answers every DDATA whose reading nonce is above N,
 oldest first, one JSON object per line (the bytes as first sent). The bridge asks for it with
 the last nonce it holds each time it (re-)registers its observation of ``data``, and the

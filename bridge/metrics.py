@@ -33,6 +33,8 @@ class OutboxSnapshot:
     retries: int = 0
     repairs: dict[str, int] = field(default_factory=dict)
     """Rows sent with a part left out after a revert, by the revert (`Outbox.repairs`)."""
+    readings_lost: dict[str, int] = field(default_factory=dict)
+    """Reading rows failed for good, by the revert (`bridge.reading_rows.lost_readings`)."""
 
 
 class CoreCollector(Collector):
@@ -104,6 +106,15 @@ class CoreCollector(Collector):
         for error, n in dict(self.outbox.repairs).items():
             repairs.add_metric([error], n)
         yield repairs
+        lost = CounterMetricFamily(
+            "bridge_readings_lost",
+            "Signed readings that failed for good in the outbox, by the revert (docs/iot.md); "
+            "the meter's later readings still land.",
+            labels=["error"],
+        )
+        for error, n in dict(self.outbox.readings_lost).items():
+            lost.add_metric([error], n)
+        yield lost
         missed = GaugeMetricFamily(
             "bridge_missed_messages", "Gaps in device sequence numbers (messages lost upstream)."
         )

@@ -20,7 +20,10 @@ Why each piece is there:
   its orders be repaired away; a meter's later reading would be refused for its nonce.
 * **Retries with capped exponential backoff** when the node is unreachable or a call reverts
   with an error the caller named as "not yet" (e.g. a slot that has not ended); any other revert
-  is final (`failed`, with the decoded custom error), because repeating it cannot help.
+  is final (`failed`, with the decoded custom error), because repeating it cannot help. A
+  failed row leaves its lane (the rows behind it go on) and is counted in the `failures` table
+  by the error's name (`failures`, the `on_failed` hook): a meter's reading lost for good is
+  a figure the operator sees, by reason, not a silent gap.
 * **Repair instead of failing**, where the caller knows how (`repair`): a row whose call
   reverts (in the pre-flight, or mined with status 0) is shown to the caller's hook, which may
   give smaller arguments that leave the refused part out (the bridge's slot rows drop orders the
@@ -79,6 +82,12 @@ CREATE TABLE IF NOT EXISTS repairs (
     key TEXT NOT NULL,
     error TEXT NOT NULL,
     dropped TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    error TEXT NOT NULL,
     at REAL NOT NULL
 );
 """
@@ -154,6 +163,7 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         on_signed: Callable[[str, int], None] | None = None,
         on_sent: Callable[[str, str], None] | None = None,
+        on_failed: Callable[[str, str], None] | None = None,
         repair: Repair | None = None,
     ) -> None:
         self.chain = chain
@@ -165,6 +175,8 @@ class Outbox:
         self.on_signed = on_signed
         """Called with (key, nonce) once a signed row is durable: a hook for metrics and tests."""
         self.on_sent = on_sent
+        self.on_failed = on_failed
+        """Called with (key, error name) when a row fails for good: a hook for the logs."""
         self.repair = repair
         """Called on the worker's thread for every revert of a row (see the module docstring)."""
         self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
@@ -262,6 +274,15 @@ class Outbox:
         rows = self.db.execute("SELECT error, COUNT(*) FROM repairs GROUP BY error").fetchall()
         return {e: int(n) for e, n in rows}
 
+    def failures(self, prefix: str = "") -> dict[str, int]:
+        """Rows keyed `prefix`... that failed for good, by the name of the error that failed
+        them (the custom error's; ``reverted`` for a mined revert not reproducible now)."""
+        rows = self.db.execute(
+            "SELECT error, COUNT(*) FROM failures WHERE key >= ? AND key < ? GROUP BY error",
+            (prefix, prefix + "\uffff"),
+        ).fetchall()
+        return {e: int(n) for e, n in rows}
+
     def latest(self, prefix: str) -> str | None:
         """The key of the row keyed `prefix`... enqueued last (None if there is none)."""
         r = self.db.execute(
@@ -317,6 +338,30 @@ class Outbox:
             " WHERE id = ?",
             (state.value, self.clock(), error, row_id),
         )
+
+    def _fail(self, row_id: int, key: str, err: ChainError | None) -> None:
+        """Failed for good: finished, and counted in `failures` under the error's name in the
+        same SQLite transaction (a crash cannot keep one without the other)."""
+        if err is None:
+            name = "reverted"
+        else:
+            name = err.name if isinstance(err, ContractRevert) else type(err).__name__
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._finish(row_id, RowState.FAILED, str(err or "reverted (not reproducible now)"))
+            self.db.execute(
+                "INSERT INTO failures (key, error, at) VALUES (?, ?, ?)", (key, name, self.clock())
+            )
+        except BaseException:
+            if own:
+                self.db.execute("ROLLBACK")
+            raise
+        if own:
+            self.db.execute("COMMIT")
+        if self.on_failed is not None:
+            self.on_failed(key, name)
 
     def _w3_error(self, exc: Exception) -> ChainError:
         return exc if isinstance(exc, ChainError) else ChainError(f"{type(exc).__name__}: {exc}")
@@ -390,7 +435,7 @@ class Outbox:
             if repaired == WAIT or err.name in json.loads(retry_on):
                 self._requeue(row_id, args, str(err))
                 return
-        self._finish(row_id, RowState.FAILED, str(err or "reverted (not reproducible now)"))
+        self._fail(row_id, key, err)
 
     def _repaired(
         self, row_id: int, key: str, err: ContractRevert, args: str
@@ -452,7 +497,7 @@ class Outbox:
                     if repaired == WAIT or err.name in json.loads(retry_on):
                         self._defer(row_id, attempts + 1, str(err))
                         continue
-                    self._finish(row_id, RowState.FAILED, str(err))
+                    self._fail(row_id, key, err)
                     moved += 1
                     continue
                 self._defer(row_id, attempts + 1, str(err))

@@ -52,7 +52,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
-from bridge.reading_rows import reading_repair
+from bridge.reading_rows import log_lost, lost_readings
 from bridge.settlement import (
     SLOT_KEY,
     SlotSettlement,
@@ -178,9 +178,10 @@ class BridgeRunner:
             )
             self.executor.submit(self._start_credit, market).result()
             self.market = market
-        # Readings in each device's nonce order; slot rows repaired by the market's rules.
-        slot_rows = None if self.market is None else self.market.repairer(self.worker)
-        self.worker.repair = reading_repair(self.worker, slot_rows)
+        # Slot rows repaired by the market's rules; a reading lost for good is logged (the
+        # meter's later readings still land: see bridge.reading_rows).
+        self.worker.repair = None if self.market is None else self.market.repairer(self.worker)
+        self.worker.on_failed = log_lost
         # Before connecting: the broker delivers what we had not acknowledged right away.
         sessions, nonces = session_store.load(self.inbox.db)
         self.core.validator.restore(sessions, nonces)
@@ -287,6 +288,7 @@ class BridgeRunner:
         self.metrics.outbox.rows = {s.value: n for s, n in self.worker.counts().items()}
         self.metrics.outbox.retries = self.worker.retries()
         self.metrics.outbox.repairs = self.worker.repairs()
+        self.metrics.outbox.readings_lost = lost_readings(self.worker)
 
     async def _outbox_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -596,6 +598,7 @@ class BridgeRunner:
             "outbox": dict(self.metrics.outbox.rows),
             "outbox_retries": self.metrics.outbox.retries,
             "outbox_repairs": dict(self.metrics.outbox.repairs),
+            "readings_lost": dict(self.metrics.outbox.readings_lost),
             "dr_events": self.dr.published,
             "metrics_port": self.metrics.port,
             "parity": self.parity,

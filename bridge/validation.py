@@ -9,8 +9,9 @@ Staleness is a rule for *control*, not for *settlement*: telemetry too old to ac
 (counted `stale`), and so is telemetry outside a live session (`no_session`), but a signed
 reading inside either that passes every check of its own is still handed back (`Rejected.relay`)
 for the chain, whose own reading window is the judge. Otherwise a bridge
-that was down for a few slots would drop the readings the broker kept for it, and since the
-registry takes each device's nonces in order, one lost reading would block all later ones.
+that was down for a few slots would drop the readings the broker kept for it: readings the
+chain never gets (the registry takes the device's later ones over the gap, but each lost one is
+a slot of that meter settled without its reading).
 
 The session table (`sessions`, `last_nonce`) is what a restarted bridge needs to accept the
 messages the broker delivers again; `dirty` names the devices whose entry changed since the

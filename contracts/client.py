@@ -133,6 +133,8 @@ class Device:
     last_seen: int
     readings: int
     missed_slots: int
+    next_nonce: int
+    """The lowest nonce its next reading may carry (``nonces``): last used + 1."""
 
 
 @dataclass(frozen=True)
@@ -914,7 +916,7 @@ class Suite:
     def device(self, device: str) -> Device:
         """The registry's record of ``device``."""
         raw = self.chain.call(self.registry, "getDevice", device)
-        return Device(raw[0], DeviceType(raw[1]), raw[2], raw[3], raw[4], raw[5], raw[6], raw[7])
+        return Device(raw[0], DeviceType(raw[1]), *raw[2:9])
 
     # ---------------------------------------------------------------- rewards
 

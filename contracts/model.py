@@ -12,6 +12,9 @@ Signed batches (``settleSignedBatch``) and metering reconciliation (``reconcileS
 mirrored too, with the helpers both backends share: :class:`SignedOrder` (what a prosumer signs),
 :class:`Trade` and :func:`trade_commitment` (the hash chain a settlement commits to) and
 :func:`reconciliation_args` (the account list and indices ``reconcileSlot`` takes).
+DeviceRegistry's reading rules (:class:`DeviceRegistryModel`: nonces may skip but never go
+back, slots only move forward) are mirrored for its differential test
+(tests/contracts/test_device_registry.py).
 
 Not mirrored: access control (the model has no callers' roles) and signatures (the model takes
 signed orders as valid; :mod:`contracts.client` signs and the contract verifies).
@@ -644,6 +647,115 @@ def evicted_by(readings: Readings, device: str, slot: int, current_slot: int) ->
     ``DeviceRegistryReadingEvicted`` in the first case."""
     later = range(slot + READING_HISTORY_SLOTS, current_slot + 1, READING_HISTORY_SLOTS)
     return next((s for s in reversed(later) if (device, s) in readings), None)
+
+
+# ---------------------------------------------------------------------- DeviceRegistry
+
+#: The largest reading nonce + 1 the registry can store (it keeps nonces in 64 bits).
+NONCE_LIMIT = 2**64 - 1
+
+
+@dataclass
+class ModelDevice:
+    """A registered device as ``IDeviceRegistry.Device`` keeps it (owner and type reduced to
+    what the readings need)."""
+
+    capacity_w: int
+    meter: bool
+    last_slot: int
+    active: bool = True
+    readings: int = 0
+    missed_slots: int = 0
+    next_nonce: int = 0
+    """The lowest nonce the next reading may carry (``nonces``): the last used + 1."""
+
+
+@dataclass
+class DeviceRegistryModel:
+    """DeviceRegistry's reading rules in Python: which signed reading it takes, and what it keeps.
+
+    Same checks in the same order and the same custom errors (contract ``DeviceRegistry``) as
+    ``_submit``; signatures are not mirrored (the model takes a reading as signed by its
+    device). A reading's nonce must be at least the device's ``next_nonce`` (its last used + 1):
+    gaps are allowed, so a reading that never reached the chain costs only itself, while a
+    replayed or older nonce is refused (``DeviceRegistryNonceTooLow``); its slot must come
+    after the device's last. ``readings`` holds every accepted reading, (device, slot) -> Wh,
+    as :class:`GridBalanceModel` reads them; ``totals`` the meters' totals ring (entry ->
+    (slot, import Wh, export Wh)).
+    """
+
+    genesis: int
+    reading_window_seconds: int = READING_WINDOW_SECONDS
+    devices: dict[str, ModelDevice] = field(default_factory=dict)
+    readings: dict[tuple[str, int], int] = field(default_factory=dict)
+    totals: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+
+    @staticmethod
+    def _revert(name: str, **args: object) -> ContractRevert:
+        return ContractRevert("DeviceRegistry", name, dict(args))
+
+    def current_slot(self, now: int) -> int:
+        """``currentSlot()`` at block time ``now``."""
+        return (now - self.genesis) // SLOT_SECONDS
+
+    def register(self, device: str, capacity_w: int, now: int, *, meter: bool = True) -> None:
+        """``registerDevice`` at ``now`` (arguments taken as valid)."""
+        self.devices[device] = ModelDevice(capacity_w, meter, self.current_slot(now))
+
+    def submit_reading(self, device: str, slot: int, energy_wh: int, nonce: int, now: int) -> None:
+        """``submitReading`` of a validly signed reading at block time ``now``."""
+        d = self.devices.get(device)
+        if d is None:
+            raise self._revert("DeviceRegistryUnknownDevice", device=device)
+        if not d.active:
+            raise self._revert("DeviceRegistryInactiveDevice", device=device)
+        if nonce < d.next_nonce:
+            raise self._revert(
+                "DeviceRegistryNonceTooLow", device=device, nonce=nonce, nextNonce=d.next_nonce
+            )
+        if nonce >= NONCE_LIMIT:
+            raise self._revert("DeviceRegistryNonceTooHigh", device=device, nonce=nonce)
+        now_slot = self.current_slot(now)
+        if slot >= now_slot:
+            raise self._revert("DeviceRegistrySlotNotEnded", slot=slot, currentSlot=now_slot)
+        closes_at = self.genesis + (slot + 1) * SLOT_SECONDS + self.reading_window_seconds
+        if now >= closes_at:
+            raise self._revert("DeviceRegistryReadingTooLate", slot=slot, closedAt=closes_at)
+        first_allowed = d.last_slot if d.readings == 0 else d.last_slot + 1
+        if slot < first_allowed:
+            raise self._revert(
+                "DeviceRegistrySlotNotAfterLast", device=device, slot=slot, lastSlot=d.last_slot
+            )
+        cap = d.capacity_w * SLOT_SECONDS // 3600
+        if abs(energy_wh) > cap:
+            raise self._revert(
+                "DeviceRegistryCapacityExceeded", device=device, energyWh=energy_wh, maxWh=cap
+            )
+        entry = slot % READING_HISTORY_SLOTS
+        held = self.totals.get(entry)
+        if d.meter and held is not None and held[0] > slot:
+            raise self._revert("DeviceRegistrySlotTotalsEvicted", slot=slot, heldSlot=held[0])
+        d.missed_slots += slot - first_allowed
+        d.last_slot = slot
+        d.readings += 1
+        d.next_nonce = nonce + 1
+        self.readings[device, slot] = energy_wh
+        if d.meter:
+            _, imported, exported = held if held is not None and held[0] == slot else (slot, 0, 0)
+            if energy_wh >= 0:
+                imported += energy_wh
+            else:
+                exported -= energy_wh
+            self.totals[entry] = (slot, imported, exported)
+
+    def slot_totals(self, slot: int) -> tuple[int, int]:
+        """``slotTotals(slot)``: the meters' (import, export) Wh of ``slot``."""
+        held = self.totals.get(slot % READING_HISTORY_SLOTS)
+        if held is None or held[0] < slot:
+            return (0, 0)
+        if held[0] > slot:
+            raise self._revert("DeviceRegistrySlotTotalsEvicted", slot=slot, heldSlot=held[0])
+        return held[1], held[2]
 
 
 # ---------------------------------------------------------------------- GridBalance

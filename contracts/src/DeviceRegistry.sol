@@ -4,7 +4,6 @@ pragma solidity ^0.8.24;
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
 import {IDeviceRegistry, READING_HISTORY_SLOTS} from "./IDeviceRegistry.sol";
 import {SlotClock} from "./SlotClock.sol";
 
@@ -12,10 +11,16 @@ import {SlotClock} from "./SlotClock.sol";
 /// @notice Registry of field devices and the only door through which metered energy enters the
 /// chain: readings are EIP-712 signed by the device key, bound to this chain and this contract,
 /// consumed once (per-device nonce and strictly increasing slots) and capped by rated capacity.
+/// A reading's nonce must exceed the device's last used one, not follow it exactly: gaps are
+/// allowed, so a signed reading that never reaches the chain (failed for good in a relayer's
+/// outbox, lost by the device, refused for its slot) costs that one reading, not every later
+/// one. Nonces and slots both only move forward, so no reading is taken twice. OpenZeppelin's
+/// `Nonces` takes only the exact next nonce, hence a nonce of our own, packed into the
+/// device's record beside `lastSlot` (one storage write per reading instead of two).
 /// It keeps the last READING_HISTORY_SLOTS slots of readings and totals, in rings: that a reading
 /// was accepted once is guarded by the nonce and the device's last slot, not by the record, so
 /// overwriting an old record reopens nothing.
-contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, Nonces {
+contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712 {
     /// @notice Installers who may register and (de)activate devices.
     bytes32 public constant REGISTRAR_ROLE = keccak256("REGISTRAR_ROLE");
     /// @notice Maintenance staff who may raise alerts on any device.
@@ -96,7 +101,8 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
             lastSlot: currentSlot(),
             lastSeen: uint64(block.timestamp),
             readings: 0,
-            missedSlots: 0
+            missedSlots: 0,
+            nextNonce: 0
         });
         if (deviceType == DeviceType.Meter) _meters[owner].push(device);
         emit DeviceRegistered(device, owner, deviceType, capacityW);
@@ -142,7 +148,13 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
         if (recovered != reading.device) {
             revert DeviceRegistryInvalidSignature(reading.device, recovered);
         }
-        _useCheckedNonce(reading.device, reading.nonce);
+        // Any nonce from the next one on: a gap is a reading that never landed, not a replay.
+        if (reading.nonce < d.nextNonce) {
+            revert DeviceRegistryNonceTooLow(reading.device, reading.nonce, d.nextNonce);
+        }
+        if (reading.nonce >= type(uint64).max) {
+            revert DeviceRegistryNonceTooHigh(reading.device, reading.nonce);
+        }
 
         uint64 nowSlot = currentSlot();
         if (reading.slot >= nowSlot) revert DeviceRegistrySlotNotEnded(reading.slot, nowSlot);
@@ -164,6 +176,7 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
         d.lastSlot = reading.slot;
         d.lastSeen = uint64(block.timestamp);
         d.readings += 1;
+        d.nextNonce = uint64(reading.nonce) + 1;
         _readings[reading.device][reading.slot % READING_HISTORY_SLOTS] =
             Recorded(reading.energyWh, reading.slot, true);
         if (d.deviceType == DeviceType.Meter) {
@@ -202,6 +215,11 @@ contract DeviceRegistry is IDeviceRegistry, SlotClock, AccessControl, EIP712, No
             revert DeviceRegistryNotStale(device, d.lastSeen);
         }
         emit MaintenanceAlert(device, "stale", msg.sender);
+    }
+
+    /// @inheritdoc IDeviceRegistry
+    function nonces(address device) external view returns (uint256) {
+        return _devices[device].nextNonce;
     }
 
     /// @inheritdoc IDeviceRegistry

@@ -23,7 +23,9 @@ interface IDeviceRegistry {
         Sensor
     }
 
-    /// @notice A registered device, keyed by the address of its signing key.
+    /// @notice A registered device, keyed by the address of its signing key. `nextNonce` is the
+    /// lowest nonce its next reading may carry (its last used nonce + 1; 0 before any): it
+    /// shares a storage slot with `lastSlot`, which every reading writes anyway.
     struct Device {
         address owner;
         DeviceType deviceType;
@@ -33,6 +35,7 @@ interface IDeviceRegistry {
         uint64 lastSeen;
         uint32 readings;
         uint32 missedSlots;
+        uint64 nextNonce;
     }
 
     /// @notice One device to register (see `registerDevice`).
@@ -74,6 +77,11 @@ interface IDeviceRegistry {
     error DeviceRegistryReadingTooLate(uint64 slot, uint64 closedAt);
     /// @notice Readings must move forward: `slot` is not after the device's last slot.
     error DeviceRegistrySlotNotAfterLast(address device, uint64 slot, uint64 lastSlot);
+    /// @notice `nonce` is below `nextNonce`, the lowest the device may use now: it was used
+    /// already (a replay) or skipped by a later reading of the device that landed first.
+    error DeviceRegistryNonceTooLow(address device, uint256 nonce, uint64 nextNonce);
+    /// @notice `nonce` leaves no nonce after it (the registry keeps nonces in 64 bits).
+    error DeviceRegistryNonceTooHigh(address device, uint256 nonce);
     /// @notice Caller is neither the device owner nor a registrar.
     error DeviceRegistryNotOwnerOrRegistrar(address device, address caller);
     /// @notice A batch lists `readings` readings but `signatures` signatures.
@@ -112,7 +120,9 @@ interface IDeviceRegistry {
     /// @notice Accept readings from a deactivated `device` again.
     function reactivateDevice(address device) external;
 
-    /// @notice Record an EIP-712 signed reading; anyone may relay it.
+    /// @notice Record an EIP-712 signed reading; anyone may relay it. Its nonce must be at least
+    /// the device's `nonces` (gaps allowed: a reading that never reached the chain does not
+    /// hold back the device's later ones) and its slot after the device's last.
     function submitReading(Reading calldata reading, bytes calldata signature) external;
 
     /// @notice Record several signed readings in one transaction (a slot's meters at once).
@@ -123,6 +133,9 @@ interface IDeviceRegistry {
 
     /// @notice Raise a "stale" alert for a device silent for more than the stale threshold.
     function flagStale(address device) external;
+
+    /// @notice The lowest nonce the next reading of `device` may carry (its last used + 1).
+    function nonces(address device) external view returns (uint256);
 
     /// @notice The device registered under `device`.
     function getDevice(address device) external view returns (Device memory);

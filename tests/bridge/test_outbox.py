@@ -84,6 +84,8 @@ def test_a_final_revert_fails_and_a_named_one_waits(anvil_url: str, tmp_path: Pa
         retry_on={"ERC20InsufficientBalance"},
     )
     box.enqueue("approve-zero", "MockPaymentToken", "approve", ["0x" + "00" * 20, 1])
+    failed: list[tuple[str, str]] = []
+    box.on_failed = lambda key, error: failed.append((key, error))
     nonce_before = chain.w3.eth.get_transaction_count(me)
     for _ in range(3):
         box.step()
@@ -92,6 +94,9 @@ def test_a_final_revert_fails_and_a_named_one_waits(anvil_url: str, tmp_path: Pa
     assert spend.last_error is not None and "ERC20InsufficientBalance" in spend.last_error
     assert approve is not None and approve.state is RowState.FAILED
     assert approve.last_error is not None and "ERC20InvalidSpender" in approve.last_error
+    # Counted once by the error's name, and shown to the hook once.
+    assert box.failures() == {"ERC20InvalidSpender": 1} and box.failures("spend") == {}
+    assert failed == [("approve-zero", "ERC20InvalidSpender")]
     assert chain.w3.eth.get_transaction_count(me) == nonce_before  # no nonce burnt on a revert
     Chain.rpc(anvil_url).transact(
         chain.contract("MockPaymentToken", token), "mint", me, 5, sender=chain.accounts[0]

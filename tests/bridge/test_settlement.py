@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from web3 import Web3
 from bridge.config import Deployment
 from bridge.errors import ConfigError
 from bridge.outbox import Outbox, RowState
-from bridge.reading_rows import reading_repair
+from bridge.reading_rows import log_lost, lost_readings
 from bridge.registration import enrol_market, owner_of, prosumer_keys, register_site
 from bridge.settlement import (
     MAX_MISSED,
@@ -575,17 +576,69 @@ def test_an_emergency_ends_in_order_under_an_accelerated_clock(tmp_path: Path) -
         assert chain.call(grid, "paused")
 
 
+def _queue_reading(c: Chainside, meter_id: str, slot: int, nonce: int) -> None:
+    """A meter's signed reading of `slot`, queued as the core queues it."""
+    meter = c.site.device(meter_id)
+    assert meter is not None
+    signer = ReadingSigner(int(c.chain.w3.eth.chain_id), c.suite.registry.address)
+    reading = (meter.address, slot, -100 - nonce, nonce)
+    c.outbox.enqueue(
+        f"reading:{meter_id}:{slot}",
+        "DeviceRegistry",
+        "submitReading",
+        (reading, signer.sign(PrivateKey(device_key("0", meter_id)), *reading)),
+        retry_on=("DeviceRegistrySlotNotEnded",),
+    )
+
+
+def test_a_reading_lost_for_good_does_not_block_the_meters_later_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node is away until a meter's reading of one slot is past its window: that reading
+    fails for good. DeviceRegistry takes any nonce above the last used, so the meter's next
+    readings land over the gap (under the old exact-nonce rule each was refused, for good, and
+    the meter was lost to the chain); the lost one is counted and logged by its revert."""
+    with open_chainside(tmp_path) as c:
+        chain, suite, outbox = c.chain, c.suite, c.outbox
+        outbox.on_failed = log_lost
+        meter_id = c.site.prosumers[0].meter
+        first = suite.current_slot() + 1
+        _queue_reading(c, meter_id, first, 0)
+        _queue_reading(c, meter_id, first + 1, 1)
+        # Back after the first slot's window (600 s) closed, inside the second's.
+        chain.travel_to(suite.slot_start(first + 2) + 1)
+        with caplog.at_level(logging.WARNING, logger="bridge.readings"):
+            assert outbox.drain(timeout_s=30)
+        lost, landed = (outbox.row(f"reading:{meter_id}:{s}") for s in (first, first + 1))
+        assert lost is not None and lost.state is RowState.FAILED
+        assert landed is not None and landed.state is RowState.CONFIRMED
+        assert lost_readings(outbox) == {"DeviceRegistryReadingTooLate": 1}
+        [record] = [r for r in caplog.records if r.getMessage() == "reading lost"]
+        assert (record.device, record.slot, record.error) == (  # type: ignore[attr-defined]
+            meter_id, str(first), "DeviceRegistryReadingTooLate",
+        )  # fmt: skip
+        chain.travel_to(suite.slot_start(first + 3) + 1)
+        _queue_reading(c, meter_id, first + 2, 2)  # and so on: the meter is not lost
+        assert outbox.drain(timeout_s=30)
+        logs = suite.registry.events.ReadingRecorded().get_logs(from_block=0)
+        assert [(int(e["args"]["slot"]), int(e["args"]["nonce"])) for e in logs] == [
+            (first + 1, 1), (first + 2, 2),
+        ]  # fmt: skip
+        meter = c.site.device(meter_id)
+        assert meter is not None
+        assert chain.call(suite.registry, "nonces", meter.address) == 3
+        assert lost_readings(outbox) == {"DeviceRegistryReadingTooLate": 1}
+
+
 def test_a_meters_readings_reach_the_chain_in_nonce_order(tmp_path: Path) -> None:
     """A reading that met "slot not ended" sits out its backoff while the meter's next reading
-    arrives: the registry takes a device's readings only in nonce order, so the next one would
-    be refused for its nonce, and failing for good would refuse every later reading of the
-    meter. It waits for the earlier one (the outbox's lane, and `bridge.reading_rows` for a
-    row mined reverted) and both land in order."""
+    arrives: the registry takes nonces only upwards, so were the next one to go first the
+    earlier one would be refused for good. It waits behind the earlier one in the meter's
+    outbox lane and both land in order."""
     # A reading window longer than a slot: the first reading is still welcome when the second
     # slot has ended.
     with open_chainside(tmp_path, reading_window_seconds=3 * 900) as c:
         chain, suite, outbox = c.chain, c.suite, c.outbox
-        outbox.repair = reading_repair(outbox, c.market.repairer(outbox))
         outbox.backoff_s = outbox.backoff_max_s = 3.0
         meter = c.site.device(c.site.prosumers[0].meter)
         assert meter is not None

@@ -31,6 +31,9 @@ def test_bench_chain_reports_the_documented_figures() -> None:
     assert line["base"] + line["per_trade"] * detail["trades_fitting_cap"] <= TX_GAS_CAP
     assert result["max_trades_per_tx"] == min(detail["trades_fitting_cap"], 500)
     assert 50_000 < result["gas_create_order"] < 200_000
-    assert 50_000 < result["gas_signed_reading"] < detail["first_reading_gas"]
+    # The reading nonce lives in the device's record, written at registration: a device's first
+    # reading writes no fresh storage slot more than its later ones (calldata aside).
+    assert 50_000 < result["gas_signed_reading"] < 120_000
+    assert abs(result["gas_signed_reading"] - detail["first_reading_gas"]) < 1_000
     assert 30_000 < result["gas_reward_claim"] < 200_000
     assert any("max_trades_per_tx" in name for name, _ in summary_rows(result))

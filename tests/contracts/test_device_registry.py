@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contracts.client import DeviceType, SuiteConfig, deploy_suite, role_id, sign_reading
-from contracts.model import READING_HISTORY_SLOTS
-from tests.contracts.helpers import World, events
+from contracts.errors import ContractRevert
+from contracts.model import READING_HISTORY_SLOTS, DeviceRegistryModel
+from tests.contracts.helpers import CONTRACT_SETTINGS, EXAMPLES, World, events
 
 CAPACITY_W = 4_000  # 1,000 Wh per 15-minute slot at most
 
@@ -92,6 +96,7 @@ def test_signed_reading_is_recorded_and_totalled(
     assert world.chain.call(world.suite.registry, "nonces", device) == 1
     record = world.suite.device(device)
     assert record.readings == 1 and record.last_slot == slot and record.missed_slots == 0
+    assert record.next_nonce == 1
 
 
 def test_export_readings_count_as_export(world: World, meter: tuple[bytes, str, str]) -> None:
@@ -119,7 +124,7 @@ def test_replayed_reading_is_refused(
     world.chain.transact(
         world.suite.registry, "submitReading", reading, signature, sender=world.stranger
     )
-    with reverts("InvalidAccountNonce", account=device, currentNonce=1):
+    with reverts("DeviceRegistryNonceTooLow", device=device, nonce=0, nextNonce=1):
         world.chain.transact(
             world.suite.registry, "submitReading", reading, signature, sender=world.stranger
         )
@@ -160,7 +165,7 @@ def test_old_readings_leave_the_ring_and_are_not_accepted_again(
         world.suite.net_metered_wh([owner], slot)
     with reverts("DeviceRegistrySlotTotalsEvicted", slot=slot, heldSlot=later):
         world.chain.call(registry, "slotTotals", slot)
-    with reverts("InvalidAccountNonce", account=device, currentNonce=3):
+    with reverts("DeviceRegistryNonceTooLow", device=device, nonce=0, nextNonce=3):
         world.chain.transact(registry, "submitReading", reading, signature, sender=world.stranger)
 
 
@@ -196,13 +201,58 @@ def test_a_late_reading_never_lands_in_a_later_slots_totals(
 def test_a_later_slot_cannot_reuse_an_old_nonce(
     world: World, meter: tuple[bytes, str, str], reverts: Any
 ) -> None:
-    key, _, _ = meter
+    key, device, _ = meter
     slot = world.suite.current_slot()
     _after_slot(world, slot)
-    _submit(world, key, slot, 5)
+    _submit(world, key, slot, 5, nonce=4)
     _after_slot(world, slot + 1)
-    with reverts("InvalidAccountNonce"):
-        _submit(world, key, slot + 1, 5, nonce=0)
+    for old in (0, 4):  # skipped, and used
+        with reverts("DeviceRegistryNonceTooLow", device=device, nonce=old, nextNonce=5):
+            _submit(world, key, slot + 1, 5, nonce=old)
+    _submit(world, key, slot + 1, 5, nonce=5)
+
+
+def test_a_lost_reading_does_not_block_the_later_ones(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    """Nonces may skip: a signed reading that never reaches the chain (failed in a relayer's
+    outbox, lost by the device) costs only itself. It cannot land afterwards either: a later
+    reading of the device took its nonce's place and its slot's (readings only move forward)."""
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    _submit(world, key, slot, 5, nonce=0)
+    _after_slot(world, slot + 1)
+    lost = sign_reading(
+        key,
+        chain_id=world.chain.w3.eth.chain_id,
+        registry=world.suite.registry.address,
+        slot=slot + 1,
+        energy_wh=7,
+        nonce=1,
+    )  # signed, never relayed in time
+    _after_slot(world, slot + 2)
+    receipt = _submit(world, key, slot + 2, 9, nonce=2)
+    assert events(world.suite.registry, "ReadingRecorded", receipt)[0]["nonce"] == 2
+    record = world.suite.device(device)
+    assert record.readings == 2 and record.next_nonce == 3 and record.missed_slots == 1
+    assert world.chain.call(world.suite.registry, "readingOf", device, slot + 2) == [9, True]
+    with reverts("DeviceRegistryNonceTooLow", device=device, nonce=1, nextNonce=3):
+        world.chain.transact(world.suite.registry, "submitReading", *lost, sender=world.stranger)
+    assert world.chain.call(world.suite.registry, "readingOf", device, slot + 1) == [0, False]
+
+
+def test_nonces_stay_within_64_bits(
+    world: World, meter: tuple[bytes, str, str], reverts: Any
+) -> None:
+    key, device, _ = meter
+    slot = world.suite.current_slot()
+    _after_slot(world, slot)
+    for nonce in (2**64 - 1, 2**200):
+        with reverts("DeviceRegistryNonceTooHigh", device=device, nonce=nonce):
+            _submit(world, key, slot, 5, nonce=nonce)
+    _submit(world, key, slot, 5, nonce=2**64 - 2)  # the last one: nothing after it
+    assert world.chain.call(world.suite.registry, "nonces", device) == 2**64 - 1
 
 
 @pytest.mark.parametrize("forgery", ["other_chain", "other_contract", "other_key"])
@@ -372,3 +422,70 @@ def test_digest_matches_eip712_in_python(world: World, meter: tuple[bytes, str, 
     from eth_utils import keccak
 
     assert on_chain == keccak(b"\x19\x01" + message.header + message.body)
+
+
+#: One operation of the differential test: (meter, slot relative to its last slot, Wh, nonce
+#: relative to its next nonce or an absolute one near the 64-bit end, seconds the chain moves on
+#: first: within the slot, past its end, past the reading window).
+reading_op = st.tuples(
+    st.integers(0, 1),
+    st.integers(-2, 3),
+    st.integers(-1_100, 1_100),
+    st.one_of(st.integers(-2, 3), st.sampled_from([2**64 - 2, 2**64 - 1])),
+    st.sampled_from([0, 1, 300, 900, 1_200, 1_800]),
+)
+
+
+@settings(CONTRACT_SETTINGS, max_examples=max(1, EXAMPLES // 4))
+@given(ops=st.lists(reading_op, min_size=1, max_size=8))
+def test_the_mirror_takes_and_refuses_readings_as_the_contract(
+    world_module: World, device_keys: list[bytes], ops: list[tuple[int, int, int, int, int]]
+) -> None:
+    """`DeviceRegistryModel` against the contract: the same readings taken, the same refusals
+    with the same arguments (replays, skipped nonces, old slots, late and early readings), the
+    same device records and totals after each."""
+    world = world_module
+    chain, suite = world.chain, world.suite
+    snapshot = chain.snapshot()
+    try:
+        now = max(chain.timestamp(), int(time.time()))
+        chain.travel_to(suite.slot_start((now - suite.genesis) // 900 + 1) + 5)
+        keys = device_keys[:2]
+        devices = [Account.from_key(k).address for k in keys]
+        model = DeviceRegistryModel(genesis=suite.genesis)
+        for device in devices:
+            model.register(device, CAPACITY_W, chain.timestamp() + 1)
+            suite.register_device(device, world.users[0], DeviceType.METER, CAPACITY_W)
+        for which, slot_step, wh, nonce_step, wait in ops:
+            if wait:
+                chain.travel_to(chain.timestamp() + wait)
+            device, d = devices[which], model.devices[devices[which]]
+            slot = max(0, d.last_slot + slot_step)
+            nonce = nonce_step if nonce_step >= 2**63 else max(0, d.next_nonce + nonce_step)
+            expected: ContractRevert | None = None
+            try:
+                model.submit_reading(device, slot, wh, nonce, chain.timestamp() + 1)
+            except ContractRevert as err:
+                expected = err
+            if expected is None:
+                _submit(world, keys[which], slot, wh, nonce=nonce)
+            else:
+                with pytest.raises(ContractRevert) as got:
+                    _submit(world, keys[which], slot, wh, nonce=nonce)
+                assert (got.value.name, got.value.args_by_name) == (
+                    expected.name,
+                    expected.args_by_name,
+                )
+            record = suite.device(device)
+            assert (record.last_slot, record.readings, record.missed_slots, record.next_nonce) == (
+                d.last_slot,
+                d.readings,
+                d.missed_slots,
+                d.next_nonce,
+            )
+            if expected is None:
+                assert tuple(chain.call(suite.registry, "slotTotals", slot)) == model.slot_totals(
+                    slot
+                )
+    finally:
+        chain.revert(snapshot)
