@@ -36,9 +36,11 @@ reads the state.
 ``evm`` runs in process on revm (``contracts.revm``, the default) or py-evm (eth-tester), as
 ``market.evm_engine`` says; ``rpc`` on any JSON-RPC node (anvil locally).
 On ``rpc`` a slot's transaction is written to the node's connection and its answer (the
-receipt) read and checked when the next slot is settled, so the node executes while the
-environment steps on in the same thread (`SlotSender.submit`; no worker thread, whose GIL
-hand-overs delayed both the send and the read): a revert then raises one step later, and a
+receipt) read when the next slot is settled, so the node executes while the environment
+steps on in the same thread (`SlotSender.submit`; no worker thread, whose GIL hand-overs
+delayed both the send and the read); its events are checked once the next slot's transaction
+is on its way, so the node mines meanwhile: a revert then raises one step later (before the
+next transaction is sent), a difference from the mirror one step later too, and a
 step's ``gas_used`` is that of the transaction mined during it (the previous slot's). ``evm``
 runs in this process and waits for each transaction.
 An episode reset reverts to the snapshot taken after deployment instead of redeploying. One
@@ -334,17 +336,28 @@ class ChainLedger:
         if timestamp <= self._now:
             raise LedgerError(f"market.ledger: chain time would go back to {timestamp}")
         calldata = step.calldata()
-        previous = self._collect() if self._inflight is not None else 0
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            # Only wait for the previous transaction (a revert raises here, before this one is
+            # sent); its events are checked once this one is on its way: on a node, the node
+            # then mines while this thread checks, instead of idling until the checks are done.
+            previous[0].result()
         sent = self._sender.submit(calldata, timestamp)
         self._now = timestamp
         self._inflight = (sent, step, pending, want)
-        return previous if self._overlap else self._collect()
+        gas = self._check(previous) if previous is not None else 0
+        return gas if self._overlap else self._collect()
 
     def _collect(self) -> int:
         """Wait for the transaction in flight, check its events; returns its gas (0 if none)."""
         if self._inflight is None:
             return 0
-        (sent, step, pending, want), self._inflight = self._inflight, None
+        inflight, self._inflight = self._inflight, None
+        return self._check(inflight)
+
+    def _check(self, inflight: _InFlight) -> int:
+        """Check a sent transaction's events against the figures reported; returns its gas."""
+        sent, step, pending, want = inflight
         receipt = sent.result()
         events = decode_logs(receipt.logs)
         for name, part in (("EmergencyDeclared", PART_EMERGENCY), ("Recovered", PART_RECOVER)):
