@@ -349,8 +349,8 @@ class SlotSettlement:
             float(grid[0]), float(grid[1]), float(grid[3]),
             m.dr_loading, m.dr_voltage_pu, m.emergency_loading,
         )  # fmt: skip
-        # The next slot's expected import (the forecast's second lead), as the env's baseline
-        # is the profile's expected import of the slot it announces.
+        # The next slot's expected import (the forecast's second lead): the env's baseline is
+        # its observation's forecast of the slot it announces (`announce_range`), the same.
         lead = min(1, h - 1)
         net_kw = (
             np.asarray(raw["load_forecast"]).reshape(n, h)[:, lead]

@@ -13,9 +13,12 @@ The physics are the env's own device models (`envs.devices`: batteries with effi
 fade, PV curtailment, flexible loads that defer and rebound), and a slot reads the profile row
 of the quarter hour it stands for on the chain (`SlotClock.stands_for`), so the same policy on
 the same day gives the same set-points and the same metered energy here as in the env
-(tests/bridge/test_parity.py). The grid sensor is a stand-in, not a power flow: its transformer
+(tests/bridge/test_parity.py). The grid sensor solves the env's power flow on the same
+injections (`bridge.grid_sensor`), so the bridge sees the env's voltages, loadings and
+transformer flow, and with them its emergencies and demand-response events. Profiles without a
+feeder (`Profiles.feeder` None, e.g. hand-made test profiles) get a stand-in: the transformer
 flow is the lossless sum of the prosumers, the community battery and the feeder's uncontrolled
-load, and its voltages and loadings are a rough function of that flow.
+load, the voltages and loadings a rough function of that flow.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from bridge.clock import SlotClock, slot_of_year
 from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
 from bridge.errors import BridgeError
+from bridge.grid_sensor import Feeder, GridSensor
 from bridge.mqtt import MqttLink, Will
 from bridge.signing import ReadingDomain
 from bridge.site import SiteManifest
@@ -64,6 +68,8 @@ class Profiles:
     """Share that demand response defers into the appliances' backlog."""
     rebound_per_step: float = 0.25
     """Share of the backlog served again each slot without a demand-response call."""
+    feeder: Feeder | None = None
+    """The feeder's power-flow model, which the grid sensor solves; None: the stand-in."""
 
     @classmethod
     def of(cls, params: GridParams) -> Profiles:
@@ -75,6 +81,7 @@ class Profiles:
             float(params.curtailable_share),
             float(params.shiftable_share),
             float(params.rebound_per_step),
+            Feeder.of(params),
         )
 
     def row(self, t: int) -> int:
@@ -149,6 +156,7 @@ class Fleet:
         if start is not None:
             self.backlog_kwh = np.array(start.backlog_kwh, dtype=np.float64)
         self.stats = FleetStats()
+        self.sensor = None if profiles.feeder is None else GridSensor(profiles.feeder)
 
     def idle(self) -> None:
         """Drop every set-point: the devices come up doing nothing until commanded."""
@@ -242,17 +250,23 @@ class Fleet:
         if prof.background_net_kw is not None:
             total_net += float(prof.background_net_kw[t])
         sensor = self.devices[site.grid_sensor]
-        loading = min(abs(total_net) / max(site.demand_reference_kw, 1e-9), 5.0)
-        send(
-            sensor,
-            {
-                "v_min_pu": 1.0 - 0.03 * loading,
-                "v_max_pu": 1.0 + 0.01 * loading,
-                "line_loading": 0.8 * loading,
-                "trafo_loading": loading,
-                "trafo_net_kw": total_net,
-            },
-        )
+        if self.sensor is not None:
+            reading: dict[str, object] = {
+                **self.sensor.read(t, load, served, pv_kw, battery_kw, total_net)
+            }
+            send(sensor, reading)
+        else:
+            loading = min(abs(total_net) / max(site.demand_reference_kw, 1e-9), 5.0)
+            send(
+                sensor,
+                {
+                    "v_min_pu": 1.0 - 0.03 * loading,
+                    "v_max_pu": 1.0 + 0.01 * loading,
+                    "line_loading": 0.8 * loading,
+                    "trafo_loading": loading,
+                    "trafo_net_kw": total_net,
+                },
+            )
         self.stats.telemetry_sent += len(out)
         return out
 

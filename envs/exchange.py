@@ -137,9 +137,11 @@ class Exchange:
         b = metered.shape[0]
         announce = np.empty(b, dtype=np.bool_)
         baseline = np.empty((b, self.n), dtype=np.int64)
+        c = self._compiled
         announce_range(
-            0, b, self._mcfg, p.dt_h, state.grid, p.prosumer_load_kw, p.prosumer_pv_kw,
-            state.slot, announce, baseline,
+            0, b, self._mcfg, p.dt_h, c.forecast_mode, c.lead_scale, c.noise, c.stride,
+            state.grid, p.prosumer_load_kw, p.prosumer_pv_kw, state.slot, state.step,
+            state.last_load_kw, state.last_pv_kw, state.noise_offset, announce, baseline,
         )  # fmt: skip
         return self.ledger.settle(
             SlotInput(

@@ -24,11 +24,12 @@ Settlement rules of one slot (EnergyTrading, GridBalance and RewardSystem, resta
 * demand response is GridBalance's: a slot whose grid state (after the physics) calls for it
   announces an event for the slot after the next (``createEvent`` must start after the block's
   slot), with each prosumer expected to import taking part at a baseline of its expected import
-  (the profile's); the event's slot is metered as any other, and the first transaction after it
-  that is not in an emergency settles it (``settleEvent``): ``dr_incentive`` per Wh metered below
-  the baseline. An emergency slot (GridBalance paused) neither announces nor settles: its events
-  wait for the first calm slot. `Settlement.rewards` holds what the slot's transaction paid:
-  the slot's renewable reward and the events it settled.
+  (the forecast of that slot the observation carries, as the live bridge announces it); the
+  event's slot is metered as any other, and the first transaction after it that is not in an
+  emergency settles it (``settleEvent``): ``dr_incentive`` per Wh metered below the baseline.
+  An emergency slot (GridBalance paused) neither announces nor settles: its events wait for the
+  first calm slot. `Settlement.rewards` holds what the slot's transaction paid: the slot's
+  renewable reward and the events it settled.
 """
 
 from __future__ import annotations

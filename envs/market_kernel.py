@@ -271,26 +271,46 @@ DR_OUT = 3
 
 
 @numba.njit(cache=True, nogil=True)
-def announce_range(lo, hi, mcfg, dt, grid, load_prof, pv_prof, slot, announce, baseline):
+def announce_range(
+    lo, hi, mcfg, dt, mode, lead, noise, stride, grid, load_prof, pv_prof, slot, step,
+    last_load, last_pv, noise_offset, announce, baseline,
+):  # fmt: skip
     """What each row's slot transaction would announce, from the grid state the slot just left
-    (`grid` after the physics; `slot` already advanced to the next slot): a demand-response
-    event for the slot after the next one (GridBalance's events must start after the block's
-    slot) when `grid_events` calls for demand response and not for an emergency (the next
-    slot is one: no event is announced from an emergency state, so the live bridge, which
-    announces one row later, right after declaring that emergency, announces the same events),
-    with each prosumer's baseline the profile's expected import of that slot (Wh, 0 for an
+    (`grid` after the physics; `slot` and `step` already advanced to the next slot): a
+    demand-response event for the slot after the next one (GridBalance's events must start
+    after the block's slot) when `grid_events` calls for demand response and not for an
+    emergency (the next slot is one: no event is announced from an emergency state, so the live
+    bridge, which announces one row later, right after declaring that emergency, announces the
+    same events), with each prosumer's baseline its expected import of that slot (Wh, 0 for an
     expected exporter, who does not take part). No prosumer expected to import: no event
     (GridBalance refuses an empty list). Outputs are indexed from `lo`; that an emergency in
-    force refuses it too is the ledger's to say."""
+    force refuses it too is the ledger's to say.
+
+    The expected import is what the operator knows when it announces: the forecast of that
+    slot the next observation carries (its second lead, load less PV, by the scenario's
+    forecast mode: `forecast_value` on the same noise-table entries `observe_rows` reads), not
+    the profile's truth. It is the quantity the live bridge announces (`bridge.settlement`:
+    the observation's forecast of slot n + 1), so a policy trained here is paid live what it
+    was paid in training, whatever the forecast mode. `lead` is the per-lead error scale
+    (`envs.forecast.lead_scale`); a one-step horizon forecasts the next slot itself (lead 0),
+    as the bridge does.
+    """
     n = load_prof.shape[1]
+    h = lead.shape[0]
+    q = 1 if h > 1 else 0
+    scale = lead[q]
     last = load_prof.shape[0] - 1
+    noise_size = noise.shape[0] - stride
     for i in range(lo, hi):
         r = i - lo
-        t = min(slot[i] + 1, last)
+        t = min(slot[i] + q, last)
+        off = (noise_offset[i] + step[i] * stride) % noise_size + q
         dr, emergency = grid_events(grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5])
         anyone = False
         for k in range(n):
-            wh = np.int64(np.rint((load_prof[t, k] - pv_prof[t, k]) * dt * 1000.0))
+            load = forecast_value(load_prof[t, k], last_load[i, k], mode, scale, noise[off + k * h])
+            pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, scale, noise[off + (n + k) * h])
+            wh = np.int64(np.rint((load - pv) * dt * 1000.0))
             baseline[r, k] = wh if wh > 0 else 0
             anyone = anyone or wh > 0
         announce[r] = dr and not emergency and anyone
@@ -611,7 +631,10 @@ def fused_chunk(
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
-        announce_range(lo, hi, mcfg, dt, grid, load, pv, slot, announce, baseline)
+        announce_range(
+            lo, hi, mcfg, dt, mode, lead[: sizes[2]], noise, stride, grid, load, pv, slot, step,
+            last_load, last_pv, noise_offset, announce, baseline,
+        )  # fmt: skip
         first_short = settle_range(
             lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline,
             emerg, credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid,

@@ -14,15 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts.model import DrParticipant, GridBalanceModel, LoadType
 from contracts.slot_batch import DemandResponseQueue
 from envs import MicrogridEnv, Scenario
+from envs.dynamics import observe
 from envs.kpis import MARKET_INFO
 from envs.ledger import MirrorLedger, SlotInput
 from envs.market import Book
+from envs.market_kernel import DR_NEXT
 from envs.scenario import MarketConfig
 from envs.vector_env import MicrogridVectorEnv
 
@@ -138,3 +141,48 @@ def test_fused_batched_and_staged_steps_give_the_same_demand_response() -> None:
         for i, env in enumerate(singles):
             assert np.array_equal(batched[i], env.exchange.ledger.demand_response[0])  # type: ignore[union-attr]
     assert min(seen.values()) > 0, seen
+
+
+@pytest.mark.parametrize("mode", ["noisy", "persistence", "perfect"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_baselines_are_the_observations_forecast(mode: str, fused: bool) -> None:
+    """Each event's baselines are what the operator knew when announcing it: the expected
+    import (load less PV forecast, Wh, 0 for an exporter) of the event's slot in the
+    observation handed out with the announcement (its second lead), the quantity the live
+    bridge announces; under a noisy or persistence forecast that is not the profile's truth.
+    Both the fused step and the staged one (the chain ledgers' path)."""
+    scenario = STRESSED.model_copy(
+        update={
+            "forecast": STRESSED.forecast.model_copy(update={"mode": mode}),
+            # An event every slot: no emergency ever pauses GridBalance.
+            "market": STRESSED.market.model_copy(update={"emergency_loading": 100.0}),
+        }
+    )
+    env = MicrogridEnv(scenario)
+    if not fused:
+        env.engine.fuses = lambda exchange: False  # type: ignore[method-assign]
+    env.reset(seed=3)
+    p = env.params
+    n, h = p.n_prosumer, p.horizon
+    rng = np.random.default_rng(2)
+    announced = differs = 0
+    for _ in range(40):
+        action = rng.uniform(-1.0, 1.0, env.codec.act_dim).astype(np.float32)
+        _, _, _, truncated, info = env.step(action)
+        assert not truncated
+        if not info["dr_events_created"]:
+            continue
+        announced += 1
+        baseline = env.exchange.ledger.demand_response[0][DR_NEXT, :n]  # type: ignore[union-attr]
+        raw = observe(p, env.state)
+        net = raw["load_forecast"].reshape(n, h)[:, 1] - raw["pv_forecast"].reshape(n, h)[:, 1]
+        forecast = np.maximum(np.rint(net * p.dt_h * 1000.0), 0).astype(np.int64)
+        assert baseline.tolist() == forecast.tolist()
+        t = int(env.state.slot[0]) + 1
+        truth = np.rint((p.prosumer_load_kw[t] - p.prosumer_pv_kw[t]) * p.dt_h * 1000.0)
+        differs += int(not np.array_equal(baseline, np.maximum(truth, 0)))
+    assert announced > 10
+    if mode == "perfect":
+        assert differs == 0
+    else:
+        assert differs > 0
