@@ -25,6 +25,7 @@ from envs.forecast import NOISE_TABLE_SIZE, lead_scale, noise_table
 from envs.kpis import OUTCOME_FIELDS
 from envs.params import FloatArray, GridParams
 from envs.powerflow import STEP_TOLERANCE_PU
+from envs.prefetch import prefetch
 from envs.pricing import DEMAND_FACTOR_FLOOR
 
 _COL = {name: i for i, name in enumerate(OUTCOME_FIELDS)}
@@ -192,7 +193,17 @@ def step_rows(
     scratch = np.empty((2, n_pq), dtype=np.complex128)
     outc = np.empty(m, dtype=np.complex128)
     rs = np.empty((8, max(n_pq, m)), dtype=np.float64)
+    n_bs = bg_s.shape[1] * 2  # float64 per complex row
     for i in range(lo, hi):
+        if i + 1 < slot.shape[0]:
+            # The next row's profile rows, a row ahead (see envs.prefetch).
+            t1 = slot[i + 1]
+            for x in (t1 * n_p, t1 * n_p + n_p - 1):  # a row may straddle two lines
+                prefetch(load_prof, x)
+                prefetch(kvar_prof, x)
+                prefetch(pv_prof, x)
+            for x in range(0, n_bs, 8):
+                prefetch(bg_s, t1 * (n_bs // 2) + x // 2)
         r = i - lo
         s_pq = scratch[0]
         v = scratch[1]
@@ -560,6 +571,20 @@ def block_scaling(starts, scaling, n_p, h):
 
 
 @numba.njit(cache=True, nogil=True)
+def prefetch_forecast_inputs(noise, stride, load_prof, pv_prof, bg_prof, t, off, h, n_p, n_bg):
+    """Ask for the lines a row's forecasts read (`observe_rows`): its stretch of the noise
+    table and its windows of the prosumer and background profiles from slot `t`. Issued a row
+    ahead, they arrive while the row before computes (see `envs.prefetch`)."""
+    for x in range(0, stride, 8):  # 8 float64 a 64-byte line
+        prefetch(noise, off + x)
+    for x in range(t * n_p, (t + h) * n_p, 8):
+        prefetch(load_prof, x)
+        prefetch(pv_prof, x)
+    for x in range(t * n_bg, (t + h) * n_bg, 8):
+        prefetch(bg_prof, x)
+
+
+@numba.njit(cache=True, nogil=True)
 def observe_rows(
     lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
     cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
@@ -593,7 +618,13 @@ def observe_rows(
     truth = np.empty(h, dtype=np.float64)
     leads = lead[:h]
     n_blk = 2 * n_p + 2
+    n_bg = bg_prof.shape[1]
     for i in range(lo, hi):
+        if i + 1 < slot.shape[0]:
+            prefetch_forecast_inputs(
+                noise, stride, load_prof, pv_prof, bg_prof, slot[i + 1],
+                (noise_offset[i + 1] + step[i + 1] * stride) % NOISE_TABLE_SIZE, h, n_p, n_bg,
+            )  # fmt: skip
         dst = buf[i]
         t = slot[i]
         sod = t % spd

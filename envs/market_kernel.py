@@ -14,6 +14,7 @@ import numpy as np
 
 from envs.claim import claim
 from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows
+from envs.prefetch import prefetch
 
 BUY = 0
 SELL = 1
@@ -171,6 +172,14 @@ def gate_range(
     share = sc[1] + sc[2]
     noise_size = noise.shape[0] - stride
     for i in range(lo, hi):
+        if use_rule and i + 1 < slot.shape[0]:
+            # The next row's lead-0 noise (one line a block) and profile rows: see envs.prefetch.
+            nxt = (noise_offset[i + 1] + step[i + 1] * stride) % noise_size
+            for k in range(2 * n):
+                prefetch(noise, nxt + k * h)
+            for x in (slot[i + 1] * n, slot[i + 1] * n + n - 1):
+                prefetch(load_prof, x)
+                prefetch(pv_prof, x)
         r = i - lo
         t = slot[i]
         ref = max(np.int64(np.rint(community_price[i] * _PRICE_UNITS_PER_KWH)), np.int64(1))
@@ -521,15 +530,21 @@ def _pairwise_sum(x):
         for j in range(n):
             res += x[j]
         return res
-    r = np.empty(8, dtype=np.float64)
-    for j in range(8):
-        r[j] = x[j]
+    # Eight scalars, not an 8-entry array: this runs once a row and an array was a heap
+    # allocation each time. The same additions in the same order.
+    r0, r1, r2, r3, r4, r5, r6, r7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
     j = 8
     while j < n - (n % 8):
-        for u in range(8):
-            r[u] += x[j + u]
+        r0 += x[j]
+        r1 += x[j + 1]
+        r2 += x[j + 2]
+        r3 += x[j + 3]
+        r4 += x[j + 4]
+        r5 += x[j + 5]
+        r6 += x[j + 6]
+        r7 += x[j + 7]
         j += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while j < n:
         res += x[j]
         j += 1
