@@ -48,6 +48,10 @@ HASH = "sha256"
 ID_BYTES = 6
 """Sender and recipient ids: random, so the contexts of devices behind one gateway port (which
 finds a context by the id it receives) do not collide; 7 bytes is the algorithm's maximum."""
+SEQUENCE_CHUNK = 1_000
+"""Sequence numbers reserved on disk at once (aiocoap doubles the step up to 10,000): each
+reservation is an fsync that blocks the event loop (~10 ms on a busy disk), and a crash skips at
+most this many numbers of the 2^40 a context has."""
 SECRET_BYTES = 32
 SALT_BYTES = 8
 BRIDGE_SIDE = "bridge"
@@ -75,7 +79,7 @@ class DeviceContext(oscore.FilesystemSecurityContext):
     def __init__(self, basedir: str, refusals: Counter[str]) -> None:
         self.refusals = refusals
         try:
-            super().__init__(basedir)
+            super().__init__(basedir, sequence_number_chunksize_start=SEQUENCE_CHUNK)
         except BaseException:
             # aiocoap took the lock before reading the files: free it, or a half-loaded context
             # holds it (and its finalizer fails) until garbage collection.

@@ -358,3 +358,55 @@ def test_provision_keeps_contexts_and_config_demands_security(tmp_path: Path) ->
     assert BridgeConfig.model_validate({"coap": {**endpoints, "insecure": True}}).coap.insecure
     cfg = BridgeConfig.model_validate({"coap": {**endpoints, "oscore_dir": "o"}})
     assert cfg.resolve(tmp_path).coap.oscore_dir == tmp_path / "o"
+
+
+def test_devices_oscore_provisions_the_sites_coap_devices(
+    tmp_path: Path, site: SiteManifest
+) -> None:
+    """The paste-able command of docs/iot.md: both ends for every battery, kept on a rerun."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    site.save(tmp_path / "site.json")
+    out = tmp_path / "oscore"
+    args = ["devices", "oscore", "--site", str(tmp_path / "site.json"), "--out", str(out),
+            "--coap-device", "*-battery", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    batteries = sorted(d.id for d in site.devices if d.id.endswith("-battery"))
+    assert json.loads(result.output)["written"] == len(batteries) > 0
+    assert sorted(p.name for p in (out / BRIDGE_SIDE).iterdir()) == batteries
+    assert sorted(p.name for p in (out / DEVICE_SIDE).iterdir()) == batteries
+    again = CliRunner().invoke(app, args)
+    assert json.loads(again.output)["kept"] == len(batteries)
+    typo = CliRunner().invoke(app, [*args[:-3], "--coap-device", "bus99-*"])
+    assert typo.exit_code == 2 and "--coap-device.bus99-*: expected a device id" in typo.output
+
+
+def test_the_simulators_server_loads_and_frees_the_device_ends(
+    tmp_path: Path, site: SiteManifest
+) -> None:
+    """`devices simulate --coap-oscore DIR`'s server: protected while it runs, its contexts
+    free again when it stops; a missing one names the option."""
+    from bridge.coap_server import serving
+
+    provision([PV], tmp_path)
+
+    async def scenario() -> None:
+        port = free_udp_port()
+        async with serving(site.site, [PV], "127.0.0.1", port, tmp_path / DEVICE_SIDE) as server:
+            assert server is not None and server.contexts is not None
+            plain = await aiocoap.Context.create_client_context(transports=["udp6"])
+            try:
+                uri = Endpoint("127.0.0.1", port).uri(site.site, PV, Resource.BIRTH)
+                got = await plain.request(aiocoap.Message(code=Code.GET, uri=uri)).response
+                assert got.code == Code.UNAUTHORIZED and server.refusals == {UNPROTECTED: 1}
+            finally:
+                await plain.shutdown()
+        release(load_contexts(tmp_path / DEVICE_SIDE, [PV], "again", Counter()).values())
+        with pytest.raises(ConfigError, match="--coap-oscore: expected an OSCORE context"):
+            async with serving(site.site, [METER], "127.0.0.1", port, tmp_path / DEVICE_SIDE):
+                pass
+
+    asyncio.run(scenario())
