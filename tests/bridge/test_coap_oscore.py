@@ -410,3 +410,64 @@ def test_the_simulators_server_loads_and_frees_the_device_ends(
                 pass
 
     asyncio.run(scenario())
+
+
+def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
+    tmp_path: Path, site: SiteManifest, domain: ReadingDomain
+) -> None:
+    """A device killed mid-run never wrote its replay window back (`sequence.json` says
+    `unknown`). Restarted, it takes no request on trust: a replayed command is answered with a
+    4.01 Echo challenge and not applied, while the bridge's next command answers the challenge
+    (aiocoap's client does it by itself) and is applied."""
+    provision([PV], tmp_path)
+    dev = _device(site, domain, PV)
+
+    async def scenario() -> None:
+        port = free_udp_port()
+        server = _server(site, tmp_path, dev)
+        await server.start("127.0.0.1", port)
+        relay, relay_port, relay_transport = await _relay(port)
+        _, (_, birth) = dev.connect(NOW_MS)
+        server.publish(PV, Resource.BIRTH, birth)
+        queue: asyncio.Queue[Received] = asyncio.Queue()
+        link = CoapLink(
+            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
+            request_timeout_s=2, retry_s=0.2, reobserve_s=60, oscore_dir=tmp_path / BRIDGE_SIDE,
+        )  # fmt: skip
+        await link.start()
+        try:
+            await _next(queue)  # the birth
+            before = len(relay.sent)
+            link.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(0, 0.25)))
+            while (got := await _next(queue)).topic != "mgv1/site1/DACK/bus2-pv":
+                pass
+            # The protected command (outer code POST); the rest are empty ACKs and the like.
+            (captured,) = [d for d in relay.sent[before:] if d[1] == int(Code.POST)]
+            # The crash: the server goes without writing its contexts back; the OS frees locks.
+            await server.close()
+            assert server.contexts is not None
+            for ctx in server.contexts.values():
+                ctx.lockfile.release()
+                ctx.lockfile = None
+            sequence = json.loads((tmp_path / DEVICE_SIDE / PV / "sequence.json").read_text())
+            assert sequence["received"] == "unknown"
+            server = _server(site, tmp_path, dev)
+            await server.start("127.0.0.1", port)
+            server.publish(PV, Resource.BIRTH, birth)
+            # The challenge is a protected 4.01 + Echo (outer code 2.04, the real one encrypted),
+            # which only the holder of the bridge's key can read and answer.
+            answer = await _send_raw(captured, port)
+            assert answer is not None and answer[1] == int(Code.CHANGED), answer
+            assert server.commands == 0 and dev.curtailment == 0.25
+            link.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(1, 0.5)))
+            while (got := await _next(queue)).topic != "mgv1/site1/DACK/bus2-pv":
+                pass
+            assert Ack.model_validate_json(got.payload).status is AckStatus.APPLIED
+            assert server.commands == 1 and dev.curtailment == 0.5
+        finally:
+            await link.close()
+            await server.close()
+            server.release()
+            relay_transport.close()
+
+    asyncio.run(scenario())
