@@ -88,7 +88,7 @@ class CoapStats:
     the bridge could not decrypt the device's answer (`bad_key`, `malformed`)."""
 
 
-def _retrieve(notifications: Any) -> None:
+def _close_listener(notifications: Any) -> None:
     """Close a failed observation's listener: its first response already reported the error,
     and aiocoap's finalizer prints any error but a cancellation (an OSCORE refusal, say)."""
     if notifications is not None:
@@ -130,6 +130,10 @@ class CoapLink:
         self._last: dict[str, bytes] = {}
         self._context: aiocoap.Context | None = None
         self._security: dict[str, DeviceContext] = {}
+        self._observed: dict[str, set[Resource]] = {d: set() for d in self.endpoints}
+        """Per device, the resources whose observation has handed on its first response."""
+        self._ready: dict[str, asyncio.Event] = {}
+        """Per device, set while every observation is registered (see `_in_order`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -213,11 +217,13 @@ class CoapLink:
                 obs = request.observation
                 if obs is not None and not obs.cancelled:
                     obs.cancel()
-            _retrieve(notifications)
+            _close_listener(notifications)
             if self._closing:
                 return
             self.stats.observe_failures[failure] += 1
             self.reachable[device] = False
+            self._observed[device].discard(resource)
+            self._event(device).clear()
             await asyncio.sleep(self.retry_s)
 
     async def _register(
@@ -241,6 +247,9 @@ class CoapLink:
         if resource is Resource.DATA and after is not None:
             await self._backlog(device, topic_text, after)
         self._deliver(topic_text, first.payload)
+        self._observed[device].add(resource)
+        if len(self._observed[device]) == len(OBSERVED):
+            self._event(device).set()
         if first.opt.observe is None:  # a device without Observe: poll it instead
             await asyncio.sleep(self.retry_s)
         return None
@@ -320,10 +329,31 @@ class CoapLink:
             ]
             answer = response_topic(self.site, device, code)
             if answer is not None:
+                await self._in_order(device)
                 birth = notification_topic(self.site, device, Resource.BIRTH)
                 if answer != birth and birth not in self._last:
                     await self._fetch(device, Resource.BIRTH)
                 self._deliver(answer, response.payload)
+
+    def _event(self, device: str) -> asyncio.Event:
+        event = self._ready.get(device)
+        if event is None:
+            event = self._ready[device] = asyncio.Event()
+        return event
+
+    async def _in_order(self, device: str) -> None:
+        """Hold a command's answer until the device's observations are registered again.
+
+        A device that comes back after an outage can answer a command before the bridge's
+        re-registration has handed on its telemetry (and `log` backlog); that telemetry was
+        published before the acknowledgement, with a lower sequence number, and the validator
+        would refuse it as `replayed` if the acknowledgement went first. MQTT keeps a device's
+        messages in order; this restores that order, waiting at most `request_timeout_s`.
+        """
+        event = self._event(device)
+        if not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.request_timeout_s)
 
     async def _fetch(self, device: str, resource: Resource) -> None:
         """One plain GET, handed on: a birth the observation has not brought yet.

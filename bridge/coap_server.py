@@ -176,7 +176,8 @@ class CoapDeviceServer:
         contexts: Mapping[str, DeviceContext] | None = None,
     ) -> None:
         """`contexts`: each device's OSCORE context (`bridge.oscore.load_contexts`), owned by
-        the server from here on (released by `close`); None serves plain CoAP."""
+        the server from here on and written back by `release` (not `close`: a server closed
+        and started again, as a gateway reboots, goes on with them); None serves plain CoAP."""
         self.site = site
         self.devices = tuple(devices)
         self.contexts = dict(contexts) if contexts is not None else None
