@@ -249,8 +249,12 @@ def test_mixed_site_mqtt_and_coap_end_to_end(
     assert coap["oscore"] is True and coap["oscore_refusals"] == {}, coap
     assert refused == {}, refused  # every request to the devices was protected by its context
     assert int(summary["telemetry_accepted"]) >= 4 * len(site.devices), summary
+    # The CoAP devices kept up to the end with the MQTT ones (compared with the fleet's last
+    # slot, not the wall clock, which a slow shutdown on a loaded machine moves on).
+    latest = runner.core.state.latest
+    last_slot = max(t.slot for t in latest.values())
     for device in coap_ids:
-        assert runner.core.state.latest[device].slot >= runner.clock.slot(time.time()) - 3
+        assert latest[device].slot >= last_slot - 1, (device, latest[device].slot, last_slot)
     assert registry.get_sample_value("bridge_coap_notifications_total") == coap["notifications"]
     # Decisions made with every device's data, and their commands applied on both transports:
     # three per slot go over CoAP (bus2's inverter, battery and appliance).
