@@ -216,11 +216,17 @@ def release(contexts: Iterable[DeviceContext]) -> None:
     for ctx in contexts:
         if ctx.lockfile is None:
             continue
-        if ctx.recipient_replay_window.is_initialized():
-            ctx.replay_window_persisted = True
-        ctx.sequence_number_persisted = ctx.sender_sequence_number
-        with contextlib.suppress(OSError):
-            ctx._store()
+        window_known = ctx.recipient_replay_window.is_initialized()
+        unchanged = (
+            ctx.sequence_number_persisted == ctx.sender_sequence_number
+            and ctx.replay_window_persisted
+        )
+        if not unchanged:  # (an fsync each: `check_contexts` and idle contexts write nothing)
+            if window_known:
+                ctx.replay_window_persisted = True
+            ctx.sequence_number_persisted = ctx.sender_sequence_number
+            with contextlib.suppress(OSError):
+                ctx._store()
         lock, ctx.lockfile = ctx.lockfile, None
         with contextlib.suppress(OSError):
             os.unlink(lock.lock_file)

@@ -92,7 +92,9 @@ def _config(
         decide_deadline=0.6, outbox=f"{name}.db",
         coap={
             "endpoints": {COAP: coap_url},
-            "request_timeout_s": 1.0,
+            # 2 s: at start every OSCORE context reserves sequence numbers on disk (an fsync,
+            # bridge and devices in this one process), slow on a loaded machine.
+            "request_timeout_s": 2.0,
             "retry_s": 0.3,
             "reobserve_s": 3.0,
             **security,
