@@ -20,6 +20,13 @@ same bytes are the same message, `duplicates`); anything else, a replay of an ol
 included, goes to the validator. Nor does Observe queue what was missed while the bridge or the
 device was away: each (re-)registration of `data` first fetches the device's `log` of signed
 telemetry after the last reading the bridge holds, so those readings still reach the chain.
+
+Every exchange with a device is protected by OSCORE (`bridge.oscore`): the link loads the
+device's pre-shared context from `oscore_dir` and aiocoap protects each request to that
+device's resources with it, and unprotects the answers and notifications. A device that refuses
+a request (another key, a replayed sequence number) is counted in `oscore_refusals`, and so is
+an answer the bridge cannot decrypt; plain CoAP is only for a config that says
+`coap.insecure: true`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -50,6 +58,7 @@ from bridge.coap_resources import (
     split_log,
 )
 from bridge.mqtt import Received
+from bridge.oscore import DeviceContext, load_contexts, refusal, release
 
 
 @dataclass
@@ -73,6 +82,17 @@ class CoapStats:
     `unreachable`."""
     latency_ms: list[float] = field(default_factory=list)
     """Round trip of each answered command (POST to response), the last 1,000."""
+    oscore_refusals: Counter[str] = field(default_factory=Counter)
+    """OSCORE exchanges that failed, by reason: the device refused the bridge's request
+    (`device_refused_4.01`: unknown id or replayed; `device_refused_4.00`: did not decrypt) or
+    the bridge could not decrypt the device's answer (`bad_key`, `malformed`)."""
+
+
+def _close_listener(notifications: Any) -> None:
+    """Close a failed observation's listener: its first response already reported the error,
+    and aiocoap's finalizer prints any error but a cancellation (an OSCORE refusal, say)."""
+    if notifications is not None:
+        notifications.push_err(coap_error.ObservationCancelled())
 
 
 class CoapLink:
@@ -88,8 +108,12 @@ class CoapLink:
         retry_s: float = 5.0,
         reobserve_s: float = 300.0,
         resume_after: Callable[[str], int | None] | None = None,
+        oscore_dir: Path | None = None,
     ) -> None:
-        """`resume_after(device)`: the last reading nonce the bridge holds for the device, or
+        """`oscore_dir`: the folder of the bridge's OSCORE contexts, one `<device>/` each
+        (`microgrid devices oscore`); None speaks plain CoAP (`coap.insecure`).
+
+        `resume_after(device)`: the last reading nonce the bridge holds for the device, or
         None when it holds none (then, as on a fresh MQTT session, nothing older is fetched:
         what came before this bridge may already be on the chain)."""
         self.site = site
@@ -99,11 +123,17 @@ class CoapLink:
         self.retry_s = retry_s
         self.reobserve_s = reobserve_s
         self.resume_after = resume_after
+        self.oscore_dir = oscore_dir
         self.stats = CoapStats()
         self.reachable: dict[str, bool] = dict.fromkeys(self.endpoints, False)
         """Per device, whether its last observation attempt got an answer."""
         self._last: dict[str, bytes] = {}
         self._context: aiocoap.Context | None = None
+        self._security: dict[str, DeviceContext] = {}
+        self._observed: dict[str, set[Resource]] = {d: set() for d in self.endpoints}
+        """Per device, the resources whose observation has handed on its first response."""
+        self._ready: dict[str, asyncio.Event] = {}
+        """Per device, set while every observation is registered (see `_in_order`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -113,13 +143,44 @@ class CoapLink:
         return route is not None and route[0] in self.endpoints
 
     async def start(self) -> None:
-        """Open the client context and observe every device's resources (retrying forever)."""
-        self._context = await aiocoap.Context.create_client_context(
-            transports=["udp6" if sys.platform == "linux" else "simple6"]
-        )
+        """Open the client context and observe every device's resources (retrying forever).
+
+        With OSCORE each device's context is loaded first (a missing one raises ConfigError
+        naming `coap.oscore_dir`) and registered for the URIs under that device's path only,
+        so no request to a device leaves unprotected or under another device's key.
+        """
+        udp = "udp6" if sys.platform == "linux" else "simple6"
+        if self.oscore_dir is None:
+            self._context = await aiocoap.Context.create_client_context(transports=[udp])
+        else:
+            self._security = load_contexts(
+                self.oscore_dir, self.endpoints, "coap.oscore_dir", self.stats.oscore_refusals
+            )
+            # The OSCORE transport first: it takes every request it holds a context for.
+            self._context = await aiocoap.Context.create_client_context(transports=["oscore", udp])
+            for device, ctx in self._security.items():
+                self._context.client_credentials[self._device_uris(device)] = ctx
         for device in self.endpoints:
             for resource in OBSERVED:
                 self._spawn(self._observe(device, resource))
+
+    def _device_uris(self, device: str) -> str:
+        """The credentials pattern of one device's resources (aiocoap matches `*` globs)."""
+        return (
+            self.endpoints[device]
+            .uri(self.site, device, Resource.BIRTH)
+            .removesuffix(Resource.BIRTH.value)
+            + "*"
+        )
+
+    def _failure(self, exc: coap_error.Error) -> str:
+        """An observation's or request's failure reason; OSCORE refusals are counted apart."""
+        why = refusal(exc)
+        if why is not None:
+            if why.startswith("device_refused"):
+                self.stats.oscore_refusals[why] += 1  # a bad answer is counted by its context
+            return "oscore"
+        return "unreachable" if isinstance(exc, coap_error.NetworkError) else "error"
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -156,10 +217,13 @@ class CoapLink:
                 obs = request.observation
                 if obs is not None and not obs.cancelled:
                     obs.cancel()
+            _close_listener(notifications)
             if self._closing:
                 return
             self.stats.observe_failures[failure] += 1
             self.reachable[device] = False
+            self._observed[device].discard(resource)
+            self._event(device).clear()
             await asyncio.sleep(self.retry_s)
 
     async def _register(
@@ -174,10 +238,8 @@ class CoapLink:
             first = await asyncio.wait_for(request.response, self.request_timeout_s)
         except TimeoutError:
             return "timeout"
-        except coap_error.NetworkError:
-            return "unreachable"
-        except coap_error.Error:
-            return "error"
+        except coap_error.Error as exc:
+            return self._failure(exc)
         if not first.code.is_successful():
             return code_text(int(first.code))
         self.reachable[device] = True
@@ -185,6 +247,9 @@ class CoapLink:
         if resource is Resource.DATA and after is not None:
             await self._backlog(device, topic_text, after)
         self._deliver(topic_text, first.payload)
+        self._observed[device].add(resource)
+        if len(self._observed[device]) == len(OBSERVED):
+            self._event(device).set()
         if first.opt.observe is None:  # a device without Observe: poll it instead
             await asyncio.sleep(self.retry_s)
         return None
@@ -199,7 +264,11 @@ class CoapLink:
             response = await asyncio.wait_for(
                 self._context.request(message).response, self.request_timeout_s
             )
-        except (TimeoutError, coap_error.Error):
+        except TimeoutError:
+            self.stats.backlog_failures += 1
+            return
+        except coap_error.Error as exc:
+            self._failure(exc)
             self.stats.backlog_failures += 1
             return
         if not response.code.is_successful():
@@ -249,8 +318,7 @@ class CoapLink:
             self.stats.requests["timeout"] += 1
             return
         except coap_error.Error as exc:
-            unreachable = isinstance(exc, coap_error.NetworkError)
-            self.stats.requests["unreachable" if unreachable else "error"] += 1
+            self.stats.requests[self._failure(exc)] += 1
             return
         code = int(response.code)
         self.stats.requests[code_text(code)] += 1
@@ -261,10 +329,31 @@ class CoapLink:
             ]
             answer = response_topic(self.site, device, code)
             if answer is not None:
+                await self._in_order(device)
                 birth = notification_topic(self.site, device, Resource.BIRTH)
                 if answer != birth and birth not in self._last:
                     await self._fetch(device, Resource.BIRTH)
                 self._deliver(answer, response.payload)
+
+    def _event(self, device: str) -> asyncio.Event:
+        event = self._ready.get(device)
+        if event is None:
+            event = self._ready[device] = asyncio.Event()
+        return event
+
+    async def _in_order(self, device: str) -> None:
+        """Hold a command's answer until the device's observations are registered again.
+
+        A device that comes back after an outage can answer a command before the bridge's
+        re-registration has handed on its telemetry (and `log` backlog); that telemetry was
+        published before the acknowledgement, with a lower sequence number, and the validator
+        would refuse it as `replayed` if the acknowledgement went first. MQTT keeps a device's
+        messages in order; this restores that order, waiting at most `request_timeout_s`.
+        """
+        event = self._event(device)
+        if not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.request_timeout_s)
 
     async def _fetch(self, device: str, resource: Resource) -> None:
         """One plain GET, handed on: a birth the observation has not brought yet.
@@ -276,10 +365,15 @@ class CoapLink:
         assert self._context is not None
         uri = self.endpoints[device].uri(self.site, device, resource)
         request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri))
-        with contextlib.suppress(TimeoutError, coap_error.Error):
+        try:
             response = await asyncio.wait_for(request.response, self.request_timeout_s)
-            if response.code.is_successful():
-                self._deliver(notification_topic(self.site, device, resource), response.payload)
+        except TimeoutError:
+            return
+        except coap_error.Error as exc:
+            self._failure(exc)
+            return
+        if response.code.is_successful():
+            self._deliver(notification_topic(self.site, device, resource), response.payload)
 
     # ---- the end ---------------------------------------------------------------------------
     async def close(self) -> None:
@@ -292,6 +386,9 @@ class CoapLink:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._context.shutdown(), 5)
             self._context = None
+        # Sequence numbers and replay windows to disk, locks freed: a restart goes on from here.
+        release(self._security.values())
+        self._security = {}
 
     def summary(self) -> dict[str, object]:
         s = self.stats
@@ -304,6 +401,8 @@ class CoapLink:
             "reobserved": s.reobserved,
             "backlog": s.backlog,
             "observe_failures": dict(s.observe_failures),
+            "oscore": self.oscore_dir is not None,
+            "oscore_refusals": dict(s.oscore_refusals),
             "requests": dict(s.requests),
             "command_latency_ms_p50": round(lat[len(lat) // 2], 3) if lat else None,
         }

@@ -30,7 +30,9 @@ A command's answer is the exchange itself: the device acknowledges the confirmab
 (`accepted`) and its response carries the DACK with the final `applied` or `rejected` (2.04
 Changed, or 4.03 Forbidden for a refusal), or a new DBIRTH for `rebirth` (2.01 Created). A
 device that cannot parse the command answers 4.00 Bad Request, as an MQTT device ignores it; one
-that is not up (before its birth, after its goodbye) answers 5.03 Service Unavailable.
+that is not up (before its birth, after its goodbye) answers 5.03 Service Unavailable. A
+request that is not protected by the device's own OSCORE context gets 4.01 Unauthorized
+(`bridge.oscore`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ CONTENT = (2, 5)
 CHANGED = (2, 4)
 CREATED = (2, 1)
 BAD_REQUEST = (4, 0)
+UNAUTHORIZED = (4, 1)
 FORBIDDEN = (4, 3)
 UNSUPPORTED_CONTENT_FORMAT = (4, 15)
 SERVICE_UNAVAILABLE = (5, 3)

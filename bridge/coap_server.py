@@ -7,6 +7,12 @@ each under its own path, as a gateway for a handful of sensors would; the payloa
 bytes the MQTT devices publish (same model, same EIP-712 signature), so only the transport
 differs. Like the MQTT shell it moves bytes and decides nothing: what a command does is the
 `VirtualDevice`'s business, reached through `on_command`.
+
+Each device's resources answer only requests protected by that device's own OSCORE context
+(`bridge.oscore`; `contexts`): a plain request, one under another device's context, a replayed
+or an undecryptable one is refused (4.01, or 4.00 for one that does not decrypt) and counted in
+`refusals` by reason. `/.well-known/core` stays readable without OSCORE, for discovery. A server
+built without contexts (`devices simulate --coap-insecure`) serves plain CoAP, as a lab may.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
 
 import aiocoap
 import aiocoap.resource as coap_resource
 from aiocoap.numbers.codes import Code
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from aiocoap.transports.oscore import OSCOREAddress
 
 from bridge.coap_resources import (
     BAD_REQUEST,
@@ -30,6 +39,7 @@ from bridge.coap_resources import (
     CREATED,
     OBSERVED,
     SERVICE_UNAVAILABLE,
+    UNAUTHORIZED,
     UNSUPPORTED_CONTENT_FORMAT,
     Resource,
     ack_code,
@@ -39,6 +49,14 @@ from bridge.coap_resources import (
 )
 from bridge.errors import BridgeError
 from bridge.messages import MAX_PAYLOAD_BYTES, AckStatus
+from bridge.oscore import (
+    UNPROTECTED,
+    WRONG_DEVICE,
+    CountingCredentials,
+    DeviceContext,
+    load_contexts,
+    release,
+)
 from bridge.topics import MessageType, parse_topic
 
 #: Signed telemetry a device keeps for a bridge that was away: a day of 15-minute slots.
@@ -63,11 +81,26 @@ def _json_only(request: aiocoap.Message) -> aiocoap.Message | None:
     return None
 
 
-class Representation(coap_resource.ObservableResource):
+class Guarded:
+    """A device resource that takes only requests protected by its device's own context."""
+
+    server: CoapDeviceServer
+    device: str
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        refused = self.server.refuse(self.device, request)
+        if refused is not None:
+            return refused
+        return await super().render(request)  # type: ignore[misc]
+
+
+class Representation(Guarded, coap_resource.ObservableResource):
     """One observable device resource: its latest payload; observers hear of every change."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: CoapDeviceServer, device: str) -> None:
         super().__init__()
+        self.server = server
+        self.device = device
         self.payload = b""
         """Empty until the device has something to say (no birth yet, no telemetry yet)."""
 
@@ -79,7 +112,7 @@ class Representation(coap_resource.ObservableResource):
         self.updated_state()
 
 
-class LogResource(coap_resource.Resource):
+class LogResource(Guarded, coap_resource.Resource):
     """GET `?after=N`: the kept telemetry whose reading nonce is above N, one per line."""
 
     def __init__(self, server: CoapDeviceServer, device: str) -> None:
@@ -99,7 +132,7 @@ class LogResource(coap_resource.Resource):
         )
 
 
-class CommandResource(coap_resource.Resource):
+class CommandResource(Guarded, coap_resource.Resource):
     """POST a DCMD; the response is the DACK (applied / rejected) or, for rebirth, a DBIRTH."""
 
     def __init__(self, server: CoapDeviceServer, device: str) -> None:
@@ -114,7 +147,7 @@ class CommandResource(coap_resource.Resource):
         return self.server.command(self.device, request.payload)
 
 
-class DrEventResource(coap_resource.Resource):
+class DrEventResource(Guarded, coap_resource.Resource):
     """PUT the consumer's current demand-response event (MQTT retains it; here the device does)."""
 
     def __init__(self, server: CoapDeviceServer, device: str) -> None:
@@ -136,9 +169,25 @@ class DrEventResource(coap_resource.Resource):
 class CoapDeviceServer:
     """The CoAP resources of a set of devices, served on one UDP port."""
 
-    def __init__(self, site: str, devices: Iterable[str]) -> None:
+    def __init__(
+        self,
+        site: str,
+        devices: Iterable[str],
+        contexts: Mapping[str, DeviceContext] | None = None,
+    ) -> None:
+        """`contexts`: each device's OSCORE context (`bridge.oscore.load_contexts`), owned by
+        the server from here on and written back by `release` (not `close`: a server closed
+        and started again, as a gateway reboots, goes on with them); None serves plain CoAP."""
         self.site = site
         self.devices = tuple(devices)
+        self.contexts = dict(contexts) if contexts is not None else None
+        if self.contexts is not None and set(self.contexts) != set(self.devices):
+            raise BridgeError(
+                f"coap contexts: expected one per device, missing "
+                f"{sorted(set(self.devices) - set(self.contexts))}"
+            )
+        self.refusals: Counter[str] = Counter()
+        """Requests refused for their (missing, wrong, replayed) protection, by reason."""
         self.on_command: CommandHandler | None = None
         """Set by the simulator: the virtual device's own command logic."""
         self.dr_events: dict[str, bytes] = {}
@@ -153,7 +202,7 @@ class CoapDeviceServer:
         self._root = coap_resource.Site()
         for device in self.devices:
             for resource in OBSERVED:
-                rep = Representation()
+                rep = Representation(self, device)
                 self._observable[device, resource] = rep
                 self._root.add_resource(resource_path(site, device, resource), rep)
             self._root.add_resource(
@@ -172,6 +221,29 @@ class CoapDeviceServer:
         self._context: aiocoap.Context | None = None
         self.port: int | None = None
 
+    def refuse(self, device: str, request: aiocoap.Message) -> aiocoap.Message | None:
+        """4.01 for a request not protected by `device`'s own context; None: serve it."""
+        if self.contexts is None:
+            return None
+        remote = request.remote
+        if not isinstance(remote, OSCOREAddress):
+            self.refusals[UNPROTECTED] += 1
+            return _reply(UNAUTHORIZED, b"OSCORE required")
+        if remote.security_context is not self.contexts[device]:
+            self.refusals[WRONG_DEVICE] += 1
+            return _reply(UNAUTHORIZED, b"not this device's OSCORE context")
+        return None
+
+    def _site(self) -> coap_resource.Site | OscoreSiteWrapper:
+        """The resources as served: behind OSCORE, which unprotects before they answer."""
+        if self.contexts is None:
+            return self._root
+        credentials = CountingCredentials(self.refusals)
+        for device, ctx in self.contexts.items():
+            ctx.refusals = self.refusals
+            credentials[f":{device}"] = ctx
+        return OscoreSiteWrapper(self._root, credentials)
+
     async def start(self, host: str = "127.0.0.1", port: int = 5683) -> None:
         """Bind the UDP port and serve. The port must be given: the bridge's config names it."""
         if not 0 < port < 65_536:
@@ -179,7 +251,7 @@ class CoapDeviceServer:
         try:
             # UDP only: aiocoap's default would also listen on TCP and TLS ports beside it.
             self._context = await aiocoap.Context.create_server_context(
-                self._root,
+                self._site(),
                 bind=(host, port),
                 transports=["udp6" if sys.platform == "linux" else "simplesocketserver"],
             )
@@ -242,19 +314,35 @@ class CoapDeviceServer:
             self._context = None
         await asyncio.sleep(0)
 
+    def release(self) -> None:
+        """The contexts' sequence numbers and replay windows to disk, their locks freed."""
+        if self.contexts is not None:
+            release(self.contexts.values())
+
 
 @contextlib.asynccontextmanager
 async def serving(
-    site: str, devices: Iterable[str], host: str, port: int
+    site: str,
+    devices: Iterable[str],
+    host: str,
+    port: int,
+    oscore_dir: Path | None = None,
 ) -> AsyncIterator[CoapDeviceServer | None]:
-    """A started server for `devices` (None when there are none), closed on the way out."""
+    """A started server for `devices` (None when there are none), closed on the way out.
+
+    `oscore_dir`: the devices' ends of their OSCORE contexts, `<dir>/<device>/` (None: plain).
+    """
     ids = list(devices)
     if not ids:
         yield None
         return
-    server = CoapDeviceServer(site, ids)
-    await server.start(host, port)
+    contexts = (
+        None if oscore_dir is None else load_contexts(oscore_dir, ids, "--coap-oscore", Counter())
+    )
+    server = CoapDeviceServer(site, ids, contexts)
     try:
+        await server.start(host, port)
         yield server
     finally:
         await server.close()
+        server.release()

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.coap_resources import parse_endpoint
 from bridge.errors import ConfigError
@@ -129,6 +136,27 @@ class CoapConfig(BaseModel):
     reobserve_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = 300.0
     """An observation silent this long is registered again (a rebooted device forgets its
     observers); a new registration costs one request and delivers nothing twice."""
+    oscore_dir: Path | None = None
+    """The bridge's ends of the devices' OSCORE contexts, one `<device id>/` folder each
+    (`microgrid devices oscore` writes them): every request to a CoAP device, and every answer
+    and notification, is encrypted and authenticated with that device's own context. Required
+    with `endpoints` unless `insecure`."""
+    insecure: bool = False
+    """Plain CoAP: anyone on the devices' network can read their telemetry and command them.
+    Only for a lab; the default is OSCORE."""
+
+    @model_validator(mode="after")
+    def _secured(self) -> CoapConfig:
+        if self.insecure and self.oscore_dir is not None:
+            raise ValueError(
+                "oscore_dir: expected either oscore_dir (OSCORE) or insecure: true, not both"
+            )
+        if self.endpoints and not self.insecure and self.oscore_dir is None:
+            raise ValueError(
+                "oscore_dir: expected the folder of the bridge's OSCORE contexts (microgrid "
+                "devices oscore), or insecure: true for plain CoAP"
+            )
+        return self
 
     @field_validator("endpoints")
     @classmethod
@@ -178,6 +206,7 @@ class BridgeConfig(BaseModel):
                         "password_file": fix(self.broker.password_file),
                     }
                 ),
+                "coap": self.coap.model_copy(update={"oscore_dir": fix(self.coap.oscore_dir)}),
                 "chain": self.chain.model_copy(
                     update={
                         "deployment": fix(self.chain.deployment),

@@ -151,6 +151,15 @@ class CoapCollector(Collector):
         for result, n in dict(s.requests).items():
             requests.add_metric([result], n)
         yield requests
+        refusals = CounterMetricFamily(
+            "bridge_coap_oscore_refusals",
+            "OSCORE exchanges refused, by reason: by the device (device_refused_<code>) or by "
+            "the bridge (bad_key, malformed).",
+            labels=["reason"],
+        )
+        for why, n in dict(s.oscore_refusals).items():
+            refusals.add_metric([why], n)
+        yield refusals
 
 
 class BridgeMetrics:

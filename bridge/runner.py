@@ -50,6 +50,7 @@ from bridge.core import BridgeCore, ChainWork, Publish
 from bridge.dr import DemandResponseEvents
 from bridge.metrics import BridgeMetrics
 from bridge.mqtt import MqttLink, Received, Will
+from bridge.oscore import check_contexts
 from bridge.outbox import Outbox
 from bridge.policy_source import LoadedPolicy, alias_version, load_policy
 from bridge.reading_rows import log_lost, lost_readings
@@ -127,6 +128,9 @@ class BridgeRunner:
         self._rejects_logged = 0
         # Devices on CoAP: resolved now, so a key naming no device fails before anything connects.
         self.coap_endpoints = match_devices(cfg.coap.endpoints, [d.id for d in site.devices])
+        if self.coap_endpoints and cfg.coap.oscore_dir is not None:
+            # Each device's OSCORE context loads (and is free) now, not after the broker.
+            check_contexts(cfg.coap.oscore_dir, self.coap_endpoints, "coap.oscore_dir")
         self.coap: CoapLink | None = None
         self.market: SlotSettlement | None = None
         """Live with `chain.prosumer_keys`: each slot's orders go to the chain (one row)."""
@@ -520,6 +524,7 @@ class BridgeRunner:
                 # A (re-)registration first fetches the signed telemetry missed since the last
                 # reading held (the validator's, restored from the outbox after a restart).
                 resume_after=self.core.validator.last_nonce.get,
+                oscore_dir=None if c.insecure else c.oscore_dir,
             )  # fmt: skip
             self.metrics.watch_coap(self.coap.stats)
             await self.coap.start()

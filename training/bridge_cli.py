@@ -159,6 +159,58 @@ def devices_register(
     _show(f"registered site {manifest.site}", result, as_json)
 
 
+@devices_app.command("oscore")
+def devices_oscore(
+    coap_device: Annotated[
+        list[str],
+        typer.Option(
+            "--coap-device",
+            help="A device that speaks CoAP: an id or a glob such as '*-battery' (repeatable), "
+            "as in the bridge's coap.endpoints.",
+        ),
+    ],
+    site: Annotated[Path, typer.Option(help="Site manifest (`devices site`).")] = Path("site.json"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of the contexts: bridge/<id>/ (coap.oscore_dir) and devices/<id>/."
+        ),
+    ] = Path(".bridge/oscore"),
+    renew: Annotated[
+        bool, typer.Option("--renew", help="Replace existing contexts with fresh secrets.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a pre-shared OSCORE context per CoAP device, both ends: OUT/bridge/<id>/ for the
+    bridge (coap.oscore_dir) and OUT/devices/<id>/ for the device (devices simulate
+    --coap-oscore). Existing contexts are kept (their sequence numbers go on) unless --renew."""
+    from bridge.coap_resources import match_devices
+    from bridge.errors import BridgeError
+    from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, provision
+    from bridge.site import load_site
+
+    try:
+        manifest = load_site(site)
+        ids = match_devices(
+            dict.fromkeys(coap_device, "coap://127.0.0.1"),
+            [d.id for d in manifest.devices],
+            field="--coap-device",
+        )
+        done = provision(sorted(ids), out, renew=renew)
+    except (BridgeError, OSError) as err:
+        _fail(err)
+    _show(
+        f"OSCORE contexts of site {manifest.site}",
+        {
+            "bridge": str(out / BRIDGE_SIDE),
+            "devices": str(out / DEVICE_SIDE),
+            "written": len(done["written"]),
+            "kept": len(done["kept"]),
+        },
+        as_json,
+    )
+
+
 @devices_app.command("simulate")
 def devices_simulate(
     scenario: ScenarioOpt = None,
@@ -199,6 +251,21 @@ def devices_simulate(
         str,
         typer.Option(help="HOST:PORT (UDP) where the CoAP devices answer, all on one port."),
     ] = "127.0.0.1:5683",
+    coap_oscore: Annotated[
+        Path,
+        typer.Option(
+            help="The CoAP devices' ends of their OSCORE contexts, <dir>/<id>/ "
+            "(`devices oscore` writes OUT/devices)."
+        ),
+    ] = Path(".bridge/oscore/devices"),
+    coap_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--coap-insecure",
+            help="Serve plain CoAP without OSCORE: anyone on the network can command the "
+            "devices. A lab only; the bridge config then says coap.insecure: true.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every device of the site, driven by the scenario's load and PV profiles; each obeys
@@ -250,7 +317,8 @@ def devices_simulate(
         async def run() -> tuple[FleetStats, int]:
             endpoint = next(iter(on_coap.values()), None)
             host, port = (endpoint.host, endpoint.port) if endpoint else ("", 0)
-            async with serving(manifest.site, on_coap, host, port) as coap:
+            oscore_dir = None if coap_insecure else coap_oscore
+            async with serving(manifest.site, on_coap, host, port, oscore_dir) as coap:
                 stats = await simulate(
                     manifest,
                     Profiles.of(params),

@@ -178,14 +178,18 @@ def bench_chain_cmd(as_json: JsonOpt = False) -> None:
 def bench_coap_cmd(
     devices: Annotated[int, typer.Option(min=1, help="CoAP devices behind one port.")] = 14,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds: telemetry burst + commands.")] = 50,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain CoAP instead of OSCORE (what OSCORE costs).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """What CoAP adds: each round every device notifies telemetry, then gets a command; reading
     latency (notification to the bridge's queue) and command round trip (POST to DACK), the
-    simulator's aiocoap server and the bridge's CoapLink on loopback (docs/iot.md, CoAP)."""
+    simulator's aiocoap server and the bridge's CoapLink on loopback, under OSCORE unless
+    --insecure (docs/iot.md, CoAP)."""
     from bridge.bench_coap import bench_coap
 
-    result = bench_coap(devices, rounds)
+    result = bench_coap(devices, rounds, insecure=insecure)
     if as_json:
         print(json.dumps(result))
         return

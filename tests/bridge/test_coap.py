@@ -17,6 +17,7 @@ import asyncio
 import json
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
 from bridge.config import BridgeConfig, Deployment, load_deployment
 from bridge.mqtt import MqttLink
+from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, load_contexts, provision
 from bridge.policy_source import LoadedPolicy
 from bridge.registration import reading_nonces
 from bridge.runner import BridgeRunner
@@ -79,19 +81,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory, site: SiteManifest) -> Itera
         yield Stack(live.broker, live.chain, registry, dep, files, genesis)
 
 
-def _config(s: Stack, coap_url: str, name: str, **extra: Any) -> BridgeConfig:
+def _config(
+    s: Stack, coap_url: str, name: str, *, oscore_dir: Path | None = None, **extra: Any
+) -> BridgeConfig:
+    """The bridge with bus2's devices on CoAP: under OSCORE with the bridge's ends of the
+    contexts in `oscore_dir`, plain CoAP (`insecure`) without."""
+    security = {"oscore_dir": str(oscore_dir)} if oscore_dir is not None else {"insecure": True}
     raw = bridge_config(
         s.files, s.broker, s.chain, slot_seconds=SLOT_S, genesis=s.genesis,
         decide_deadline=0.6, outbox=f"{name}.db",
         coap={
             "endpoints": {COAP: coap_url},
-            "request_timeout_s": 1.0,
+            # 2 s: at start every OSCORE context reserves sequence numbers on disk (an fsync,
+            # bridge and devices in this one process), slow on a loaded machine.
+            "request_timeout_s": 2.0,
             "retry_s": 0.3,
             "reobserve_s": 3.0,
+            **security,
         },
         **extra,
     )  # fmt: skip
     return BridgeConfig.model_validate(raw)
+
+
+def _secured_server(s: Stack, site: SiteManifest, name: str) -> tuple[CoapDeviceServer, Path]:
+    """bus2's devices behind one port, each under its own fresh OSCORE context (as `microgrid
+    devices oscore` provisions them); the folder of the bridge's ends."""
+    coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
+    root = s.files / f"oscore-{name}"
+    provision(coap_ids, root)
+    contexts = load_contexts(root / DEVICE_SIDE, coap_ids, "--coap-oscore", Counter())
+    return CoapDeviceServer(site.site, coap_ids, contexts), root / BRIDGE_SIDE
 
 
 def _profiles(site: SiteManifest) -> Profiles:
@@ -203,17 +223,20 @@ def test_mixed_site_mqtt_and_coap_end_to_end(
     site.save(s.files / "site.json")
     coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
     domain = ReadingDomain(s.deployment.chain_id, s.registry)
+    refused: Counter[str] = Counter()
 
     async def scenario() -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
         port = free_udp_port()
-        server = CoapDeviceServer(site.site, coap_ids)
+        server, bridge_end = _secured_server(s, site, "mixed")
         await server.start("127.0.0.1", port)
         try:
-            cfg = _config(s, f"coap://127.0.0.1:{port}", "mixed")
+            cfg = _config(s, f"coap://127.0.0.1:{port}", "mixed", oscore_dir=bridge_end)
             inject = _forged_and_malformed(server, site, domain, keys)
             return await _run(s, site, cfg, server, inject)
         finally:
             await server.close()
+            server.release()
+            refused.update(server.refusals)
 
     first_block = int(s.chain.w3.eth.block_number) + 1
     fleet, summary, runner = asyncio.run(scenario())
@@ -225,9 +248,15 @@ def test_mixed_site_mqtt_and_coap_end_to_end(
     coap = summary["coap"]
     assert coap["devices"] == len(coap_ids) == coap["reachable"] == 4, coap
     assert coap["observe_failures"] == {}, coap
+    assert coap["oscore"] is True and coap["oscore_refusals"] == {}, coap
+    assert refused == {}, refused  # every request to the devices was protected by its context
     assert int(summary["telemetry_accepted"]) >= 4 * len(site.devices), summary
+    # The CoAP devices kept up to the end with the MQTT ones (compared with the fleet's last
+    # slot, not the wall clock, which a slow shutdown on a loaded machine moves on).
+    latest = runner.core.state.latest
+    last_slot = max(t.slot for t in latest.values())
     for device in coap_ids:
-        assert runner.core.state.latest[device].slot >= runner.clock.slot(time.time()) - 3
+        assert latest[device].slot >= last_slot - 1, (device, latest[device].slot, last_slot)
     assert registry.get_sample_value("bridge_coap_notifications_total") == coap["notifications"]
     # Decisions made with every device's data, and their commands applied on both transports:
     # three per slot go over CoAP (bus2's inverter, battery and appliance).
@@ -255,7 +284,8 @@ def test_mixed_site_mqtt_and_coap_end_to_end(
 def test_unreachable_coap_device_falls_back_like_stale_data(
     stack: Stack, site: SiteManifest
 ) -> None:
-    """bus2's devices configured on a port nobody serves: counted, and every slot falls back."""
+    """bus2's devices configured on a port nobody serves: counted, and every slot falls back.
+    (Plain CoAP, the config's explicit `insecure: true`: the other tests run OSCORE.)"""
     s = stack
     site.save(s.files / "site.json")
     cfg = _config(s, f"coap://127.0.0.1:{free_udp_port()}", "unreachable", dry_run=True)
@@ -279,11 +309,10 @@ def test_coap_outage_loses_no_reading(stack: Stack, site: SiteManifest) -> None:
     it holds, and relays the missed readings: every reading signed reaches the chain, once."""
     s = stack
     site.save(s.files / "site.json")
-    coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
 
     async def scenario() -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
         port = free_udp_port()
-        server = CoapDeviceServer(site.site, coap_ids)
+        server, bridge_end = _secured_server(s, site, "outage")
         await server.start("127.0.0.1", port)
 
         async def outage(runner: BridgeRunner) -> None:
@@ -293,10 +322,11 @@ def test_coap_outage_loses_no_reading(stack: Stack, site: SiteManifest) -> None:
             await server.start("127.0.0.1", port)
 
         try:
-            cfg = _config(s, f"coap://127.0.0.1:{port}", "outage")
+            cfg = _config(s, f"coap://127.0.0.1:{port}", "outage", oscore_dir=bridge_end)
             return await _run(s, site, cfg, server, outage)
         finally:
             await server.close()
+            server.release()
 
     first_block = int(s.chain.w3.eth.block_number) + 1
     fleet, summary, _ = asyncio.run(scenario())

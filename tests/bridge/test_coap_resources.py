@@ -30,6 +30,7 @@ from bridge.coap_resources import (
 from bridge.config import load_bridge_config
 from bridge.errors import ConfigError, TopicError
 from bridge.messages import AckStatus
+from tests.bridge.services import REPO
 
 
 def test_paths_round_trip_and_bad_parts_are_named() -> None:
@@ -99,7 +100,8 @@ def test_globs_pick_devices_and_a_typo_is_an_error() -> None:
 
 def test_bridge_config_names_the_bad_coap_field(tmp_path: Path) -> None:
     path = tmp_path / "b.yaml"
-    path.write_text(yaml.safe_dump({"coap": {"endpoints": {"bus1-*": "coap://127.0.0.1:5683"}}}))
+    coap = {"endpoints": {"bus1-*": "coap://127.0.0.1:5683"}, "oscore_dir": "oscore"}
+    path.write_text(yaml.safe_dump({"coap": coap}))
     cfg = load_bridge_config(path)
     assert cfg.coap.endpoints == {"bus1-*": "coap://127.0.0.1:5683"}
     assert cfg.coap.request_timeout_s == 5.0
@@ -117,3 +119,5 @@ def test_bridge_config_names_the_bad_coap_field(tmp_path: Path) -> None:
 def test_the_shipped_coap_example_config_loads() -> None:
     cfg = load_bridge_config(Path(__file__).resolve().parents[2] / "configs/bridge/local-coap.yaml")
     assert cfg.coap.endpoints == {"*-battery": "coap://127.0.0.1:5683"}
+    assert cfg.coap.oscore_dir is not None and not cfg.coap.insecure
+    assert cfg.coap.oscore_dir.resolve() == (REPO / ".bridge/oscore/bridge").resolve()

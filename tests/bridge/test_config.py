@@ -29,6 +29,12 @@ def test_the_shipped_local_config_loads_and_resolves_paths_from_its_folder() -> 
         ("brokr: {}", "brokr: no such field"),
         ("node: 'a/b'", "node: String should match pattern"),
         ("- 1", "expected a mapping of settings"),
+        (
+            "coap: {endpoints: {'*-battery': 'coap://127.0.0.1'}}",
+            "coap: oscore_dir: expected the folder of the bridge's OSCORE contexts",
+        ),
+        ("coap: {oscore_dir: o, insecure: true}", "coap: oscore_dir: expected either"),
+        ("coap: {insecure: 'maybe'}", "coap.insecure: Input should be a valid boolean"),
     ],
 )
 def test_errors_name_the_field_and_the_expected_value(
