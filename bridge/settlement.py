@@ -57,23 +57,26 @@ readings did arrive keeps its renewable rewards, granted once, by that row only.
 reading never reached the chain, or a RewardSystem without funds, loses only that reward (a
 repair).
 
-Demand response is GridBalance's own events, in the row's last part (``PART_DEMAND_RESPONSE``),
-by the rule the env's chain ledger runs (`contracts.slot_batch.DemandResponseQueue`): when the
-grid sensor's state at n's decision calls for demand response (`envs.market_kernel.grid_events`:
+Demand response is GridBalance's own events, in the row's last part (``PART_DEMAND_RESPONSE``), by
+the rule the env's chain ledger runs (`contracts.slot_batch.DemandResponseQueue`): when the grid
+sensor's state at n's decision calls for demand response (`envs.market_kernel.grid_events`:
 transformer loading above ``market.dr_loading`` or a voltage deviation beyond
 ``market.dr_voltage_pu``) and neither it nor the state before called for an emergency, row n
-announces a one-slot event for slot n + 1 (the first a block of slot n may announce), with
-every household expected to import taking part at a baseline of that expected import (the
-observation's forecast of slot n + 1, Wh); and, when the row does not leave an emergency in
-force, it settles the open events of slots up to n - 1, whose readings are final once it may
-reconcile n - 1 (rows that do not reconcile, on a chain whose reading window is longer than a
-slot, run no demand response: their events could not be settled): GridBalance pays each
-household ``market.dr_incentive_per_wh`` per Wh its meter read below its baseline. These
-are the env's events: the env announces the event for slot n + 1 in slot n - 1's transaction,
-mined at the start of slot n from the same grid state, and settles in slot n's transaction
-what row n settles. Event ids are predicted (the bridge announces every event), and the open
-events are kept in the outbox's SQLite file in the same transaction as the row that changed
-them (`bridge.dr_store`), so a restart settles every event its predecessor announced.
+announces a one-slot event for slot n + 1 (the first a block of slot n may announce), with every
+household expected to import taking part at a baseline of that expected import (the observation's
+forecast of slot n + 1, Wh); and, when the row does not leave an emergency in force, it settles the
+open events of slots up to n - 1, whose readings are final once it may reconcile n - 1 (rows that
+do not reconcile, on a chain whose reading window is longer than a slot, run no demand response:
+their events could not be settled): GridBalance pays each household ``market.dr_incentive_per_wh``
+per Wh its meter read below its baseline. These are the env's events: the env announces the event
+for slot n + 1 in slot n - 1's transaction, mined at the start of slot n from the same grid state,
+and settles in slot n's transaction what row n settles. An event an emergency held 32 slots or more
+is forfeited, as the env's mirror forfeits it: DeviceRegistry no longer holds its slot's readings
+(`contracts.slot_batch.settles`; settling it would revert the whole row, whose repairs once
+stripped the recovery row's orders and reconciliation instead). Event ids are predicted (the bridge
+announces every event), and the open events are kept in the outbox's SQLite file in the same
+transaction as the row that changed them (`bridge.dr_store`), so a restart settles every event its
+predecessor announced.
 
 The meters' readings stay in their own outbox rows (``reading:<device>:<slot>``): each is
 signed by its device and owed to the chain whenever it arrives inside its reading window, also
@@ -446,6 +449,12 @@ class SlotSettlement:
             baselines = [
                 (self.meter_of[self.owners[k]], int(b.dr_baseline_wh[k])) for k in self.order
             ]
+        forfeited = queue.forfeited(slot - 1)
+        if forfeited:  # an emergency held them past the registry's history of readings
+            log.warning(
+                "demand-response events forfeited",
+                extra={"slot": slot, "events": [e for e, _ in forfeited]},
+            )
         return queue.part(slot - 1, slot + 1, self.market.dr_incentive_per_wh, baselines)
 
     def enqueue(
@@ -704,6 +713,20 @@ def repair_step(
         error in DR_REFUSALS or (error == "EnforcedPause" and not step.parts & PART_EMERGENCY)
     ):
         return _without(step, PART_DEMAND_RESPONSE), "demand response"
+    if (
+        error == "DeviceRegistryReadingEvicted"
+        and announces
+        and step.demand_response.settle
+        and not (reconciles and int(args.get("slot", -1)) == step.reconcile_slot)
+    ):
+        # An event's reading, not the reconciled slot's: a row mined so late that an event
+        # `settles` allowed has lost its readings. The events go unsettled (they stay open on
+        # chain, and the next rows forfeit them if GridBalance still lists them); the
+        # announcement, the orders and the reconciliation stand.
+        dr = dataclasses.replace(step.demand_response, settle=[])
+        if not dr.participants:
+            return _without(step, PART_DEMAND_RESPONSE), "demand-response settlements"
+        return dataclasses.replace(step, demand_response=dr), "demand-response settlements"
     if error == "EnergyTradingSlotNotCleared" and reconciles:
         if previous is not None and previous[0] is not RowState.FAILED:
             return None  # the previous slot's row is still on its way

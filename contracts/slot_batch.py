@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from coincurve import PrivateKey
 
 from contracts.clearing import clear_book
-from contracts.model import DrParticipant, LoadType, PriceParams, Side, SignedOrder
+from contracts.model import (
+    READING_HISTORY_SLOTS,
+    DrParticipant,
+    LoadType,
+    PriceParams,
+    Side,
+    SignedOrder,
+)
 from contracts.settler import (
     PART_DEMAND_RESPONSE,
     PART_EMERGENCY,
@@ -140,6 +147,20 @@ def emergency_parts(emergency: bool, paused: bool) -> tuple[bool, bool]:
     return change and emergency, change and not emergency
 
 
+def settles(event_slot: int, slot: int) -> bool:
+    """Whether slot `slot`'s transaction may settle the one-slot event of `event_slot`:
+    GridBalance reads the participants' readings of the event's slot from DeviceRegistry, which
+    keeps the last ``READING_HISTORY_SLOTS`` (32) slots of them. The env's transaction of slot s
+    relays the readings of slot s before its demand-response part, so the reading of
+    `event_slot` is gone (``DeviceRegistryReadingEvicted``, the whole transaction reverts) once
+    `slot` - `event_slot` >= 32; the bridge's row of slot n, mined inside n before n's readings
+    arrive, could still read it at 32, but settling by the same rule keeps the mirror's
+    incentives (`envs.market_kernel.dr_settle_row`) the chain's. Only an emergency
+    holds an event that long: GridBalance settles nothing while paused, and the first calm
+    transaction settles every open event."""
+    return slot - event_slot < READING_HISTORY_SLOTS
+
+
 @dataclass
 class DemandResponseQueue:
     """The GridBalance events one operator announced and has not settled, and the id the next
@@ -160,6 +181,11 @@ class DemandResponseQueue:
     """(event id, slot) of every announced event not yet settled, in announcement order."""
     next_id: int = 1
 
+    def forfeited(self, settle_through: int) -> list[tuple[int, int]]:
+        """The open events the transaction that settles through `settle_through` may no
+        longer settle (`settles`): their readings are gone from the registry."""
+        return [(e, s) for e, s in self.open if not settles(s, settle_through + 1)]
+
     def part(
         self,
         settle_through: int,
@@ -170,10 +196,13 @@ class DemandResponseQueue:
         """The part of a transaction that settles the open events of slots up to
         `settle_through` and announces `baselines` (meter device, baseline Wh; empty: nothing)
         for `start_slot` (None: nothing to do). It takes what it settles off the queue and adds
-        what it announces. Meters with a baseline above 0 take part, each earning
-        `incentive_per_wh` per Wh it reads below its baseline (no target, bonus or
-        participation reward). Call only for a transaction that is not in an emergency."""
-        settle = [event_id for event_id, s in self.open if s <= settle_through]
+        what it announces; an event held so long (by an emergency) that its readings are gone
+        from the registry (`forfeited`) is taken off unsettled: it pays nothing. Meters with
+        a baseline above 0 take part, each earning `incentive_per_wh` per Wh it reads below
+        its baseline (no target, bonus or participation reward). Call only for a transaction
+        that is not in an emergency; the transaction is that of slot `settle_through` + 1."""
+        slot = settle_through + 1
+        settle = [e for e, s in self.open if s <= settle_through and settles(s, slot)]
         self.open = [(event_id, s) for event_id, s in self.open if s > settle_through]
         participants = [
             DrParticipant(device, LoadType.CURTAILABLE, 0, int(wh)).as_tuple()

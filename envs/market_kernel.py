@@ -12,6 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from contracts.model import READING_HISTORY_SLOTS
 from envs.claim import claim
 from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows
 from envs.prefetch import prefetch
@@ -269,12 +270,22 @@ def rule_book_row(
 
 #: `drq` (the mirror's GridBalance state, (B, DR_ROWS, n + 1) int64) rows: the event announced
 #: for the coming slot and the one after it (baselines in Wh per prosumer, 0 for a prosumer
-#: that does not take part, and in column n whether there is an event), then the rewards of
-#: the events already metered but not yet settled (column n: how many events).
+#: that does not take part, and in column n whether there is an event), then `DR_HELD` rows
+#: from `DR_OWED` on, one per event already metered but not yet settled: what it owes each
+#: prosumer and, in column n, 1 + the transactions since it was metered (0: no event). Each
+#: event is held apart because one held too long by an emergency is forfeited alone
+#: (`dr_settle_row`).
 DR_NOW = 0
 DR_NEXT = 1
 DR_OWED = 2
-DR_ROWS = 3
+#: Metered events held at most: a calm transaction settles every held event, and an event
+#: covers a slot only if a calm transaction announced it two slots before, so the events held
+#: are those of the last calm transaction's slot and the two after it.
+DR_HELD = 3
+DR_ROWS = DR_OWED + DR_HELD
+#: An event metered by transaction e is settled by transaction u only while u - e is below
+#: this (`contracts.slot_batch.settles`: DeviceRegistry keeps 32 slots of readings).
+DR_SETTLE_SLOTS = READING_HISTORY_SLOTS
 #: `dr_out` columns: an event covers the slot, events announced, events settled.
 DR_OUT = 3
 
@@ -333,26 +344,38 @@ def dr_settle_row(i, r, rate, metered, emergency, announce, baseline, drq, dr_ou
     Wh metered below its baseline) and announce the event `announce` asks for; the event that
     covered this slot is then metered, to be settled by a later transaction. An event no
     prosumer takes part in (every baseline 0) is not announced: GridBalance refuses an empty
-    list. `dr_paid[r]` gets what the settlements paid, `dr_out[r]` (event covered the slot,
+    list. An event an emergency held for `DR_SETTLE_SLOTS` transactions is forfeited, unpaid:
+    the registry no longer holds its slot's readings, so GridBalance could not settle it
+    (`contracts.slot_batch.settles`, the rule the chain ledger and the bridge leave it out
+    by). `dr_paid[r]` gets what the settlements paid, `dr_out[r]` (event covered the slot,
     announced, settled)."""
     n = metered.shape[1]
     calm = not emergency[r]
     settled = 0
     for k in range(n):
         dr_paid[r, k] = 0
-    if calm:
-        settled = drq[i, DR_OWED, n]
-        for k in range(n):
-            dr_paid[r, k] = drq[i, DR_OWED, k]
-            drq[i, DR_OWED, k] = 0
-        drq[i, DR_OWED, n] = 0
+    for j in range(DR_OWED, DR_OWED + DR_HELD):
+        if drq[i, j, n] == 0:
+            continue
+        drq[i, j, n] += 1
+        forfeit = drq[i, j, n] > DR_SETTLE_SLOTS
+        if calm and not forfeit:
+            settled += 1
+            for k in range(n):
+                dr_paid[r, k] += drq[i, j, k]
+        if calm or forfeit:
+            for k in range(n + 1):
+                drq[i, j, k] = 0
     covered = drq[i, DR_NOW, n] != 0
     if covered:
+        held = DR_OWED  # the first free row (there is one: see DR_HELD)
+        while held < DR_ROWS - 1 and drq[i, held, n] != 0:
+            held += 1
         for k in range(n):
             base = drq[i, DR_NOW, k]
-            if base > 0 and metered[r, k] < base:
-                drq[i, DR_OWED, k] += (base - metered[r, k]) * rate
-        drq[i, DR_OWED, n] += 1
+            saved = base - metered[r, k]
+            drq[i, held, k] = saved * rate if base > 0 and saved > 0 else 0
+        drq[i, held, n] = 1
     created = False
     if calm and announce[r]:
         for k in range(n):

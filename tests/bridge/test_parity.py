@@ -84,8 +84,9 @@ slot of the default run, which compares it) the two agree; the whole day leaves 
 
 The default run covers 16 slots (05:00-09:00 of the sunniest test day; the devices start from the
 env's state at 05:00), ~2 minutes with imports on a loaded machine; `--runslow` also runs the
-whole day from 00:00, ~7-14 minutes (open: it diverges from 17:15, where a long emergency ends,
-docs/iot.md).
+whole day from 00:00, ~7-14 minutes: an emergency from 08:00 to 17:30, longer than the 32 slots
+of readings DeviceRegistry keeps, so the recovering row forfeits the two events it held, as the
+env's mirror does (`contracts.slot_batch.settles`, docs/iot.md).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ from bridge.site_builder import build_site
 from contracts import clearing
 from contracts.client import Chain, RewardKind, SuiteConfig
 from contracts.settler import PART_RECONCILE
+from contracts.slot_batch import settles
 from envs import MicrogridEnv, load_scenario
 from envs.grid import build_grid
 from envs.ledger import MirrorLedger, per_wh
@@ -138,6 +140,7 @@ from envs.market_kernel import (
     DR_NEXT,
     DR_NOW,
     DR_OWED,
+    DR_ROWS,
     grid_events,
 )
 from envs.params import GridParams
@@ -259,8 +262,9 @@ class EnvDay:
     (GridBalance's model in the mirror, `envs.market_kernel.DR_NEXT`), from the steps
     `begin` - 1 on: the events the bridge's rows of the recorded slots announce."""
     incentives: dict[int, np.ndarray] = field(default_factory=dict)
-    """Day slot -> per prosumer, what the event that covered it earns (the mirror's
-    `DR_OWED` added by that step): paid by the first calm transaction after it."""
+    """Day slot -> per prosumer, what the event that covered it earns (the mirror's held row
+    from `DR_OWED` on that the step added): paid by the first calm transaction after it,
+    unless an emergency held it 32 slots (`contracts.slot_batch.settles`)."""
     settled: set[int] = field(default_factory=set)
     """The day slots whose events the recorded steps' transactions settled."""
 
@@ -279,6 +283,7 @@ def run_env(
     power = np.asarray(codec.battery_power_kw)
     out = EnvDay()
     pending: list[int] = []  # the day slots of metered events not settled yet
+    owes: dict[int, np.ndarray] = {}  # day slot -> what its metered event owes each prosumer
     obs, _ = env.reset(seed=0, options={"day": day})
     for k in range(begin + steps):
         state = env.state
@@ -314,25 +319,32 @@ def run_env(
         assert isinstance(ledger, MirrorLedger)
         granted = ledger.reward_tokens[0].copy()
         drq = ledger.demand_response[0]
-        owed, covered = drq[DR_OWED, :n].copy(), bool(drq[DR_NOW, n])
+        covered = bool(drq[DR_NOW, n])
         calm = not bool(gate.emergency[0])
+        # A calm transaction settles the metered events the registry still holds the readings
+        # of; one an emergency held longer is forfeited (`contracts.slot_batch.settles`).
+        paying = [e for e in pending if settles(e, k)] if calm else []
         obs, _, _, _, info = env.step(stepped)
         if k >= begin - 1 and info["dr_events_created"]:
             out.announced[k + 2] = drq[DR_NEXT, :n].copy()
         if k >= begin:
             out.rewards.append(ledger.reward_tokens[0] - granted)
-            out.dr_paid.append(owed if calm else np.zeros_like(owed))
+            out.dr_paid.append(sum((owes[e] for e in paying), np.zeros(n, np.int64)))
             # What the env's market meters for each prosumer (`Exchange.close`): its net
             # consumption in the slot just simulated, in whole Wh.
             exact = env.state.last_net_kw[0] * params.dt_h * 1000.0
             out.exact_wh.append(exact)
             out.metered_wh.append(np.rint(exact).astype(np.int64))
-            if calm:
-                out.settled.update(pending)
-                pending.clear()
-            if covered:
-                out.incentives[k] = drq[DR_OWED, :n] - (0 if calm else owed)
-                pending.append(k)
+            out.settled.update(e for e in paying if e >= begin)
+        if calm:
+            pending.clear()
+        if covered:  # the event just metered: the held row one transaction old
+            held = [j for j in range(DR_OWED, DR_ROWS) if drq[j, n] == 1]
+            assert len(held) == 1, drq
+            owes[k] = drq[held[0], :n].copy()
+            pending.append(k)
+            if k >= begin:
+                out.incentives[k] = owes[k]
     return out
 
 

@@ -378,6 +378,37 @@ def test_emergencies_refused_batches_and_missed_slots_settle_as_the_env(
         assert step_of_args(c.outbox.args(f"slot:{s}") or []).orders == []
 
 
+def test_an_emergency_longer_than_the_readings_history_forfeits_the_events_it_held(
+    chainside: Chainside,
+) -> None:
+    """Two demand-response events (slots first + 2 and first + 3) are held by an emergency
+    declared at first + 3 and ended 32 rows later, at first + 35. DeviceRegistry keeps 32 slots
+    of readings: by then the reading of first + 2 is gone (GridBalance's ``settleEvent`` reverts
+    ``DeviceRegistryReadingEvicted``, and with it the whole row), and the rule
+    (`contracts.slot_batch.settles`) forfeits first + 3's too, as the env's mirror does. The
+    recovering row settles no event, and its recovery, orders and reconciliation stand: no
+    repair, nothing settled empty, the chain's ledger the mirror's. (Before, the row carried
+    both settlements; the evicted reading, taken for the reconciliation's, had the row repaired
+    to no reconciliation, then to an empty batch, then failed for good: the emergency never
+    ended on chain. The whole-day parity run met it: an emergency from 08:00 to 17:30.) That an
+    event 31 slots old is still settled is tests/envs/test_demand_response.py's."""
+    c = chainside
+    stress = Plan(emergency=True, dr=True)
+    plans = [Plan(), Plan(dr=True), Plan(dr=True), *[stress] * 32, Plan(), Plan()]
+    driven = drive(c, plans)
+    first = driven.slots.start
+    check_ledger(c, driven)
+    assert c.outbox.repairs() == {} and c.outbox.failures() == {}
+    assert driven.dr_created == [first + 2, first + 3]
+    recovery = step_of_args(c.outbox.args(f"slot:{first + 35}") or [])
+    assert recovery.parts & PART_RECOVER and recovery.parts & PART_RECONCILE and recovery.orders
+    assert not recovery.parts & PART_DEMAND_RESPONSE  # nothing left to settle or announce
+    grid = c.chain.contract("GridBalance", c.suite.addresses()["GridBalance"])
+    assert grid.events.DemandResponseSettled().get_logs(from_block=0) == []
+    assert sum(driven.dr_paid.values()).sum() == 0
+    assert not c.chain.call(grid, "paused")
+
+
 def test_repairs_leave_out_what_the_chain_refuses_and_wait_for_what_is_not_yet() -> None:
     """Per revert, what a slot row sends instead (`repair_step`)."""
     accounts = ["0x" + "1" * 40, "0x" + "2" * 40]
@@ -446,6 +477,24 @@ def test_a_refused_demand_response_part_is_left_out_and_the_rest_stands() -> Non
             "demand response",
         )
     assert repair_step(step, "GridBalanceReadingsNotFinal", None, accounts) is None  # not yet
+    # A row mined so late that an event's reading is gone from the registry: the settlements
+    # go, the announcement, orders and reconciliation stay; the reconciled slot's own reading
+    # is the reconciliation's refusal.
+    reconciling = dataclasses.replace(
+        step, parts=step.parts | PART_RECONCILE, reconcile_slot=8, accounts=accounts,
+        orders=[(accounts[0], 9, 0, 100, 5, 0)], fills=[100],
+    )  # fmt: skip
+    event_gone = {"device": "0x" + "a" * 40, "slot": 2, "heldSlot": 34}
+    fixed = repair_step(reconciling, "DeviceRegistryReadingEvicted", None, accounts, event_gone)
+    assert fixed is not None and fixed[1] == "demand-response settlements"
+    assert fixed[0].demand_response == dataclasses.replace(dr, settle=[])
+    assert fixed[0].parts == reconciling.parts and fixed[0].orders == reconciling.orders
+    settling_only = dataclasses.replace(reconciling, demand_response=DemandResponse(settle=[3]))
+    fixed = repair_step(settling_only, "DeviceRegistryReadingEvicted", None, accounts, event_gone)
+    assert fixed is not None and fixed[0].parts == reconciling.parts & ~PART_DEMAND_RESPONSE
+    own = {**event_gone, "slot": 8}
+    fixed = repair_step(reconciling, "DeviceRegistryReadingEvicted", None, accounts, own)
+    assert fixed is not None and fixed[0].parts == reconciling.parts & ~PART_RECONCILE
 
 
 def test_the_open_events_are_read_back_from_grid_balance() -> None:
