@@ -7,6 +7,7 @@ binary inside the npm package that ``make setup`` installs, so nothing else has 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -17,6 +18,9 @@ from contracts.client import Chain
 from contracts.errors import ChainError
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Process id of every anvil `local_anvil` runs now, by URL: what `node_cpu_seconds` reads.
+_RUNNING: dict[str, int] = {}
 
 
 def free_port() -> int:
@@ -57,10 +61,30 @@ def local_anvil(
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise ChainError(f"anvil did not start on {url}: {err[:500]}") from None
                 time.sleep(0.1)
+        _RUNNING[url] = proc.pid
         yield url
     finally:
+        _RUNNING.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def node_cpu_seconds(url: str) -> float | None:
+    """CPU seconds (user + system, all threads) the anvil `local_anvil` runs at `url` has used
+    so far, from ``/proc``; None for any other node or where ``/proc`` is missing.
+
+    Benchmarks report the node's CPU a step beside the wall rate: on a shared machine the wall
+    rate follows the load, the CPU a step far less.
+    """
+    pid = _RUNNING.get(url)
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

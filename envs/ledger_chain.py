@@ -168,27 +168,34 @@ class ChainLedger:
         self.treasury = self._mirror.treasury
         """The treasury's credit (the mirror's array: predicted, checked against the chain)."""
         self._snapshot = chain.snapshot()
+        self._deployed_at = int(chain.timestamp())
         self._start()
-
-    def _price_params(self, reference: int) -> PriceParams:
-        c = self.config
-        return price_params(reference, c.band_low_bps, c.band_high_bps, c.imbalance_penalty_bps)
-
-    def _start(self) -> None:
-        self._slot = self._first_slot
-        self._now = int(self.chain.timestamp())
-        self._nonces = [0] * self.n
-        self._paused = False  # GridBalance's emergency, as the last step left it
-        self._pending: _Pending | None = None
-        self._dr = DemandResponseQueue()  # event ids restart with the snapshot
-        self._next_event_seen = 1  # the id the next DemandResponseCreated must carry
-        self._mirror.reset(np.zeros(1, dtype=np.int64))
         credits, treasury = self._read_chain()
         if not (np.array_equal(credits, self._mirror.credits()) and treasury == self.treasury[0]):
             raise LedgerError(
                 "market.ledger: the deployed ledger does not start from the scenario's "
                 "initial_credit and treasury_credit"
             )
+
+    def _price_params(self, reference: int) -> PriceParams:
+        c = self.config
+        return price_params(reference, c.band_low_bps, c.band_high_bps, c.imbalance_penalty_bps)
+
+    def _start(self) -> None:
+        """Start an episode from the post-deployment snapshot.
+
+        The snapshot's block time and credits are known: a revert restores that very state, so
+        neither is read again at a reset (the reads cost ~50 ms of a reset, ~0.5 ms a step at
+        96 steps an episode). The credits are checked against the scenario once, at deployment.
+        """
+        self._slot = self._first_slot
+        self._now = self._deployed_at
+        self._nonces = [0] * self.n
+        self._paused = False  # GridBalance's emergency, as the last step left it
+        self._pending: _Pending | None = None
+        self._dr = DemandResponseQueue()  # event ids restart with the snapshot
+        self._next_event_seen = 1  # the id the next DemandResponseCreated must carry
+        self._mirror.reset(np.zeros(1, dtype=np.int64))
 
     def _read_chain(self) -> tuple[IntArray, int]:
         suite = self.suite
@@ -206,8 +213,8 @@ class ChainLedger:
 
     def reset(self, rows: IntArray) -> None:
         self._flush()  # the episode's last slot is checked too
-        self.chain.revert(self._snapshot)
-        self._snapshot = self.chain.snapshot()  # anvil consumes a snapshot when reverting
+        # anvil consumes a snapshot when reverting: take the next one at once.
+        self._snapshot = self._sender.revert_and_snapshot(self._snapshot)
         self._start()
 
     def credits(self) -> IntArray:

@@ -33,22 +33,37 @@ def _rate(fn: Callable[[], int], min_seconds: float) -> float:
             return steps / elapsed
 
 
-def _single_rate(sc: Scenario, actions: np.ndarray, seconds: float) -> tuple[float, Any]:
-    """Steps/s of one env of `sc` (compiled and warmed up outside the clock)."""
+def _single_rate(
+    sc: Scenario, actions: np.ndarray, seconds: float
+) -> tuple[float, Any, dict[str, float]]:
+    """Steps/s of one env of `sc` (compiled and warmed up outside the clock), the env, and the
+    CPU a step of this process and (on a local anvil) of the node, in ms."""
+    from contracts.anvil import node_cpu_seconds
+
     env = MicrogridEnv(sc)
     env.reset(seed=0)
     env.step(actions[0])
     # A chain ledger needs seconds per few steps: time in small chunks so short runs end.
     chunk = len(actions) if sc.market.ledger == "mirror" else 1
+    steps = 0
 
     def single() -> int:
+        nonlocal steps
         for a in actions[:chunk]:
             _, _, _, trunc, _ = env.step(a)
             if trunc:
                 env.reset()
+        steps += chunk
         return chunk
 
-    return _rate(single, seconds), env
+    url = sc.market.rpc_url if sc.market.ledger == "rpc" else ""
+    node0, cpu0 = node_cpu_seconds(url), time.process_time()
+    rate = _rate(single, seconds)
+    cpu = {"python_cpu_ms_per_step": (time.process_time() - cpu0) / steps * 1e3}
+    node1 = node_cpu_seconds(url)
+    if node0 is not None and node1 is not None:
+        cpu["node_cpu_ms_per_step"] = (node1 - node0) / steps * 1e3
+    return rate, env, cpu
 
 
 def bench_env(
@@ -65,7 +80,9 @@ def bench_env(
     """Single-env steps/s (with the market on `ledger`), batched env-steps/s and the
     pandapower-stepped env, one run. The batched env always settles on the mirror: the chain
     ledgers settle one grid each. Without `rpc_url`, the `rpc` ledger runs on a local anvil;
-    `evm_engine` overrides the scenario's engine of the `evm` ledger.
+    `evm_engine` overrides the scenario's engine of the `evm` ledger. Beside the rates, the CPU
+    a single-env step costs this process (`single_python_cpu_ms_per_step`) and, on the local
+    anvil, the node (`single_node_cpu_ms_per_step`): the load moves these far less.
     """
     from envs.grid.reference import PandapowerSolver  # imports pandapower: only when asked
 
@@ -88,7 +105,7 @@ def bench_env(
     n_act = MicrogridEnv(sc).codec.act_dim
     actions = rng.uniform(-1, 1, (256, n_act)).astype(np.float32)
     bare = sc.model_copy(update={"market": sc.market.model_copy(update={"enabled": False})})
-    bare_rate, _ = _single_rate(bare, actions, seconds)
+    bare_rate, _, _ = _single_rate(bare, actions, seconds)
     advance()
     with contextlib.ExitStack() as stack:
         if market["ledger"] == "rpc" and rpc_url is None:
@@ -98,7 +115,7 @@ def bench_env(
         if rpc_url is not None:
             market["rpc_url"] = rpc_url
         chosen = Scenario.model_validate({**sc.model_dump(), "market": market})
-        single_rate, env = _single_rate(chosen, actions, seconds)
+        single_rate, env, cpu = _single_rate(chosen, actions, seconds)
     advance()
 
     venv = MicrogridVectorEnv(batch, sc)
@@ -132,6 +149,7 @@ def bench_env(
         "single_steps_per_s": round(single_rate, 1),
         "single_steps_per_s_no_market": round(bare_rate, 1),
         "market_overhead": round(bare_rate / single_rate, 2),
+        **{f"single_{key}": round(value, 3) for key, value in cpu.items()},
         "batch_env_steps_per_s": round(batch_rate, 1),
         "pandapower_steps_per_s": round(pp_rate, 2),
         "speedup_vs_pandapower": round(single_rate / pp_rate, 1),

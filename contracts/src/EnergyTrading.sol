@@ -60,6 +60,13 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     address private _treasury;
     uint16 private _feeBps;
     uint64 private _gateClosure;
+    /// @dev `SEEN_*` bits: which per-slot records any slot has ever had. Packed with the
+    /// treasury (read by every settlement and reconciliation), so testing a bit is a warm read,
+    /// and a slot's record that was never written is not read at all: on a node such as anvil,
+    /// which recomputes the state root over every storage slot a contract ever touched, a read
+    /// of an empty mapping entry leaves one more slot to hash at every block. Set once, never
+    /// cleared: a clear bit proves the record empty, a set one only sends the reader to it.
+    uint8 private _seen;
     PriceParams private _priceParams;
     uint16[24] private _todMultiplierBps;
 
@@ -75,6 +82,13 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
     mapping(address owner => mapping(uint64 slot => uint256)) private _cancelledNonces;
     mapping(uint64 slot => uint256) private _cancellations;
     mapping(uint64 slot => ReconcileCursor) private _cursors;
+
+    /// @dev `_seen`: some slot has had a book order (`_slotOrderIds`).
+    uint8 private constant SEEN_BOOK_ORDERS = 1;
+    /// @dev `_seen`: some owner has cancelled signed orders (`_cancellations`).
+    uint8 private constant SEEN_CANCELLATIONS = 2;
+    /// @dev `_seen`: some reconciliation has run in parts (`_cursors`).
+    uint8 private constant SEEN_PARTS = 4;
 
     /// @dev Demand and supply of one slot at the proposed price, from the first pass.
     struct Book {
@@ -245,6 +259,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
             limitPrice: limitPrice,
             startSlot: startSlot
         });
+        _see(SEEN_BOOK_ORDERS);
         for (uint64 s = startSlot; s < startSlot + durationSlots; ++s) {
             uint32[] storage ids = _slotOrderIds[s];
             if (ids.length >= MAX_ORDERS_PER_SLOT) revert EnergyTradingSlotFull(s, MAX_ORDERS_PER_SLOT);
@@ -319,7 +334,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         if (signatures.length != orders.length || fills.length != orders.length) {
             revert EnergyTradingBatchLengthMismatch(orders.length, signatures.length, fills.length);
         }
-        if (_slotOrderIds[slot].length != 0) {
+        if (_seen & SEEN_BOOK_ORDERS != 0 && _slotOrderIds[slot].length != 0) {
             revert EnergyTradingSlotHasBookOrders(slot, _slotOrderIds[slot].length);
         }
         SlotResult storage result = _requireClearable(slot);
@@ -357,6 +372,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         _requireGateOpen(slot);
         _cancelledNonces[msg.sender][slot] |= mask;
         ++_cancellations[slot];
+        _see(SEEN_CANCELLATIONS);
         emit SignedOrdersCancelled(msg.sender, slot, mask);
     }
 
@@ -419,11 +435,11 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
             Trade calldata t = trades[i - 1];
             chain = _link(_word(t.owner, t.side, t.fillWh), chain);
         }
-        bool started = cursor.started;
+        bool started = _seen & SEEN_PARTS != 0 && cursor.started;
         if (chain != (started ? cursor.expected : _commitments[slot])) {
             revert EnergyTradingTradesMismatch(slot);
         }
-        address last = cursor.lastAccount;
+        address last = started ? cursor.lastAccount : address(0);
         for (uint256 j; j < accounts.length; ++j) {
             if (accounts[j] <= last) revert EnergyTradingAccountsNotSorted(j);
             last = accounts[j];
@@ -436,6 +452,13 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         cursor.expected = rest;
         cursor.lastAccount = last;
         cursor.started = true;
+        _see(SEEN_PARTS);
+    }
+
+    /// @dev Record that some slot now has the record `bit` stands for (one write, the first time).
+    function _see(uint8 bit) private {
+        uint8 seen = _seen;
+        if (seen & bit == 0) _seen = seen | bit;
     }
 
     /// @dev Replay a part of the committed trades: turn metered net consumption into imbalance
@@ -523,7 +546,7 @@ contract EnergyTrading is IEnergyTrading, SlotClock, AccessControl, EIP712, Paus
         book.low = type(uint64).max;
         book.price = price;
         // Cancellations are rare: one read per batch spares a cold read per order without them.
-        book.anyCancelled = _cancellations[slot] != 0;
+        book.anyCancelled = _seen & SEEN_CANCELLATIONS != 0 && _cancellations[slot] != 0;
         (uint64 low, uint64 high) = priceBand(slot);
         uint256 band = uint256(low) << 64 | high;
         uint256 previous;

@@ -8,7 +8,7 @@ import pytest
 from eth_account import Account
 from eth_utils import to_checksum_address
 
-from contracts.anvil import free_port, local_anvil
+from contracts.anvil import free_port, local_anvil, node_cpu_seconds
 from contracts.client import TX_GAS_CAP, Chain, Side, deploy_suite
 from contracts.errors import ChainError, ContractRevert
 from contracts.model import PriceParams, SignedOrder
@@ -147,3 +147,14 @@ def test_the_largest_signed_batch_settles_in_one_transaction_on_anvil(anvil_url:
     print(f"\n{orders_max}-order signed batch on anvil: {receipt['gasUsed']} gas")
     assert result.volume == orders_max // 2 * wh
     assert receipt["status"] == 1 and receipt["gasUsed"] < TX_GAS_CAP
+
+
+def test_the_node_cpu_of_a_local_anvil_is_read_and_no_other(anvil_url: str) -> None:
+    """`node_cpu_seconds` reads the anvil this process started (benchmarks report it a step)."""
+    chain = Chain.rpc(anvil_url)
+    before = node_cpu_seconds(anvil_url)
+    assert before is not None and before >= 0
+    chain.mine(20)
+    after = node_cpu_seconds(anvil_url)
+    assert after is not None and after >= before
+    assert node_cpu_seconds(f"http://127.0.0.1:{free_port()}") is None

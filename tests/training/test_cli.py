@@ -35,6 +35,8 @@ def test_bench_env_json_has_the_documented_keys() -> None:
     assert data["speedup_vs_pandapower"] == pytest.approx(
         data["single_steps_per_s"] / data["pandapower_steps_per_s"], rel=0.01
     )
+    assert data["single_python_cpu_ms_per_step"] > 0
+    assert "single_node_cpu_ms_per_step" not in data  # the mirror runs no node
 
 
 def test_bench_powerflow_json_reports_accuracy() -> None:
