@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from envs.claim import claim
-from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows
+from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows, step_scratch
 from envs.prefetch import prefetch
 
 BUY = 0
@@ -385,7 +385,7 @@ def settle_rows(
     return settle_range(
         0, qty.shape[0], rates, order, qty, limit, side, reference, metered, announce,
         baseline, emergency, credit, treasury, drq, price, volume, fills, cash, fees, imbalance,
-        unpaid, refused, rewards, dr_out, dr_paid,
+        unpaid, refused, rewards, dr_out, dr_paid, np.empty((5, qty.shape[1]), dtype=np.int64),
     )  # fmt: skip
 
 
@@ -393,18 +393,19 @@ def settle_rows(
 def settle_range(
     lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline, emergency,
     credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
-    dr_out, dr_paid,
+    dr_out, dr_paid, work,
 ):  # fmt: skip
     """`settle_rows` for rows [lo, hi): `credit`, `treasury` and `drq` are indexed by row,
-    every other array from `lo`."""
+    every other array from `lo`. `work` is a (5, n) int64 scratch, written before it is read
+    in every row (one book's quantities, prices, sides, fills and held proceeds)."""
     n = qty.shape[1]
     fee_bps = rates[0]
     penalty = rates[1]
-    bq = np.empty(n, dtype=np.int64)
-    bp = np.empty(n, dtype=np.int64)
-    bs = np.empty(n, dtype=np.int64)
-    bf = np.empty(n, dtype=np.int64)
-    held = np.empty(n, dtype=np.int64)
+    bq = work[0]
+    bp = work[1]
+    bs = work[2]
+    bf = work[3]
+    held = work[4]
     short_row = -1
     for i in range(lo, hi):
         r = i - lo
@@ -552,12 +553,15 @@ def _pairwise_sum(x):
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip):
+def decode_range(
+    lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip, work
+):  # fmt: skip
     """`Codec.decode_action` for rows [lo, hi): the decoded parts are indexed from `lo`, the
-    actions and `clip` (components clipped, summed clip distance) by row."""
+    actions and `clip` (components clipped, summed clip distance) by row. `work` is a
+    (2, action dim) float64 scratch, written before it is read in every row."""
     n_a = actions.shape[1]
-    clipped = np.empty(n_a, dtype=np.float64)
-    diff = np.empty(n_a, dtype=np.float64)
+    clipped = work[0]
+    diff = work[1]
     for i in range(lo, hi):
         r = i - lo
         n_clipped = 0
@@ -589,26 +593,26 @@ def fused_chunk(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    actions, out, mout, obs, clip, short, work,
 ):  # fmt: skip
-    """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite.
+    """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite; `work` is
+    `chunk_work` for at least `hi - lo` rows.
 
     Rows are independent and a row's arithmetic does not depend on `lo` or `hi`, so any split
-    of the batch into chunks, on any threads, gives the one-call result bit for bit.
+    of the batch into chunks, on any threads, gives the one-call result bit for bit. Nothing in
+    `work` is read before this chunk wrote it, so one `work` serves every chunk of a thread.
     """
-    m = hi - lo
     n_b = bat.shape[1]
     n_p = load.shape[1]
     dt = sc[0]
-    bkw = np.empty((m, n_b), dtype=np.float64)
-    curt = np.empty((m, n_p), dtype=np.float64)
-    drs = np.empty((m, n_p), dtype=np.float64)
-    mult = np.empty(m, dtype=np.float64)
-    decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip)
+    (
+        bkw, curt, drs, mult, reference, emerg, books, price, volume, fees, refused, announce,
+        dr_out, dwork, swork, owork, pwork,
+    ) = work  # fmt: skip
+    decode_range(
+        lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip, dwork
+    )  # fmt: skip
     if market:
-        reference = np.empty(m, dtype=np.int64)
-        emerg = np.empty(m, dtype=np.bool_)
-        books = np.empty((11, m, n_p), dtype=np.int64)
         qty, limit, side = books[1], books[2], books[3]
         gate_range(
             lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, sizes[2], load, pv, slot, step,
@@ -619,7 +623,7 @@ def fused_chunk(
         lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
         sizes, v_lim, base_mva, load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, prosumer_pq,
         battery_pq, import_price, tod, slot, step, soc, cap, backlog, v_pq, grid, last_load,
-        last_pv, last_net, community_price, bkw, curt, drs, mult, out,
+        last_pv, last_net, community_price, bkw, curt, drs, mult, out, pwork,
     )  # fmt: skip
     for i in range(lo, hi):
         for j in range(out.shape[1]):
@@ -637,12 +641,6 @@ def fused_chunk(
             books[9],
             books[10],
         )
-        price = np.empty(m, dtype=np.int64)
-        volume = np.empty(m, dtype=np.int64)
-        fees = np.empty(m, dtype=np.int64)
-        refused = np.empty(m, dtype=np.int64)
-        announce = np.empty(m, dtype=np.bool_)
-        dr_out = np.empty((m, DR_OUT), dtype=np.int64)
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
@@ -653,7 +651,7 @@ def fused_chunk(
         first_short = settle_range(
             lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline,
             emerg, credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid,
-            refused, rewards, dr_out, paid,
+            refused, rewards, dr_out, paid, swork,
         )  # fmt: skip
         if first_short >= 0:
             short[first_short] = True
@@ -688,8 +686,37 @@ def fused_chunk(
     observe_rows(
         lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
         bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
-        community_price, noise_offset, starts, scaling, bscale, uniform, obs,
+        community_price, noise_offset, starts, scaling, bscale, uniform, obs, owork,
     )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
+    """The scratch `fused_chunk` works in, for chunks of up to `m` rows: the decoded action,
+    the gate's reference prices, emergencies and books, the clearing's figures, the
+    demand-response announcements, and the row functions' own scratch. A thread allocates it
+    once per step and reuses it chunk after chunk (~25 allocations a chunk before, ~800 a step
+    of 1,024 rows; a helper thread's freed memory went back to the kernel and faulted in again).
+    """
+    return (
+        np.empty((m, n_b), dtype=np.float64),
+        np.empty((m, n_p), dtype=np.float64),
+        np.empty((m, n_p), dtype=np.float64),
+        np.empty(m, dtype=np.float64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.bool_),
+        np.empty((11, m, n_p), dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.bool_),
+        np.empty((m, DR_OUT), dtype=np.int64),
+        np.empty((2, n_a), dtype=np.float64),
+        np.empty((5, n_p), dtype=np.int64),
+        np.empty((3, h), dtype=np.float64),
+        step_scratch(n_pq, n_out),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -725,6 +752,10 @@ def fused_chunks(
     b = actions.shape[0]
     n_chunks = (b + CHUNK_ROWS - 1) // CHUNK_ROWS
     bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
+    work = chunk_work(
+        CHUNK_ROWS, bat.shape[1], load.shape[1], actions.shape[1], w_re.shape[0], y_re.shape[1],
+        sizes[2],
+    )  # fmt: skip
     while True:
         c = claim(counter, 0)
         if c >= n_chunks:
@@ -740,7 +771,7 @@ def fused_chunks(
             slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
             community_price, noise_offset,
             market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum,
-            priced, actions, out, mout, obs, clip, short,
+            priced, actions, out, mout, obs, clip, short, work,
         )  # fmt: skip
         claim(counter, 1)
 
@@ -768,8 +799,12 @@ def fused_step(
     if not all_finite(actions):
         return False
     bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
+    b = actions.shape[0]
+    work = chunk_work(
+        b, bat.shape[1], load.shape[1], actions.shape[1], w_re.shape[0], y_re.shape[1], sizes[2]
+    )  # fmt: skip
     fused_chunk(
-        0, actions.shape[0],
+        0, b,
         sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
         v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
         bscale, uniform,
@@ -778,6 +813,6 @@ def fused_step(
         slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
         noise_offset,
         market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-        actions, out, mout, obs, clip, short,
+        actions, out, mout, obs, clip, short, work,
     )  # fmt: skip
     return True
