@@ -156,6 +156,7 @@ def gate_rows(
         0, slot.shape[0], mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
         slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
         battery_kw, curtail, dr, use_rule, reference, emergency, qty, limit, side,
+        np.empty((1, 3), dtype=np.int64), np.empty((1, 1), dtype=np.float64), False,
     )  # fmt: skip
 
 
@@ -164,15 +165,24 @@ def gate_range(
     lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
     slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
     battery_kw, curtail, dr, use_rule,
-    reference, emergency, qty, limit, side,
+    reference, emergency, qty, limit, side, fkey, fval, cached,
 ):  # fmt: skip
-    """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`."""
+    """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`.
+
+    With `cached` (the fused step), a row whose `fkey` (slot, step, noise offset; by row) is
+    its own takes its lead-0 load and PV forecasts from `fval` (by row: loads then PV), which
+    the last fused step's observation of that row left there (`observe_rows` with `keep`):
+    the same values, computed from the same slot, step and offset, without the 26 scattered
+    noise and profile reads a row. In persistence mode the forecast is the state's own last
+    reading, so the cache is not consulted.
+    """
     n = load_prof.shape[1]
     dt = sc[0]
     share = sc[1] + sc[2]
     noise_size = noise.shape[0] - stride
+    cached = cached and mode != 2
     for i in range(lo, hi):
-        if use_rule and i + 1 < slot.shape[0]:
+        if use_rule and not cached and i + 1 < slot.shape[0]:
             # The next row's lead-0 noise (one line a block) and profile rows: see envs.prefetch.
             nxt = (noise_offset[i + 1] + step[i + 1] * stride) % noise_size
             for k in range(2 * n):
@@ -189,9 +199,18 @@ def gate_range(
             continue
         low, high = price_band(ref, mcfg[0], mcfg[1])
         off = (noise_offset[i] + step[i] * stride) % noise_size
+        hit = cached and fkey[i, 0] == t and fkey[i, 1] == step[i] and fkey[i, 2] == noise_offset[i]
         for k in range(n):
-            load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
-            pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
+            if hit:
+                load = fval[i, k]
+                pv = fval[i, n + k]
+            else:
+                load = forecast_value(
+                    load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h]
+                )  # fmt: skip
+                pv = forecast_value(
+                    pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h]
+                )  # fmt: skip
             q, p, sd = rule_order(
                 load, pv, dr[r, k], curtail[r, k], backlog[i, k], soc[i, k], cap[i, k],
                 battery_kw[r, k], bat[1, k], bat[2, k], bat[3, k], bat[4, k], bat[5, k], dt,
@@ -320,6 +339,23 @@ def announce_range(
             load = forecast_value(load_prof[t, k], last_load[i, k], mode, scale, noise[off + k * h])
             pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, scale, noise[off + (n + k) * h])
             wh = np.int64(np.rint((load - pv) * dt * 1000.0))
+            baseline[r, k] = wh if wh > 0 else 0
+            anyone = anyone or wh > 0
+        announce[r] = dr and not emergency and anyone
+
+
+@numba.njit(cache=True, nogil=True)
+def announce_forecast(lo, hi, mcfg, dt, grid, fc, announce, baseline):
+    """`announce_range` for rows [lo, hi) from forecasts already made: `fc` as
+    `observe_rows` keeps them (indexed from `lo`), whose columns [2 n, 3 n) and [3 n, 4 n) are
+    the load and PV forecasts of the lead `announce_range` reads, the same values."""
+    n = baseline.shape[1]
+    for i in range(lo, hi):
+        r = i - lo
+        dr, emergency = grid_events(grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5])
+        anyone = False
+        for k in range(n):
+            wh = np.int64(np.rint((fc[r, 2 * n + k] - fc[r, 3 * n + k]) * dt * 1000.0))
             baseline[r, k] = wh if wh > 0 else 0
             anyone = anyone or wh > 0
         announce[r] = dr and not emergency and anyone
@@ -593,7 +629,7 @@ def fused_chunk(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short, work,
+    fkey, fval, actions, out, mout, obs, clip, short, work,
 ):  # fmt: skip
     """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite; `work` is
     `chunk_work` for at least `hi - lo` rows.
@@ -607,7 +643,7 @@ def fused_chunk(
     dt = sc[0]
     (
         bkw, curt, drs, mult, reference, emerg, books, price, volume, fees, refused, announce,
-        dr_out, dwork, swork, owork, pwork,
+        dr_out, dwork, swork, owork, pwork, fc,
     ) = work  # fmt: skip
     decode_range(
         lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip, dwork
@@ -617,7 +653,7 @@ def fused_chunk(
         gate_range(
             lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, sizes[2], load, pv, slot, step,
             soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset, bkw,
-            curt, drs, True, reference, emerg, qty, limit, side,
+            curt, drs, True, reference, emerg, qty, limit, side, fkey, fval, True,
         )  # fmt: skip
     step_rows(
         lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
@@ -630,7 +666,22 @@ def fused_chunk(
             ksum[i, j] += out[i, j]
         peak[i] = max(peak[i], out[i, 6])
         steps[i] += 1.0
+    # The observation before the settlement (neither reads what the other writes): with the
+    # market it keeps its lead-0 and lead-1 forecasts in `fc`, for the announcement below and,
+    # through `fkey`/`fval`, for the next step's gate.
+    observe_rows(
+        lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
+        bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
+        community_price, noise_offset, starts, scaling, bscale, uniform, obs, owork, fc, market,
+    )  # fmt: skip
     if market:
+        n2 = 2 * n_p
+        for i in range(lo, hi):
+            fkey[i, 0] = slot[i]
+            fkey[i, 1] = step[i]
+            fkey[i, 2] = noise_offset[i]
+            for k in range(n2):
+                fval[i, k] = fc[i - lo, k]
         baseline, metered, fills, cash, imbalance, unpaid, rewards, paid = (
             books[0],
             books[4],
@@ -644,10 +695,7 @@ def fused_chunk(
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
-        announce_range(
-            lo, hi, mcfg, dt, mode, lead[: sizes[2]], noise, stride, grid, load, pv, slot, step,
-            last_load, last_pv, noise_offset, announce, baseline,
-        )  # fmt: skip
+        announce_forecast(lo, hi, mcfg, dt, grid, fc, announce, baseline)
         first_short = settle_range(
             lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline,
             emerg, credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid,
@@ -683,11 +731,6 @@ def fused_chunk(
             for j in range(o.shape[0]):
                 msum[i, j] += o[j]
             priced[i] += o[0] * o[1]
-    observe_rows(
-        lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
-        bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
-        community_price, noise_offset, starts, scaling, bscale, uniform, obs, owork,
-    )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -716,6 +759,7 @@ def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
         np.empty((5, n_p), dtype=np.int64),
         np.empty((3, h), dtype=np.float64),
         step_scratch(n_pq, n_out),
+        np.empty((m, 4 * n_p), dtype=np.float64),
     )
 
 
@@ -743,7 +787,7 @@ def fused_chunks(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    fkey, fval, actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """`fused_chunk` over chunks of `CHUNK_ROWS` rows claimed one at a time from `counter[0]`
     until none are left; `counter[1]` counts the chunks finished (by every caller). Every
@@ -771,7 +815,7 @@ def fused_chunks(
             slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
             community_price, noise_offset,
             market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum,
-            priced, actions, out, mout, obs, clip, short, work,
+            priced, fkey, fval, actions, out, mout, obs, clip, short, work,
         )  # fmt: skip
         claim(counter, 1)
 
@@ -785,7 +829,7 @@ def fused_step(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    fkey, fval, actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """One step of every row, on one core. Returns False, having changed nothing, when an
     action is not finite.
@@ -813,6 +857,6 @@ def fused_step(
         slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
         noise_offset,
         market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-        actions, out, mout, obs, clip, short, work,
+        fkey, fval, actions, out, mout, obs, clip, short, work,
     )  # fmt: skip
     return True
