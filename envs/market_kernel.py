@@ -737,9 +737,9 @@ def fused_chunk(
 def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
     """The scratch `fused_chunk` works in, for chunks of up to `m` rows: the decoded action,
     the gate's reference prices, emergencies and books, the clearing's figures, the
-    demand-response announcements, and the row functions' own scratch. A thread allocates it
-    once per step and reuses it chunk after chunk (~25 allocations a chunk before, ~800 a step
-    of 1,024 rows; a helper thread's freed memory went back to the kernel and faulted in again).
+    demand-response announcements, the row functions' own scratch and the forecasts the
+    observation keeps. A thread allocates it once per step and reuses it chunk after chunk
+    (~25 allocations a chunk before, ~800 a step of 1,024 rows).
     """
     return (
         np.empty((m, n_b), dtype=np.float64),
