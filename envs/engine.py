@@ -487,6 +487,12 @@ class Engine:
             msum, priced = market_kpis.sums, market_kpis.priced
         else:
             market, msum, priced = self._market_stand_in(s.slot.shape[0])
+        # The lead-0 forecasts each row's last fused observation made, keyed by (slot, step,
+        # noise offset), for the next gate (`market_kernel.gate_range`); a key of -1 matches no
+        # row, and a row whose state changed since (a reset) misses and computes its own.
+        b = s.slot.shape[0]
+        fkey = np.full((b, 3), -1, dtype=np.int64)
+        fval = np.zeros((b, 2 * p.n_prosumer))
         args = (
             *self._fixed,
             p.prosumer_load_kw, p.prosumer_load_kvar, p.prosumer_pv_kw, p.background_s_pu,
@@ -495,7 +501,7 @@ class Engine:
             p.tod_multiplier,
             s.slot, s.step, s.soc, s.capacity_kwh, s.backlog_kwh, s.v_pq, s.grid,
             s.last_load_kw, s.last_pv_kw, s.last_net_kw, s.community_price, s.noise_offset,
-            *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced,
+            *market, kpis.sums, kpis.peak_kw, kpis.steps, msum, priced, fkey, fval,
         )  # fmt: skip
         self._args_cache = (key, args)
         return args

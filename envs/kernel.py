@@ -137,8 +137,21 @@ def _step_batch(
         i_scale, sizes, v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof,
         bg_pv_prof, bg_sto_prof, prosumer_pq, battery_pq, import_price, tod, slot, step, soc,
         cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price, battery_kw,
-        curtail, dr, price_mult, out,
+        curtail, dr, price_mult, out, step_scratch(w_re.shape[0], y_re.shape[1]),
     )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def step_scratch(n_pq, m):
+    """`step_rows`' scratch for one row, reused row after row: the pq injections and voltages
+    (complex), the branch currents (complex) and eight float rows for the fixed point and the
+    currents split into real and imaginary parts. A caller that steps many chunks (a thread of
+    the fused step) allocates it once for all of them."""
+    return (
+        np.empty((2, n_pq), dtype=np.complex128),
+        np.empty(m, dtype=np.complex128),
+        np.empty((8, max(n_pq, m)), dtype=np.float64),
+    )
 
 
 #: Relative margins inside which two squared magnitudes are taken as possibly equal (their
@@ -170,13 +183,14 @@ def step_rows(
     v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof,
     bg_sto_prof, prosumer_pq, battery_pq, import_price, tod,
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
-    battery_kw, curtail, dr, price_mult, out,
+    battery_kw, curtail, dr, price_mult, out, work,
 ):  # fmt: skip
     """Advance rows [lo, hi) of the state by one slot.
 
     The decoded action (`battery_kw`, `curtail`, `dr`, `price_mult`) is indexed from `lo`
     (row i at i - lo), so a caller can decode one chunk of rows at a time; the state and
-    `out` are indexed by row.
+    `out` are indexed by row. `work` is `step_scratch(n_pq, m)`: every entry is written before
+    it is read within a row, so its contents never reach a result.
     """
     dt = sc[0]
     n_b = bat.shape[1]
@@ -190,9 +204,7 @@ def step_rows(
     episode_steps = int(sc[16])
     spd = int(sc[17])
     # One row's scratch, reused: rows are independent and this stays in cache.
-    scratch = np.empty((2, n_pq), dtype=np.complex128)
-    outc = np.empty(m, dtype=np.complex128)
-    rs = np.empty((8, max(n_pq, m)), dtype=np.float64)
+    scratch, outc, rs = work
     n_bs = bg_s.shape[1] * 2  # float64 per complex row
     for i in range(lo, hi):
         if i + 1 < slot.shape[0]:
@@ -523,6 +535,7 @@ def _observe_batch(
         0, slot.shape[0], sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof,
         import_price, cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
         community_price, noise_offset, starts, scaling, bscale, uniform, buf,
+        np.empty((3, sizes[2]), dtype=np.float64), np.empty((1, 1), dtype=np.float64), False,
     )  # fmt: skip
 
 
@@ -588,10 +601,18 @@ def prefetch_forecast_inputs(noise, stride, load_prof, pv_prof, bg_prof, t, off,
 def observe_rows(
     lo, hi, sizes, lead, mode, noise, stride, sc, load_prof, pv_prof, bg_prof, import_price,
     cap0, n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price,
-    noise_offset, starts, scaling, bscale, uniform, buf,
+    noise_offset, starts, scaling, bscale, uniform, buf, work, fc, keep,
 ):  # fmt: skip
     """Encode rows [lo, hi) of the state into the same rows of `buf` (float32); `bscale`,
-    `uniform` from `block_scaling`.
+    `uniform` from `block_scaling`; `work` a (3, h) float64 scratch (written before it is
+    read, so a thread of the fused step allocates it once for all its chunks).
+
+    With `keep`, row i's prosumer forecasts (float64, before encoding) at lead 0 and at the
+    lead `announce_range` reads (1, or 0 for a one-step horizon) also go to `fc[i - lo]`:
+    columns [0, 2 n_p) lead 0 of the load then PV blocks, [2 n_p, 4 n_p) the other lead. They
+    are `forecast_value` of the same truth, noise entry and lead scale, the same operations,
+    so the fused step's gate and announcement read them instead of the scattered noise and
+    profile entries (`market_kernel.fused_chunk`).
 
     A row's forecasts are 2 n_p + 2 blocks of `h` leads (prosumer loads, prosumer PV,
     background load and PV). Each block's truth is gathered from the row's window of the
@@ -613,11 +634,13 @@ def observe_rows(
     spd = int(sc[17])
     two_pi = 2.0 * math.pi
     # One block's truth, forecast and (background) net forecast, reused: they stay in L1.
-    raw = np.empty(h, dtype=np.float64)
-    net = np.empty(h, dtype=np.float64)
-    truth = np.empty(h, dtype=np.float64)
+    raw = work[0]
+    net = work[1]
+    truth = work[2]
     leads = lead[:h]
     n_blk = 2 * n_p + 2
+    q1 = 1 if h > 1 else 0
+    n2 = 2 * n_p
     n_bg = bg_prof.shape[1]
     for i in range(lo, hi):
         if i + 1 < slot.shape[0]:
@@ -681,6 +704,20 @@ def observe_rows(
                     y = min(max((last - s_off) * s_inv, s_low), s_high)
                     for q in range(h):
                         out[q] = y
+                if keep:
+                    # Recomputed, not stored from the loop above: a store there kept LLVM
+                    # from vectorising it. The same expression gives the same bits.
+                    r = i - lo
+                    if mode == 1:
+                        eps = noise[off + blk * h : off + (blk + 1) * h]
+                        fc[r, blk] = max(truth[0] * (1.0 + eps[0] * leads[0]), 0.0)
+                        fc[r, n2 + blk] = max(truth[q1] * (1.0 + eps[q1] * leads[q1]), 0.0)
+                    elif mode == 0:
+                        fc[r, blk] = truth[0]
+                        fc[r, n2 + blk] = truth[q1]
+                    else:
+                        fc[r, blk] = last
+                        fc[r, n2 + blk] = last
                 continue
             if mode == 2:  # persistence: the last measured value at every lead
                 if blk < n_p:
@@ -698,6 +735,9 @@ def observe_rows(
                 eps = noise[off + blk * h : off + (blk + 1) * h]
                 for q in range(h):
                     raw[q] = max(truth[q] * (1.0 + eps[q] * leads[q]), 0.0)
+            if keep and blk < n2:
+                fc[i - lo, blk] = raw[0]
+                fc[i - lo, n2 + blk] = raw[q1]
             if blk < n_p:
                 _encode_leads(dst, starts[7] + blk * h, raw, scaling)
             elif blk < 2 * n_p:

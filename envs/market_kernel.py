@@ -14,7 +14,7 @@ import numpy as np
 
 from contracts.model import READING_HISTORY_SLOTS
 from envs.claim import claim
-from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows
+from envs.kernel import block_scaling, forecast_value, observe_rows, step_rows, step_scratch
 from envs.prefetch import prefetch
 
 BUY = 0
@@ -157,6 +157,7 @@ def gate_rows(
         0, slot.shape[0], mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
         slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
         battery_kw, curtail, dr, use_rule, reference, emergency, qty, limit, side,
+        np.empty((1, 3), dtype=np.int64), np.empty((1, 1), dtype=np.float64), False,
     )  # fmt: skip
 
 
@@ -165,15 +166,24 @@ def gate_range(
     lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, h, load_prof, pv_prof,
     slot, step, soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset,
     battery_kw, curtail, dr, use_rule,
-    reference, emergency, qty, limit, side,
+    reference, emergency, qty, limit, side, fkey, fval, cached,
 ):  # fmt: skip
-    """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`."""
+    """`gate_rows` for rows [lo, hi): the action and every output are indexed from `lo`.
+
+    With `cached` (the fused step), a row whose `fkey` (slot, step, noise offset; by row) is
+    its own takes its lead-0 load and PV forecasts from `fval` (by row: loads then PV), which
+    the last fused step's observation of that row left there (`observe_rows` with `keep`):
+    the same values, computed from the same slot, step and offset, without the 26 scattered
+    noise and profile reads a row. In persistence mode the forecast is the state's own last
+    reading, so the cache is not consulted.
+    """
     n = load_prof.shape[1]
     dt = sc[0]
     share = sc[1] + sc[2]
     noise_size = noise.shape[0] - stride
+    cached = cached and mode != 2
     for i in range(lo, hi):
-        if use_rule and i + 1 < slot.shape[0]:
+        if use_rule and not cached and i + 1 < slot.shape[0]:
             # The next row's lead-0 noise (one line a block) and profile rows: see envs.prefetch.
             nxt = (noise_offset[i + 1] + step[i + 1] * stride) % noise_size
             for k in range(2 * n):
@@ -190,9 +200,18 @@ def gate_range(
             continue
         low, high = price_band(ref, mcfg[0], mcfg[1])
         off = (noise_offset[i] + step[i] * stride) % noise_size
+        hit = cached and fkey[i, 0] == t and fkey[i, 1] == step[i] and fkey[i, 2] == noise_offset[i]
         for k in range(n):
-            load = forecast_value(load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h])
-            pv = forecast_value(pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h])
+            if hit:
+                load = fval[i, k]
+                pv = fval[i, n + k]
+            else:
+                load = forecast_value(
+                    load_prof[t, k], last_load[i, k], mode, lead0, noise[off + k * h]
+                )  # fmt: skip
+                pv = forecast_value(
+                    pv_prof[t, k], last_pv[i, k], mode, lead0, noise[off + (n + k) * h]
+                )  # fmt: skip
             q, p, sd = rule_order(
                 load, pv, dr[r, k], curtail[r, k], backlog[i, k], soc[i, k], cap[i, k],
                 battery_kw[r, k], bat[1, k], bat[2, k], bat[3, k], bat[4, k], bat[5, k], dt,
@@ -337,6 +356,23 @@ def announce_range(
 
 
 @numba.njit(cache=True, nogil=True)
+def announce_forecast(lo, hi, mcfg, dt, grid, fc, announce, baseline):
+    """`announce_range` for rows [lo, hi) from forecasts already made: `fc` as
+    `observe_rows` keeps them (indexed from `lo`), whose columns [2 n, 3 n) and [3 n, 4 n) are
+    the load and PV forecasts of the lead `announce_range` reads, the same values."""
+    n = baseline.shape[1]
+    for i in range(lo, hi):
+        r = i - lo
+        dr, emergency = grid_events(grid[i, 0], grid[i, 1], grid[i, 3], mcfg[3], mcfg[4], mcfg[5])
+        anyone = False
+        for k in range(n):
+            wh = np.int64(np.rint((fc[r, 2 * n + k] - fc[r, 3 * n + k]) * dt * 1000.0))
+            baseline[r, k] = wh if wh > 0 else 0
+            anyone = anyone or wh > 0
+        announce[r] = dr and not emergency and anyone
+
+
+@numba.njit(cache=True, nogil=True)
 def dr_settle_row(i, r, rate, metered, emergency, announce, baseline, drq, dr_out, dr_paid):
     """GridBalance's demand response in row `i`'s slot transaction (`r` indexes the slot's
     arrays), after the slot's readings: unless the slot is an emergency (GridBalance paused),
@@ -408,7 +444,7 @@ def settle_rows(
     return settle_range(
         0, qty.shape[0], rates, order, qty, limit, side, reference, metered, announce,
         baseline, emergency, credit, treasury, drq, price, volume, fills, cash, fees, imbalance,
-        unpaid, refused, rewards, dr_out, dr_paid,
+        unpaid, refused, rewards, dr_out, dr_paid, np.empty((5, qty.shape[1]), dtype=np.int64),
     )  # fmt: skip
 
 
@@ -416,18 +452,19 @@ def settle_rows(
 def settle_range(
     lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline, emergency,
     credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid, refused, rewards,
-    dr_out, dr_paid,
+    dr_out, dr_paid, work,
 ):  # fmt: skip
     """`settle_rows` for rows [lo, hi): `credit`, `treasury` and `drq` are indexed by row,
-    every other array from `lo`."""
+    every other array from `lo`. `work` is a (5, n) int64 scratch, written before it is read
+    in every row (one book's quantities, prices, sides, fills and held proceeds)."""
     n = qty.shape[1]
     fee_bps = rates[0]
     penalty = rates[1]
-    bq = np.empty(n, dtype=np.int64)
-    bp = np.empty(n, dtype=np.int64)
-    bs = np.empty(n, dtype=np.int64)
-    bf = np.empty(n, dtype=np.int64)
-    held = np.empty(n, dtype=np.int64)
+    bq = work[0]
+    bp = work[1]
+    bs = work[2]
+    bf = work[3]
+    held = work[4]
     short_row = -1
     for i in range(lo, hi):
         r = i - lo
@@ -575,12 +612,15 @@ def _pairwise_sum(x):
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip):
+def decode_range(
+    lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip, work
+):  # fmt: skip
     """`Codec.decode_action` for rows [lo, hi): the decoded parts are indexed from `lo`, the
-    actions and `clip` (components clipped, summed clip distance) by row."""
+    actions and `clip` (components clipped, summed clip distance) by row. `work` is a
+    (2, action dim) float64 scratch, written before it is read in every row."""
     n_a = actions.shape[1]
-    clipped = np.empty(n_a, dtype=np.float64)
-    diff = np.empty(n_a, dtype=np.float64)
+    clipped = work[0]
+    diff = work[1]
     for i in range(lo, hi):
         r = i - lo
         n_clipped = 0
@@ -612,44 +652,59 @@ def fused_chunk(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    fkey, fval, actions, out, mout, obs, clip, short, work,
 ):  # fmt: skip
-    """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite.
+    """Rows [lo, hi) of `fused_step` (arguments as there), actions assumed finite; `work` is
+    `chunk_work` for at least `hi - lo` rows.
 
     Rows are independent and a row's arithmetic does not depend on `lo` or `hi`, so any split
-    of the batch into chunks, on any threads, gives the one-call result bit for bit.
+    of the batch into chunks, on any threads, gives the one-call result bit for bit. Nothing in
+    `work` is read before this chunk wrote it, so one `work` serves every chunk of a thread.
     """
-    m = hi - lo
     n_b = bat.shape[1]
     n_p = load.shape[1]
     dt = sc[0]
-    bkw = np.empty((m, n_b), dtype=np.float64)
-    curt = np.empty((m, n_p), dtype=np.float64)
-    drs = np.empty((m, n_p), dtype=np.float64)
-    mult = np.empty(m, dtype=np.float64)
-    decode_range(lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip)
+    (
+        bkw, curt, drs, mult, reference, emerg, books, price, volume, fees, refused, announce,
+        dr_out, dwork, swork, owork, pwork, fc,
+    ) = work  # fmt: skip
+    decode_range(
+        lo, hi, actions, power, signal_range, n_b, n_p, bkw, curt, drs, mult, clip, dwork
+    )  # fmt: skip
     if market:
-        reference = np.empty(m, dtype=np.int64)
-        emerg = np.empty(m, dtype=np.bool_)
-        books = np.empty((11, m, n_p), dtype=np.int64)
         qty, limit, side = books[1], books[2], books[3]
         gate_range(
             lo, hi, mcfg, sc, bat, mode, lead0, noise, stride, sizes[2], load, pv, slot, step,
             soc, cap, backlog, grid, last_load, last_pv, community_price, noise_offset, bkw,
-            curt, drs, True, reference, emerg, qty, limit, side,
+            curt, drs, True, reference, emerg, qty, limit, side, fkey, fval, True,
         )  # fmt: skip
     step_rows(
         lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale,
         sizes, v_lim, base_mva, load, kvar, pv, bg_s, bg_load, bg_pv, bg_sto, prosumer_pq,
         battery_pq, import_price, tod, slot, step, soc, cap, backlog, v_pq, grid, last_load,
-        last_pv, last_net, community_price, bkw, curt, drs, mult, out,
+        last_pv, last_net, community_price, bkw, curt, drs, mult, out, pwork,
     )  # fmt: skip
     for i in range(lo, hi):
         for j in range(out.shape[1]):
             ksum[i, j] += out[i, j]
         peak[i] = max(peak[i], out[i, 6])
         steps[i] += 1.0
+    # The observation before the settlement (neither reads what the other writes): with the
+    # market it keeps its lead-0 and lead-1 forecasts in `fc`, for the announcement below and,
+    # through `fkey`/`fval`, for the next step's gate.
+    observe_rows(
+        lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
+        bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
+        community_price, noise_offset, starts, scaling, bscale, uniform, obs, owork, fc, market,
+    )  # fmt: skip
     if market:
+        n2 = 2 * n_p
+        for i in range(lo, hi):
+            fkey[i, 0] = slot[i]
+            fkey[i, 1] = step[i]
+            fkey[i, 2] = noise_offset[i]
+            for k in range(n2):
+                fval[i, k] = fc[i - lo, k]
         baseline, metered, fills, cash, imbalance, unpaid, rewards, paid = (
             books[0],
             books[4],
@@ -660,23 +715,14 @@ def fused_chunk(
             books[9],
             books[10],
         )
-        price = np.empty(m, dtype=np.int64)
-        volume = np.empty(m, dtype=np.int64)
-        fees = np.empty(m, dtype=np.int64)
-        refused = np.empty(m, dtype=np.int64)
-        announce = np.empty(m, dtype=np.bool_)
-        dr_out = np.empty((m, DR_OUT), dtype=np.int64)
         for i in range(lo, hi):
             for k in range(n_p):
                 metered[i - lo, k] = np.int64(np.rint(last_net[i, k] * dt * 1000.0))
-        announce_range(
-            lo, hi, mcfg, dt, mode, lead[: sizes[2]], noise, stride, grid, load, pv, slot, step,
-            last_load, last_pv, noise_offset, announce, baseline,
-        )  # fmt: skip
+        announce_forecast(lo, hi, mcfg, dt, grid, fc, announce, baseline)
         first_short = settle_range(
             lo, hi, rates, order, qty, limit, side, reference, metered, announce, baseline,
             emerg, credit, treasury, drq, price, volume, fills, cash, fees, imbalance, unpaid,
-            refused, rewards, dr_out, paid,
+            refused, rewards, dr_out, paid, swork,
         )  # fmt: skip
         if first_short >= 0:
             short[first_short] = True
@@ -708,11 +754,36 @@ def fused_chunk(
             for j in range(o.shape[0]):
                 msum[i, j] += o[j]
             priced[i] += o[0] * o[1]
-    observe_rows(
-        lo, hi, sizes, lead, mode, noise, stride, sc, load, pv, bg_load_pv, import_price,
-        bat[0], n_days, slot, step, soc, cap, backlog, grid, last_load, last_pv,
-        community_price, noise_offset, starts, scaling, bscale, uniform, obs,
-    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
+    """The scratch `fused_chunk` works in, for chunks of up to `m` rows: the decoded action,
+    the gate's reference prices, emergencies and books, the clearing's figures, the
+    demand-response announcements, the row functions' own scratch and the forecasts the
+    observation keeps. A thread allocates it once per step and reuses it chunk after chunk
+    (~25 allocations a chunk before, ~800 a step of 1,024 rows).
+    """
+    return (
+        np.empty((m, n_b), dtype=np.float64),
+        np.empty((m, n_p), dtype=np.float64),
+        np.empty((m, n_p), dtype=np.float64),
+        np.empty(m, dtype=np.float64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.bool_),
+        np.empty((11, m, n_p), dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.int64),
+        np.empty(m, dtype=np.bool_),
+        np.empty((m, DR_OUT), dtype=np.int64),
+        np.empty((2, n_a), dtype=np.float64),
+        np.empty((5, n_p), dtype=np.int64),
+        np.empty((3, h), dtype=np.float64),
+        step_scratch(n_pq, n_out),
+        np.empty((m, 4 * n_p), dtype=np.float64),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -739,7 +810,7 @@ def fused_chunks(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    fkey, fval, actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """`fused_chunk` over chunks of `CHUNK_ROWS` rows claimed one at a time from `counter[0]`
     until none are left; `counter[1]` counts the chunks finished (by every caller). Every
@@ -748,6 +819,10 @@ def fused_chunks(
     b = actions.shape[0]
     n_chunks = (b + CHUNK_ROWS - 1) // CHUNK_ROWS
     bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
+    work = chunk_work(
+        CHUNK_ROWS, bat.shape[1], load.shape[1], actions.shape[1], w_re.shape[0], y_re.shape[1],
+        sizes[2],
+    )  # fmt: skip
     while True:
         c = claim(counter, 0)
         if c >= n_chunks:
@@ -763,7 +838,7 @@ def fused_chunks(
             slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net,
             community_price, noise_offset,
             market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum,
-            priced, actions, out, mout, obs, clip, short,
+            priced, fkey, fval, actions, out, mout, obs, clip, short, work,
         )  # fmt: skip
         claim(counter, 1)
 
@@ -777,7 +852,7 @@ def fused_step(
     slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
     noise_offset,
     market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-    actions, out, mout, obs, clip, short,
+    fkey, fval, actions, out, mout, obs, clip, short,
 ):  # fmt: skip
     """One step of every row, on one core. Returns False, having changed nothing, when an
     action is not finite.
@@ -791,8 +866,12 @@ def fused_step(
     if not all_finite(actions):
         return False
     bscale, uniform = block_scaling(starts, scaling, load.shape[1], sizes[2])
+    b = actions.shape[0]
+    work = chunk_work(
+        b, bat.shape[1], load.shape[1], actions.shape[1], w_re.shape[0], y_re.shape[1], sizes[2]
+    )  # fmt: skip
     fused_chunk(
-        0, actions.shape[0],
+        0, b,
         sc, bat, base_mva, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
         v_lim, lead, lead0, mode, noise, stride, n_days, power, signal_range, starts, scaling,
         bscale, uniform,
@@ -801,6 +880,6 @@ def fused_step(
         slot, step, soc, cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price,
         noise_offset,
         market, mcfg, rates, order, credit, treasury, tokens, drq, ksum, peak, steps, msum, priced,
-        actions, out, mout, obs, clip, short,
+        fkey, fval, actions, out, mout, obs, clip, short, work,
     )  # fmt: skip
     return True
