@@ -471,3 +471,93 @@ def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
             relay_transport.close()
 
     asyncio.run(scenario())
+
+
+class CountingRelay(Relay):
+    """A relay that counts the device's datagrams to the bridge and can stop forwarding the
+    bridge's (the device's network gone, for the bridge)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(upstream)
+        self.from_device = 0
+        self.cut = False
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr == self.upstream:
+            self.from_device += 1
+        elif self.cut:
+            return
+
+        super().datagram_received(data, addr)
+
+
+def test_protected_observations_end_cleanly_on_reregistration_and_close(
+    tmp_path: Path, site: SiteManifest, domain: ReadingDomain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiocoap's OSCORE transport keeps the wire observation under one the bridge ended, so
+    each re-registration left the device one more listener to notify, and at shutdown each
+    logged a `TypeError` from aiocoap's own error report (`Logger._log() got an unexpected
+    keyword argument 'exception'`). The link ends them itself: after many re-registrations
+    the device notifies the bridge once per change, and registrations given up unanswered, a
+    command in flight and the close itself log no error."""
+    import gc
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    provision([PV], tmp_path)
+    dev = _device(site, domain, PV)
+
+    async def scenario() -> None:
+        port = free_udp_port()
+        server = _server(site, tmp_path, dev)
+        await server.start("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        relay_port = free_udp_port()
+        relay_transport, relay = await loop.create_datagram_endpoint(
+            lambda: CountingRelay(("127.0.0.1", port)), local_addr=("127.0.0.1", relay_port)
+        )
+        _, (_, birth) = dev.connect(NOW_MS)
+        server.publish(PV, Resource.BIRTH, birth)
+        queue: asyncio.Queue[Received] = asyncio.Queue()
+        link = CoapLink(
+            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
+            request_timeout_s=0.5, retry_s=0.2, reobserve_s=0.3,
+            oscore_dir=tmp_path / BRIDGE_SIDE,
+        )  # fmt: skip
+        await link.start()
+        try:
+            await _next(queue)  # the birth
+            while link.stats.reobserved < 9:  # each resource registered again, three times
+                await asyncio.sleep(0.1)
+            link.reobserve_s = 60  # from the next registration on: quiet, to count datagrams
+            await asyncio.sleep(0.6)
+            # A listener the bridge gave up on acknowledges one more notification (aiocoap ends
+            # it there) and resets the next, which makes the device forget it.
+            for n in range(3):
+                _, data = dev.telemetry(SLOT + n, NOW_MS, {"pv_kw": 1.0 + n, "available_kw": 2.0,
+                                                           "curtailment": 0.5}, None)  # fmt: skip
+                before = relay.from_device
+                server.publish(PV, Resource.DATA, data)
+                got = await _next(queue)
+                assert got.payload == data
+                await asyncio.sleep(0.1)
+            # The third change reached the bridge as one datagram: nobody else listens.
+            assert relay.from_device - before == 1, relay.from_device - before
+            relay.cut = True  # registrations time out unanswered; a command goes unanswered
+            while sum(link.stats.observe_failures.values()) < 3:
+                await asyncio.sleep(0.1)
+            link.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(0, 0.25)))
+            await asyncio.sleep(0.1)
+        finally:
+            await link.close()
+            await server.close()
+            server.release()
+            relay_transport.close()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    gc.collect()
+    noise = [
+        r for r in caplog.records if r.name in ("coap", "asyncio") or r.levelno >= logging.ERROR
+    ]
+    assert noise == [], [r.getMessage()[:200] for r in noise]
