@@ -93,7 +93,7 @@ class CoapStats:
     """Observations registered again after `reobserve_s` of silence."""
     requests: Counter[str] = field(default_factory=Counter)
     """Commands and DR events sent, by outcome: the response code (`2.04`), `timeout` or
-    `unreachable`."""
+    `unreachable`; `read_only`: not sent, by a shadow's link."""
     latency_ms: list[float] = field(default_factory=list)
     """Round trip of each answered command (POST to response), the last 1,000."""
     oscore_refusals: Counter[str] = field(default_factory=Counter)
@@ -213,13 +213,19 @@ class CoapLink:
         reobserve_s: float = 300.0,
         resume_after: Callable[[str], int | None] | None = None,
         oscore_dir: Path | None = None,
+        oscore_field: str = "coap.oscore_dir",
+        read_only: bool = False,
     ) -> None:
         """`oscore_dir`: the folder of the bridge's OSCORE contexts, one `<device>/` each
         (`microgrid devices oscore`); None speaks plain CoAP (`coap.insecure`).
 
         `resume_after(device)`: the last reading nonce the bridge holds for the device, or
         None when it holds none (then, as on a fresh MQTT session, nothing older is fetched:
-        what came before this bridge may already be on the chain)."""
+        what came before this bridge may already be on the chain).
+
+        `read_only`: a shadow's link, which observes and fetches but sends no command or DR
+        event (a reader's context could not: the device refuses it with 4.03); each one the
+        core hands it is counted as `requests["read_only"]` instead."""
         self.site = site
         self.endpoints = dict(endpoints)
         self.queue = queue
@@ -228,6 +234,9 @@ class CoapLink:
         self.reobserve_s = reobserve_s
         self.resume_after = resume_after
         self.oscore_dir = oscore_dir
+        self.oscore_field = oscore_field
+        self.read_only = read_only
+        """The config field named by an error loading the contexts (a shadow has its own)."""
         self.stats = CoapStats()
         self.reachable: dict[str, bool] = dict.fromkeys(self.endpoints, False)
         """Per device, whether its last observation attempt got an answer."""
@@ -258,7 +267,7 @@ class CoapLink:
             self._context = await _Context.create_client_context(transports=[udp])
         else:
             self._security = load_contexts(
-                self.oscore_dir, self.endpoints, "coap.oscore_dir", self.stats.oscore_refusals
+                self.oscore_dir, self.endpoints, self.oscore_field, self.stats.oscore_refusals
             )
             # The OSCORE transport first: it takes every request it holds a context for.
             self._context = await _Context.create_client_context(transports=["oscore", udp])
@@ -420,6 +429,9 @@ class CoapLink:
                 f"coap: expected a DCMD or DREVENT for a CoAP device, got {topic_text}"
             )
         device, resource, method = route
+        if self.read_only:
+            self.stats.requests["read_only"] += 1
+            return
         self._spawn(self._send(device, resource, method, payload))
 
     async def _send(self, device: str, resource: Resource, method: str, payload: bytes) -> None:

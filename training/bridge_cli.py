@@ -179,14 +179,23 @@ def devices_oscore(
     renew: Annotated[
         bool, typer.Option("--renew", help="Replace existing contexts with fresh secrets.")
     ] = False,
+    reader: Annotated[
+        str | None,
+        typer.Option(
+            help="Write a reader's own read-only contexts instead (e.g. 'shadow' for "
+            "`bridge run --dry-run`): OUT/readers/NAME/<id>/ (coap.shadow_oscore_dir) and "
+            "OUT/devices/<id>/readers/NAME/."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a pre-shared OSCORE context per CoAP device, both ends: OUT/bridge/<id>/ for the
     bridge (coap.oscore_dir) and OUT/devices/<id>/ for the device (devices simulate
-    --coap-oscore). Existing contexts are kept (their sequence numbers go on) unless --renew."""
+    --coap-oscore). Existing contexts are kept (their sequence numbers go on) unless --renew.
+    With --reader NAME, a reader's (a shadow bridge's) own contexts, which may only read."""
     from bridge.coap_resources import match_devices
     from bridge.errors import BridgeError
-    from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, provision
+    from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, provision, reader_folder
     from bridge.site import load_site
 
     try:
@@ -196,13 +205,14 @@ def devices_oscore(
             [d.id for d in manifest.devices],
             field="--coap-device",
         )
-        done = provision(sorted(ids), out, renew=renew)
+        bridge_end = out / BRIDGE_SIDE if reader is None else reader_folder(out, reader)
+        done = provision(sorted(ids), out, renew=renew, reader=reader)
     except (BridgeError, OSError) as err:
         _fail(err)
     _show(
         f"OSCORE contexts of site {manifest.site}",
         {
-            "bridge": str(out / BRIDGE_SIDE),
+            "bridge": str(bridge_end),
             "devices": str(out / DEVICE_SIDE),
             "written": len(done["written"]),
             "kept": len(done["kept"]),
@@ -359,6 +369,15 @@ def bridge_run(
     slots: Annotated[
         int | None, typer.Option(min=1, help="Stop after deciding this many slots.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65_535,
+            help="Prometheus port instead of the config's metrics_port (0: a free one); a "
+            "shadow beside the live bridge needs its own.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the configured policy against the site's devices until stopped (Ctrl-C): over MQTT,
@@ -374,7 +393,9 @@ def bridge_run(
     from envs import MicrogridError
 
     try:
-        cfg = load_bridge_config(config, dry_run=True if dry_run else None)
+        cfg = load_bridge_config(
+            config, dry_run=True if dry_run else None, metrics_port=metrics_port
+        )
         setup_json_logging(file=cfg.log_file)
         site = load_site(cfg.site)
         dep = load_deployment(cfg.chain.deployment)
