@@ -152,6 +152,7 @@ def devices_register(
             result["operator"] = operator
         if prosumer_keys_out is not None:
             keys = {k: v.hex() for k, v in prosumer_keys(manifest, seed).items()}
+            prosumer_keys_out.parent.mkdir(parents=True, exist_ok=True)  # e.g. a fresh .bridge/
             prosumer_keys_out.write_text(json.dumps(keys, indent=1))
             result["prosumer_keys"] = str(prosumer_keys_out)
     except (BridgeError, ChainError, OSError) as err:
