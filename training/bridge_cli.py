@@ -277,6 +277,17 @@ def devices_simulate(
             "devices. A lab only; the bridge config then says coap.insecure: true.",
         ),
     ] = False,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="Inject a fault, KIND=RATE per device message (repeatable): dropout, stuck, "
+            "clock_skew, malformed, forged (docs/iot.md, 'Injecting faults').",
+        ),
+    ] = None,
+    fault_skew_s: Annotated[
+        float, typer.Option(help="Seconds a clock_skew fault shifts a message's ts by.")
+    ] = -300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every device of the site, driven by the scenario's load and PV profiles; each obeys
@@ -287,6 +298,7 @@ def devices_simulate(
     from bridge.coap_server import serving
     from bridge.config import load_deployment
     from bridge.errors import BridgeError
+    from bridge.faults import FaultPlan
     from bridge.logs import setup_json_logging
     from bridge.signing import ReadingDomain
     from bridge.simulator import FleetStats, Profiles, simulate
@@ -297,6 +309,7 @@ def devices_simulate(
 
     setup_json_logging()
     try:
+        plan = FaultPlan.parse(fault or [], fault_skew_s)
         params = _grid(scenario)
         manifest = load_site(site) if site else build_site(params, site=site_id, seed=seed)
         if manifest.grid_code != params.grid_code:
@@ -342,6 +355,7 @@ def devices_simulate(
                     slots=slots,
                     start_nonces=nonces,
                     coap=coap,
+                    faults=plan,
                 )
                 return stats, 0 if coap is None else coap.commands
 
