@@ -27,14 +27,28 @@ device's resources with it, and unprotects the answers and notifications. A devi
 a request (another key, a replayed sequence number) is counted in `oscore_refusals`, and so is
 an answer the bridge cannot decrypt; plain CoAP is only for a config that says
 `coap.insecure: true`.
+
+An exchange is never dropped half way, so the bridge shuts down (and re-registers) without the
+errors aiocoap 0.4.17 would log. Its OSCORE transport sends each protected request as a second,
+*wire* request and, when the bridge's observation ends, keeps the wire observation (a FIXME in
+aiocoap): the device goes on notifying a listener nobody reads, each re-registration adds one,
+and at shutdown each reports `LibraryShutdown` into a request already ended, where aiocoap's
+`Pipe` logs it with a keyword `logging` does not take (`exception=`): a `TypeError` per
+observation. So the link notes the wire requests its observations cause (`_Context`), ends a
+wire observation with its own (`_end_observation`: the device's next notification but one is
+answered with a reset, and the device forgets the listener), and never cancels a response it
+stops waiting for (`_answer`): aiocoap delivers whatever comes late, or the `LibraryShutdown`
+of `close`, into a request still open, and the link takes it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -79,7 +93,7 @@ class CoapStats:
     """Observations registered again after `reobserve_s` of silence."""
     requests: Counter[str] = field(default_factory=Counter)
     """Commands and DR events sent, by outcome: the response code (`2.04`), `timeout` or
-    `unreachable`."""
+    `unreachable`; `read_only`: not sent, by a shadow's link."""
     latency_ms: list[float] = field(default_factory=list)
     """Round trip of each answered command (POST to response), the last 1,000."""
     oscore_refusals: Counter[str] = field(default_factory=Counter)
@@ -88,11 +102,101 @@ class CoapStats:
     the bridge could not decrypt the device's answer (`bad_key`, `malformed`)."""
 
 
-def _close_listener(notifications: Any) -> None:
-    """Close a failed observation's listener: its first response already reported the error,
-    and aiocoap's finalizer prints any error but a cancellation (an OSCORE refusal, say)."""
-    if notifications is not None:
-        notifications.push_err(coap_error.ObservationCancelled())
+class ObservationEnded(coap_error.NetworkError):
+    """The bridge ended a protected observation (a re-registration, or `close`).
+
+    A `NetworkError` for aiocoap: its listeners take one as the end of an observation without
+    printing it (as they do not for the `ObservationCancelled` a plain CoAP observation ends
+    with, which the OSCORE transport would turn into a `NotImplementedError` here).
+    """
+
+
+_WIRE: contextvars.ContextVar[list[tuple[Any, asyncio.Task[Any] | None]] | None] = (
+    contextvars.ContextVar("bridge_coap_wire", default=None)
+)
+"""Set around a request of the link's: the wire requests (and the tasks that sent them) the OSCORE
+transport makes for it. aiocoap's tasks copy the context, so the list reaches them."""
+
+
+class _Context(aiocoap.Context):
+    """aiocoap's context, noting the protected wire requests made for the link's own requests."""
+
+    def request(self, request_message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
+        sent = super().request(request_message, handle_blockwise)
+        wires = _WIRE.get()
+        if wires is not None and request_message.opt.oscore is not None:
+            with contextlib.suppress(RuntimeError):  # (outside a task: nothing to wait for)
+                wires.append((sent, asyncio.current_task()))
+        return sent
+
+
+def _take_error(future: asyncio.Future[Any]) -> None:
+    """Mark a response's error as seen: an answer nobody waits for any more may still fail."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _stop_wire(wires: list[tuple[Any, asyncio.Task[Any] | None]]) -> list[asyncio.Task[Any]]:
+    """End the protected observations under one of the link's; the tasks that will report it.
+
+    Only a wire observation past its first response is ended (before it, aiocoap would refuse
+    to end it twice when the response comes). The OSCORE transport's task then reports
+    `ObservationEnded` into the link's request, which is still open, and the wire observation's
+    token is forgotten: the device's next notification gets a reset, and it drops the listener.
+    """
+    tasks = []
+    for wire, task in wires:
+        obs = wire.observation
+        if obs is not None and not obs.cancelled and wire.response.done():
+            obs.error(ObservationEnded("observation ended by the bridge"))
+            if task is not None and not task.done():
+                tasks.append(task)
+    return tasks
+
+
+def _end_late(wires: list[tuple[Any, asyncio.Task[Any] | None]], request: Any) -> None:
+    """A registration given up before its first response: end it when that comes after all."""
+    _stop_wire(wires)
+    obs = request.observation
+    if obs is not None and not obs.cancelled:
+        obs.cancel()
+
+
+async def _end_observation(wires: list[tuple[Any, asyncio.Task[Any] | None]], request: Any) -> None:
+    """End one of the link's observations, the wire's under it first (see the module's
+    docstring), and wait until the OSCORE tasks have reported that into the link's request.
+
+    Both are ended in one step, so no notification slips in between: the report is then the
+    request's next event, which aiocoap takes as the end (no listener hears of it)."""
+    tasks = _stop_wire(wires)
+    obs = request.observation
+    if obs is not None and not obs.cancelled:
+        obs.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=1.0)
+        await asyncio.sleep(0)  # their done callbacks run next
+
+
+class _Listener:
+    """One observation's notifications, queued until read, and its end.
+
+    Not aiocoap's own iterator: that keeps only the latest notification, and its finalizer
+    prints any error left in it but a few (an OSCORE refusal, say), which an observation the
+    link gave up on may well hold. A queue drops nothing and prints nothing.
+    """
+
+    def __init__(self, observation: Any) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        with warnings.catch_warnings():
+            # The callback interface is deprecated for the iterator this replaces, not removed
+            # (aiocoap 0.4.17, pinned); its iterator is built on these very calls.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            observation.register_callback(self.queue.put_nowait)
+            observation.register_errback(lambda _exc: self.queue.put_nowait(None))
+
+    async def next(self) -> Any:
+        """The next notification; None once the observation has ended (for whatever reason)."""
+        return await self.queue.get()
 
 
 class CoapLink:
@@ -109,13 +213,19 @@ class CoapLink:
         reobserve_s: float = 300.0,
         resume_after: Callable[[str], int | None] | None = None,
         oscore_dir: Path | None = None,
+        oscore_field: str = "coap.oscore_dir",
+        read_only: bool = False,
     ) -> None:
         """`oscore_dir`: the folder of the bridge's OSCORE contexts, one `<device>/` each
         (`microgrid devices oscore`); None speaks plain CoAP (`coap.insecure`).
 
         `resume_after(device)`: the last reading nonce the bridge holds for the device, or
         None when it holds none (then, as on a fresh MQTT session, nothing older is fetched:
-        what came before this bridge may already be on the chain)."""
+        what came before this bridge may already be on the chain).
+
+        `read_only`: a shadow's link, which observes and fetches but sends no command or DR
+        event (a reader's context could not: the device refuses it with 4.03); each one the
+        core hands it is counted as `requests["read_only"]` instead."""
         self.site = site
         self.endpoints = dict(endpoints)
         self.queue = queue
@@ -124,6 +234,9 @@ class CoapLink:
         self.reobserve_s = reobserve_s
         self.resume_after = resume_after
         self.oscore_dir = oscore_dir
+        self.oscore_field = oscore_field
+        self.read_only = read_only
+        """The config field named by an error loading the contexts (a shadow has its own)."""
         self.stats = CoapStats()
         self.reachable: dict[str, bool] = dict.fromkeys(self.endpoints, False)
         """Per device, whether its last observation attempt got an answer."""
@@ -151,13 +264,13 @@ class CoapLink:
         """
         udp = "udp6" if sys.platform == "linux" else "simple6"
         if self.oscore_dir is None:
-            self._context = await aiocoap.Context.create_client_context(transports=[udp])
+            self._context = await _Context.create_client_context(transports=[udp])
         else:
             self._security = load_contexts(
-                self.oscore_dir, self.endpoints, "coap.oscore_dir", self.stats.oscore_refusals
+                self.oscore_dir, self.endpoints, self.oscore_field, self.stats.oscore_refusals
             )
             # The OSCORE transport first: it takes every request it holds a context for.
-            self._context = await aiocoap.Context.create_client_context(transports=["oscore", udp])
+            self._context = await _Context.create_client_context(transports=["oscore", udp])
             for device, ctx in self._security.items():
                 self._context.client_credentials[self._device_uris(device)] = ctx
         for device in self.endpoints:
@@ -182,6 +295,18 @@ class CoapLink:
             return "oscore"
         return "unreachable" if isinstance(exc, coap_error.NetworkError) else "error"
 
+    async def _answer(self, message: aiocoap.Message) -> Any:
+        """The response to one request, within `request_timeout_s` (TimeoutError otherwise).
+
+        The response is awaited through a shield: cancelling it would end aiocoap's request
+        while its OSCORE task still waits on the wire, and that task's late report (a timeout,
+        `LibraryShutdown` at `close`) would then be logged by aiocoap as an error of its own.
+        """
+        assert self._context is not None
+        response = self._context.request(message).response
+        response.add_done_callback(_take_error)
+        return await asyncio.wait_for(asyncio.shield(response), self.request_timeout_s)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -204,9 +329,15 @@ class CoapLink:
         uri = self.endpoints[device].uri(self.site, device, resource)
         topic_text = notification_topic(self.site, device, resource)
         while not self._closing:
-            request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            wires: list[tuple[Any, asyncio.Task[Any] | None]] = []
+            token = _WIRE.set(wires)
+            try:
+                request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            finally:
+                _WIRE.reset(token)
+            request.response.add_done_callback(_take_error)
             # Listen before the first response: a notification is not replayed to a late listener.
-            notifications = request.observation.__aiter__() if request.observation else None
+            notifications = _Listener(request.observation) if request.observation else None
             try:
                 failure = await self._register(device, resource, topic_text, request)
                 if failure is None:
@@ -214,10 +345,12 @@ class CoapLink:
                         await self._follow(topic_text, notifications)
                     continue
             finally:
-                obs = request.observation
-                if obs is not None and not obs.cancelled:
-                    obs.cancel()
-            _close_listener(notifications)
+                if request.response.done():
+                    await _end_observation(wires, request)
+                else:  # no first response yet (a timeout, or `close`): end it when it comes
+                    request.response.add_done_callback(
+                        lambda _, w=wires, r=request: _end_late(w, r)
+                    )
             if self._closing:
                 return
             self.stats.observe_failures[failure] += 1
@@ -235,7 +368,7 @@ class CoapLink:
         of signed telemetry since the last reading the bridge holds goes first, oldest first.
         """
         try:
-            first = await asyncio.wait_for(request.response, self.request_timeout_s)
+            first = await asyncio.wait_for(asyncio.shield(request.response), self.request_timeout_s)
         except TimeoutError:
             return "timeout"
         except coap_error.Error as exc:
@@ -256,14 +389,11 @@ class CoapLink:
 
     async def _backlog(self, device: str, topic_text: str, after: int) -> None:
         """`GET log?after=N`: the signed telemetry the bridge has not seen, handed on in order."""
-        assert self._context is not None
         uri = self.endpoints[device].uri(self.site, device, Resource.LOG)
         message = aiocoap.Message(code=Code.GET, uri=uri)
         message.opt.uri_query = (log_query(after),)
         try:
-            response = await asyncio.wait_for(
-                self._context.request(message).response, self.request_timeout_s
-            )
+            response = await self._answer(message)
         except TimeoutError:
             self.stats.backlog_failures += 1
             return
@@ -278,15 +408,15 @@ class CoapLink:
             self.stats.backlog += 1
             self._deliver(topic_text, payload)
 
-    async def _follow(self, topic_text: str, notifications: Any) -> None:
+    async def _follow(self, topic_text: str, notifications: _Listener) -> None:
         """Hand on each notification until the observation ends or is silent for too long."""
         while True:
             try:
-                note = await asyncio.wait_for(notifications.__anext__(), self.reobserve_s)
+                note = await asyncio.wait_for(notifications.next(), self.reobserve_s)
             except TimeoutError:
                 self.stats.reobserved += 1  # a rebooted device forgot us, or nothing changed
                 return
-            except (StopAsyncIteration, coap_error.Error):
+            if note is None:
                 return  # ended by the device or the network: register again
             self._deliver(topic_text, note.payload)
 
@@ -299,10 +429,12 @@ class CoapLink:
                 f"coap: expected a DCMD or DREVENT for a CoAP device, got {topic_text}"
             )
         device, resource, method = route
+        if self.read_only:
+            self.stats.requests["read_only"] += 1
+            return
         self._spawn(self._send(device, resource, method, payload))
 
     async def _send(self, device: str, resource: Resource, method: str, payload: bytes) -> None:
-        assert self._context is not None
         message = aiocoap.Message(
             code=Code.POST if method == "POST" else Code.PUT,
             uri=self.endpoints[device].uri(self.site, device, resource),
@@ -311,9 +443,7 @@ class CoapLink:
         )
         started = time.monotonic()
         try:
-            response = await asyncio.wait_for(
-                self._context.request(message).response, self.request_timeout_s
-            )
+            response = await self._answer(message)
         except TimeoutError:
             self.stats.requests["timeout"] += 1
             return
@@ -362,11 +492,9 @@ class CoapLink:
         came up can overtake its birth notification; MQTT keeps them in order, and the validator
         refuses an ack outside a known session. Fetching the birth first restores the order.
         """
-        assert self._context is not None
         uri = self.endpoints[device].uri(self.site, device, resource)
-        request = self._context.request(aiocoap.Message(code=Code.GET, uri=uri))
         try:
-            response = await asyncio.wait_for(request.response, self.request_timeout_s)
+            response = await self._answer(aiocoap.Message(code=Code.GET, uri=uri))
         except TimeoutError:
             return
         except coap_error.Error as exc:

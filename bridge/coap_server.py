@@ -13,6 +13,11 @@ Each device's resources answer only requests protected by that device's own OSCO
 or an undecryptable one is refused (4.01, or 4.00 for one that does not decrypt) and counted in
 `refusals` by reason. `/.well-known/core` stays readable without OSCORE, for discovery. A server
 built without contexts (`devices simulate --coap-insecure`) serves plain CoAP, as a lab may.
+
+A device may also have *readers* (`readers`; a shadow bridge, `bridge.oscore`): contexts of
+their own, under which its resources answer GET and Observe but refuse a command or a DR event
+with 4.03 (`read_only`). So a dry run watches the devices beside the live bridge without
+sharing its keys, and cannot command them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from bridge.coap_resources import (
     CONTENT,
     CONTENT_FORMAT_JSON,
     CREATED,
+    FORBIDDEN,
     OBSERVED,
     SERVICE_UNAVAILABLE,
     UNAUTHORIZED,
@@ -50,11 +56,13 @@ from bridge.coap_resources import (
 from bridge.errors import BridgeError
 from bridge.messages import MAX_PAYLOAD_BYTES, AckStatus
 from bridge.oscore import (
+    READ_ONLY,
     UNPROTECTED,
     WRONG_DEVICE,
     CountingCredentials,
     DeviceContext,
     load_contexts,
+    load_reader_contexts,
     release,
 )
 from bridge.topics import MessageType, parse_topic
@@ -174,10 +182,12 @@ class CoapDeviceServer:
         site: str,
         devices: Iterable[str],
         contexts: Mapping[str, DeviceContext] | None = None,
+        readers: Mapping[str, Mapping[str, DeviceContext]] | None = None,
     ) -> None:
         """`contexts`: each device's OSCORE context (`bridge.oscore.load_contexts`), owned by
         the server from here on and written back by `release` (not `close`: a server closed
-        and started again, as a gateway reboots, goes on with them); None serves plain CoAP."""
+        and started again, as a gateway reboots, goes on with them); None serves plain CoAP.
+        `readers`: device -> reader -> a read-only context (`load_reader_contexts`), likewise."""
         self.site = site
         self.devices = tuple(devices)
         self.contexts = dict(contexts) if contexts is not None else None
@@ -185,6 +195,14 @@ class CoapDeviceServer:
             raise BridgeError(
                 f"coap contexts: expected one per device, missing "
                 f"{sorted(set(self.devices) - set(self.contexts))}"
+            )
+        self.readers = {d: dict(r) for d, r in (readers or {}).items()}
+        if self.readers and self.contexts is None:
+            raise BridgeError("coap readers: expected OSCORE contexts for the devices too")
+        if set(self.readers) - set(self.devices):
+            raise BridgeError(
+                f"coap readers: expected devices of this server, got "
+                f"{sorted(set(self.readers) - set(self.devices))}"
             )
         self.refusals: Counter[str] = Counter()
         """Requests refused for their (missing, wrong, replayed) protection, by reason."""
@@ -229,10 +247,16 @@ class CoapDeviceServer:
         if not isinstance(remote, OSCOREAddress):
             self.refusals[UNPROTECTED] += 1
             return _reply(UNAUTHORIZED, b"OSCORE required")
-        if remote.security_context is not self.contexts[device]:
-            self.refusals[WRONG_DEVICE] += 1
-            return _reply(UNAUTHORIZED, b"not this device's OSCORE context")
-        return None
+        ctx = remote.security_context
+        if ctx is self.contexts[device]:
+            return None
+        if any(ctx is r for r in self.readers.get(device, {}).values()):
+            if request.code in (Code.GET, Code.FETCH):
+                return None
+            self.refusals[READ_ONLY] += 1
+            return _reply(FORBIDDEN, b"a reader's OSCORE context may only read")
+        self.refusals[WRONG_DEVICE] += 1
+        return _reply(UNAUTHORIZED, b"not this device's OSCORE context")
 
     def _site(self) -> coap_resource.Site | OscoreSiteWrapper:
         """The resources as served: behind OSCORE, which unprotects before they answer."""
@@ -242,6 +266,10 @@ class CoapDeviceServer:
         for device, ctx in self.contexts.items():
             ctx.refusals = self.refusals
             credentials[f":{device}"] = ctx
+        for device, readers in self.readers.items():
+            for reader, ctx in readers.items():
+                ctx.refusals = self.refusals
+                credentials[f":{device}:{reader}"] = ctx
         return OscoreSiteWrapper(self._root, credentials)
 
     async def start(self, host: str = "127.0.0.1", port: int = 5683) -> None:
@@ -318,6 +346,8 @@ class CoapDeviceServer:
         """The contexts' sequence numbers and replay windows to disk, their locks freed."""
         if self.contexts is not None:
             release(self.contexts.values())
+        for readers in self.readers.values():
+            release(readers.values())
 
 
 @contextlib.asynccontextmanager
@@ -330,16 +360,22 @@ async def serving(
 ) -> AsyncIterator[CoapDeviceServer | None]:
     """A started server for `devices` (None when there are none), closed on the way out.
 
-    `oscore_dir`: the devices' ends of their OSCORE contexts, `<dir>/<device>/` (None: plain).
+    `oscore_dir`: the devices' ends of their OSCORE contexts, `<dir>/<device>/`, with their
+    readers' under `<dir>/<device>/readers/` (None: plain).
     """
     ids = list(devices)
     if not ids:
         yield None
         return
-    contexts = (
-        None if oscore_dir is None else load_contexts(oscore_dir, ids, "--coap-oscore", Counter())
-    )
-    server = CoapDeviceServer(site, ids, contexts)
+    contexts, readers = None, None
+    if oscore_dir is not None:
+        contexts = load_contexts(oscore_dir, ids, "--coap-oscore", Counter())
+        try:
+            readers = load_reader_contexts(oscore_dir, ids, "--coap-oscore", Counter())
+        except BaseException:
+            release(contexts.values())
+            raise
+    server = CoapDeviceServer(site, ids, contexts, readers)
     try:
         await server.start(host, port)
         yield server

@@ -141,15 +141,31 @@ class CoapConfig(BaseModel):
     (`microgrid devices oscore` writes them): every request to a CoAP device, and every answer
     and notification, is encrypted and authenticated with that device's own context. Required
     with `endpoints` unless `insecure`."""
+    shadow_oscore_dir: Path | None = None
+    """The shadow's (`--dry-run`) ends of its own, read-only OSCORE contexts, one `<device id>/`
+    folder each (`microgrid devices oscore --reader shadow` writes them). A dry run never uses
+    `oscore_dir`: the live bridge holds those contexts, and two processes on one context would
+    reuse its sequence numbers (docs/security.md). Required for a dry run with `endpoints`
+    unless `insecure`."""
     insecure: bool = False
     """Plain CoAP: anyone on the devices' network can read their telemetry and command them.
     Only for a lab; the default is OSCORE."""
 
     @model_validator(mode="after")
     def _secured(self) -> CoapConfig:
-        if self.insecure and self.oscore_dir is not None:
+        if self.insecure and (self.oscore_dir or self.shadow_oscore_dir) is not None:
+            which = "oscore_dir" if self.oscore_dir is not None else "shadow_oscore_dir"
             raise ValueError(
-                "oscore_dir: expected either oscore_dir (OSCORE) or insecure: true, not both"
+                f"{which}: expected either {which} (OSCORE) or insecure: true, not both"
+            )
+        if (
+            self.oscore_dir is not None
+            and self.shadow_oscore_dir is not None
+            and self.oscore_dir.resolve() == self.shadow_oscore_dir.resolve()
+        ):
+            raise ValueError(
+                "shadow_oscore_dir: expected the shadow's own contexts (devices oscore "
+                "--reader shadow writes OUT/readers/shadow), not the live bridge's oscore_dir"
             )
         if self.endpoints and not self.insecure and self.oscore_dir is None:
             raise ValueError(
@@ -190,6 +206,25 @@ class BridgeConfig(BaseModel):
     log_file: Path | None = None
     """JSON log lines go to stderr, and here too when set."""
 
+    def coap_contexts(self) -> Path | None:
+        """The folder of the OSCORE contexts this run uses: the live bridge's, or in a dry run
+        the shadow's own; None for plain CoAP (or no CoAP device).
+
+        Raises ConfigError for a dry run with CoAP devices but no `coap.shadow_oscore_dir`.
+        """
+        c = self.coap
+        if c.insecure or not c.endpoints:
+            return None
+        if not self.dry_run:
+            return c.oscore_dir
+        if c.shadow_oscore_dir is None:
+            raise ConfigError(
+                "coap.shadow_oscore_dir: expected the shadow's own OSCORE contexts for a dry run "
+                "(microgrid devices oscore --reader shadow writes OUT/readers/shadow); the live "
+                "bridge's must never be used by a second process"
+            )
+        return c.shadow_oscore_dir
+
     def resolve(self, base: Path) -> BridgeConfig:
         """Relative paths are taken from the config file's folder, as a reader expects."""
 
@@ -206,7 +241,12 @@ class BridgeConfig(BaseModel):
                         "password_file": fix(self.broker.password_file),
                     }
                 ),
-                "coap": self.coap.model_copy(update={"oscore_dir": fix(self.coap.oscore_dir)}),
+                "coap": self.coap.model_copy(
+                    update={
+                        "oscore_dir": fix(self.coap.oscore_dir),
+                        "shadow_oscore_dir": fix(self.coap.shadow_oscore_dir),
+                    }
+                ),
                 "chain": self.chain.model_copy(
                     update={
                         "deployment": fix(self.chain.deployment),

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.commands import CommandState
+from bridge.errors import ConfigError
 from bridge.validation import RejectReason
 
 if TYPE_CHECKING:
@@ -194,8 +195,17 @@ class BridgeMetrics:
         self.registry.register(CoapCollector(stats))
 
     def serve(self, port: int) -> int:
-        """Start the /metrics endpoint on 127.0.0.1; returns the bound port (0 picks one)."""
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        """Start the /metrics endpoint on 127.0.0.1; returns the bound port (0 picks one).
+
+        A port in use (the live bridge's, for a shadow started on the same config) raises
+        ConfigError naming `metrics_port`, before anything connects."""
+        try:
+            server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics_port: expected a free TCP port on 127.0.0.1, got {port} ({exc}); "
+                "a shadow beside the live bridge needs its own (--metrics-port)"
+            ) from None
         self.port = int(server.server_port)
         self._server = server
         return self.port

@@ -22,6 +22,19 @@ by itself. A lock file keeps two processes from using one context.
 for simulated ones; a real device is flashed with its folder's values). A context must only ever
 be *moved*, never copied and used twice: a copy would reuse sequence numbers, which breaks
 AES-CCM. Renewing writes a fresh secret, so both ends must take the new folder.
+
+A *reader* (the shadow bridge of `bridge run --dry-run`, say) gets contexts of its own:
+`provision(..., reader="shadow")` writes `<out>/readers/shadow/<device>/` for the reader
+(`coap.shadow_oscore_dir`) and `<out>/devices/<device>/readers/shadow/` for the device, inside
+the device's folder, so a device flashed with its folder holds its readers too. Sharing the
+live bridge's contexts instead is unsound: used by two processes at once, a context sends two
+messages under one sequence number (a reused AES-CCM nonce, which leaks the plaintexts' XOR and
+lets a forger in), and each side's replay window refuses the other's requests. The lock file
+forbids it, so a shadow on the live contexts would either be refused or, started first, keep
+the live bridge from starting. A reader's context is also *read-only* on the device: it may
+observe and fetch (`birth`, `death`, `data`, `log`, `dr`), but a command or a DR event under it
+is refused with 4.03 (`read_only`), so a shadow, or whoever takes its files, can watch a site
+but never command it.
 """
 
 from __future__ import annotations
@@ -29,8 +42,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,6 +69,10 @@ SECRET_BYTES = 32
 SALT_BYTES = 8
 BRIDGE_SIDE = "bridge"
 DEVICE_SIDE = "devices"
+READERS = "readers"
+"""`<out>/readers/<reader>/<device>/`, and `<out>/devices/<device>/readers/<reader>/`."""
+READER_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+CONTEXT_FILES = ("settings.json", "secret.json", "sequence.json", "lock")
 
 #: Why an OSCORE message was refused (`bridge_coap_oscore_refusals_total{reason}` on the bridge,
 #: `CoapDeviceServer.refusals` on the device side).
@@ -71,6 +88,8 @@ BAD_KEY = "bad_key"
 """The message did not decrypt: another key, or altered on the way (answered 4.00)."""
 MALFORMED = "malformed"
 """The OSCORE option or the COSE object could not be parsed."""
+READ_ONLY = "read_only"
+"""A command or DR event under a reader's context, which may only read (answered 4.03)."""
 
 
 class DeviceContext(oscore.FilesystemSecurityContext):
@@ -130,7 +149,10 @@ def _write_json(path: Path, data: dict[str, str], mode: int) -> None:
 def _write_context(
     folder: Path, sender: bytes, recipient: bytes, secret: bytes, salt: bytes
 ) -> None:
-    folder.mkdir(parents=True, mode=0o700)
+    """A fresh context in `folder`; what else the folder holds (a device's readers) stays."""
+    folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+    for name in CONTEXT_FILES:
+        (folder / name).unlink(missing_ok=True)
     settings = {
         "algorithm": ALGORITHM,
         "kdf-hashfun": HASH,
@@ -142,22 +164,34 @@ def _write_context(
     _write_json(folder / "secret.json", {"secret_hex": secret.hex()}, 0o600)
 
 
-def provision(devices: Iterable[str], out: Path, *, renew: bool = False) -> dict[str, list[str]]:
+def reader_folder(out: Path, reader: str) -> Path:
+    """Where a reader's ends of its contexts go (its `coap.shadow_oscore_dir`)."""
+    if not re.fullmatch(READER_PATTERN, reader):
+        raise ConfigError(f"reader: expected a name matching {READER_PATTERN}, got {reader!r}")
+    return out / READERS / reader
+
+
+def provision(
+    devices: Iterable[str], out: Path, *, renew: bool = False, reader: str | None = None
+) -> dict[str, list[str]]:
     """Write a fresh pre-shared context per device, both ends; what was written and kept.
 
     A device that already has both ends is kept as it is (its sequence numbers and replay window
-    go on), unless `renew`: then both ends are replaced by a new secret and new ids.
+    go on), unless `renew`: then both ends are replaced by a new secret and new ids. With
+    `reader`, the contexts are that reader's (read-only on the device), beside the live ones.
     """
     written: list[str] = []
     kept: list[str] = []
     for device in devices:
-        bridge_end, device_end = out / BRIDGE_SIDE / device, out / DEVICE_SIDE / device
-        if not renew and bridge_end.exists() and device_end.exists():
+        if reader is None:
+            bridge_end, device_end = out / BRIDGE_SIDE / device, out / DEVICE_SIDE / device
+        else:
+            bridge_end = reader_folder(out, reader) / device
+            device_end = out / DEVICE_SIDE / device / READERS / reader
+        complete = (bridge_end / "secret.json").exists() and (device_end / "secret.json").exists()
+        if not renew and complete:
             kept.append(device)
             continue
-        for folder in (bridge_end, device_end):
-            if folder.exists():
-                shutil.rmtree(folder)
         bridge_id, device_id = secrets.token_bytes(ID_BYTES), secrets.token_bytes(ID_BYTES)
         secret, salt = secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(SALT_BYTES)
         _write_context(bridge_end, bridge_id, device_id, secret, salt)
@@ -197,6 +231,26 @@ def load_contexts(
                 ) from None
     except ConfigError:
         release(out.values())
+        raise
+    return out
+
+
+def load_reader_contexts(
+    folder: Path, devices: Iterable[str], field: str, refusals: Counter[str]
+) -> dict[str, dict[str, DeviceContext]]:
+    """Each device's reader contexts, `<folder>/<device>/readers/<reader>/`, locked: device ->
+    reader -> context (a device without readers is left out). Errors as `load_contexts`."""
+    out: dict[str, dict[str, DeviceContext]] = {}
+    try:
+        for device in devices:
+            readers = folder / device / READERS
+            if not readers.is_dir():
+                continue
+            names = sorted(p.name for p in readers.iterdir() if p.is_dir())
+            out[device] = load_contexts(readers, names, f"{field} ({device}'s readers)", refusals)
+    except ConfigError:
+        for contexts in out.values():
+            release(contexts.values())
         raise
     return out
 

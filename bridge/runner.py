@@ -128,9 +128,12 @@ class BridgeRunner:
         self._rejects_logged = 0
         # Devices on CoAP: resolved now, so a key naming no device fails before anything connects.
         self.coap_endpoints = match_devices(cfg.coap.endpoints, [d.id for d in site.devices])
-        if self.coap_endpoints and cfg.coap.oscore_dir is not None:
-            # Each device's OSCORE context loads (and is free) now, not after the broker.
-            check_contexts(cfg.coap.oscore_dir, self.coap_endpoints, "coap.oscore_dir")
+        # The live bridge's OSCORE contexts, or in a dry run the shadow's own (never the live
+        # ones: see bridge.oscore); each loads (and is free) now, not after the broker.
+        self.coap_contexts = cfg.coap_contexts()
+        if self.coap_endpoints and self.coap_contexts is not None:
+            field = "coap.oscore_dir" if self.live else "coap.shadow_oscore_dir"
+            check_contexts(self.coap_contexts, self.coap_endpoints, field)
         self.coap: CoapLink | None = None
         self.market: SlotSettlement | None = None
         """Live with `chain.prosumer_keys`: each slot's orders go to the chain (one row)."""
@@ -524,7 +527,9 @@ class BridgeRunner:
                 # A (re-)registration first fetches the signed telemetry missed since the last
                 # reading held (the validator's, restored from the outbox after a restart).
                 resume_after=self.core.validator.last_nonce.get,
-                oscore_dir=None if c.insecure else c.oscore_dir,
+                oscore_dir=self.coap_contexts,
+                oscore_field="coap.oscore_dir" if self.live else "coap.shadow_oscore_dir",
+                read_only=not self.live,
             )  # fmt: skip
             self.metrics.watch_coap(self.coap.stats)
             await self.coap.start()

@@ -36,6 +36,7 @@ from bridge.clock import SlotClock, slot_of_year
 from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer
 from bridge.errors import BridgeError
+from bridge.faults import FaultInjector, FaultPlan
 from bridge.grid_sensor import Feeder, GridSensor
 from bridge.mqtt import MqttLink, Will
 from bridge.signing import ReadingDomain
@@ -112,6 +113,8 @@ class FleetStats:
     unsent: int = 0
     """Messages the broker never acknowledged when the fleet left (after `DRAIN_S`): must be 0."""
     per_device: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    """Faults injected (`bridge.faults`), by kind."""
 
 
 class Fleet:
@@ -311,6 +314,7 @@ async def simulate(
     first_slot: int | None = None,
     start: StartState | None = None,
     coap: CoapDeviceServer | None = None,
+    faults: FaultPlan | None = None,
 ) -> FleetStats:
     """Connect every device, then report each slot until `slots` slots passed or `stop` is set.
 
@@ -322,8 +326,23 @@ async def simulate(
     The devices `coap` serves (already started) speak CoAP: their births, telemetry and
     goodbyes become its resources' representations and their commands arrive through it; every
     other device has its own MQTT connection.
+
+    `faults`: drop-outs, stuck values, clock skew, malformed and forged messages to inject
+    (`bridge.faults`), seeded by `seed`.
     """
     fleet = Fleet(site, profiles, domain, seed, start_nonces, clock, start)
+    injector = None
+    if faults is not None and faults.rates:
+        keys = {d: dev.key for d, dev in fleet.devices.items()}
+        injector = FaultInjector(faults, domain, keys, seed)
+
+    def send(device_id: str, topic_text: str, payload: bytes) -> None:
+        if device_id in on_coap:
+            assert coap is not None
+            coap.publish(device_id, Resource.DATA, payload)
+        else:
+            links[device_id].publish(topic_text, payload)
+
     links: dict[str, MqttLink] = {}
     stop = stop or asyncio.Event()
     on_coap = set(coap.devices) if coap is not None else set()
@@ -380,14 +399,17 @@ async def simulate(
             now_ms = int(wall() * 1000)
             if slot == first:
                 fleet.idle()
-            for device_id, topic, payload in fleet.telemetry(slot - 1, now_ms):
-                if device_id in on_coap:
-                    assert coap is not None
-                    coap.publish(device_id, Resource.DATA, payload)
-                else:
-                    links[device_id].publish(topic, payload)
+            sent = fleet.telemetry(slot - 1, now_ms)
+            for device_id, topic_text, payload in (
+                sent if injector is None else injector.apply(sent)
+            ):
+                send(device_id, topic_text, payload)
             log.info("slot reported", extra={"slot": slot - 1, "devices": len(fleet.devices)})
             slot += 1
+        if injector is not None:  # what a dropped-out device still holds goes out now
+            for device_id, topic_text, payload in injector.flush():
+                send(device_id, topic_text, payload)
+            fleet.stats.faults = dict(injector.injected)
         # Let the answers to the last slot's commands go out before leaving.
         await asyncio.sleep(min(clock.slot_seconds * 0.8, 2.0))
     finally:

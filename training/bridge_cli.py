@@ -152,6 +152,7 @@ def devices_register(
             result["operator"] = operator
         if prosumer_keys_out is not None:
             keys = {k: v.hex() for k, v in prosumer_keys(manifest, seed).items()}
+            prosumer_keys_out.parent.mkdir(parents=True, exist_ok=True)  # e.g. a fresh .bridge/
             prosumer_keys_out.write_text(json.dumps(keys, indent=1))
             result["prosumer_keys"] = str(prosumer_keys_out)
     except (BridgeError, ChainError, OSError) as err:
@@ -179,14 +180,23 @@ def devices_oscore(
     renew: Annotated[
         bool, typer.Option("--renew", help="Replace existing contexts with fresh secrets.")
     ] = False,
+    reader: Annotated[
+        str | None,
+        typer.Option(
+            help="Write a reader's own read-only contexts instead (e.g. 'shadow' for "
+            "`bridge run --dry-run`): OUT/readers/NAME/<id>/ (coap.shadow_oscore_dir) and "
+            "OUT/devices/<id>/readers/NAME/."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a pre-shared OSCORE context per CoAP device, both ends: OUT/bridge/<id>/ for the
     bridge (coap.oscore_dir) and OUT/devices/<id>/ for the device (devices simulate
-    --coap-oscore). Existing contexts are kept (their sequence numbers go on) unless --renew."""
+    --coap-oscore). Existing contexts are kept (their sequence numbers go on) unless --renew.
+    With --reader NAME, a reader's (a shadow bridge's) own contexts, which may only read."""
     from bridge.coap_resources import match_devices
     from bridge.errors import BridgeError
-    from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, provision
+    from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, provision, reader_folder
     from bridge.site import load_site
 
     try:
@@ -196,13 +206,14 @@ def devices_oscore(
             [d.id for d in manifest.devices],
             field="--coap-device",
         )
-        done = provision(sorted(ids), out, renew=renew)
+        bridge_end = out / BRIDGE_SIDE if reader is None else reader_folder(out, reader)
+        done = provision(sorted(ids), out, renew=renew, reader=reader)
     except (BridgeError, OSError) as err:
         _fail(err)
     _show(
         f"OSCORE contexts of site {manifest.site}",
         {
-            "bridge": str(out / BRIDGE_SIDE),
+            "bridge": str(bridge_end),
             "devices": str(out / DEVICE_SIDE),
             "written": len(done["written"]),
             "kept": len(done["kept"]),
@@ -266,6 +277,17 @@ def devices_simulate(
             "devices. A lab only; the bridge config then says coap.insecure: true.",
         ),
     ] = False,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="Inject a fault, KIND=RATE per device message (repeatable): dropout, stuck, "
+            "clock_skew, malformed, forged (docs/iot.md, 'Injecting faults').",
+        ),
+    ] = None,
+    fault_skew_s: Annotated[
+        float, typer.Option(help="Seconds a clock_skew fault shifts a message's ts by.")
+    ] = -300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every device of the site, driven by the scenario's load and PV profiles; each obeys
@@ -276,6 +298,7 @@ def devices_simulate(
     from bridge.coap_server import serving
     from bridge.config import load_deployment
     from bridge.errors import BridgeError
+    from bridge.faults import FaultPlan
     from bridge.logs import setup_json_logging
     from bridge.signing import ReadingDomain
     from bridge.simulator import FleetStats, Profiles, simulate
@@ -286,6 +309,7 @@ def devices_simulate(
 
     setup_json_logging()
     try:
+        plan = FaultPlan.parse(fault or [], fault_skew_s)
         params = _grid(scenario)
         manifest = load_site(site) if site else build_site(params, site=site_id, seed=seed)
         if manifest.grid_code != params.grid_code:
@@ -331,6 +355,7 @@ def devices_simulate(
                     slots=slots,
                     start_nonces=nonces,
                     coap=coap,
+                    faults=plan,
                 )
                 return stats, 0 if coap is None else coap.commands
 
@@ -359,6 +384,15 @@ def bridge_run(
     slots: Annotated[
         int | None, typer.Option(min=1, help="Stop after deciding this many slots.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65_535,
+            help="Prometheus port instead of the config's metrics_port (0: a free one); a "
+            "shadow beside the live bridge needs its own.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the configured policy against the site's devices until stopped (Ctrl-C): over MQTT,
@@ -374,7 +408,9 @@ def bridge_run(
     from envs import MicrogridError
 
     try:
-        cfg = load_bridge_config(config, dry_run=True if dry_run else None)
+        cfg = load_bridge_config(
+            config, dry_run=True if dry_run else None, metrics_port=metrics_port
+        )
         setup_json_logging(file=cfg.log_file)
         site = load_site(cfg.site)
         dep = load_deployment(cfg.chain.deployment)

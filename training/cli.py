@@ -349,6 +349,7 @@ def chain_compile(
     out: Annotated[
         Path | None, typer.Option(help="Artifact directory (default contracts/build).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Recompile contracts/src with the pinned solc-js (same as `make contracts`)."""
     from contracts.compile import BUILD_DIR, compile_all
@@ -358,6 +359,9 @@ def chain_compile(
         written = compile_all(out or BUILD_DIR)
     except ChainError as err:
         _fail(err)
+    if as_json:
+        print(json.dumps({k: str(v) for k, v in sorted(written.items())}))
+        return
     console.print(_table("compiled artifacts", {k: str(v) for k, v in sorted(written.items())}))
 
 

@@ -29,8 +29,9 @@ import pytest
 from agents.baselines import RuleBasedPolicy
 from bridge.clock import SlotClock
 from bridge.coap_resources import Resource
-from bridge.coap_server import CoapDeviceServer
+from bridge.coap_server import CoapDeviceServer, serving
 from bridge.config import BridgeConfig, Deployment, load_deployment
+from bridge.errors import ConfigError
 from bridge.mqtt import MqttLink
 from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, load_contexts, provision
 from bridge.policy_source import LoadedPolicy
@@ -343,3 +344,58 @@ def test_coap_outage_loses_no_reading(stack: Stack, site: SiteManifest) -> None:
     seen = [(e["args"]["device"], e["args"]["slot"]) for e in logs.get_logs(from_block=first_block)]
     assert len(seen) == len(set(seen)) == queued == fleet.readings_signed, (seen, fleet)
     assert fleet.limit_violations == 0
+
+
+def test_a_shadow_bridge_reads_oscore_devices_beside_the_live_one(
+    stack: Stack, site: SiteManifest
+) -> None:
+    """`bridge run --dry-run` beside the live bridge, with CoAP devices under OSCORE: the
+    shadow reads them under its own read-only contexts (`devices oscore --reader shadow`),
+    never the live bridge's (which it holds locked), and commands nothing. Both bridges see
+    every CoAP device; no request is refused on either side."""
+    s = stack
+    site.save(s.files / "site.json")
+    coap_ids = [d.id for d in site.devices if d.id.startswith("bus2-")]
+    root = s.files / "oscore-shadow"
+    provision(coap_ids, root)
+    provision(coap_ids, root, reader="shadow")
+    refused: Counter[str] = Counter()
+    shadow_summary: dict[str, Any] = {}
+
+    async def scenario() -> tuple[FleetStats, dict[str, Any], BridgeRunner]:
+        port = free_udp_port()
+        url = f"coap://127.0.0.1:{port}"
+        live_cfg = _config(s, url, "shadow-live", oscore_dir=root / BRIDGE_SIDE)
+        # The same config with --dry-run and the shadow's folder: a ConfigError without it.
+        with pytest.raises(ConfigError, match=r"coap\.shadow_oscore_dir: expected the shadow's"):
+            live_cfg.model_copy(update={"dry_run": True}).coap_contexts()
+        coap = live_cfg.coap.model_copy(update={"shadow_oscore_dir": root / "readers/shadow"})
+        shadow_cfg = live_cfg.model_copy(update={"dry_run": True, "coap": coap})
+        async with serving(site.site, coap_ids, "127.0.0.1", port, root / DEVICE_SIDE) as server:
+            assert server is not None and set(server.readers) == set(coap_ids)
+
+            async def beside(live: BridgeRunner) -> None:
+                codec = site.make_codec()
+                shadow = BridgeRunner(
+                    shadow_cfg, site, s.deployment, LoadedPolicy(RuleBasedPolicy(codec), "rb")
+                )
+                task = asyncio.create_task(shadow.run(SLOTS - 2))
+                shadow_summary.update(await task)
+
+            try:
+                return await _run(s, site, live_cfg, server, beside)
+            finally:
+                refused.update(server.refusals)
+
+    _, summary, runner = asyncio.run(scenario())
+    assert refused == {}, refused  # the shadow asked nothing it may not, the live bridge neither
+    for run in (summary, shadow_summary):
+        coap = run["coap"]
+        assert coap["oscore"] is True and coap["oscore_refusals"] == {}, coap
+        assert coap["reachable"] == len(coap_ids) and coap["observe_failures"] == {}, coap
+    assert shadow_summary["mode"] == "shadow" and summary["mode"] == "live"
+    assert shadow_summary["coap"]["requests"] == {}, shadow_summary["coap"]  # no command sent
+    assert int(shadow_summary["telemetry_accepted"]) >= 2 * len(site.devices), shadow_summary
+    # The live bridge commanded its CoAP devices meanwhile, under its own contexts.
+    assert sum(summary["coap"]["requests"].values()) > 0, summary["coap"]
+    assert runner.core.mode == "live"

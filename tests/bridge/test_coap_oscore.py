@@ -33,6 +33,7 @@ from bridge.oscore import (
     UNPROTECTED,
     WRONG_DEVICE,
     load_contexts,
+    load_reader_contexts,
     provision,
     release,
 )
@@ -382,6 +383,13 @@ def test_devices_oscore_provisions_the_sites_coap_devices(
     assert json.loads(again.output)["kept"] == len(batteries)
     typo = CliRunner().invoke(app, [*args[:-3], "--coap-device", "bus99-*"])
     assert typo.exit_code == 2 and "--coap-device.bus99-*: expected a device id" in typo.output
+    # The shadow's own contexts (docs/iot.md, "Shadow mode with OSCORE devices").
+    shadow = CliRunner().invoke(app, [*args, "--reader", "shadow"])
+    assert shadow.exit_code == 0, shadow.output
+    assert json.loads(shadow.output)["bridge"] == str(out / "readers" / "shadow")
+    assert sorted(p.name for p in (out / "readers" / "shadow").iterdir()) == batteries
+    bad = CliRunner().invoke(app, [*args, "--reader", "Shadow!"])
+    assert bad.exit_code == 2 and "reader: expected a name" in bad.output
 
 
 def test_the_simulators_server_loads_and_frees_the_device_ends(
@@ -471,3 +479,186 @@ def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
             relay_transport.close()
 
     asyncio.run(scenario())
+
+
+class CountingRelay(Relay):
+    """A relay that counts the device's datagrams to the bridge and can stop forwarding the
+    bridge's (the device's network gone, for the bridge)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(upstream)
+        self.from_device = 0
+        self.cut = False
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr == self.upstream:
+            self.from_device += 1
+        elif self.cut:
+            return
+
+        super().datagram_received(data, addr)
+
+
+def test_protected_observations_end_cleanly_on_reregistration_and_close(
+    tmp_path: Path, site: SiteManifest, domain: ReadingDomain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiocoap's OSCORE transport keeps the wire observation under one the bridge ended, so
+    each re-registration left the device one more listener to notify, and at shutdown each
+    logged a `TypeError` from aiocoap's own error report (`Logger._log() got an unexpected
+    keyword argument 'exception'`). The link ends them itself: after many re-registrations
+    the device notifies the bridge once per change, and registrations given up unanswered, a
+    command in flight and the close itself log no error."""
+    import gc
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    provision([PV], tmp_path)
+    dev = _device(site, domain, PV)
+
+    async def scenario() -> None:
+        port = free_udp_port()
+        server = _server(site, tmp_path, dev)
+        await server.start("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        relay_port = free_udp_port()
+        relay_transport, relay = await loop.create_datagram_endpoint(
+            lambda: CountingRelay(("127.0.0.1", port)), local_addr=("127.0.0.1", relay_port)
+        )
+        _, (_, birth) = dev.connect(NOW_MS)
+        server.publish(PV, Resource.BIRTH, birth)
+        queue: asyncio.Queue[Received] = asyncio.Queue()
+        link = CoapLink(
+            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
+            request_timeout_s=0.5, retry_s=0.2, reobserve_s=0.3,
+            oscore_dir=tmp_path / BRIDGE_SIDE,
+        )  # fmt: skip
+        await link.start()
+        try:
+            await _next(queue)  # the birth
+            while link.stats.reobserved < 9:  # each resource registered again, three times
+                await asyncio.sleep(0.1)
+            link.reobserve_s = 60  # from the next registration on: quiet, to count datagrams
+            await asyncio.sleep(0.6)
+            # A listener the bridge gave up on acknowledges one more notification (aiocoap ends
+            # it there) and resets the next, which makes the device forget it.
+            for n in range(3):
+                _, data = dev.telemetry(SLOT + n, NOW_MS, {"pv_kw": 1.0 + n, "available_kw": 2.0,
+                                                           "curtailment": 0.5}, None)  # fmt: skip
+                before = relay.from_device
+                server.publish(PV, Resource.DATA, data)
+                got = await _next(queue)
+                assert got.payload == data
+                await asyncio.sleep(0.1)
+            # The third change reached the bridge as one datagram: nobody else listens.
+            assert relay.from_device - before == 1, relay.from_device - before
+            relay.cut = True  # registrations time out unanswered; a command goes unanswered
+            while sum(link.stats.observe_failures.values()) < 3:
+                await asyncio.sleep(0.1)
+            link.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(0, 0.25)))
+            await asyncio.sleep(0.1)
+        finally:
+            await link.close()
+            await server.close()
+            server.release()
+            relay_transport.close()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    gc.collect()
+    noise = [
+        r for r in caplog.records if r.name in ("coap", "asyncio") or r.levelno >= logging.ERROR
+    ]
+    assert noise == [], [r.getMessage()[:200] for r in noise]
+
+
+def test_a_readers_context_reads_beside_the_bridge_but_commands_nothing(
+    tmp_path: Path, site: SiteManifest, domain: ReadingDomain
+) -> None:
+    """A shadow's own contexts (`provision(..., reader="shadow")`): its link observes the
+    device at the same time as the live bridge's, each under its own key; its commands are
+    not sent (`read_only`), and one sent anyway under its context is refused with 4.03 and
+    not applied. Renewing the live contexts keeps the readers'."""
+    from bridge.coap_server import serving
+    from bridge.oscore import READ_ONLY, READERS
+
+    provision([PV], tmp_path)
+    assert provision([PV], tmp_path, reader="shadow") == {"written": [PV], "kept": []}
+    assert provision([PV], tmp_path, reader="shadow") == {"written": [], "kept": [PV]}
+    shadow_dir = tmp_path / READERS / "shadow"
+    assert (tmp_path / DEVICE_SIDE / PV / READERS / "shadow" / "secret.json").exists()
+    with pytest.raises(ConfigError, match="reader: expected a name"):
+        provision([PV], tmp_path, reader="../x")
+    dev = _device(site, domain, PV)
+
+    async def scenario() -> None:
+        port = free_udp_port()
+        async with serving(site.site, [PV], "127.0.0.1", port, tmp_path / DEVICE_SIDE) as server:
+            assert server is not None
+            server.on_command = lambda d, p: dev.on_command(p, NOW_MS, announce_accepted=False)
+            _, (_, birth) = dev.connect(NOW_MS)
+            server.publish(PV, Resource.BIRTH, birth)
+            endpoint = {PV: Endpoint("127.0.0.1", port)}
+            queues: list[asyncio.Queue[Received]] = [asyncio.Queue(), asyncio.Queue()]
+            live = CoapLink(site.site, endpoint, queues[0], request_timeout_s=2, retry_s=0.2,
+                            oscore_dir=tmp_path / BRIDGE_SIDE)  # fmt: skip
+            shadow = CoapLink(site.site, endpoint, queues[1], request_timeout_s=2, retry_s=0.2,
+                              oscore_dir=shadow_dir, read_only=True)  # fmt: skip
+            await live.start()
+            await shadow.start()
+            try:
+                for queue in queues:
+                    assert (await _next(queue)).payload == birth
+                _, data = dev.telemetry(SLOT, NOW_MS, {"pv_kw": 1.0, "available_kw": 2.0,
+                                                       "curtailment": 0.5}, None)  # fmt: skip
+                server.publish(PV, Resource.DATA, data)
+                for queue in queues:
+                    assert (await _next(queue)).payload == data
+                shadow.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(0, 0.9)))
+                live.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(1, 0.25)))
+                assert (await _next(queues[0])).topic == "mgv1/site1/DACK/bus2-pv"
+                assert dev.curtailment == 0.25 and server.commands == 1
+                assert shadow.stats.requests == {"read_only": 1}
+            finally:
+                await shadow.close()
+                await live.close()
+            # A command under the reader's context, sent anyway: 4.03, not applied.
+            held = load_contexts(shadow_dir, [PV], "coap.shadow_oscore_dir", Counter())
+            client = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+            client.client_credentials[f"coap://127.0.0.1:{port}/*"] = held[PV]
+            try:
+                uri = Endpoint("127.0.0.1", port).uri(site.site, PV, Resource.CMD)
+                msg = aiocoap.Message(code=Code.POST, uri=uri, content_format=50,
+                                      payload=encode(_command(2, 0.9)))  # fmt: skip
+                assert (await client.request(msg).response).code == Code.FORBIDDEN
+                get = aiocoap.Message(code=Code.GET, uri=uri.replace("/cmd", "/data"))
+                assert (await client.request(get).response).payload == data
+            finally:
+                await client.shutdown()
+                release(held.values())
+            assert server.refusals == {READ_ONLY: 1} and server.commands == 1
+            assert dev.curtailment == 0.25
+
+    asyncio.run(scenario())
+    provision([PV], tmp_path, renew=True)  # the live pair renewed; the reader's stays
+    assert (tmp_path / DEVICE_SIDE / PV / READERS / "shadow" / "secret.json").exists()
+    release(load_reader_contexts(tmp_path / DEVICE_SIDE, [PV], "x", Counter())[PV].values())
+
+
+def test_a_dry_run_takes_the_shadows_contexts_never_the_live_ones(tmp_path: Path) -> None:
+    coap = {"endpoints": {PV: "coap://127.0.0.1:5683"}, "oscore_dir": "o"}
+    live = BridgeConfig.model_validate({"coap": coap}).resolve(tmp_path)
+    assert live.coap_contexts() == tmp_path / "o"
+    with pytest.raises(ConfigError, match=r"coap\.shadow_oscore_dir: expected the shadow's own"):
+        live.model_copy(update={"dry_run": True}).coap_contexts()
+    shadow = BridgeConfig.model_validate(
+        {"dry_run": True, "coap": {**coap, "shadow_oscore_dir": "r/shadow"}}
+    ).resolve(tmp_path)
+    assert shadow.coap_contexts() == tmp_path / "r/shadow"
+    with pytest.raises(ValueError, match="shadow_oscore_dir: expected the shadow's own contexts"):
+        BridgeConfig.model_validate({"coap": {**coap, "shadow_oscore_dir": "o"}})
+    with pytest.raises(ValueError, match="shadow_oscore_dir: expected either"):
+        BridgeConfig.model_validate(
+            {"coap": {"endpoints": coap["endpoints"], "insecure": True, "shadow_oscore_dir": "r"}}
+        )
+    plain = {"endpoints": coap["endpoints"], "insecure": True}
+    assert BridgeConfig.model_validate({"dry_run": True, "coap": plain}).coap_contexts() is None

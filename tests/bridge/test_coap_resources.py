@@ -121,3 +121,8 @@ def test_the_shipped_coap_example_config_loads() -> None:
     assert cfg.coap.endpoints == {"*-battery": "coap://127.0.0.1:5683"}
     assert cfg.coap.oscore_dir is not None and not cfg.coap.insecure
     assert cfg.coap.oscore_dir.resolve() == (REPO / ".bridge/oscore/bridge").resolve()
+    shadow = cfg.model_copy(update={"dry_run": True}).coap_contexts()
+    assert (
+        shadow is not None
+        and shadow.resolve() == (REPO / ".bridge/oscore/readers/shadow").resolve()
+    )

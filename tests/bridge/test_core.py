@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from agents.baselines import IdlePolicy
 from bridge.core import BridgeCore, ChainWork, Publish
@@ -101,3 +102,24 @@ def test_a_stale_reading_is_still_queued_for_the_chain_but_not_used_for_control(
     assert [w.key for w in out if isinstance(w, ChainWork)] == [f"reading:bus1-meter:{SLOT - 4}"]
     assert core.validator.rejected == {RejectReason.STALE: 1}
     assert "bus1-meter" not in core.state.latest  # the old metrics steer nothing
+
+
+def test_a_metrics_port_in_use_is_refused_naming_the_field(
+    site: SiteManifest, domain: ReadingDomain
+) -> None:
+    """A shadow started on the live bridge's config finds its metrics port taken: a clear
+    ConfigError naming `metrics_port` (and `--metrics-port`), not a traceback."""
+    import socket
+
+    from bridge.errors import ConfigError
+    from bridge.metrics import BridgeMetrics
+
+    core = _core(site, domain, IdlePolicy(site.make_codec()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ConfigError, match=r"metrics_port: expected a free TCP port.*--metrics-port"
+        ):
+            BridgeMetrics(core).serve(port)

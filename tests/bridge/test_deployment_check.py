@@ -21,7 +21,7 @@ from bridge.errors import ConfigError
 from bridge.policy_source import load_policy
 from bridge.runner import BridgeRunner
 from bridge.site import SiteManifest
-from contracts.client import Chain, deploy_suite, deployment_manifest
+from contracts.client import Chain
 from contracts.compile import load_artifact
 from tests.bridge.services import ANVIL_KEYS, anvil
 
@@ -35,11 +35,40 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed() -> Iterator[Deployed]:
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    """The suite on anvil, deployed by the operator's command (docs/iot.md, step 1)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    manifest = tmp_path_factory.mktemp("deploy") / "deployment.json"
     with anvil() as url:
-        chain = Chain.rpc(url)
-        suite = deploy_suite(chain)
-        yield Deployed(chain, json.loads(json.dumps(deployment_manifest(suite))))
+        args = ["chain", "deploy", "--rpc", url, "--manifest", str(manifest), "--json"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output) == json.loads(manifest.read_text())
+        yield Deployed(Chain.rpc(url), json.loads(manifest.read_text()))
+
+
+def test_devices_register_against_the_deployed_suite(
+    deployed: Deployed, site: SiteManifest, tmp_path: Path
+) -> None:
+    """`microgrid devices register` (docs/iot.md, step 2) on the manifest `chain deploy` wrote:
+    every device's key registered once, a rerun skips them, the order keys' folder is made."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    site.save(tmp_path / "site.json")
+    (tmp_path / "deployment.json").write_text(json.dumps(deployed.manifest))
+    url = deployed.chain.w3.provider.endpoint_uri  # type: ignore[attr-defined]
+    args = ["devices", "register", "--site", str(tmp_path / "site.json"),
+            "--deployment", str(tmp_path / "deployment.json"), "--rpc", url, "--json"]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.output)["registered"] == len(site.devices)
+    again = CliRunner().invoke(app, args)
+    assert json.loads(again.output) == {"registered": 0, "already": len(site.devices)}
 
 
 def start(d: Deployed, site: SiteManifest, manifest: dict[str, Any], files: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +112,111 @@ def test_a_shadow_bridge_never_passes_for_the_live_one(site: SiteManifest) -> No
     assert runner.core.birth(now).topic not in watched
     assert runner.core.will(now).topic not in watched
     assert topic(site.site, MessageType.NBIRTH, live_node) in watched
+
+
+def _constant_onnx(obs_dim: int, action: np.ndarray) -> Any:
+    """A frozen policy graph that answers `action` to every observation (obs @ 0 + action)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.zeros((obs_dim, len(action)), np.float32), "w")
+    bias = numpy_helper.from_array(np.asarray(action, np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["obs", "w"], ["z"]),
+            helper.make_node("Add", ["z", "b"], ["a"]),
+        ],
+        "constant",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, [None, obs_dim])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, len(action)])],
+        [weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_the_alias_moving_reloads_after_the_parity_check(
+    site: SiteManifest,
+    domain: ReadingDomain,
+    keys: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`policy.source: models:/NAME@ALIAS` against a real MLflow registry (sqlite): the bridge
+    serves the alias's version; when the alias moves it downloads the new version, checks it on
+    the recorded observations and swaps it in between two decisions (NBIRTH says so); a version
+    answering NaN is refused, counted, kept out and not downloaded again."""
+    import mlflow
+    import mlflow.onnx
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # nothing of MLflow's lands in the repository
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("bridge", artifact_location=(tmp_path / "art").as_uri())
+    client = MlflowClient(tracking_uri=uri)
+    codec = site.make_codec()
+    versions = []
+    for value in (0.0, 0.25, np.nan):  # as training.train registers its policies
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.onnx.log_model(
+                _constant_onnx(codec.obs_dim, np.full(codec.act_dim, value)), name="policy",
+                registered_model_name="ppo", save_as_external_data=False,
+            )  # fmt: skip
+        versions.append(str(info.registered_model_version))
+    client.set_registered_model_alias("ppo", "champion", versions[0])
+
+    source = "models:/ppo@champion"
+    loaded = load_policy(source, codec, uri)
+    assert (loaded.name, loaded.version) == ("models:/ppo/1", "1")
+    dep = Deployment(chainId=31337, addresses={"DeviceRegistry": REGISTRY}, genesis=GENESIS,
+                     slotSeconds=900)  # fmt: skip
+    cfg = BridgeConfig(
+        dry_run=True, metrics_port=None,
+        policy={"source": source, "tracking_uri": uri, "reload_every_s": 0.05},
+    )  # fmt: skip
+    runner = BridgeRunner(cfg, site, dep, loaded)
+    _with_observations(runner, site, domain, keys)
+    assert runner._try_reload() is None  # the alias has not moved
+
+    class Births:
+        """Where the runner's NBIRTH goes instead of the broker."""
+
+        birth = None
+
+        def __init__(self) -> None:
+            self.published: list[bytes] = []
+
+        def publish(self, topic_text: str, payload: bytes, *, retain: bool = False) -> None:
+            self.published.append(payload)
+
+    births = Births()
+    runner.link = births  # type: ignore[assignment]
+
+    def reloads(result: str) -> float:
+        value = runner.metrics.registry.get_sample_value(
+            "bridge_policy_reloads_total", {"result": result}
+        )
+        return value or 0.0
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(runner._reload_loop())
+        try:
+            client.set_registered_model_alias("ppo", "champion", versions[1])
+            while runner.loaded.version != "2":
+                await asyncio.sleep(0.05)
+            action = runner.core.policy.predict(np.zeros(codec.obs_dim, np.float32))
+            assert np.allclose(action, 0.25)
+            assert runner.parity["samples"] == 1.0 and reloads("accepted") == 1
+            assert b"models:/ppo/2" in births.published[-1]
+            client.set_registered_model_alias("ppo", "champion", versions[2])
+            while reloads("rejected") == 0:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a few more polls: the refused version is not fetched again
+            assert runner.loaded.version == "2" and runner.refused == {"3"}
+            assert reloads("rejected") == 1 and reloads("accepted") == 1
+        finally:
+            runner.stop.set()
+            await loop
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
