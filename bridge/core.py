@@ -155,7 +155,8 @@ class BridgeCore:
         if t.message_type is MessageType.DDATA:
             out = v.on_telemetry(t.entity, payload, now_ms)
             if isinstance(out, Rejected):
-                # Too old or out of session to act on, but a valid reading is owed to the chain.
+                # Off time or out of session, so not acted on, but a valid reading is owed to
+                # the chain (one for a slot not yet ended waits in the outbox: "not yet").
                 relay = [] if out.relay is None else self._reading_work(out.relay)
                 if out.reason is RejectReason.NO_SESSION and self.site.device(t.entity):
                     return [self._rebirth(t.entity, now_ms), *relay]

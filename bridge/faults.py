@@ -12,12 +12,20 @@ against them end to end and every refusal shows up in the bridge's counters by r
 * `stuck`: the device repeats its previous slot's metrics (a frozen sensor); its signed reading
   stays the real one (the meter's energy register does not freeze with its display).
 * `clock_skew`: the message's `ts` is off by `skew_s` (the device's clock). Beyond the bridge's
-  `timing.max_age_s` behind it is `stale` (the reading relayed), beyond `max_clock_skew_s` ahead
-  it is `future`.
+  `timing.max_age_s` behind it is `stale`, beyond `max_clock_skew_s` ahead it is `future`; either
+  way it is not acted on but its signed reading is relayed (its `slot` is the device's real one;
+  a reading for a slot not yet ended would wait in the bridge's outbox until it has).
 * `malformed`: besides the genuine message, a truncated copy of it (broken JSON): `malformed`.
 * `forged`: before the genuine message, a copy whose reading is signed by another device's key,
   as a neighbour trying to bill its energy to this meter would: `bad_signature`. Only devices
   with a reading can be forged; the copy moves no session state, so the genuine one still lands.
+
+Faults can meet in one message, and the bridge then counts it once, by the first of its checks
+that fails (docs/iot.md, Validation): a skewed message that is also held back by a drop-out
+is `stale` (it arrives a slot late), and a forged copy of a skewed message is refused for its
+time (`stale` or `future`) before its signature is looked at. The injector counts those
+meetings apart (`SKEWED_DROPOUT`, `SKEWED_FORGERY`), so every refusal can be matched to what
+was injected exactly, not within bounds.
 
 The injector is sans-I/O: one slot's messages in, what the devices really send out.
 """
@@ -43,6 +51,12 @@ class Fault(StrEnum):
     FORGED = "forged"
 
 
+#: A skewed message that a drop-out also held back (counted in both `clock_skew` and `dropout`).
+SKEWED_DROPOUT = "clock_skew+dropout"
+#: A forged copy of a skewed message (counted in both `clock_skew` and `forged`).
+SKEWED_FORGERY = "clock_skew+forged"
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     """Per device message, the chance of each fault; `skew_s` for `clock_skew`."""
@@ -50,7 +64,8 @@ class FaultPlan:
     rates: Mapping[Fault, float] = field(default_factory=dict)
     skew_s: float = -300.0
     """Seconds added to a skewed message's `ts`: the default, a clock 5 minutes slow, is
-    refused as `stale` with its reading relayed; a positive skew is refused as `future`."""
+    refused as `stale` with its reading relayed; a positive skew beyond the bridge's
+    `max_clock_skew_s` is refused as `future`, its reading relayed all the same."""
 
     @classmethod
     def parse(cls, specs: Iterable[str], skew_s: float = -300.0) -> FaultPlan:
@@ -87,6 +102,7 @@ class FaultInjector:
         self.keys = dict(keys)
         self.rng = random.Random(f"faults:{seed}")
         self.injected: Counter[str] = Counter()
+        """By `Fault`, and by `SKEWED_DROPOUT` / `SKEWED_FORGERY` where two met in a message."""
         self._held: dict[str, list[tuple[str, bytes]]] = {}
         self._metrics: dict[str, object] = {}
         ids = sorted(self.keys)
@@ -101,15 +117,17 @@ class FaultInjector:
         out: list[tuple[str, str, bytes]] = []
         for device, topic_text, payload in sent:
             msg = json.loads(payload)
-            payload = self._stuck_and_skewed(device, msg, payload)
+            payload, skewed = self._stuck_and_skewed(device, msg, payload)
             held = self._held.pop(device, [])
             out.extend((device, t, p) for t, p in held)  # a reconnecting device flushes first
             if self._hit(Fault.DROPOUT):
                 self.injected[Fault.DROPOUT] += 1
+                self.injected[SKEWED_DROPOUT] += skewed
                 self._held[device] = [(topic_text, payload)]
                 continue
             if msg.get("reading") is not None and self._hit(Fault.FORGED):
                 self.injected[Fault.FORGED] += 1
+                self.injected[SKEWED_FORGERY] += skewed
                 out.append((device, topic_text, self._forge(device, payload)))
             out.append((device, topic_text, payload))
             if self._hit(Fault.MALFORMED):
@@ -117,13 +135,23 @@ class FaultInjector:
                 out.append((device, topic_text, payload[: len(payload) // 2]))
         return out
 
+    @property
+    def holding(self) -> bool:
+        """Whether a dropped-out device still holds telemetry (for `flush`)."""
+        return bool(self._held)
+
     def flush(self) -> list[tuple[str, str, bytes]]:
-        """What devices still hold when the run ends: they send it before leaving."""
+        """What devices still hold when the run ends: they send it before leaving, at the slot
+        boundary after the last (the simulator waits for it), so it is late as every
+        drop-out's."""
         held, self._held = self._held, {}
         return [(d, t, p) for d, queued in held.items() for t, p in queued]
 
-    def _stuck_and_skewed(self, device: str, msg: dict[str, object], payload: bytes) -> bytes:
-        changed = False
+    def _stuck_and_skewed(
+        self, device: str, msg: dict[str, object], payload: bytes
+    ) -> tuple[bytes, bool]:
+        """The payload as sent, and whether its clock was skewed."""
+        changed = skewed = False
         previous = self._metrics.get(device)
         self._metrics[device] = msg["metrics"]
         if previous is not None and self._hit(Fault.STUCK):
@@ -136,8 +164,8 @@ class FaultInjector:
             ts = msg["ts"]
             assert isinstance(ts, int)
             msg["ts"] = max(0, ts + round(self.plan.skew_s * 1000))
-            changed = True
-        return json.dumps(msg, separators=(",", ":")).encode() if changed else payload
+            changed = skewed = True
+        return (json.dumps(msg, separators=(",", ":")).encode() if changed else payload), skewed
 
     def _forge(self, device: str, payload: bytes) -> bytes:
         msg = json.loads(payload)

@@ -407,6 +407,13 @@ async def simulate(
             log.info("slot reported", extra={"slot": slot - 1, "devices": len(fleet.devices)})
             slot += 1
         if injector is not None:  # what a dropped-out device still holds goes out now
+            # ... at the next boundary, when it would have gone with the next slot's: late, as
+            # every drop-out's (sent at once it would look on time for the last slot).
+            delay = clock.start(slot) - wall()
+            if injector.holding and delay > 0 and not stop.is_set():
+                with_stop = asyncio.create_task(stop.wait())
+                await asyncio.wait({with_stop}, timeout=delay)
+                with_stop.cancel()
             for device_id, topic_text, payload in injector.flush():
                 send(device_id, topic_text, payload)
             fleet.stats.faults = dict(injector.injected)

@@ -5,13 +5,25 @@ without a broker, and fuzzed. The checks run cheapest first and the signature (a
 recovery) last; session state (last `seq`, last reading nonce) only moves once a message has
 passed every check, so a forged message cannot advance it and lock the real device out.
 
-Staleness is a rule for *control*, not for *settlement*: telemetry too old to act on is refused
-(counted `stale`), and so is telemetry outside a live session (`no_session`), but a signed
-reading inside either that passes every check of its own is still handed back (`Rejected.relay`)
-for the chain, whose own reading window is the judge. Otherwise a bridge
-that was down for a few slots would drop the readings the broker kept for it: readings the
-chain never gets (the registry takes the device's later ones over the gap, but each lost one is
-a slot of that meter settled without its reading).
+Timing is a rule for *control*, not for *settlement*: telemetry too old to act on is refused
+(counted `stale`), so is telemetry stamped ahead of the bridge's clock (`future`: a device clock
+running fast) and telemetry outside a live session (`no_session`), but a signed reading inside
+any of them that passes every check of its own is still handed back (`Rejected.relay`) for the
+chain, whose own reading window is the judge. Otherwise a bridge that was down for a few slots
+would drop the readings the broker kept for it, and a meter with a fast clock would never be
+metered: readings the chain never gets (the registry takes the device's later ones over the
+gap, but each lost one is a slot of that meter settled without its reading).
+
+So is a meter's reading that disagrees with the `net_kw` beside it (`implausible`): the
+signature makes the reading the device's word, the metrics are more likely the wrong half (a
+frozen display), and the chain judges the reading on its signature and cap alone.
+
+A future reading for a slot that has not ended is not held here: the outbox holds it, durably,
+since the registry's "slot not ended" is a "not yet" it retries (`BridgeCore._reading_work`).
+Only a reading more than `ValidationLimits.max_reading_lead_slots` ahead of the bridge's
+current slot is refused whole: it measures nothing yet, and relayed it would hold the meter's
+later readings behind it in the outbox's lane until its slot ended, then have them refused as
+not after it.
 
 The session table (`sessions`, `last_nonce`) is what a restarted bridge needs to accept the
 messages the broker delivers again; `dirty` names the devices whose entry changed since the
@@ -71,8 +83,9 @@ class Rejected:
     reason: RejectReason
     detail: str
     relay: Telemetry | None = None
-    """A DDATA refused as stale or out of session whose signed reading passed every check of
-    its own: relay the reading to the chain, do not act on the data."""
+    """A DDATA refused as stale, future, out of session, or `implausible` only because a meter's
+    metrics disagree with its reading, whose signed reading passed every check of its own:
+    relay the reading to the chain, do not act on the data."""
 
 
 @dataclass
@@ -97,6 +110,10 @@ class ValidationLimits:
     slot_seconds: float = 900
     """Wall-clock slot length: 900 s as on the chain, shorter only in accelerated runs."""
     genesis: float = 0
+    max_reading_lead_slots: int = 1
+    """A `future` message's reading is relayed only for a slot at most this many slots after
+    the bridge's current one (the outbox holds it until the chain's slot ends); one further
+    ahead is refused whole. 1: a device clock up to two slots fast is still metered."""
 
 
 class TelemetryValidator:
@@ -123,7 +140,8 @@ class TelemetryValidator:
         self.dirty: set[str] = set()
         """Devices whose session or nonce changed since `take_dirty` (for the shell to persist)."""
         self.relayed_readings = 0
-        """Readings relayed from telemetry refused as stale or out of session."""
+        """Readings relayed from telemetry refused (stale, future, out of session, or a meter's
+        metrics disagreeing with its reading)."""
 
     def device(self, device_id: str) -> SiteDevice | None:
         """The manifest's device with this id (None: not on the site)."""
@@ -278,25 +296,38 @@ class TelemetryValidator:
             if session.reason is RejectReason.NO_SESSION:
                 return self._out_of_session(msg, device, session)
             return self._refuse(session.reason, session.detail)
-        stale = self._timing(msg, now_ms)
-        if stale is not None and stale[0] is RejectReason.FUTURE:
-            return self._refuse(*stale)
+        unusable = self._timing(msg, now_ms)
+        if unusable is not None and unusable[0] is RejectReason.FUTURE:
+            lead = msg.slot - self.current_slot(now_ms)
+            if lead > self.limits.max_reading_lead_slots:
+                # Too far ahead to be a measurement: refused whole, its reading too.
+                detail = unusable[1]
+                if msg.reading is not None:
+                    detail += (
+                        f"; reading not relayed: expected its slot at most "
+                        f"{self.limits.max_reading_lead_slots} ahead, got {lead} ahead"
+                    )
+                return self._refuse(RejectReason.FUTURE, detail)
         refusal = self._reading_refusal(msg, device)
         if refusal is not None:
-            # Stale telemetry is refused as stale whatever else is wrong with it; its reading
-            # is relayed only when it passes every check.
-            return self._refuse(*(stale or refusal))
+            # Telemetry off time is refused as stale or future whatever else is wrong with it;
+            # its reading is relayed only when it passes every check.
+            return self._refuse(*(unusable or refusal))
+        if unusable is None:
+            disagreement = self._disagreement(msg)
+            if disagreement is not None:
+                unusable = (RejectReason.IMPLAUSIBLE, disagreement)  # refused, reading relayed
         reading = msg.reading
-        if stale is not None and reading is None:
-            return self._refuse(*stale)  # nothing owed to the chain: refused whole
+        if unusable is not None and reading is None:
+            return self._refuse(*unusable)  # nothing owed to the chain: refused whole
         if reading is not None:
             self.last_nonce[msg.device] = reading.nonce
         if msg.seq > session.last_seq + 1:
             session.missed += msg.seq - session.last_seq - 1
         session.last_seq = msg.seq
         self.dirty.add(msg.device)
-        if stale is not None:
-            refused = self._refuse(*stale)
+        if unusable is not None:
+            refused = self._refuse(*unusable)
             self.relayed_readings += 1
             return Rejected(refused.reason, refused.detail, relay=msg)
         self.accepted += 1
@@ -381,15 +412,27 @@ class TelemetryValidator:
             cap_wh = device.capacity_w * energy_s // 3600
             if abs(r.energy_wh) > cap_wh:
                 return f"reading.energy_wh: expected |energy| <= {cap_wh} Wh, got {r.energy_wh}"
-            if isinstance(m, MeterMetrics):
-                expected = m.net_kw * energy_s / 3.6
-                tol = max(ENERGY_TOLERANCE_WH, ENERGY_TOLERANCE_SHARE * abs(expected))
-                if abs(r.energy_wh - expected) > tol:
-                    return (
-                        f"reading.energy_wh: expected net_kw x slot = {expected:.0f} "
-                        f"+/- {tol:.0f} Wh, got {r.energy_wh}"
-                    )
         return None
+
+    def _disagreement(self, msg: Telemetry) -> str | None:
+        """A meter's signed reading against its own `net_kw`: None when they agree.
+
+        Checked after the signature, and not a reason to drop the reading: the device signed
+        it, the chain takes it on that signature alone, and a disagreement more often means
+        the metrics are wrong (a frozen display, `stuck`) than the energy register. So the
+        message is refused for control (`implausible`) and its reading relayed."""
+        m, r = msg.metrics, msg.reading
+        if r is None or not isinstance(m, MeterMetrics):
+            return None
+        # Energy is per market slot (the site's dt_h), whatever the wall-clock slot length.
+        expected = m.net_kw * round(self.site.dt_h * 3600) / 3.6
+        tol = max(ENERGY_TOLERANCE_WH, ENERGY_TOLERANCE_SHARE * abs(expected))
+        if abs(r.energy_wh - expected) <= tol:
+            return None
+        return (
+            f"reading.energy_wh: expected net_kw x slot = {expected:.0f} "
+            f"+/- {tol:.0f} Wh, got {r.energy_wh}"
+        )
 
     # ---- acknowledgements -----------------------------------------------------------------
     def on_ack(self, topic_device: str, payload: bytes) -> Ack | Rejected:

@@ -56,6 +56,21 @@ def test_readings_become_idempotent_outbox_work(
     assert meter.fn == "submitReading" and "DeviceRegistrySlotNotEnded" in meter.retry_on
 
 
+def test_a_reading_from_a_fast_clock_waits_in_the_outbox_for_its_slot_to_end(
+    site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """A meter a slot ahead reports slot SLOT + 2 while the bridge is in SLOT + 1: not acted on,
+    but queued with the registry's "slot not ended" as a "not yet", so the outbox holds it
+    (durably) until the chain's slot has ended."""
+    core = _core(site, domain, IdlePolicy(site.make_codec()))
+    core.handle("mgv1/site1/DBIRTH/bus1-meter", birth(site, "bus1-meter"), NOW_MS)
+    msg = telemetry(site, domain, keys["bus1-meter"], "bus1-meter", slot=SLOT + 2)
+    [work] = core.handle("mgv1/site1/DDATA/bus1-meter", json.dumps(msg).encode(), NOW_MS)
+    assert isinstance(work, ChainWork) and work.key == f"reading:bus1-meter:{SLOT + 2}"
+    assert work.retry_on == ("DeviceRegistrySlotNotEnded",)
+    assert core.validator.rejected == {RejectReason.FUTURE: 1} and not core.state.latest
+
+
 def test_telemetry_without_a_session_asks_for_a_rebirth(
     site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
 ) -> None:

@@ -111,9 +111,10 @@ def mutated(device: str, choice: int, value: Any) -> None:
         if out.reading is not None:  # other kinds may drop theirs, never alter it
             assert json.loads(out.reading.model_dump_json()) == original["reading"]
     elif out.relay is not None:
-        # Too old or out of session to act on, validly signed: only the untouched reading
-        # may go to the chain.
-        assert out.reason.value in ("stale", "no_session") and out.relay.reading is not None
+        # Off time or out of session, so not acted on, validly signed: only the untouched
+        # reading may go to the chain.
+        assert out.reason.value in ("stale", "future", "no_session", "implausible")
+        assert out.relay.reading is not None
         assert json.loads(out.relay.reading.model_dump_json()) == original["reading"]
     else:
         good = telemetry(SITE, DOMAIN, KEYS[device], device)

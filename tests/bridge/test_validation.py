@@ -57,7 +57,8 @@ def _reason(out: object) -> RejectReason:
         (lambda m, k, d: m.update(seq=0), RejectReason.REPLAYED, "seq"),
         # Stale and without a valid reading: refused whole (the next case has a wrong reading).
         (lambda m, k, d: m.update(ts=NOW_MS - 121_000, reading=None), RejectReason.STALE, "ts"),
-        (lambda m, k, d: m.update(ts=NOW_MS + 6_000), RejectReason.FUTURE, "ts"),
+        # Ahead of time and without a valid reading: refused whole (a valid one is relayed).
+        (lambda m, k, d: m.update(ts=NOW_MS + 6_000, reading=None), RejectReason.FUTURE, "ts"),
         (lambda m, k, d: m.update(slot=SLOT - 1), RejectReason.STALE, "slot"),
         (lambda m, k, d: m.update(slot=SLOT + 2), RejectReason.FUTURE, "slot"),
         (
@@ -65,8 +66,8 @@ def _reason(out: object) -> RejectReason:
             RejectReason.IMPLAUSIBLE,
             "metrics.net_kw",
         ),
-        (
-            lambda m, k, d: m["reading"].update(energy_wh=m["reading"]["energy_wh"] + 200),
+        (  # beyond the meter's cap (a disagreement with net_kw alone is relayed: below)
+            lambda m, k, d: m["reading"].update(energy_wh=10**7),
             RejectReason.IMPLAUSIBLE,
             "reading.energy_wh",
         ),
@@ -206,6 +207,91 @@ def test_stale_telemetry_is_refused_but_its_valid_reading_is_relayed_late(
     out = _check(validator, "bus1-meter", forged)
     assert isinstance(out, Rejected) and out.reason is RejectReason.STALE and out.relay is None
     assert validator.last_nonce["bus1-meter"] == 0
+
+
+def test_future_telemetry_is_refused_but_its_valid_reading_is_relayed(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """A meter whose clock runs fast stamps its telemetry ahead of the bridge: not to act on,
+    but the reading it signed is a real one and must reach the chain, once."""
+    key = keys["bus1-meter"]
+    ahead = telemetry(site, domain, key, "bus1-meter", ts=NOW_MS + 300_000)
+    out = _check(validator, "bus1-meter", ahead)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.FUTURE
+    assert out.detail.startswith("ts: expected at most 5.0 s ahead, got 300.0 s")
+    assert out.relay is not None and out.relay.reading is not None
+    assert out.relay.reading.slot == SLOT and out.relay.reading.nonce == 0
+    assert validator.rejected == {RejectReason.FUTURE: 1} and validator.relayed_readings == 1
+    assert validator.telemetry_accepted == 0  # not used for control
+    # Its nonce and seq are spent: the same message again is a replay, not a second relay.
+    again = _check(validator, "bus1-meter", ahead)
+    assert isinstance(again, Rejected) and again.reason is RejectReason.REPLAYED
+    assert again.relay is None and validator.relayed_readings == 1
+    # A future message with a forged reading is refused as future and relays nothing.
+    forged = telemetry(
+        site, domain, key, "bus1-meter", seq=2, nonce=1, ts=NOW_MS + 300_000,
+        signer=keys["bus2-meter"],
+    )  # fmt: skip
+    out = _check(validator, "bus1-meter", forged)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.FUTURE and out.relay is None
+    assert validator.last_nonce["bus1-meter"] == 0 and validator.relayed_readings == 1
+    # The genuine next message is still accepted.
+    nxt = telemetry(site, domain, key, "bus1-meter", seq=2, nonce=1)
+    assert isinstance(_check(validator, "bus1-meter", nxt), Telemetry)
+
+
+def test_a_meter_whose_metrics_disagree_with_its_signed_reading_has_the_reading_relayed(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """A frozen display (`stuck`) next to a live energy register: the metrics are not acted on,
+    the reading the meter signed still reaches the chain; a tampered one does not."""
+    key = keys["bus1-meter"]
+    frozen = {"kind": "meter", "net_kw": 2.0, "load_kw": 2.5}  # 500 Wh; the register says 300
+    msg = telemetry(site, domain, key, "bus1-meter", metrics=frozen, energy_wh=300)
+    out = _check(validator, "bus1-meter", msg)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.IMPLAUSIBLE
+    assert out.detail == "reading.energy_wh: expected net_kw x slot = 500 +/- 50 Wh, got 300"
+    assert out.relay is not None and out.relay.reading is not None
+    assert out.relay.reading.energy_wh == 300 and validator.relayed_readings == 1
+    assert validator.telemetry_accepted == 0 and validator.last_nonce["bus1-meter"] == 0
+    # The energy changed after signing: the signature no longer recovers, nothing relayed.
+    tampered = telemetry(site, domain, key, "bus1-meter", seq=2, nonce=1, metrics=frozen)
+    tampered["reading"]["energy_wh"] = 300
+    out = _check(validator, "bus1-meter", tampered)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.BAD_SIGNATURE
+    assert out.relay is None and validator.last_nonce["bus1-meter"] == 0
+
+
+def test_a_reading_for_a_slot_ahead_is_relayed_one_slot_ahead_and_refused_whole_beyond(
+    validator: TelemetryValidator, site: SiteManifest, domain: ReadingDomain, keys: dict[str, bytes]
+) -> None:
+    """The current slot at NOW_MS is SLOT + 1. A reading for SLOT + 2 has not ended: relayed
+    (the outbox waits out the chain's "slot not ended"); one for SLOT + 3 measures nothing yet
+    and would hold the meter's later readings behind it: refused whole, reading included."""
+    key = keys["bus1-meter"]
+    assert validator.current_slot(NOW_MS) == SLOT + 1
+    far = telemetry(site, domain, key, "bus1-meter", slot=SLOT + 3, ts=NOW_MS + 1_800_000)
+    out = _check(validator, "bus1-meter", far)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.FUTURE and out.relay is None
+    assert out.detail.startswith("ts: expected at most 5.0 s ahead")
+    assert "reading not relayed: expected its slot at most 1 ahead, got 2 ahead" in out.detail
+    assert "bus1-meter" not in validator.last_nonce and validator.relayed_readings == 0
+    near = telemetry(site, domain, key, "bus1-meter", slot=SLOT + 2)  # ts on time, slot ahead
+    out = _check(validator, "bus1-meter", near)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.FUTURE
+    assert out.detail == f"slot: expected {SLOT} or {SLOT + 1}, got {SLOT + 2}"
+    assert out.relay is not None and out.relay.reading is not None
+    assert out.relay.reading.slot == SLOT + 2 and validator.last_nonce["bus1-meter"] == 0
+    assert validator.rejected == {RejectReason.FUTURE: 2} and validator.relayed_readings == 1
+    # With no look-ahead allowed, the same message is refused whole.
+    strict = TelemetryValidator(
+        site, domain, ValidationLimits(genesis=GENESIS, max_reading_lead_slots=0)
+    )
+    assert not isinstance(
+        strict.on_birth("bus1-meter", birth(site, "bus1-meter"), NOW_MS), Rejected
+    )
+    out = strict.on_telemetry("bus1-meter", _b(near), NOW_MS)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.FUTURE and out.relay is None
 
 
 def test_session_state_survives_a_restart_through_take_dirty_and_restore(
