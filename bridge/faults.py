@@ -6,9 +6,10 @@ them, at a rate per device message and reproducibly (seeded), so a site can be r
 against them end to end and every refusal shows up in the bridge's counters by reason:
 
 * `dropout`: a device's telemetry for a slot does not go out then; the device sends it with
-  its next slot's, oldest first, as a device that lost its uplink flushes its queue. The bridge
-  refuses it as `stale` (too old to steer by) but still relays its signed reading, so nothing
-  owed to the chain is lost.
+  its next slot's, oldest first, as a device that lost its uplink flushes its queue (what else
+  it publishes meanwhile, its command acknowledgements, queues behind it: `hold`, so its
+  sequence numbers still reach the bridge in order). The bridge refuses it as `stale` (too old
+  to steer by) but still relays its signed reading, so nothing owed to the chain is lost.
 * `stuck`: the device repeats its previous slot's metrics (a frozen sensor); its signed reading
   stays the real one (the meter's energy register does not freeze with its display).
 * `clock_skew`: the message's `ts` is off by `skew_s` (the device's clock). Beyond the bridge's
@@ -134,6 +135,15 @@ class FaultInjector:
                 self.injected[Fault.MALFORMED] += 1
                 out.append((device, topic_text, payload[: len(payload) // 2]))
         return out
+
+    def hold(self, device: str, topic_text: str, payload: bytes) -> list[tuple[str, str, bytes]]:
+        """Anything else the device publishes (a DACK): queued behind what a drop-out holds,
+        else sent now (returned)."""
+        held = self._held.get(device)
+        if held is None:
+            return [(device, topic_text, payload)]
+        held.append((topic_text, payload))
+        return []
 
     @property
     def holding(self) -> bool:

@@ -376,7 +376,13 @@ async def simulate(
             if msg is None or "/DCMD/" not in msg.topic:
                 continue
             for topic, payload in fleet.on_command(device_id, msg.payload, int(wall() * 1000)):
-                link.publish(topic, payload)
+                if injector is None:
+                    link.publish(topic, payload)
+                    continue
+                # A device whose uplink is down (a drop-out) sends its answers after what it
+                # holds, in its own order.
+                for _, t, p in injector.hold(device_id, topic, payload):
+                    link.publish(t, p)
 
     servers = [asyncio.create_task(serve(d, link)) for d, link in links.items()]
     first = clock.slot(wall()) + 1 if first_slot is None else first_slot

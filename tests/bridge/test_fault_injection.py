@@ -125,3 +125,21 @@ def test_fault_options_name_what_is_expected() -> None:
         FaultPlan.parse(["stuck=2"])
     with pytest.raises(ConfigError, match=r"--fault: expected a rate in \[0, 1\]"):
         FaultPlan.parse(["stuck"])
+
+
+def test_a_dropped_out_device_sends_its_acknowledgements_after_what_it_holds(
+    site: SiteManifest, domain: ReadingDomain
+) -> None:
+    """A device whose uplink is down sends nothing in between: its DACKs queue behind the held
+    telemetry, so the bridge sees its sequence numbers in order (a DACK first would make the
+    held DDATA a `replayed`, not a `stale` whose reading is relayed)."""
+    keys = {d.id: b"\x01" * 32 for d in site.devices}
+    injector = FaultInjector(FaultPlan({Fault.DROPOUT: 1.0}), domain, keys, SEED)
+    data = ("bus1-battery", "mgv1/site1/DDATA/bus1-battery", b'{"seq":1,"metrics":{}}')
+    assert injector.apply([data]) == [] and injector.holding
+    ack = ("mgv1/site1/DACK/bus1-battery", b'{"seq":2}')
+    assert injector.hold("bus1-battery", *ack) == []  # behind the held DDATA
+    assert injector.hold("bus1-pv", "mgv1/site1/DACK/bus1-pv", b"{}") == [
+        ("bus1-pv", "mgv1/site1/DACK/bus1-pv", b"{}")  # not dropped out: goes now
+    ]
+    assert injector.flush() == [data, ("bus1-battery", *ack)] and not injector.holding
