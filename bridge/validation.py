@@ -14,9 +14,10 @@ would drop the readings the broker kept for it, and a meter with a fast clock wo
 metered: readings the chain never gets (the registry takes the device's later ones over the
 gap, but each lost one is a slot of that meter settled without its reading).
 
-So is a meter's reading that disagrees with the `net_kw` beside it (`implausible`): the
-signature makes the reading the device's word, the metrics are more likely the wrong half (a
-frozen display), and the chain judges the reading on its signature and cap alone.
+A meter's reading that disagrees with the `net_kw` beside it (`implausible`, checked after the
+signature) is relayed the same way: the signature makes the reading the device's word, the
+metrics are more likely the wrong half (a frozen display), and the chain judges the reading on
+its signature and cap alone.
 
 A future reading for a slot that has not ended is not held here: the outbox holds it, durably,
 since the registry's "slot not ended" is a "not yet" it retries (`BridgeCore._reading_work`).
