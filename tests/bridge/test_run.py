@@ -10,10 +10,8 @@ registry demands of a reading.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,17 +29,10 @@ from contracts.client import Chain
 from envs import load_scenario
 from envs.grid import build_grid
 from tests.bridge.broker import Broker
-from tests.bridge.services import REPO, free_port
+from tests.bridge.services import CLI_ENV, REPO, cli, free_port
 from tests.bridge.stack import bridge_config, live_stack
 
 SLOT_S = 1.5
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", *args]
-
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @dataclass
@@ -66,7 +57,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         (files / "passwords.json").write_text(json.dumps(live.broker.passwords))
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
-        registry = live.suite.registry.address
+        registry = live.deployment.addresses["DeviceRegistry"]
         yield Setup(site, live.broker, live.chain, registry, files, genesis)
 
 
@@ -88,7 +79,7 @@ def start_bridge(config: Path, *extra: str) -> subprocess.Popen[str]:
     log = config.with_suffix(".log")
     proc = subprocess.Popen(
         cli("bridge", "run", "--config", str(config), "--json", *extra),
-        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+        env=CLI_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -108,7 +99,7 @@ def start_devices(s: Setup, slots: int) -> subprocess.Popen[str]:
             "--deployment", str(s.files / "deployment.json"), "--slot-seconds", str(SLOT_S),
             "--genesis", str(s.genesis), "--slots", str(slots), "--json",
         ),
-        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=CLI_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
 
 
