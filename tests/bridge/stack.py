@@ -35,6 +35,19 @@ class Live:
     """The chain's timestamp when the suite was deployed and the site registered."""
 
 
+def daytime_genesis(now: int, first_slot: int = 100, stands_for_s: int = 10 * 3600) -> int:
+    """A genesis at or before `now` under which slot `first_slot` stands for `stands_for_s`
+    seconds into a UTC day, and `now` (the registration) falls in a slot from 4 to
+    `first_slot` - 1.
+
+    Why: a stack whose genesis follows the wall clock (`now` less some slots) has its slots
+    stand for whatever hour the test runs plus that offset; at night the households have no PV
+    to sell and may trade nothing at all, so a test that expects trades passed or failed by the
+    hour it ran (test_run's "households traded", 2026-11-28 ~13:25 UTC: slots at ~02:00)."""
+    latest = now - 4 * 900
+    return latest - (latest + first_slot * 900 - stands_for_s) % 86_400
+
+
 def chain_deploy(rpc_url: str, manifest: Path, *options: str) -> Deployment:
     """`microgrid chain deploy --rpc URL --manifest PATH OPTIONS...` run as an operator runs it
     (its own process, this checkout's code), and the manifest it wrote read as the bridge reads

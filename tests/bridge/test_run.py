@@ -30,7 +30,7 @@ from envs import load_scenario
 from envs.grid import build_grid
 from tests.bridge.broker import Broker
 from tests.bridge.services import CLI_ENV, REPO, cli, free_port
-from tests.bridge.stack import bridge_config, live_stack
+from tests.bridge.stack import bridge_config, daytime_genesis, live_stack
 
 SLOT_S = 1.5
 
@@ -50,10 +50,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     files = tmp_path_factory.mktemp("site")
     build_site(build_grid(load_scenario()), site="site1", seed="0").save(files / "site.json")
     site = load_site(files / "site.json")
-    # Registration happens in chain slot 50; the chain then jumps to slot ~250; the bridge's
-    # accelerated slots are numbered ~100-200: ended, after registration, inside the window.
-    with live_stack(files, site, [d.id for d in site.devices], lambda now: now - 50 * 900) as live:
-        live.chain.travel_to(live.deployed_at + 200 * 900)
+    # Registration happens in a chain slot from 4 to 99; the chain then jumps 300 slots on; the
+    # bridge's accelerated slots are numbered from 100 on (for a few minutes of tests: ended,
+    # after registration, inside the window) and stand for the morning (`daytime_genesis`).
+    with live_stack(files, site, [d.id for d in site.devices], daytime_genesis) as live:
+        live.chain.travel_to(live.deployed_at + 300 * 900)
         (files / "passwords.json").write_text(json.dumps(live.broker.passwords))
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
