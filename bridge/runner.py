@@ -610,6 +610,7 @@ class BridgeRunner:
             "outbox_repairs": dict(self.metrics.outbox.repairs),
             "readings_lost": dict(self.metrics.outbox.readings_lost),
             "dr_events": self.dr.published,
+            "dr_unannounced": 0 if self.market is None else self.market.unannounced,
             "metrics_port": self.metrics.port,
             "parity": self.parity,
             **({"coap": self.coap.summary()} if self.coap is not None else {}),

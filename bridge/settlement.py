@@ -307,6 +307,12 @@ class SlotSettlement:
         self.reconciles = False
         """Whether a slot's transaction reconciles the previous slot: only where the chain's
         reading window is at most a slot (`configure`)."""
+        self.announces = False
+        """Whether a row may announce a demand-response event: only where the chain's reading
+        window is shorter than a slot (`configure`)."""
+        self.unannounced = 0
+        """Rows whose grid state called for demand response and that announced nothing, as
+        GridBalance would refuse the event (`configure`)."""
         self.paused = False
         """Whether the chain's market will be in an emergency after every row enqueued."""
 
@@ -315,9 +321,23 @@ class SlotSettlement:
         n - 1: it can be mined once n - 1's window closed, inside slot n, only if the window is
         at most a slot (the integration tests' accelerated clock uses a window of years).
         `renewable_rate` is RewardSystem's: with 0 no row lists exporters (each would revert
-        for a zero grant), as the env's ledger lists none."""
+        for a zero grant), as the env's ledger lists none.
+
+        Row n announces the event of slot n + 1, which GridBalance takes only from a block of
+        slot n or earlier (``GridBalanceEventNotInFuture``), and the row can be mined only once
+        n - 1's readings are final, `reading_window_s` into slot n: a window of a whole slot
+        leaves no block for it, so every announcement would revert (and be repaired away, with
+        the row's settlements). Such rows announce nothing; they still settle earlier events,
+        and each one that would have announced is counted (`unannounced`) and logged."""
         self.reconciles = reading_window_s <= slot_seconds
+        self.announces = reading_window_s < slot_seconds
         self.renewable_rate = renewable_rate
+        if self.reconciles and not self.announces:
+            log.warning(
+                "demand-response events not announced: the reading window leaves no block of a "
+                "slot in which its row may announce the next slot's event",
+                extra={"reading_window_s": reading_window_s, "slot_seconds": slot_seconds},
+            )
 
     def exporters(self, metered: Mapping[str, int]) -> list[str]:
         """The meters (device addresses) that exported in the reconciled slot, by the readings
@@ -445,7 +465,13 @@ class SlotSettlement:
         if b.emergency or not self.reconciles:
             return None
         baselines: list[tuple[str, int]] = []
-        if b.dr_event and not self.paused and b.dr_baseline_wh is not None:
+        if b.dr_event and not self.paused and not self.announces:
+            self.unannounced += 1
+            log.info(
+                "demand-response event not announced (GridBalance would refuse it)",
+                extra={"slot": slot, "announced_slot": slot + 1, "reason": "reading_window"},
+            )
+        elif b.dr_event and not self.paused and b.dr_baseline_wh is not None:
             baselines = [
                 (self.meter_of[self.owners[k]], int(b.dr_baseline_wh[k])) for k in self.order
             ]
@@ -699,7 +725,8 @@ def repair_step(
     that will never be cleared: its row failed or there is none) is left out, unless the
     previous row was itself repaired meanwhile (its trade list is then rebuilt from it); a part
     the chain already did (`DONE_ALREADY`) is left out; a demand-response part GridBalance
-    refuses (`DR_REFUSALS`, or its pause where the row declares none) is left out; a reward
+    refuses (`DR_REFUSALS`, or its pause where the row declares none) is left out (an
+    announcement refused as too late, only the announcement: its settlements stand); a reward
     refused (a meter whose reading
     did not reach the chain: its reward; an unfunded RewardSystem: every reward) is left out;
     any other refusal drops the slot's orders, and the slot is cleared empty (as in an
@@ -709,6 +736,12 @@ def repair_step(
     args = args or {}
     reconciles = bool(step.parts & PART_RECONCILE)
     announces = bool(step.parts & PART_DEMAND_RESPONSE)
+    if announces and error == "GridBalanceEventNotInFuture" and step.demand_response.settle:
+        # A row mined after its slot ended: only the announcement is late; the events it
+        # settles are still owed (left out, they would wait for the next read-back of
+        # GridBalance's open events).
+        dr = DemandResponse(settle=list(step.demand_response.settle))
+        return dataclasses.replace(step, demand_response=dr), "demand-response announcement"
     if announces and (
         error in DR_REFUSALS or (error == "EnforcedPause" and not step.parts & PART_EMERGENCY)
     ):

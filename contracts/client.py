@@ -578,6 +578,8 @@ class Suite:
     deployment_block: int
     settler: Contract
     """SlotSettler: the operator's one transaction per slot (see ``ISlotSettler``)."""
+    config: SuiteConfig = field(default_factory=SuiteConfig)
+    """The parameters it was deployed with (the manifest records them)."""
     _order_domain: bytes | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- helpers
@@ -1041,6 +1043,7 @@ def deploy_suite(
         genesis=genesis,
         deployment_block=first_block,
         settler=settler,
+        config=cfg,
     )
 
 
@@ -1049,7 +1052,10 @@ def deployment_manifest(suite: Suite, governance: Governance | None = None) -> d
 
     JSON-serialisable; ``microgrid chain deploy`` writes it to disk. The artifact hashes pin
     which compiled code the addresses run, so a bridge can refuse a manifest from other sources.
+    ``parameters`` records the scalar deployment parameters (the contracts hold them immutably,
+    so an operator reads here what a deployment was made with rather than querying each one).
     """
+    cfg = suite.config
     addresses = suite.addresses()
     if governance is not None:
         addresses["MicrogridGovernor"] = governance.governor.address
@@ -1060,6 +1066,15 @@ def deployment_manifest(suite: Suite, governance: Governance | None = None) -> d
         "deploymentBlock": suite.deployment_block,
         "genesis": suite.genesis,
         "slotSeconds": SLOT_SECONDS,
+        "parameters": {
+            "gateClosureSeconds": cfg.gate_closure_seconds,
+            "feeBps": cfg.fee_bps,
+            "readingWindowSeconds": cfg.reading_window_seconds,
+            "staleAfterSlots": cfg.stale_after_slots,
+            "transformerLimitWh": cfg.transformer_limit_wh,
+            "minEmergencySeconds": cfg.min_emergency_seconds,
+            "renewableRatePerWh": cfg.renewable_rate_per_wh,
+        },
         "artifactHashes": artifact_hashes(),
     }
 

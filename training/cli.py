@@ -365,6 +365,10 @@ def chain_compile(
     console.print(_table("compiled artifacts", {k: str(v) for k, v in sorted(written.items())}))
 
 
+#: The contracts keep timestamps and durations in uint64.
+_U64 = 2**64 - 1
+
+
 @chain_app.command("deploy")
 def chain_deploy(
     rpc: Annotated[
@@ -374,17 +378,67 @@ def chain_deploy(
         "deployment.json"
     ),
     governance: Annotated[bool, typer.Option(help="Also deploy Governor + Timelock.")] = True,
+    genesis: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=_U64,
+            help="Start of slot 0 in Unix seconds, at or before the chain's clock "
+            "(default: the chain's last UTC midnight, so slot s lies in hour (s % 96) // 4).",
+            show_default=False,
+        ),
+    ] = None,
+    reading_window_seconds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=_U64,
+            help="Seconds after a slot's end during which its meter readings are accepted.",
+        ),
+    ] = 600,
+    renewable_rate_per_wh: Annotated[
+        int,
+        typer.Option(min=0, help="Reward-token base units granted per renewable Wh."),
+    ] = 10**14,
+    fund_rewards: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Reward tokens (base units) to mint to the admin and put in RewardSystem's "
+            "budget; 0 leaves it empty (no rewards can be granted until someone funds it).",
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Deploy the suite with its roles wired and write the manifest the bridge reads."""
-    from contracts.client import Chain, deploy_governance, deploy_suite, deployment_manifest
+    """Deploy the suite with its roles wired and write the manifest the bridge reads (with the
+    genesis, the parameters and the reward funding it was deployed with)."""
+    from contracts.client import (
+        Chain,
+        SuiteConfig,
+        deploy_governance,
+        deploy_suite,
+        deployment_manifest,
+    )
     from contracts.errors import ChainError
 
+    config = SuiteConfig(
+        reading_window_seconds=reading_window_seconds, renewable_rate_per_wh=renewable_rate_per_wh
+    )
     try:
         chain = Chain.rpc(rpc) if rpc else Chain.in_process()
-        suite = deploy_suite(chain)
+        now = chain.timestamp()
+        if genesis is not None and genesis > now:
+            _fail(
+                ValueError(
+                    f"--genesis: expected a time at or before the chain's clock ({now}), "
+                    f"got {genesis} (the contracts refuse a slot 0 in the future)"
+                )
+            )
+        suite = deploy_suite(chain, genesis=genesis, config=config)
+        if fund_rewards:
+            suite.fund_rewards(fund_rewards)
         gov = deploy_governance(suite) if governance else None
-        data = deployment_manifest(suite, gov)
+        data = {**deployment_manifest(suite, gov), "rewardsFunded": fund_rewards}
     except (ChainError, ConnectionError, OSError) as err:
         _fail(err)
     manifest.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -392,6 +446,7 @@ def chain_deploy(
         print(json.dumps(data))
         return
     console.print(_table(f"deployed to chain {data['chainId']}", dict(data["addresses"])))
+    console.print(f"genesis: {data['genesis']}  parameters: {data['parameters']}")
     console.print(f"manifest: {manifest}")
 
 

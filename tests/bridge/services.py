@@ -6,8 +6,10 @@ anvil comes from npm (node_modules), mosquitto from the Debian package; neither 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,15 @@ from contracts.client import Chain
 from contracts.errors import ChainError
 
 REPO = Path(__file__).resolve().parents[2]
+
+#: The environment `cli(...)` runs in: this checkout's code, whatever the venv's install points at.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def cli(*args: str) -> list[str]:
+    """The argv of `microgrid ARGS...` from this checkout (run with `env=CLI_ENV, cwd=REPO`)."""
+    return [sys.executable, "-m", "training.cli", *args]
+
 
 #: The running anvil behind each URL `anvil()` yielded: the fault tests pause and resume it.
 ANVIL_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}

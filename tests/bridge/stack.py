@@ -9,25 +9,56 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bridge.config import Deployment, load_deployment
 from bridge.registration import enrol_market, prosumer_keys, register_site
 from bridge.site import SiteManifest
-from contracts.client import Chain, Suite, SuiteConfig, deploy_suite, deployment_manifest
+from contracts.client import Chain
 from tests.bridge.broker import Broker, mosquitto
-from tests.bridge.services import ANVIL_KEYS, anvil
+from tests.bridge.services import ANVIL_KEYS, CLI_ENV, REPO, anvil, cli
 
 
 @dataclass
 class Live:
     broker: Broker
     chain: Chain
-    suite: Suite
+    deployment: Deployment
+    """The manifest `microgrid chain deploy` wrote, as the bridge reads it."""
     deployed_at: int
     """The chain's timestamp when the suite was deployed and the site registered."""
+
+
+def daytime_genesis(now: int, first_slot: int = 100, stands_for_s: int = 10 * 3600) -> int:
+    """A genesis at or before `now` under which slot `first_slot` stands for `stands_for_s`
+    seconds into a UTC day, and `now` (the registration) falls in a slot from 4 to
+    `first_slot` - 1.
+
+    Why: a stack whose genesis follows the wall clock (`now` less some slots) has its slots
+    stand for whatever hour the test runs plus that offset; at night the households have no PV
+    to sell and may trade nothing at all, so a test that expects trades passed or failed by the
+    hour it ran (test_run's "households traded", 2026-11-28 ~13:25 UTC: slots at ~02:00)."""
+    latest = now - 4 * 900
+    return latest - (latest + first_slot * 900 - stands_for_s) % 86_400
+
+
+def chain_deploy(rpc_url: str, manifest: Path, *options: str) -> Deployment:
+    """`microgrid chain deploy --rpc URL --manifest PATH OPTIONS...` run as an operator runs it
+    (its own process, this checkout's code), and the manifest it wrote read as the bridge reads
+    it: the stacks deploy through the command, so what they test is what an operator gets."""
+    args = ["chain", "deploy", "--rpc", rpc_url, "--manifest", str(manifest), *options]
+    done = subprocess.run(
+        cli(*args), env=CLI_ENV, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        pytest.fail(f"`microgrid {' '.join(args)}` failed: {done.stdout[-2000:]}{done.stderr}")
+    return load_deployment(manifest)
 
 
 @contextlib.contextmanager
@@ -36,35 +67,38 @@ def live_stack(
     site: SiteManifest,
     broker_users: list[str],
     genesis: Callable[[int], int],
-    config: SuiteConfig | None = None,
+    *,
+    reading_window_seconds: int = 10**8,
+    renewable_rate_per_wh: int | None = None,
+    fund_rewards: int = 0,
 ) -> Iterator[Live]:
-    """Start both services, deploy the suite with genesis `genesis(now)` and `config` (default:
-    a reading window long enough for accelerated slots, where the chain's time stands still;
-    with a `config` given, its RewardSystem is funded), register `site`, and write
-    `deployment.json`, `bridge.password`, `relayer.key` and, for a site that trades,
-    `prosumers.json` (the households' order keys) into `files`; stop everything afterwards."""
+    """Start both services, deploy the suite with `microgrid chain deploy` (genesis
+    `genesis(now)`; by default a reading window long enough for accelerated slots, where the
+    chain's time stands still), register `site`, and write `deployment.json`,
+    `bridge.password`, `relayer.key` and, for a site that trades, `prosumers.json` (the
+    households' order keys) into `files`; stop everything afterwards."""
     with anvil() as url, mosquitto(files / "mosquitto", broker_users) as broker:
         chain = Chain.rpc(url)
         now = chain.timestamp()
-        suite = deploy_suite(
-            chain, genesis=genesis(now), config=config or SuiteConfig(reading_window_seconds=10**8)
-        )
-        if config is not None:
-            suite.fund_rewards(10**30)
-        (files / "deployment.json").write_text(json.dumps(deployment_manifest(suite)))
-        register_site(chain, suite.registry.address, site)
+        options = ["--no-governance", "--genesis", str(genesis(now))]
+        options += ["--reading-window-seconds", str(reading_window_seconds)]
+        if renewable_rate_per_wh is not None:
+            options += ["--renewable-rate-per-wh", str(renewable_rate_per_wh)]
+        options += ["--fund-rewards", str(fund_rewards)]
+        deployment = chain_deploy(url, files / "deployment.json", *options)
+        register_site(chain, deployment.addresses["DeviceRegistry"], site)
         if site.market is not None:  # a site that trades (not the tiny stand-in of conftest)
             # The bridge (ANVIL_KEYS[1]) settles each slot's orders, signed with the households'
             # keys, from their deposits.
             enrol_market(
-                chain, suite.addresses(), site, chain.accounts[1], credit=100 * 10**9,
+                chain, deployment.addresses, site, chain.accounts[1], credit=100 * 10**9,
                 treasury_credit=100_000 * 10**9,
             )  # fmt: skip
             keys = {name: key.hex() for name, key in prosumer_keys(site).items()}
             (files / "prosumers.json").write_text(json.dumps(keys))
         (files / "bridge.password").write_text(broker.passwords["bridge"])
         (files / "relayer.key").write_text(ANVIL_KEYS[1].hex())
-        yield Live(broker, chain, suite, now)
+        yield Live(broker, chain, deployment, now)
 
 
 def bridge_config(

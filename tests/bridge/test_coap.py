@@ -30,7 +30,7 @@ from agents.baselines import RuleBasedPolicy
 from bridge.clock import SlotClock
 from bridge.coap_resources import Resource
 from bridge.coap_server import CoapDeviceServer, serving
-from bridge.config import BridgeConfig, Deployment, load_deployment
+from bridge.config import BridgeConfig, Deployment
 from bridge.errors import ConfigError
 from bridge.mqtt import MqttLink
 from bridge.oscore import BRIDGE_SIDE, DEVICE_SIDE, load_contexts, provision
@@ -77,9 +77,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, site: SiteManifest) -> Itera
         live.chain.travel_to(live.deployed_at + 200 * 900)
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
-        dep = load_deployment(files / "deployment.json")
-        registry = live.suite.registry.address
-        yield Stack(live.broker, live.chain, registry, dep, files, genesis)
+        dep = live.deployment
+        yield Stack(live.broker, live.chain, dep.addresses["DeviceRegistry"], dep, files, genesis)
 
 
 def _config(

@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,22 @@ class Relay(asyncio.DatagramProtocol):
         self.transport.sendto(data, self.upstream)
 
 
-async def _relay(upstream_port: int) -> tuple[Relay, int, Any]:
-    loop = asyncio.get_running_loop()
-    port = free_udp_port()
-    transport, relay = await loop.create_datagram_endpoint(
-        lambda: Relay(("127.0.0.1", upstream_port)), local_addr=("127.0.0.1", port)
-    )
-    return relay, port, transport
+class CountingRelay(Relay):
+    """A relay that counts the device's datagrams to the bridge and can stop forwarding the
+    bridge's (the device's network gone, for the bridge)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(upstream)
+        self.from_device = 0
+        self.cut = False
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr == self.upstream:
+            self.from_device += 1
+        elif self.cut:
+            return
+
+        super().datagram_received(data, addr)
 
 
 async def _send_raw(datagram: bytes, port: int, wait_s: float = 1.0) -> bytes | None:
@@ -130,6 +140,53 @@ def _server(site: SiteManifest, root: Path, dev: VirtualDevice) -> CoapDeviceSer
     return server
 
 
+@dataclass
+class Wired:
+    """The pv's protected server, a relay in front of it, and a started bridge link that
+    reaches the device through the relay; the device has announced itself (`birth`)."""
+
+    port: int
+    server: CoapDeviceServer
+    relay: Relay
+    relay_transport: Any
+    birth: bytes
+    queue: asyncio.Queue[Received]
+    link: CoapLink
+
+    async def close(self) -> None:
+        await self.link.close()
+        await self.server.close()
+        self.server.release()
+        self.relay_transport.close()
+
+
+async def _wire(
+    site: SiteManifest,
+    root: Path,
+    dev: VirtualDevice,
+    relay_type: type[Relay] = Relay,
+    **link_options: Any,
+) -> Wired:
+    """What each relayed scenario starts from, set up in one place so they cannot drift."""
+    port = free_udp_port()
+    server = _server(site, root, dev)
+    await server.start("127.0.0.1", port)
+    relay_port = free_udp_port()
+    relay_transport, relay = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: relay_type(("127.0.0.1", port)), local_addr=("127.0.0.1", relay_port)
+    )
+    _, (_, birth) = dev.connect(NOW_MS)
+    server.publish(PV, Resource.BIRTH, birth)
+    queue: asyncio.Queue[Received] = asyncio.Queue()
+    options = {"request_timeout_s": 2, "retry_s": 0.2, "reobserve_s": 60, **link_options}
+    link = CoapLink(
+        site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
+        oscore_dir=root / BRIDGE_SIDE, **options,
+    )  # fmt: skip
+    await link.start()
+    return Wired(port, server, relay, relay_transport, birth, queue, link)
+
+
 def test_readings_and_commands_travel_protected_and_replays_are_refused(
     tmp_path: Path, site: SiteManifest, domain: ReadingDomain
 ) -> None:
@@ -137,18 +194,10 @@ def test_readings_and_commands_travel_protected_and_replays_are_refused(
     dev = _device(site, domain, PV)
 
     async def scenario() -> None:
-        port = free_udp_port()
-        server = _server(site, tmp_path, dev)
-        await server.start("127.0.0.1", port)
-        relay, relay_port, relay_transport = await _relay(port)
-        _, (_, birth) = dev.connect(NOW_MS)
-        server.publish(PV, Resource.BIRTH, birth)
-        queue: asyncio.Queue[Received] = asyncio.Queue()
-        link = CoapLink(
-            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
-            request_timeout_s=2, retry_s=0.2, reobserve_s=60, oscore_dir=tmp_path / BRIDGE_SIDE,
+        wired = await _wire(site, tmp_path, dev)
+        port, server, relay, birth, queue, link = (
+            wired.port, wired.server, wired.relay, wired.birth, wired.queue, wired.link,
         )  # fmt: skip
-        await link.start()
         try:
             got = await _next(queue)
             assert (got.topic, got.payload) == ("mgv1/site1/DBIRTH/bus2-pv", birth)
@@ -192,10 +241,7 @@ def test_readings_and_commands_travel_protected_and_replays_are_refused(
             assert server.refusals == {REPLAYED: 1, UNPROTECTED: 2}
             assert link.stats.oscore_refusals == {} and link.summary()["oscore"] is True
         finally:
-            await link.close()
-            await server.close()
-            server.release()
-            relay_transport.close()
+            await wired.close()
 
         # Both ends restart from their folders: the replay window survived, the bytes are
         # still refused, and the bridge's next command (a later sequence number) is taken.
@@ -431,18 +477,10 @@ def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
     dev = _device(site, domain, PV)
 
     async def scenario() -> None:
-        port = free_udp_port()
-        server = _server(site, tmp_path, dev)
-        await server.start("127.0.0.1", port)
-        relay, relay_port, relay_transport = await _relay(port)
-        _, (_, birth) = dev.connect(NOW_MS)
-        server.publish(PV, Resource.BIRTH, birth)
-        queue: asyncio.Queue[Received] = asyncio.Queue()
-        link = CoapLink(
-            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
-            request_timeout_s=2, retry_s=0.2, reobserve_s=60, oscore_dir=tmp_path / BRIDGE_SIDE,
+        wired = await _wire(site, tmp_path, dev)
+        port, server, relay, birth, queue, link = (
+            wired.port, wired.server, wired.relay, wired.birth, wired.queue, wired.link,
         )  # fmt: skip
-        await link.start()
         try:
             await _next(queue)  # the birth
             before = len(relay.sent)
@@ -459,7 +497,7 @@ def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
                 ctx.lockfile = None
             sequence = json.loads((tmp_path / DEVICE_SIDE / PV / "sequence.json").read_text())
             assert sequence["received"] == "unknown"
-            server = _server(site, tmp_path, dev)
+            wired.server = server = _server(site, tmp_path, dev)
             await server.start("127.0.0.1", port)
             server.publish(PV, Resource.BIRTH, birth)
             # The challenge is a protected 4.01 + Echo (outer code 2.04, the real one encrypted),
@@ -473,30 +511,9 @@ def test_a_device_that_crashed_recovers_its_replay_window_with_echo(
             assert Ack.model_validate_json(got.payload).status is AckStatus.APPLIED
             assert server.commands == 1 and dev.curtailment == 0.5
         finally:
-            await link.close()
-            await server.close()
-            server.release()
-            relay_transport.close()
+            await wired.close()
 
     asyncio.run(scenario())
-
-
-class CountingRelay(Relay):
-    """A relay that counts the device's datagrams to the bridge and can stop forwarding the
-    bridge's (the device's network gone, for the bridge)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        super().__init__(upstream)
-        self.from_device = 0
-        self.cut = False
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr == self.upstream:
-            self.from_device += 1
-        elif self.cut:
-            return
-
-        super().datagram_received(data, addr)
 
 
 def test_protected_observations_end_cleanly_on_reregistration_and_close(
@@ -516,23 +533,11 @@ def test_protected_observations_end_cleanly_on_reregistration_and_close(
     dev = _device(site, domain, PV)
 
     async def scenario() -> None:
-        port = free_udp_port()
-        server = _server(site, tmp_path, dev)
-        await server.start("127.0.0.1", port)
-        loop = asyncio.get_running_loop()
-        relay_port = free_udp_port()
-        relay_transport, relay = await loop.create_datagram_endpoint(
-            lambda: CountingRelay(("127.0.0.1", port)), local_addr=("127.0.0.1", relay_port)
-        )
-        _, (_, birth) = dev.connect(NOW_MS)
-        server.publish(PV, Resource.BIRTH, birth)
-        queue: asyncio.Queue[Received] = asyncio.Queue()
-        link = CoapLink(
-            site.site, {PV: Endpoint("127.0.0.1", relay_port)}, queue,
-            request_timeout_s=0.5, retry_s=0.2, reobserve_s=0.3,
-            oscore_dir=tmp_path / BRIDGE_SIDE,
-        )  # fmt: skip
-        await link.start()
+        wired = await _wire(site, tmp_path, dev, CountingRelay, request_timeout_s=0.5,
+                            reobserve_s=0.3)  # fmt: skip
+        server, queue, link = wired.server, wired.queue, wired.link
+        relay = wired.relay
+        assert isinstance(relay, CountingRelay)
         try:
             await _next(queue)  # the birth
             while link.stats.reobserved < 9:  # each resource registered again, three times
@@ -557,10 +562,7 @@ def test_protected_observations_end_cleanly_on_reregistration_and_close(
             link.publish("mgv1/site1/DCMD/bus2-pv", encode(_command(0, 0.25)))
             await asyncio.sleep(0.1)
         finally:
-            await link.close()
-            await server.close()
-            server.release()
-            relay_transport.close()
+            await wired.close()
         await asyncio.sleep(0.1)
 
     asyncio.run(scenario())

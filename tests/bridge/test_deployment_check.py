@@ -71,6 +71,33 @@ def test_devices_register_against_the_deployed_suite(
     assert json.loads(again.output) == {"registered": 0, "already": len(site.devices)}
 
 
+def test_deploy_options_reach_the_contracts_and_the_manifest(tmp_path: Path) -> None:
+    """What the bridge's stacks deploy with (`tests/bridge/stack.py`), through the command as
+    a process: the genesis, reading window, reward rate and budget are the contracts' own, and
+    the manifest, read as the bridge reads it, records them."""
+    from tests.bridge.stack import chain_deploy
+
+    manifest = tmp_path / "deployment.json"
+    with anvil() as url:
+        chain = Chain.rpc(url)
+        genesis = chain.timestamp() - 50 * 900
+        dep = chain_deploy(
+            url, manifest, "--no-governance", "--genesis", str(genesis),
+            "--reading-window-seconds", "123456", "--renewable-rate-per-wh", "7",
+            "--fund-rewards", str(10**30),
+        )  # fmt: skip
+        registry = chain.contract("DeviceRegistry", dep.addresses["DeviceRegistry"])
+        rewards = chain.contract("RewardSystem", dep.addresses["RewardSystem"])
+        assert dep.genesis == genesis == chain.call(registry, "genesis")
+        assert chain.call(registry, "readingWindow") == 123456
+        assert chain.call(rewards, "renewableRate") == 7
+        assert chain.call(rewards, "unallocated") == 10**30
+        assert "MicrogridGovernor" not in dep.addresses
+    data = json.loads(manifest.read_text())
+    assert data["parameters"]["readingWindowSeconds"] == 123456
+    assert data["parameters"]["renewableRatePerWh"] == 7 and data["rewardsFunded"] == 10**30
+
+
 def start(d: Deployed, site: SiteManifest, manifest: dict[str, Any], files: Path) -> None:
     """`bridge run` in live mode over `manifest`, for one slot (it fails before that)."""
     (files / "deployment.json").write_text(json.dumps(manifest))

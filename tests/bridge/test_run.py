@@ -10,10 +10,8 @@ registry demands of a reading.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,17 +29,10 @@ from contracts.client import Chain
 from envs import load_scenario
 from envs.grid import build_grid
 from tests.bridge.broker import Broker
-from tests.bridge.services import REPO, free_port
-from tests.bridge.stack import bridge_config, live_stack
+from tests.bridge.services import CLI_ENV, REPO, cli, free_port
+from tests.bridge.stack import bridge_config, daytime_genesis, live_stack
 
 SLOT_S = 1.5
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", *args]
-
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @dataclass
@@ -59,14 +50,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     files = tmp_path_factory.mktemp("site")
     build_site(build_grid(load_scenario()), site="site1", seed="0").save(files / "site.json")
     site = load_site(files / "site.json")
-    # Registration happens in chain slot 50; the chain then jumps to slot ~250; the bridge's
-    # accelerated slots are numbered ~100-200: ended, after registration, inside the window.
-    with live_stack(files, site, [d.id for d in site.devices], lambda now: now - 50 * 900) as live:
-        live.chain.travel_to(live.deployed_at + 200 * 900)
+    # Registration happens in a chain slot from 4 to 99; the chain then jumps 300 slots on; the
+    # bridge's accelerated slots are numbered from 100 on (for a few minutes of tests: ended,
+    # after registration, inside the window) and stand for the morning (`daytime_genesis`).
+    with live_stack(files, site, [d.id for d in site.devices], daytime_genesis) as live:
+        live.chain.travel_to(live.deployed_at + 300 * 900)
         (files / "passwords.json").write_text(json.dumps(live.broker.passwords))
         wall = time.time()
         genesis = wall - (wall % SLOT_S) - 100 * SLOT_S
-        registry = live.suite.registry.address
+        registry = live.deployment.addresses["DeviceRegistry"]
         yield Setup(site, live.broker, live.chain, registry, files, genesis)
 
 
@@ -88,7 +80,7 @@ def start_bridge(config: Path, *extra: str) -> subprocess.Popen[str]:
     log = config.with_suffix(".log")
     proc = subprocess.Popen(
         cli("bridge", "run", "--config", str(config), "--json", *extra),
-        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+        env=CLI_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -108,7 +100,7 @@ def start_devices(s: Setup, slots: int) -> subprocess.Popen[str]:
             "--deployment", str(s.files / "deployment.json"), "--slot-seconds", str(SLOT_S),
             "--genesis", str(s.genesis), "--slots", str(slots), "--json",
         ),
-        env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=CLI_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
 
 

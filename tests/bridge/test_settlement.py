@@ -409,6 +409,42 @@ def test_an_emergency_longer_than_the_readings_history_forfeits_the_events_it_he
     assert not c.chain.call(grid, "paused")
 
 
+def test_a_reading_window_of_a_whole_slot_announces_no_event_the_chain_would_refuse(
+    tmp_path: Path,
+) -> None:
+    """Row n may be mined only once slot n - 1's readings are final, `readingWindow` into slot
+    n; with a window of a whole slot that is the first second of slot n + 1, where GridBalance
+    refuses row n's announcement of slot n + 1 (``GridBalanceEventNotInFuture``): every
+    announcing row was repaired, losing its settlements with it. The bridge now announces
+    nothing under such a window and counts the events it did not announce; the rows are mined
+    as built, each reconciling the slot before it."""
+    with open_chainside(tmp_path, reading_window_seconds=900) as c:
+        assert c.market.reconciles and not c.market.announces
+        n = len(c.site.prosumers)
+        empty = Book(*(np.zeros((3, 1, n), np.int64)))
+        first = c.suite.current_slot() + 2
+        slots = range(first, first + 3)
+        for slot in slots:
+            if c.chain.timestamp() <= c.suite.slot_start(slot):
+                c.chain.travel_to(c.suite.slot_start(slot) + 1)  # the slot began
+            b = SlotBook(empty, REFERENCE, False, True, np.full(n, 1_000))  # DR called for
+            assert c.market.enqueue(c.outbox, slot, b, {}) == 1
+            if slot > first:  # it reconciles the slot before: final a whole slot later
+                c.outbox.step()
+                row = c.outbox.row(f"slot:{slot}")
+                assert row is not None and "ReadingsNotFinal" in str(row.last_error), row
+                c.chain.travel_to(c.suite.slot_start(slot) + c.window)
+            assert c.outbox.drain(timeout_s=30), c.outbox.row(f"slot:{slot}")
+        assert c.outbox.repairs() == {} and c.outbox.failures() == {}
+        assert c.market.unannounced == len(slots)
+        for slot in slots:
+            step = step_of_args(c.outbox.args(f"slot:{slot}") or [])
+            assert not step.parts & PART_DEMAND_RESPONSE
+            assert step.parts & PART_RECONCILE or slot == first
+        grid = c.chain.contract("GridBalance", c.suite.addresses()["GridBalance"])
+        assert grid.events.DemandResponseCreated().get_logs(from_block=0) == []
+
+
 def test_repairs_leave_out_what_the_chain_refuses_and_wait_for_what_is_not_yet() -> None:
     """Per revert, what a slot row sends instead (`repair_step`)."""
     accounts = ["0x" + "1" * 40, "0x" + "2" * 40]
@@ -477,6 +513,17 @@ def test_a_refused_demand_response_part_is_left_out_and_the_rest_stands() -> Non
             "demand response",
         )
     assert repair_step(step, "GridBalanceReadingsNotFinal", None, accounts) is None  # not yet
+    # A row mined after its slot ended: its announcement of the next slot is refused as not in
+    # the future; the settlement of event 3 stands. Without settlements the part goes.
+    fixed = repair_step(step, "GridBalanceEventNotInFuture", None, accounts)
+    assert fixed == (
+        dataclasses.replace(step, demand_response=DemandResponse(settle=[3])),
+        "demand-response announcement",
+    )
+    announcing = dataclasses.replace(step, demand_response=dataclasses.replace(dr, settle=[]))
+    fixed = repair_step(announcing, "GridBalanceEventNotInFuture", None, accounts)
+    without = dataclasses.replace(announcing, parts=PART_PRICE | PART_SETTLE)
+    assert fixed == (without, "demand response")
     # A row mined so late that an event's reading is gone from the registry: the settlements
     # go, the announcement, orders and reconciliation stay; the reconciled slot's own reading
     # is the reconciliation's refusal.

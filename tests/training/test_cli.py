@@ -59,6 +59,44 @@ def test_chain_deploy_writes_a_manifest(tmp_path: Path) -> None:
     assert isinstance(data["chainId"], int)
 
 
+def test_chain_deploy_defaults_are_the_suites_and_the_manifest_records_them(
+    tmp_path: Path,
+) -> None:
+    """Without options the command deploys `SuiteConfig()` from the chain's last UTC midnight;
+    the manifest says so (the CLI spells the defaults out for `--help`, this keeps them the
+    suite's own)."""
+    from contracts.client import SuiteConfig
+
+    manifest = tmp_path / "deployment.json"
+    result = runner.invoke(app, ["chain", "deploy", "--no-governance", "--manifest", str(manifest)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(manifest.read_text())
+    cfg = SuiteConfig()
+    assert data["parameters"]["readingWindowSeconds"] == cfg.reading_window_seconds
+    assert data["parameters"]["renewableRatePerWh"] == cfg.renewable_rate_per_wh
+    assert data["genesis"] % 86_400 == 0 and data["rewardsFunded"] == 0
+    help_text = runner.invoke(app, ["chain", "deploy", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--genesis", "--reading-window-seconds", "--renewable-rate-per-wh",
+                   "--fund-rewards"):  # fmt: skip
+        assert option in help_text
+
+
+def test_chain_deploy_refuses_bad_options_naming_them(tmp_path: Path) -> None:
+    manifest = tmp_path / "deployment.json"
+    base = ["chain", "deploy", "--no-governance", "--manifest", str(manifest)]
+    for extra, named in (
+        (["--reading-window-seconds", "0"], "--reading-window-seconds"),
+        (["--genesis", "-1"], "--genesis"),
+        (["--fund-rewards", "-5"], "--fund-rewards"),
+        (["--renewable-rate-per-wh", "x"], "--renewable-rate-per-wh"),
+        (["--genesis", str(2**40)], "--genesis: expected a time at or before the chain's clock"),
+    ):
+        result = runner.invoke(app, [*base, *extra], env={"COLUMNS": "200"})
+        assert result.exit_code == 2, (extra, result.output)
+        assert named in " ".join(result.output.split()), (extra, result.output)
+    assert not manifest.exists()
+
+
 def test_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("forecast:\n  mode: psychic\n")
