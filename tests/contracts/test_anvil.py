@@ -80,6 +80,24 @@ def test_a_submitted_slot_step_is_answered_when_read(anvil_url: str) -> None:
     chain.revert(snapshot)
 
 
+def test_a_prepared_slot_step_goes_out_only_when_submitted(anvil_url: str) -> None:
+    """`SlotSender.prepare` encodes the request and sends nothing (the chain ledger prepares
+    before waiting for the previous answer); `submit_prepared` sends it."""
+    chain = Chain.rpc(anvil_url)
+    suite = deploy_suite(chain, admin=chain.accounts[0])
+    snapshot = chain.snapshot()
+    sender = SlotSender(chain, suite.admin, suite.settler.address)
+    at = chain.timestamp() + 30
+    step = SlotStep(parts=PART_PRICE, price_params=PriceParams(base_rate=9).as_args())
+    head = chain.w3.eth.block_number
+    prepared = sender.prepare(step.calldata(), at)
+    assert prepared.request is not None and chain.w3.eth.block_number == head
+    assert sender.submit_prepared(prepared).result().gas_used > 0
+    assert chain.w3.eth.block_number == head + 1 and chain.timestamp() == at
+    assert chain.call(suite.trading, "priceParams")[0][0] == 9
+    chain.revert(snapshot)
+
+
 def test_local_anvil_keeps_recent_states_and_snapshots_only() -> None:
     """`local_anvil` prunes history (`HISTORY_ARGS`): a recent block's state still answers (a
     reverted slot is replayed on its parent block), an old one is refused, and a snapshot taken
