@@ -475,6 +475,18 @@ class SentSlot:
         return self._receipt
 
 
+@dataclass(frozen=True)
+class PreparedSlot:
+    """A ``run`` ready to send (`SlotSender.prepare`)."""
+
+    calldata: bytes
+    timestamp: int
+    tx: dict[str, Any] | None = None
+    """The transaction (None: revm, which takes the calldata as it is)."""
+    request: tuple[list[int], bytes] | None = None
+    """On a node: the JSON-RPC batch's ids and encoded body."""
+
+
 class SlotSender:
     """Sends ``run`` calls from ``sender`` to the settler at a chosen block timestamp."""
 
@@ -533,13 +545,33 @@ class SlotSender:
         on; ``result()`` reads the answer (a revert raises there). In process (revm, py-evm) the
         transaction runs here and then: nothing would run beside it.
         """
+        return self.submit_prepared(self.prepare(calldata, timestamp))
+
+    def prepare(self, calldata: bytes, timestamp: int) -> PreparedSlot:
+        """Everything of `submit` that comes before the send: on a node, the encoded request.
+
+        A caller that must wait for the previous transaction before sending this one (the chain
+        ledger: a revert must raise first) prepares first and waits after: from the node's
+        answer to the next request the node idles, and the JSON encoding of the request
+        (~0.1 ms) no longer stands in that gap.
+        """
         if self._engine == "revm":
-            return SentSlot(receipt=self._send_revm(calldata, timestamp))
+            return PreparedSlot(calldata, timestamp)
         tx = {"from": self._sender, "to": self._to, "gas": self.gas, "data": "0x" + calldata.hex()}
         if self._tester is not None:
+            return PreparedSlot(calldata, timestamp, tx)
+        return PreparedSlot(calldata, timestamp, tx, self._request(self._rpc_calls(tx, timestamp)))
+
+    def submit_prepared(self, slot: PreparedSlot) -> SentSlot:
+        """`submit` of what `prepare` made."""
+        if slot.tx is None:
+            return SentSlot(receipt=self._send_revm(slot.calldata, slot.timestamp))
+        tx, timestamp = slot.tx, slot.timestamp
+        if slot.request is None:
             return SentSlot(receipt=self._send_tester(tx, timestamp))
-        request = self._begin(self._rpc_calls(tx, timestamp))
-        return SentSlot(finish=lambda: self._receipt_of(tx, timestamp, self._finish(*request)))
+        ids, body = slot.request
+        self._send_body(body)
+        return SentSlot(finish=lambda: self._receipt_of(tx, timestamp, self._finish(ids, body)))
 
     def _send_revm(self, calldata: bytes, timestamp: int) -> SlotReceipt:
         # In-process revm (contracts.revm.RevmChain): the raw calldata straight in, raw logs out.
@@ -632,6 +664,12 @@ class SlotSender:
         (a thread woken by the node's answer waited up to the 5 ms switch interval while the
         environment computed the next slot).
         """
+        ids, body = self._request(calls)
+        self._send_body(body)
+        return ids, body
+
+    def _request(self, calls: list[tuple[str, list[Any]]]) -> tuple[list[int], bytes]:
+        """(ids, body) of one JSON-RPC batch of `calls`."""
         ids = [next(self._ids) for _ in calls]
         body = json.dumps(
             [
@@ -639,12 +677,14 @@ class SlotSender:
                 for i, (m, p) in zip(ids, calls, strict=True)
             ]
         ).encode()
+        return ids, body
+
+    def _send_body(self, body: bytes) -> None:
         try:
             self._write(body)
         except (OSError, http.client.HTTPException):
             self._close()
             self._write(body)  # a keep-alive connection the node closed: once more
-        return ids, body
 
     def _finish(self, ids: list[int], body: bytes) -> list[dict[str, Any]]:
         """The answers to the batch `_begin` wrote, in request order."""

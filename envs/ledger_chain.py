@@ -38,7 +38,9 @@ reads the state.
 On ``rpc`` a slot's transaction is written to the node's connection and its answer (the
 receipt) read when the next slot is settled, so the node executes while the environment
 steps on in the same thread (`SlotSender.submit`; no worker thread, whose GIL hand-overs
-delayed both the send and the read); its events are checked once the next slot's transaction
+delayed both the send and the read); the next slot's request is encoded before the previous
+answer is awaited (`SlotSender.prepare`), so it leaves as soon as that answer is read; its
+events are checked once the next slot's transaction
 is on its way, so the node mines meanwhile: a revert then raises one step later (before the
 next transaction is sent), a difference from the mirror one step later too, and a
 step's ``gas_used`` is that of the transaction mined during it (the previous slot's). ``evm``
@@ -342,14 +344,14 @@ class ChainLedger:
             )
         if timestamp <= self._now:
             raise LedgerError(f"market.ledger: chain time would go back to {timestamp}")
-        calldata = step.calldata()
+        prepared = self._sender.prepare(step.calldata(), timestamp)
         previous, self._inflight = self._inflight, None
         if previous is not None:
             # Only wait for the previous transaction (a revert raises here, before this one is
             # sent); its events are checked once this one is on its way: on a node, the node
             # then mines while this thread checks, instead of idling until the checks are done.
             previous[0].result()
-        sent = self._sender.submit(calldata, timestamp)
+        sent = self._sender.submit_prepared(prepared)
         self._now = timestamp
         self._inflight = (sent, step, pending, want)
         gas = self._check(previous) if previous is not None else 0

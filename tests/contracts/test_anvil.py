@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 from eth_account import Account
 from eth_utils import to_checksum_address
+from web3.exceptions import Web3RPCError
 
 from contracts.anvil import free_port, local_anvil, node_cpu_seconds
 from contracts.client import TX_GAS_CAP, Chain, Side, deploy_suite
@@ -76,6 +78,45 @@ def test_a_submitted_slot_step_is_answered_when_read(anvil_url: str) -> None:
     assert chain.timestamp() == start + 60
     assert chain.call(suite.trading, "priceParams")[0][0] == 7
     chain.revert(snapshot)
+
+
+def test_a_prepared_slot_step_goes_out_only_when_submitted(anvil_url: str) -> None:
+    """`SlotSender.prepare` encodes the request and sends nothing (the chain ledger prepares
+    before waiting for the previous answer); `submit_prepared` sends it."""
+    chain = Chain.rpc(anvil_url)
+    suite = deploy_suite(chain, admin=chain.accounts[0])
+    snapshot = chain.snapshot()
+    sender = SlotSender(chain, suite.admin, suite.settler.address)
+    at = chain.timestamp() + 30
+    step = SlotStep(parts=PART_PRICE, price_params=PriceParams(base_rate=9).as_args())
+    head = chain.w3.eth.block_number
+    prepared = sender.prepare(step.calldata(), at)
+    assert prepared.request is not None and chain.w3.eth.block_number == head
+    assert sender.submit_prepared(prepared).result().gas_used > 0
+    assert chain.w3.eth.block_number == head + 1 and chain.timestamp() == at
+    assert chain.call(suite.trading, "priceParams")[0][0] == 9
+    chain.revert(snapshot)
+
+
+def test_local_anvil_keeps_recent_states_and_snapshots_only() -> None:
+    """`local_anvil` prunes history (`HISTORY_ARGS`): a recent block's state still answers (a
+    reverted slot is replayed on its parent block), an old one is refused, and a snapshot taken
+    before 20 blocks still restores."""
+    with local_anvil() as url:
+        chain = Chain.rpc(url)
+        admin = chain.accounts[0]
+        token = chain.deploy("MockPaymentToken", sender=admin)
+        snapshot = chain.snapshot()
+        for _ in range(20):
+            chain.transact(token, "mint", admin, 1, sender=admin)
+        head = chain.w3.eth.block_number
+        call = {"to": token.address, "data": token.encode_abi("balanceOf", [admin])}
+        parent = chain.w3.eth.call(cast(Any, call), block_identifier=head - 1)
+        assert int.from_bytes(parent, "big") == 19
+        with pytest.raises(Web3RPCError, match="BlockOutOfRange"):
+            chain.w3.eth.call(cast(Any, call), block_identifier=head - 19)
+        chain.revert(snapshot)
+        assert chain.call(token, "balanceOf", admin) == 0
 
 
 def test_unreachable_node_is_a_chain_error() -> None:
