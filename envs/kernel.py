@@ -54,6 +54,26 @@ _SCALARS = (
 )
 
 
+#: Entries of one SIMD register (AVX-512: 8 float64), which the padded axes are a multiple of.
+PAD = 8
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """`a` with its last axis zero-padded to a multiple of `PAD`, C-contiguous.
+
+    The power flow's inner loops run over a bus or branch-end axis of a dozen or two entries.
+    LLVM vectorises them 8 float64 at a time and does the rest one by one: 14 buses were one
+    vector step and 6 scalar ones, at every bus of every fixed-point iteration. Over the padded
+    axis the loops are whole vector steps; a padded lane computes a zero (or NaN when the row
+    diverges) that nothing reads, and each real lane runs the same operations in the same
+    order as before, so every result is bit for bit the same.
+    """
+    n = a.shape[-1]
+    out = np.zeros((*a.shape[:-1], -(-n // PAD) * PAD), dtype=a.dtype)
+    out[..., :n] = a
+    return out
+
+
 class CompiledParams:
     """GridParams re-packed into the flat arrays the kernels take (built once per env)."""
 
@@ -75,15 +95,17 @@ class CompiledParams:
                 ]
             )
         )
-        # zt[q, j] = z[j, q]: the kernel walks rows of zt, contiguous in memory.
-        self.zt_re = np.ascontiguousarray(n.z_pq.T.real)
-        self.zt_im = np.ascontiguousarray(n.z_pq.T.imag)
-        self.w_re = np.ascontiguousarray(n.w_pq.real)
-        self.w_im = np.ascontiguousarray(n.w_pq.imag)
+        # zt[q, j] = z[j, q]: the kernel walks rows of zt, contiguous in memory. The bus axis
+        # of zt and w, and the branch-end axis of the y rows, are padded with zeros to whole
+        # vectors (`_padded`): see `step_rows`.
+        self.zt_re = _padded(n.z_pq.T.real)
+        self.zt_im = _padded(n.z_pq.T.imag)
+        self.w_re = _padded(n.w_pq.real)
+        self.w_im = _padded(n.w_pq.imag)
         # Rows of y_out_t that multiply pq and ref voltages, so the kernel never builds V_full.
-        self.y_re = np.ascontiguousarray(n.y_out_t[n.pq].real)
-        self.y_im = np.ascontiguousarray(n.y_out_t[n.pq].imag)
-        self.y_out_ref = np.ascontiguousarray(n.y_out_t[n.ref])
+        self.y_re = _padded(n.y_out_t[n.pq].real)
+        self.y_im = _padded(n.y_out_t[n.pq].imag)
+        self.y_out_ref = _padded(n.y_out_t[n.ref])
         self.v_ref = np.ascontiguousarray(n.v_ref)
         self.i_scale = np.ascontiguousarray(n.i_scale)
         self.sizes = np.array([n.n_line, n.n_trafo, p.horizon], dtype=np.int64)
@@ -145,8 +167,9 @@ def _step_batch(
 def step_scratch(n_pq, m):
     """`step_rows`' scratch for one row, reused row after row: the pq injections and voltages
     (complex), the branch currents (complex) and eight float rows for the fixed point and the
-    currents split into real and imaginary parts. A caller that steps many chunks (a thread of
-    the fused step) allocates it once for all of them."""
+    currents split into real and imaginary parts. `n_pq` and `m` are the padded sizes
+    (`CompiledParams.w_re`, `y_re` columns). A caller that steps many chunks (a thread of the
+    fused step) allocates it once for all of them."""
     return (
         np.empty((2, n_pq), dtype=np.complex128),
         np.empty(m, dtype=np.complex128),
@@ -195,11 +218,14 @@ def step_rows(
     dt = sc[0]
     n_b = bat.shape[1]
     n_p = load_prof.shape[1]
-    n_pq = w_re.shape[0]
+    n_pq = v_pq.shape[1]
+    # The padded bus and branch-end axes (`CompiledParams`): whole vectors for the mat-vecs.
+    n_pqp = w_re.shape[0]
+    mp = y_re.shape[1]
     n_line = sizes[0]
     n_trafo = sizes[1]
     n_br = i_scale.shape[0]
-    m = y_re.shape[1]
+    m = n_br + v_ref.shape[0]
     base_kw = base_mva * 1000.0
     episode_steps = int(sc[16])
     spd = int(sc[17])
@@ -302,14 +328,14 @@ def step_rows(
         ok = False
         tol2 = STEP_TOLERANCE_PU * STEP_TOLERANCE_PU
         for _ in range(MAX_ITER):
-            for j in range(n_pq):
+            for j in range(n_pqp):
                 nr[j] = w_re[j]
                 ni[j] = w_im[j]
             for q in range(n_pq):
                 d = vr[q] * vr[q] + vi[q] * vi[q]
                 a = (sr[q] * vr[q] + si[q] * vi[q]) / d  # conj(s / v)
                 b = (sr[q] * vi[q] - si[q] * vr[q]) / d
-                for j in range(n_pq):
+                for j in range(n_pqp):
                     nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
                     ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
             biggest = 0.0
@@ -330,7 +356,7 @@ def step_rows(
         if ok:
             o_re = rs[6]
             o_im = rs[7]
-            for col in range(m):
+            for col in range(mp):
                 acc = 0.0j
                 for j in range(v_ref.shape[0]):
                     acc += v_ref[j] * y_out_ref[j, col]
@@ -339,7 +365,7 @@ def step_rows(
             for j in range(n_pq):
                 a = vr[j]
                 b = vi[j]
-                for col in range(m):
+                for col in range(mp):
                     o_re[col] += y_re[j, col] * a - y_im[j, col] * b
                     o_im[col] += y_re[j, col] * b + y_im[j, col] * a
             for col in range(m):

@@ -762,7 +762,8 @@ def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
     the gate's reference prices, emergencies and books, the clearing's figures, the
     demand-response announcements, the row functions' own scratch and the forecasts the
     observation keeps. A thread allocates it once per step and reuses it chunk after chunk
-    (~25 allocations a chunk before, ~800 a step of 1,024 rows).
+    (~25 allocations a chunk before, ~800 a step of 1,024 rows). `n_pq` and `n_out` are the
+    padded bus and branch-end sizes (`CompiledParams.w_re`, `y_re` columns).
     """
     return (
         np.empty((m, n_b), dtype=np.float64),
