@@ -200,7 +200,7 @@ def _end_loading(o_re, o_im, i_scale, a, b):
     return max(math.hypot(o_re[a], o_im[a]) * sa, math.hypot(o_re[b], o_im[b]) * sb)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def step_rows(
     lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
     v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof,
@@ -320,21 +320,33 @@ def step_rows(
         vi = rs[3]
         nr = rs[4]
         ni = rs[5]
+        # conj(s / v) of every bus, then the mat-vec: the divisions of all buses in one
+        # vectorised pass. Padded lanes carry s = 0 at v = 1 (a zero, never a division by 0).
+        ca = rs[6]
+        cb = rs[7]
         for j in range(n_pq):
             sr[j] = s_pq[j].real
             si[j] = s_pq[j].imag
             vr[j] = v_pq[i, j].real
             vi[j] = v_pq[i, j].imag
+        for j in range(n_pq, n_pqp):
+            sr[j] = 0.0
+            si[j] = 0.0
+            vr[j] = 1.0
+            vi[j] = 0.0
         ok = False
         tol2 = STEP_TOLERANCE_PU * STEP_TOLERANCE_PU
         for _ in range(MAX_ITER):
+            for q in range(n_pqp):
+                d = vr[q] * vr[q] + vi[q] * vi[q]
+                ca[q] = (sr[q] * vr[q] + si[q] * vi[q]) / d
+                cb[q] = (sr[q] * vi[q] - si[q] * vr[q]) / d
             for j in range(n_pqp):
                 nr[j] = w_re[j]
                 ni[j] = w_im[j]
             for q in range(n_pq):
-                d = vr[q] * vr[q] + vi[q] * vi[q]
-                a = (sr[q] * vr[q] + si[q] * vi[q]) / d  # conj(s / v)
-                b = (sr[q] * vi[q] - si[q] * vr[q]) / d
+                a = ca[q]
+                b = cb[q]
                 for j in range(n_pqp):
                     nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
                     ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
