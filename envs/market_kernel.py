@@ -5,6 +5,13 @@ numpy on arrays of 13 prosumers spends its time in call overhead, not arithmetic
 loops over the batch rows; rows are independent. The rules are documented where they are used
 (`envs.exchange`, `envs.ledger`, `contracts.clearing`); tests hold these kernels equal to
 `contracts.clearing.clear_book` and `contracts.model.MarketModel`.
+
+numba's on-disk cache (`cache=True`) stores the fused step with the code of every function it
+calls from `envs.kernel` compiled in, but decides whether the cache is stale from this file
+alone: a change to `envs.kernel` reaches the fused step only once this file changes too (or
+`envs/__pycache__/*.nb[ci]` is removed). A stale cache of a change that kept the argument
+layout computes the old code's (equal) results; one that changed the layout (the padded
+power-flow arrays, say) can fail or read past an array.
 """
 
 from __future__ import annotations
