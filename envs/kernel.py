@@ -58,18 +58,18 @@ _SCALARS = (
 PAD = 8
 
 
-def _padded(a: np.ndarray) -> np.ndarray:
-    """`a` with its last axis zero-padded to a multiple of `PAD`, C-contiguous.
+def _padded(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """`a` with its last axis padded with `fill` to a multiple of `PAD`, C-contiguous.
 
     The power flow's inner loops run over a bus or branch-end axis of a dozen or two entries.
     LLVM vectorises them 8 float64 at a time and does the rest one by one: 14 buses were one
     vector step and 6 scalar ones, at every bus of every fixed-point iteration. Over the padded
-    axis the loops are whole vector steps; a padded lane computes a zero (or NaN when the row
-    diverges) that nothing reads, and each real lane runs the same operations in the same
-    order as before, so every result is bit for bit the same.
+    axis the loops are whole vector steps; a padded lane computes a value nothing reads (the
+    fixed point's stay at v = 1, w being padded with 1), and each real lane runs the same
+    operations in the same order as before, so every result is bit for bit the same.
     """
     n = a.shape[-1]
-    out = np.zeros((*a.shape[:-1], -(-n // PAD) * PAD), dtype=a.dtype)
+    out = np.full((*a.shape[:-1], -(-n // PAD) * PAD), fill, dtype=a.dtype)
     out[..., :n] = a
     return out
 
@@ -100,7 +100,7 @@ class CompiledParams:
         # vectors (`_padded`): see `step_rows`.
         self.zt_re = _padded(n.z_pq.T.real)
         self.zt_im = _padded(n.z_pq.T.imag)
-        self.w_re = _padded(n.w_pq.real)
+        self.w_re = _padded(n.w_pq.real, 1.0)
         self.w_im = _padded(n.w_pq.imag)
         # Rows of y_out_t that multiply pq and ref voltages, so the kernel never builds V_full.
         self.y_re = _padded(n.y_out_t[n.pq].real)
@@ -350,13 +350,17 @@ def step_rows(
                 for j in range(n_pqp):
                     nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
                     ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
-            biggest = 0.0
-            for j in range(n_pq):
+            # The squared steps and the copy as vector passes over the padded lanes (which
+            # stay at v = 1: w is padded with 1), then the same max, bus by bus, as before.
+            for j in range(n_pqp):
                 dr_ = nr[j] - vr[j]
                 di_ = ni[j] - vi[j]
-                biggest = max(biggest, dr_ * dr_ + di_ * di_)
+                ca[j] = dr_ * dr_ + di_ * di_
                 vr[j] = nr[j]
                 vi[j] = ni[j]
+            biggest = 0.0
+            for j in range(n_pq):
+                biggest = max(biggest, ca[j])
             if not math.isfinite(biggest):
                 break
             if biggest < tol2:
