@@ -159,21 +159,22 @@ def _step_batch(
         i_scale, sizes, v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof,
         bg_pv_prof, bg_sto_prof, prosumer_pq, battery_pq, import_price, tod, slot, step, soc,
         cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price, battery_kw,
-        curtail, dr, price_mult, out, step_scratch(w_re.shape[0], y_re.shape[1]),
+        curtail, dr, price_mult, out, step_scratch(w_re.shape[0], y_re.shape[1], bat.shape[1]),
     )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
-def step_scratch(n_pq, m):
+def step_scratch(n_pq, m, n_b):
     """`step_rows`' scratch for one row, reused row after row: the pq injections and voltages
     (complex), the branch currents (complex) and eight float rows for the fixed point and the
-    currents split into real and imaginary parts. `n_pq` and `m` are the padded sizes
-    (`CompiledParams.w_re`, `y_re` columns). A caller that steps many chunks (a thread of the
-    fused step) allocates it once for all of them."""
+    currents split into real and imaginary parts (two of them hold the batteries' set-points
+    and fades before the fixed point). `n_pq` and `m` are the padded sizes
+    (`CompiledParams.w_re`, `y_re` columns), `n_b` the batteries. A caller that steps many
+    chunks (a thread of the fused step) allocates it once for all of them."""
     return (
         np.empty((2, n_pq), dtype=np.complex128),
         np.empty(m, dtype=np.complex128),
-        np.empty((8, max(n_pq, m)), dtype=np.float64),
+        np.empty((8, max(n_pq, m, n_b)), dtype=np.float64),
     )
 
 
@@ -212,7 +213,7 @@ def step_rows(
 
     The decoded action (`battery_kw`, `curtail`, `dr`, `price_mult`) is indexed from `lo`
     (row i at i - lo), so a caller can decode one chunk of rows at a time; the state and
-    `out` are indexed by row. `work` is `step_scratch(n_pq, m)`: every entry is written before
+    `out` are indexed by row. `work` is `step_scratch(n_pq, m, n_b)`: every entry is written before
     it is read within a row, so its contents never reach a result.
     """
     dt = sc[0]
@@ -273,12 +274,11 @@ def step_rows(
             last_load[i, k] = load
             last_pv[i, k] = pv_prof[t, k]
             last_net[i, k] = served - pv
-        # Batteries.
-        charge = 0.0
-        discharge = 0.0
-        fade_sum = 0.0
-        deg_cost = 0.0
-        limited = 0.0
+        # Batteries: first every battery's set-point within its limits, its SoC and its fade,
+        # elementwise (LLVM vectorises the divisions), then the sums and the injections battery
+        # by battery, in the same order as ever: the same operations, the same results.
+        bpw = rs[6]
+        bfade = rs[7]
         for k in range(n_b):
             c0 = cap[i, k]
             cp = c0 if c0 > 1e-12 else 1e-12
@@ -288,16 +288,24 @@ def step_rows(
             max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * eta_d / dt)
             lo_k = -max_dis if max_dis > 0.0 else 0.0
             hi_k = max_ch if max_ch > 0.0 else 0.0
-            sp = battery_kw[r, k]
-            pw = min(max(sp, lo_k), hi_k)
-            limited += abs(sp - pw)
+            pw = min(max(battery_kw[r, k], lo_k), hi_k)
             cell = (pw * eta_c if pw > 0.0 else pw / eta_d) * dt
-            if c0 > 0.0:
-                new_soc = soc[i, k] + cell / cp
-                soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k])
+            new_soc = soc[i, k] + cell / cp
+            soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k]) if c0 > 0.0 else soc[i, k]
             nominal = bat[0, k]
             fade = bat[6, k] * abs(cell) / max(2.0 * nominal, 1e-12) * nominal
             cap[i, k] = max(c0 - fade, 0.0)
+            bpw[k] = pw
+            bfade[k] = fade
+        charge = 0.0
+        discharge = 0.0
+        fade_sum = 0.0
+        deg_cost = 0.0
+        limited = 0.0
+        for k in range(n_b):
+            pw = bpw[k]
+            fade = bfade[k]
+            limited += abs(battery_kw[r, k] - pw)
             fade_sum += fade
             deg_cost += fade * bat[7, k]
             if pw > 0.0:

@@ -789,7 +789,7 @@ def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
         np.empty((2, n_a), dtype=np.float64),
         np.empty((5, n_p), dtype=np.int64),
         np.empty((3, h), dtype=np.float64),
-        step_scratch(n_pq, n_out),
+        step_scratch(n_pq, n_out, n_b),
         np.empty((m, 4 * n_p), dtype=np.float64),
     )
 
