@@ -166,7 +166,8 @@ def _step_batch(
 @numba.njit(cache=True, nogil=True)
 def step_scratch(n_pq, m, n_b):
     """`step_rows`' scratch for one row, reused row after row: the pq injections and voltages
-    (complex), the branch currents (complex) and eight float rows for the fixed point and the
+    (complex), the slack voltages' share of the branch currents (complex, written once a call)
+    and eight float rows for the fixed point and the
     currents split into real and imaginary parts (two of them hold the batteries' set-points
     and fades before the fixed point). `n_pq` and `m` are the padded sizes
     (`CompiledParams.w_re`, `y_re` columns), `n_b` the batteries. A caller that steps many
@@ -226,12 +227,18 @@ def step_rows(
     n_line = sizes[0]
     n_trafo = sizes[1]
     n_br = i_scale.shape[0]
-    m = n_br + v_ref.shape[0]
     base_kw = base_mva * 1000.0
     episode_steps = int(sc[16])
     spd = int(sc[17])
     # One row's scratch, reused: rows are independent and this stays in cache.
-    scratch, outc, rs = work
+    scratch, i_ref, rs = work
+    # The slack voltages' share of every branch-end current: the same for every row, so
+    # computed once a call (the same operations the rows made each).
+    for col in range(mp):
+        acc = 0.0j
+        for j in range(v_ref.shape[0]):
+            acc += v_ref[j] * y_out_ref[j, col]
+        i_ref[col] = acc
     n_bs = bg_s.shape[1] * 2  # float64 per complex row
     for i in range(lo, hi):
         if i + 1 < slot.shape[0]:
@@ -381,22 +388,17 @@ def step_rows(
             o_re = rs[6]
             o_im = rs[7]
             for col in range(mp):
-                acc = 0.0j
-                for j in range(v_ref.shape[0]):
-                    acc += v_ref[j] * y_out_ref[j, col]
-                o_re[col] = acc.real
-                o_im[col] = acc.imag
+                o_re[col] = i_ref[col].real
+                o_im[col] = i_ref[col].imag
             for j in range(n_pq):
                 a = vr[j]
                 b = vi[j]
                 for col in range(mp):
                     o_re[col] += y_re[j, col] * a - y_im[j, col] * b
                     o_im[col] += y_re[j, col] * b + y_im[j, col] * a
-            for col in range(m):
-                outc[col] = complex(o_re[col], o_im[col])
             s_ref = 0.0j
             for j in range(v_ref.shape[0]):
-                s_ref += v_ref[j] * outc[n_br + j].conjugate()
+                s_ref += v_ref[j] * complex(o_re[n_br + j], o_im[n_br + j]).conjugate()
             p_slack = s_ref.real * base_mva
             s_sum = 0.0
             for j in range(n_pq):
