@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from envs.ledger import treasury_short
 from envs.market_kernel import CHUNK_ROWS, DR_ROWS, all_finite, fused_chunks, fused_step
 from envs.params import FloatArray
 from envs.scenario import Scenario, load_scenario
+from envs.start_draws import start_draws
 
 if TYPE_CHECKING:
     from envs.exchange import Exchange
@@ -271,6 +272,24 @@ class Engine:
         drawn = int(self.split_days[rng.integers(0, self.split_days.shape[0])])
         offset = int(rng.integers(NOISE_TABLE_SIZE))
         return (drawn if day is None else day), offset
+
+    def draw_starts(
+        self, rngs: Sequence[np.random.Generator], day: int | None, buffered: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`draw_start` for each of `rngs` in turn, the same draws: (days, offsets) as int64.
+
+        By `envs.start_draws` (one 64-bit output a generator, the arithmetic in numpy; about
+        15x faster for a vector env's resets); `buffered` as there. A split of one day draws
+        nothing for the day, so its generators go one by one.
+        """
+        n = self.split_days.shape[0]
+        if n == 1:
+            pairs = [self.draw_start(rng, day) for rng in rngs]
+            days = np.array([d for d, _ in pairs], dtype=np.int64)
+            return days, np.array([o for _, o in pairs], dtype=np.int64)
+        index, offsets = start_draws(rngs, n, buffered)
+        days = self.split_days[index].astype(np.int64) if day is None else np.full(index.shape, day)
+        return days.astype(np.int64), offsets
 
     def reset(self, days: np.ndarray, soc: FloatArray | None, offsets: np.ndarray) -> GridState:
         """Fresh state at the start of `days`: `dynamics.reset_state`, compiled where it can be.

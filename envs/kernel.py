@@ -54,6 +54,26 @@ _SCALARS = (
 )
 
 
+#: Entries of one SIMD register (AVX-512: 8 float64), which the padded axes are a multiple of.
+PAD = 8
+
+
+def _padded(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """`a` with its last axis padded with `fill` to a multiple of `PAD`, C-contiguous.
+
+    The power flow's inner loops run over a bus or branch-end axis of a dozen or two entries.
+    LLVM vectorises them 8 float64 at a time and does the rest one by one: 14 buses were one
+    vector step and 6 scalar ones, at every bus of every fixed-point iteration. Over the padded
+    axis the loops are whole vector steps; a padded lane computes a value nothing reads (the
+    fixed point's stay at v = 1, w being padded with 1), and each real lane runs the same
+    operations in the same order as before, so every result is bit for bit the same.
+    """
+    n = a.shape[-1]
+    out = np.full((*a.shape[:-1], -(-n // PAD) * PAD), fill, dtype=a.dtype)
+    out[..., :n] = a
+    return out
+
+
 class CompiledParams:
     """GridParams re-packed into the flat arrays the kernels take (built once per env)."""
 
@@ -75,15 +95,17 @@ class CompiledParams:
                 ]
             )
         )
-        # zt[q, j] = z[j, q]: the kernel walks rows of zt, contiguous in memory.
-        self.zt_re = np.ascontiguousarray(n.z_pq.T.real)
-        self.zt_im = np.ascontiguousarray(n.z_pq.T.imag)
-        self.w_re = np.ascontiguousarray(n.w_pq.real)
-        self.w_im = np.ascontiguousarray(n.w_pq.imag)
+        # zt[q, j] = z[j, q]: the kernel walks rows of zt, contiguous in memory. The bus axis
+        # of zt and w, and the branch-end axis of the y rows, are padded with zeros to whole
+        # vectors (`_padded`): see `step_rows`.
+        self.zt_re = _padded(n.z_pq.T.real)
+        self.zt_im = _padded(n.z_pq.T.imag)
+        self.w_re = _padded(n.w_pq.real, 1.0)
+        self.w_im = _padded(n.w_pq.imag)
         # Rows of y_out_t that multiply pq and ref voltages, so the kernel never builds V_full.
-        self.y_re = np.ascontiguousarray(n.y_out_t[n.pq].real)
-        self.y_im = np.ascontiguousarray(n.y_out_t[n.pq].imag)
-        self.y_out_ref = np.ascontiguousarray(n.y_out_t[n.ref])
+        self.y_re = _padded(n.y_out_t[n.pq].real)
+        self.y_im = _padded(n.y_out_t[n.pq].imag)
+        self.y_out_ref = _padded(n.y_out_t[n.ref])
         self.v_ref = np.ascontiguousarray(n.v_ref)
         self.i_scale = np.ascontiguousarray(n.i_scale)
         self.sizes = np.array([n.n_line, n.n_trafo, p.horizon], dtype=np.int64)
@@ -137,20 +159,23 @@ def _step_batch(
         i_scale, sizes, v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof,
         bg_pv_prof, bg_sto_prof, prosumer_pq, battery_pq, import_price, tod, slot, step, soc,
         cap, backlog, v_pq, grid, last_load, last_pv, last_net, community_price, battery_kw,
-        curtail, dr, price_mult, out, step_scratch(w_re.shape[0], y_re.shape[1]),
+        curtail, dr, price_mult, out, step_scratch(w_re.shape[0], y_re.shape[1], bat.shape[1]),
     )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
-def step_scratch(n_pq, m):
+def step_scratch(n_pq, m, n_b):
     """`step_rows`' scratch for one row, reused row after row: the pq injections and voltages
-    (complex), the branch currents (complex) and eight float rows for the fixed point and the
-    currents split into real and imaginary parts. A caller that steps many chunks (a thread of
-    the fused step) allocates it once for all of them."""
+    (complex), the slack voltages' share of the branch currents (complex, written once a call)
+    and eight float rows for the fixed point and the
+    currents split into real and imaginary parts (two of them hold the batteries' set-points
+    and fades before the fixed point). `n_pq` and `m` are the padded sizes
+    (`CompiledParams.w_re`, `y_re` columns), `n_b` the batteries. A caller that steps many
+    chunks (a thread of the fused step) allocates it once for all of them."""
     return (
         np.empty((2, n_pq), dtype=np.complex128),
         np.empty(m, dtype=np.complex128),
-        np.empty((8, max(n_pq, m)), dtype=np.float64),
+        np.empty((8, max(n_pq, m, n_b)), dtype=np.float64),
     )
 
 
@@ -177,7 +202,7 @@ def _end_loading(o_re, o_im, i_scale, a, b):
     return max(math.hypot(o_re[a], o_im[a]) * sa, math.hypot(o_re[b], o_im[b]) * sb)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def step_rows(
     lo, hi, sc, bat, zt_re, zt_im, w_re, w_im, y_re, y_im, y_out_ref, v_ref, i_scale, sizes,
     v_lim, base_mva, load_prof, kvar_prof, pv_prof, bg_s, bg_load_prof, bg_pv_prof,
@@ -189,22 +214,31 @@ def step_rows(
 
     The decoded action (`battery_kw`, `curtail`, `dr`, `price_mult`) is indexed from `lo`
     (row i at i - lo), so a caller can decode one chunk of rows at a time; the state and
-    `out` are indexed by row. `work` is `step_scratch(n_pq, m)`: every entry is written before
+    `out` are indexed by row. `work` is `step_scratch(n_pq, m, n_b)`: every entry is written before
     it is read within a row, so its contents never reach a result.
     """
     dt = sc[0]
     n_b = bat.shape[1]
     n_p = load_prof.shape[1]
-    n_pq = w_re.shape[0]
+    n_pq = v_pq.shape[1]
+    # The padded bus and branch-end axes (`CompiledParams`): whole vectors for the mat-vecs.
+    n_pqp = w_re.shape[0]
+    mp = y_re.shape[1]
     n_line = sizes[0]
     n_trafo = sizes[1]
     n_br = i_scale.shape[0]
-    m = y_re.shape[1]
     base_kw = base_mva * 1000.0
     episode_steps = int(sc[16])
     spd = int(sc[17])
     # One row's scratch, reused: rows are independent and this stays in cache.
-    scratch, outc, rs = work
+    scratch, i_ref, rs = work
+    # The slack voltages' share of every branch-end current: the same for every row, so
+    # computed once a call (the same operations the rows made each).
+    for col in range(mp):
+        acc = 0.0j
+        for j in range(v_ref.shape[0]):
+            acc += v_ref[j] * y_out_ref[j, col]
+        i_ref[col] = acc
     n_bs = bg_s.shape[1] * 2  # float64 per complex row
     for i in range(lo, hi):
         if i + 1 < slot.shape[0]:
@@ -247,12 +281,11 @@ def step_rows(
             last_load[i, k] = load
             last_pv[i, k] = pv_prof[t, k]
             last_net[i, k] = served - pv
-        # Batteries.
-        charge = 0.0
-        discharge = 0.0
-        fade_sum = 0.0
-        deg_cost = 0.0
-        limited = 0.0
+        # Batteries: first every battery's set-point within its limits, its SoC and its fade,
+        # elementwise (LLVM vectorises the divisions), then the sums and the injections battery
+        # by battery, in the same order as ever: the same operations, the same results.
+        bpw = rs[6]
+        bfade = rs[7]
         for k in range(n_b):
             c0 = cap[i, k]
             cp = c0 if c0 > 1e-12 else 1e-12
@@ -262,16 +295,24 @@ def step_rows(
             max_dis = min(bat[1, k], (soc[i, k] - bat[4, k]) * cp * eta_d / dt)
             lo_k = -max_dis if max_dis > 0.0 else 0.0
             hi_k = max_ch if max_ch > 0.0 else 0.0
-            sp = battery_kw[r, k]
-            pw = min(max(sp, lo_k), hi_k)
-            limited += abs(sp - pw)
+            pw = min(max(battery_kw[r, k], lo_k), hi_k)
             cell = (pw * eta_c if pw > 0.0 else pw / eta_d) * dt
-            if c0 > 0.0:
-                new_soc = soc[i, k] + cell / cp
-                soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k])
+            new_soc = soc[i, k] + cell / cp
+            soc[i, k] = min(max(new_soc, bat[4, k]), bat[5, k]) if c0 > 0.0 else soc[i, k]
             nominal = bat[0, k]
             fade = bat[6, k] * abs(cell) / max(2.0 * nominal, 1e-12) * nominal
             cap[i, k] = max(c0 - fade, 0.0)
+            bpw[k] = pw
+            bfade[k] = fade
+        charge = 0.0
+        discharge = 0.0
+        fade_sum = 0.0
+        deg_cost = 0.0
+        limited = 0.0
+        for k in range(n_b):
+            pw = bpw[k]
+            fade = bfade[k]
+            limited += abs(battery_kw[r, k] - pw)
             fade_sum += fade
             deg_cost += fade * bat[7, k]
             if pw > 0.0:
@@ -294,31 +335,47 @@ def step_rows(
         vi = rs[3]
         nr = rs[4]
         ni = rs[5]
+        # conj(s / v) of every bus, then the mat-vec: the divisions of all buses in one
+        # vectorised pass. Padded lanes carry s = 0 at v = 1 (a zero, never a division by 0).
+        ca = rs[6]
+        cb = rs[7]
         for j in range(n_pq):
             sr[j] = s_pq[j].real
             si[j] = s_pq[j].imag
             vr[j] = v_pq[i, j].real
             vi[j] = v_pq[i, j].imag
+        for j in range(n_pq, n_pqp):
+            sr[j] = 0.0
+            si[j] = 0.0
+            vr[j] = 1.0
+            vi[j] = 0.0
         ok = False
         tol2 = STEP_TOLERANCE_PU * STEP_TOLERANCE_PU
         for _ in range(MAX_ITER):
-            for j in range(n_pq):
+            for q in range(n_pqp):
+                d = vr[q] * vr[q] + vi[q] * vi[q]
+                ca[q] = (sr[q] * vr[q] + si[q] * vi[q]) / d
+                cb[q] = (sr[q] * vi[q] - si[q] * vr[q]) / d
+            for j in range(n_pqp):
                 nr[j] = w_re[j]
                 ni[j] = w_im[j]
             for q in range(n_pq):
-                d = vr[q] * vr[q] + vi[q] * vi[q]
-                a = (sr[q] * vr[q] + si[q] * vi[q]) / d  # conj(s / v)
-                b = (sr[q] * vi[q] - si[q] * vr[q]) / d
-                for j in range(n_pq):
+                a = ca[q]
+                b = cb[q]
+                for j in range(n_pqp):
                     nr[j] += zt_re[q, j] * a - zt_im[q, j] * b
                     ni[j] += zt_re[q, j] * b + zt_im[q, j] * a
-            biggest = 0.0
-            for j in range(n_pq):
+            # The squared steps and the copy as vector passes over the padded lanes (which
+            # stay at v = 1: w is padded with 1), then the same max, bus by bus, as before.
+            for j in range(n_pqp):
                 dr_ = nr[j] - vr[j]
                 di_ = ni[j] - vi[j]
-                biggest = max(biggest, dr_ * dr_ + di_ * di_)
+                ca[j] = dr_ * dr_ + di_ * di_
                 vr[j] = nr[j]
                 vi[j] = ni[j]
+            biggest = 0.0
+            for j in range(n_pq):
+                biggest = max(biggest, ca[j])
             if not math.isfinite(biggest):
                 break
             if biggest < tol2:
@@ -330,23 +387,18 @@ def step_rows(
         if ok:
             o_re = rs[6]
             o_im = rs[7]
-            for col in range(m):
-                acc = 0.0j
-                for j in range(v_ref.shape[0]):
-                    acc += v_ref[j] * y_out_ref[j, col]
-                o_re[col] = acc.real
-                o_im[col] = acc.imag
+            for col in range(mp):
+                o_re[col] = i_ref[col].real
+                o_im[col] = i_ref[col].imag
             for j in range(n_pq):
                 a = vr[j]
                 b = vi[j]
-                for col in range(m):
+                for col in range(mp):
                     o_re[col] += y_re[j, col] * a - y_im[j, col] * b
                     o_im[col] += y_re[j, col] * b + y_im[j, col] * a
-            for col in range(m):
-                outc[col] = complex(o_re[col], o_im[col])
             s_ref = 0.0j
             for j in range(v_ref.shape[0]):
-                s_ref += v_ref[j] * outc[n_br + j].conjugate()
+                s_ref += v_ref[j] * complex(o_re[n_br + j], o_im[n_br + j]).conjugate()
             p_slack = s_ref.real * base_mva
             s_sum = 0.0
             for j in range(n_pq):

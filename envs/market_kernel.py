@@ -5,6 +5,13 @@ numpy on arrays of 13 prosumers spends its time in call overhead, not arithmetic
 loops over the batch rows; rows are independent. The rules are documented where they are used
 (`envs.exchange`, `envs.ledger`, `contracts.clearing`); tests hold these kernels equal to
 `contracts.clearing.clear_book` and `contracts.model.MarketModel`.
+
+numba's on-disk cache (`cache=True`) stores the fused step with the code of every function it
+calls from `envs.kernel` compiled in, but decides whether the cache is stale from this file
+alone: a change to `envs.kernel` reaches the fused step only once this file changes too (or
+`envs/__pycache__/*.nb[ci]` is removed). A stale cache of a change that kept the argument
+layout computes the old code's (equal) results; one that changed the layout (the padded
+power-flow arrays, say) can fail or read past an array.
 """
 
 from __future__ import annotations
@@ -762,7 +769,8 @@ def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
     the gate's reference prices, emergencies and books, the clearing's figures, the
     demand-response announcements, the row functions' own scratch and the forecasts the
     observation keeps. A thread allocates it once per step and reuses it chunk after chunk
-    (~25 allocations a chunk before, ~800 a step of 1,024 rows).
+    (~25 allocations a chunk before, ~800 a step of 1,024 rows). `n_pq` and `n_out` are the
+    padded bus and branch-end sizes (`CompiledParams.w_re`, `y_re` columns).
     """
     return (
         np.empty((m, n_b), dtype=np.float64),
@@ -781,7 +789,7 @@ def chunk_work(m, n_b, n_p, n_a, n_pq, n_out, h):
         np.empty((2, n_a), dtype=np.float64),
         np.empty((5, n_p), dtype=np.int64),
         np.empty((3, h), dtype=np.float64),
-        step_scratch(n_pq, n_out),
+        step_scratch(n_pq, n_out, n_b),
         np.empty((m, 4 * n_p), dtype=np.float64),
     )
 

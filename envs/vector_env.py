@@ -73,6 +73,8 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        # Which generators may keep half a 64-bit output (`envs.start_draws`): none when fresh.
+        self._buffered = np.zeros(num_envs, dtype=bool)
         market = self.scenario.market
         self.exchange = (
             Exchange(self.params, market, num_envs, self.engine.compiled)
@@ -95,6 +97,7 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"seed: expected {self.num_envs} seeds, got {len(seeds)}")
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
+            self._buffered = np.zeros(self.num_envs, dtype=bool)
         day, soc = self.engine.parse_options(options)
         rows = np.arange(self.num_envs)
         self._state = self._fresh(rows, day, soc)
@@ -106,9 +109,9 @@ class MicrogridVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         return self.engine.observe(self._state), {"day": days, "_day": np.ones_like(rows, bool)}
 
     def _fresh(self, rows: np.ndarray, day: int | None, soc: np.ndarray | None) -> GridState:
-        draws = [self.engine.draw_start(self._rngs[i], day) for i in rows]
-        days = np.array([d for d, _ in draws], dtype=np.int64)
-        offsets = np.array([o for _, o in draws], dtype=np.int64)
+        buffered = self._buffered[rows]
+        days, offsets = self.engine.draw_starts([self._rngs[i] for i in rows], day, buffered)
+        self._buffered[rows] = buffered
         socs = None if soc is None else np.tile(soc, (rows.size, 1))
         return self.engine.reset(days, socs, offsets)
 

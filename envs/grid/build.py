@@ -54,7 +54,7 @@ def build_grid(scenario: Scenario) -> GridParams:
 
 
 #: Bump when GridParams or the way it is built changes: old disk caches are then ignored.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -173,6 +173,13 @@ def _assemble(scenario: Scenario, net: Any, network: Any, profiles: dict[Any, An
     sto_p = profiles[("storage", "p_mw")].to_numpy(dtype=np.float64) * 1000.0
     n_t = load_p.shape[0]
     n_days = n_t // STEPS_PER_DAY
+    # A grid without storage units (simbench's `--0-` cases) or PV has no profile rows for them
+    # at all: give it n_t rows of no elements, so the background totals have a value every slot
+    # (the compiled step reads them by slot; an empty array was read out of bounds).
+    if sgen_p.shape[0] != n_t:
+        sgen_p = np.zeros((n_t, len(net.sgen)))
+    if sto_p.shape[0] != n_t:
+        sto_p = np.zeros((n_t, len(net.storage)))
     # Out-of-service elements contribute nothing.
     load_p *= net.load.in_service.to_numpy()[None, :] * net.load.scaling.to_numpy()[None, :]
     load_q *= net.load.in_service.to_numpy()[None, :] * net.load.scaling.to_numpy()[None, :]

@@ -56,6 +56,17 @@ def test_prosumer_buses_must_exist() -> None:
         build_grid(Scenario(prosumers={"mode": "buses", "buses": [3, 999]}))
 
 
+@pytest.mark.parametrize("code", ["1-LV-rural1--0-sw", "1-LV-urban6--0-sw"])
+def test_a_grid_without_storage_has_a_background_storage_profile(code: str) -> None:
+    """simbench's `--0-` cases have no storage units: the background storage is then zero in
+    every slot (the compiled step reads it by slot), not an empty array."""
+    from envs.grid import build_grid
+
+    p = build_grid(Scenario(grid=code, name=code))
+    assert p.background_storage_kw.shape == p.background_load_kw.shape
+    assert not p.background_storage_kw.any()
+
+
 def test_a_grid_cache_file_from_another_module_name_is_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
