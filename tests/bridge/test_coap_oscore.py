@@ -542,7 +542,9 @@ def test_protected_observations_end_cleanly_on_reregistration_and_close(
             await _next(queue)  # the birth
             while link.stats.reobserved < 9:  # each resource registered again, three times
                 await asyncio.sleep(0.1)
-            link.reobserve_s = 60  # from the next registration on: quiet, to count datagrams
+            # From the next registration on: quiet long enough to count datagrams below (~1 s),
+            # short enough that the cut relay's re-registrations fail soon after.
+            link.reobserve_s = 5
             await asyncio.sleep(0.6)
             # A listener the bridge gave up on acknowledges one more notification (aiocoap ends
             # it there) and resets the next, which makes the device forget it.
