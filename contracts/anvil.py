@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from contracts.client import Chain
@@ -47,26 +47,53 @@ def anvil_binary(root: Path = REPO) -> Path:
     return found[0]
 
 
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(a CPU for a local node, the others) among those this thread may run on; None with
+    fewer than two, or where the OS has no CPU affinity (macOS).
+
+    A client that writes a slot to anvil and computes on meanwhile (the `rpc` ledger) steps
+    at ~max(client, node) CPU a step only if each has a CPU to itself: left to the scheduler
+    on 2 vCPUs, anvil's threads, woken by the client's write, were often queued behind the
+    client on its CPU, ~0.5-1.5 ms of a ~4.3 ms slot answer lost a step (docs/market.md,
+    "Where the wall time goes"). Pin both sides: the node alone on its CPU let the client's
+    thread land there too, and anvil's ``eth_sendTransactionSync`` then sometimes missed its
+    block (30 s, "Transaction confirmation timeout").
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 2:
+        return None
+    return {mine[-1]}, set(mine[:-1])
+
+
 @contextlib.contextmanager
 def local_anvil(
-    port: int | None = None, extra_args: Sequence[str] = (), start_timeout: float = 20.0
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    start_timeout: float = 20.0,
+    cpus: Collection[int] | None = None,
 ) -> Iterator[str]:
-    """Run anvil on loopback for the duration of the block; yields its URL."""
+    """Run anvil on loopback for the duration of the block; yields its URL.
+
+    `cpus`: the CPUs anvil (all its threads) may run on, among this thread's own (default:
+    the same as this thread's); see `split_cpus`.
+    """
     port = port or free_port()
-    proc = subprocess.Popen(
-        [
-            str(anvil_binary()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--quiet",
-            *HISTORY_ARGS,
-            *extra_args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    args = [
+        str(anvil_binary()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--quiet",
+        *HISTORY_ARGS,
+        *extra_args,
+    ]
+    if cpus is None:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    else:
+        proc = _start_on(args, set(cpus))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
@@ -88,6 +115,30 @@ def local_anvil(
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _start_on(args: list[str], cpus: set[int]) -> subprocess.Popen[bytes]:
+    """Start `args` with the CPU affinity `cpus`, set on this thread around the fork so the
+    child inherits it from its first instruction (anvil starts its threads at once; no
+    ``preexec_fn``, which is unsafe beside other threads such as a progress bar's)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ChainError("local_anvil cpus: this OS has no CPU affinity; pass cpus=None")
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise ChainError(
+            f"local_anvil cpus: expected a non-empty subset of this process's CPUs "
+            f"{sorted(allowed)}, got {sorted(cpus)}"
+        )
+    os.sched_setaffinity(0, cpus)
+    try:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def node_pid(url: str) -> int | None:
+    """Process id of the anvil `local_anvil` runs at `url` now; None for any other node."""
+    return _RUNNING.get(url)
 
 
 def node_cpu_seconds(url: str) -> float | None:

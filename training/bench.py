@@ -8,9 +8,10 @@ and the ratio between them.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,17 @@ def _single_rate(
     return rate, env, cpu
 
 
+@contextlib.contextmanager
+def _running_on(cpus: set[int]) -> Iterator[None]:
+    """This thread on `cpus` for the block (then back on the CPUs it had)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def bench_env(
     scenario: Scenario | str | Path | None = None,
     grid: str | None = None,
@@ -76,6 +88,7 @@ def bench_env(
     ledger: str | None = None,
     rpc_url: str | None = None,
     evm_engine: str | None = None,
+    pin_node: bool = True,
 ) -> dict[str, Any]:
     """Single-env steps/s (with the market on `ledger`), batched env-steps/s and the
     pandapower-stepped env, one run. The batched env always settles on the mirror: the chain
@@ -83,6 +96,9 @@ def bench_env(
     `evm_engine` overrides the scenario's engine of the `evm` ledger. Beside the rates, the CPU
     a single-env step costs this process (`single_python_cpu_ms_per_step`) and, on the local
     anvil, the node (`single_node_cpu_ms_per_step`): the load moves these far less.
+    With `pin_node` (and two CPUs or more) the local anvil runs on a CPU of its own and this
+    thread, while the single env steps, on the others (`contracts.anvil.split_cpus`;
+    `single_node_cpus` in the result).
     """
     from envs.grid.reference import PandapowerSolver  # imports pandapower: only when asked
 
@@ -107,11 +123,19 @@ def bench_env(
     bare = sc.model_copy(update={"market": sc.market.model_copy(update={"enabled": False})})
     bare_rate, _, _ = _single_rate(bare, actions, seconds)
     advance()
+    node_cpus: list[int] = []
     with contextlib.ExitStack() as stack:
         if market["ledger"] == "rpc" and rpc_url is None:
-            from contracts.anvil import local_anvil
+            from contracts.anvil import local_anvil, split_cpus
 
-            rpc_url = stack.enter_context(local_anvil())
+            split = split_cpus() if pin_node else None
+            rpc_url = stack.enter_context(local_anvil(cpus=split[0] if split else None))
+            if split is not None:
+                # Both sides: with only anvil pinned the env's thread still landed on anvil's
+                # CPU and stalled it, and anvil's eth_sendTransactionSync then sometimes missed
+                # its block (a 30 s "Transaction confirmation timeout"; docs/market.md).
+                node_cpus = sorted(split[0])
+                stack.enter_context(_running_on(split[1]))
         if rpc_url is not None:
             market["rpc_url"] = rpc_url
         chosen = Scenario.model_validate({**sc.model_dump(), "market": market})
@@ -150,6 +174,7 @@ def bench_env(
         "single_steps_per_s_no_market": round(bare_rate, 1),
         "market_overhead": round(bare_rate / single_rate, 2),
         **{f"single_{key}": round(value, 3) for key, value in cpu.items()},
+        **({"single_node_cpus": node_cpus} if node_cpus else {}),
         "batch_env_steps_per_s": round(batch_rate, 1),
         "pandapower_steps_per_s": round(pp_rate, 2),
         "speedup_vs_pandapower": round(single_rate / pp_rate, 1),

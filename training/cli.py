@@ -97,6 +97,13 @@ def bench_env_cmd(
         str | None,
         typer.Option(help="What runs --ledger evm: revm or py-evm (default: the scenario's)."),
     ] = None,
+    pin_node: Annotated[
+        bool,
+        typer.Option(
+            help="With --ledger rpc on the local anvil: run anvil on a CPU of its own and the "
+            "env on the others (two CPUs or more)."
+        ),
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Single-env steps/s (market on --ledger), batched env-steps/s (mirror) and the same env
@@ -120,6 +127,7 @@ def bench_env_cmd(
                 ledger=ledger,
                 rpc_url=rpc_url,
                 evm_engine=evm_engine,
+                pin_node=pin_node,
             )
     except (MicrogridError, ChainError) as err:
         _fail(err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -10,7 +11,7 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from web3.exceptions import Web3RPCError
 
-from contracts.anvil import free_port, local_anvil, node_cpu_seconds
+from contracts.anvil import free_port, local_anvil, node_cpu_seconds, node_pid, split_cpus
 from contracts.client import TX_GAS_CAP, Chain, Side, deploy_suite
 from contracts.errors import ChainError, ContractRevert
 from contracts.model import PriceParams, SignedOrder
@@ -117,6 +118,32 @@ def test_local_anvil_keeps_recent_states_and_snapshots_only() -> None:
             chain.w3.eth.call(cast(Any, call), block_identifier=head - 19)
         chain.revert(snapshot)
         assert chain.call(token, "balanceOf", admin) == 0
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="CPU affinity needs Linux and two CPUs",
+)
+def test_local_anvil_runs_every_thread_on_the_cpus_given() -> None:
+    """`local_anvil(cpus=...)`: anvil and every thread it starts run on those CPUs only (read
+    back from /proc), it answers, and this thread keeps the CPUs it had."""
+    split = split_cpus()
+    assert split is not None
+    node, rest = split
+    assert node and rest and not node & rest and node | rest == os.sched_getaffinity(0)
+    before = os.sched_getaffinity(0)
+    with local_anvil(cpus=node) as url:
+        assert Chain.rpc(url).w3.eth.block_number == 0
+        pid = node_pid(url)
+        assert pid is not None
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) > 1  # anvil's runtime threads, started after the fork
+        assert all(os.sched_getaffinity(int(t)) == node for t in threads)
+        assert os.sched_getaffinity(0) == before
+    refused = local_anvil(cpus={4096})
+    with pytest.raises(ChainError, match=r"local_anvil cpus: expected .* got \[4096\]"):
+        refused.__enter__()
+    assert os.sched_getaffinity(0) == before
 
 
 def test_unreachable_node_is_a_chain_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,20 @@ def test_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     result = runner.invoke(app, ["scenario", "check", str(bad)])
     assert result.exit_code == 2
     assert "forecast.mode" in result.output
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="CPU affinity needs Linux and two CPUs",
+)
+def test_bench_env_rpc_runs_the_local_anvil_on_a_cpu_of_its_own() -> None:
+    """`bench env --ledger rpc` (`pin_node`, the CLI's default --pin-node) runs anvil on the
+    last CPU and the env's thread on the others while it steps, reports the node's CPU, then
+    gives this thread its CPUs back."""
+    from training.bench import bench_env
+
+    before = os.sched_getaffinity(0)
+    data = bench_env(batch=4, seconds=0.2, pandapower_steps=1, ledger="rpc")
+    assert data["single_node_cpus"] == [max(before)]
+    assert data["single_steps_per_s"] > 0 and data["single_node_cpu_ms_per_step"] > 0
+    assert os.sched_getaffinity(0) == before
