@@ -93,7 +93,7 @@ def local_anvil(
     if cpus is None:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     else:
-        proc = _start_on(args, set(cpus))
+        proc = _start_on(args, cpus)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
@@ -117,23 +117,32 @@ def local_anvil(
             proc.kill()
 
 
-def _start_on(args: list[str], cpus: set[int]) -> subprocess.Popen[bytes]:
-    """Start `args` with the CPU affinity `cpus`, set on this thread around the fork so the
-    child inherits it from its first instruction (anvil starts its threads at once; no
-    ``preexec_fn``, which is unsafe beside other threads such as a progress bar's)."""
+@contextlib.contextmanager
+def running_on(cpus: Collection[int], field: str = "cpus") -> Iterator[None]:
+    """This thread on `cpus` for the block, then back on the CPUs it had (`split_cpus`); what
+    it starts meanwhile inherits them. A set that is empty or not among this thread's CPUs, or
+    an OS without CPU affinity, is a `ChainError` naming `field`."""
     if not hasattr(os, "sched_setaffinity"):
-        raise ChainError("local_anvil cpus: this OS has no CPU affinity; pass cpus=None")
-    allowed = os.sched_getaffinity(0)
-    if not cpus or not cpus <= allowed:
+        raise ChainError(f"{field}: this OS has no CPU affinity; pass cpus=None")
+    allowed, wanted = os.sched_getaffinity(0), set(cpus)
+    if not wanted or not wanted <= allowed:
         raise ChainError(
-            f"local_anvil cpus: expected a non-empty subset of this process's CPUs "
-            f"{sorted(allowed)}, got {sorted(cpus)}"
+            f"{field}: expected a non-empty subset of this process's CPUs {sorted(allowed)}, "
+            f"got {sorted(wanted)}"
         )
-    os.sched_setaffinity(0, cpus)
+    os.sched_setaffinity(0, wanted)
     try:
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        yield
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+def _start_on(args: list[str], cpus: Collection[int]) -> subprocess.Popen[bytes]:
+    """Start `args` on `cpus`, set on this thread around the fork so the child inherits them
+    from its first instruction (anvil starts its threads at once; no ``preexec_fn``, which is
+    unsafe beside other threads such as a progress bar's)."""
+    with running_on(cpus, "local_anvil cpus"):
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def node_pid(url: str) -> int | None:

@@ -8,10 +8,9 @@ and the ratio between them.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +66,6 @@ def _single_rate(
     return rate, env, cpu
 
 
-@contextlib.contextmanager
-def _running_on(cpus: set[int]) -> Iterator[None]:
-    """This thread on `cpus` for the block (then back on the CPUs it had)."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def bench_env(
     scenario: Scenario | str | Path | None = None,
     grid: str | None = None,
@@ -126,7 +114,7 @@ def bench_env(
     node_cpus: list[int] = []
     with contextlib.ExitStack() as stack:
         if market["ledger"] == "rpc" and rpc_url is None:
-            from contracts.anvil import local_anvil, split_cpus
+            from contracts.anvil import local_anvil, running_on, split_cpus
 
             split = split_cpus() if pin_node else None
             rpc_url = stack.enter_context(local_anvil(cpus=split[0] if split else None))
@@ -135,7 +123,7 @@ def bench_env(
                 # CPU and stalled it, and anvil's eth_sendTransactionSync then sometimes missed
                 # its block (a 30 s "Transaction confirmation timeout"; docs/market.md).
                 node_cpus = sorted(split[0])
-                stack.enter_context(_running_on(split[1]))
+                stack.enter_context(running_on(split[1]))
         if rpc_url is not None:
             market["rpc_url"] = rpc_url
         chosen = Scenario.model_validate({**sc.model_dump(), "market": market})

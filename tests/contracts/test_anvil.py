@@ -120,10 +120,7 @@ def test_local_anvil_keeps_recent_states_and_snapshots_only() -> None:
         assert chain.call(token, "balanceOf", admin) == 0
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="CPU affinity needs Linux and two CPUs",
-)
+@pytest.mark.skipif(split_cpus() is None, reason="CPU affinity needs Linux and two CPUs")
 def test_local_anvil_runs_every_thread_on_the_cpus_given() -> None:
     """`local_anvil(cpus=...)`: anvil and every thread it starts run on those CPUs only (read
     back from /proc), it answers, and this thread keeps the CPUs it had."""

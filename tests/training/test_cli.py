@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from contracts.anvil import split_cpus
 from training.cli import app
 
 runner = CliRunner()
@@ -106,10 +107,7 @@ def test_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     assert "forecast.mode" in result.output
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="CPU affinity needs Linux and two CPUs",
-)
+@pytest.mark.skipif(split_cpus() is None, reason="CPU affinity needs Linux and two CPUs")
 def test_bench_env_rpc_runs_the_local_anvil_on_a_cpu_of_its_own() -> None:
     """`bench env --ledger rpc` (`pin_node`, the CLI's default --pin-node) runs anvil on the
     last CPU and the env's thread on the others while it steps, reports the node's CPU, then
